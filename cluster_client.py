@@ -1,0 +1,505 @@
+"""The user's way into a raft-demo cluster: an async library (`Client`) that finds the leader and
+retries through elections and crashes, and a command line (`python cluster_client.py --help`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import sys
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Generic, NoReturn, TypeVar
+
+import grpc
+
+from cluster_config import (
+    DEFAULT_FIRST_PORT,
+    DEFAULT_NODES,
+    LOCALHOST,
+    ClusterConfig,
+    ConfigError,
+    NodeAddress,
+    parse_host_port,
+)
+from rpc import raft_pb2, raft_pb2_grpc
+
+PROG = "cluster_client.py"
+
+DEFAULT_DEADLINE = 10.0
+# A proposal is answered only once committed; the node gives up after its proposal timeout
+# (5 s by default), so one attempt waits a little longer than that rather than abandon a commit.
+DEFAULT_ATTEMPT_TIMEOUT = 6.0
+DEFAULT_READ_ATTEMPT_TIMEOUT = 1.0
+BACKOFF_MIN = 0.02
+BACKOFF_MAX = 1.0
+
+EXIT_OK = 0
+EXIT_MISSING_KEY = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+
+# A restarted node should be reachable again within about a second, not after gRPC's default
+# reconnect backoff, which grows to two minutes.
+_CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
+# The request itself is at fault: asking another node would get the same answer.
+_REJECTED = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED})
+
+_T = TypeVar("_T")
+
+
+class ClientError(Exception):
+    """A request that did not succeed; the message says why in one line."""
+
+
+class ClusterUnavailableError(ClientError):
+    """No node completed the request before the deadline (no leader, nodes down, or unknown
+    outcome); the message says what was seen last."""
+
+
+class RequestRejectedError(ClientError):
+    """The cluster refused the request as invalid (for example an empty or oversized key)."""
+
+
+@dataclass(frozen=True)
+class _Done(Generic[_T]):
+    value: _T
+
+
+@dataclass(frozen=True)
+class _Next:
+    """This node could not complete the request; `note` says why, `leader` is where to go next."""
+
+    note: str
+    leader: str | None = None
+
+
+_Attempt = Callable[[str, raft_pb2_grpc.ClusterStub, float], Awaitable[_Done[_T] | _Next]]
+
+
+def _one_line(text: str | None) -> str:
+    return " ".join((text or "").split())
+
+
+def _seed_config(all_raft_ports: Sequence[int]) -> ClusterConfig:
+    """The seed client's addressing: ids are Raft ports, client port = Raft port + node count."""
+    ports = list(all_raft_ports)
+    if not ports:
+        raise ConfigError("no Raft ports given")
+    if len(set(ports)) != len(ports):
+        raise ConfigError(f"Raft ports {ports} contain duplicates")
+    count = len(ports)
+    nodes: dict[int, NodeAddress] = {}
+    for port in ports:
+        if not 0 < port or port + count > 65535:
+            raise ConfigError(f"Raft port {port} (client port {port + count}) is not in 1-65535")
+        nodes[port] = NodeAddress(port, f"{LOCALHOST}:{port}", f"{LOCALHOST}:{port + count}")
+    return ClusterConfig(nodes)
+
+
+class Client:
+    """A client of one cluster. Give exactly one of: the seed's list of Raft ports, a
+    `ClusterConfig`, or the nodes' client endpoints ("host:port"); or use a `from_*` constructor.
+
+    Every operation keeps trying, with backoff, until it succeeds or `deadline` seconds pass
+    (then `ClusterUnavailableError`). One node gets `attempt_timeout` seconds to answer a
+    proposal and `read_attempt_timeout` seconds for a read, within what is left of the deadline.
+    """
+
+    def __init__(
+        self,
+        all_raft_ports: Sequence[int] | None = None,
+        *,
+        config: ClusterConfig | None = None,
+        endpoints: Sequence[str] | str | None = None,
+        deadline: float = DEFAULT_DEADLINE,
+        attempt_timeout: float = DEFAULT_ATTEMPT_TIMEOUT,
+        read_attempt_timeout: float = DEFAULT_READ_ATTEMPT_TIMEOUT,
+    ) -> None:
+        if sum(x is not None for x in (all_raft_ports, config, endpoints)) != 1:
+            raise ValueError("give exactly one of all_raft_ports, config or endpoints")
+        for name, seconds in (
+            ("deadline", deadline),
+            ("attempt_timeout", attempt_timeout),
+            ("read_attempt_timeout", read_attempt_timeout),
+        ):
+            if not seconds > 0:
+                raise ValueError(f"{name} must be a positive number of seconds, not {seconds}")
+        if all_raft_ports is not None:
+            config = _seed_config(all_raft_ports)
+        self._address_of: dict[int, str]
+        if config is not None:
+            self._address_of = {i: n.client_address for i, n in config.nodes.items()}
+            self._addresses = config.client_addresses
+        else:
+            assert endpoints is not None
+            if isinstance(endpoints, str):
+                endpoints = endpoints.split(",")
+            # Duplicates would only make a round ask the same node twice.
+            self._addresses = list(dict.fromkeys(e.strip() for e in endpoints if e.strip()))
+            if not self._addresses:
+                raise ConfigError("no endpoints given")
+            for address in self._addresses:
+                parse_host_port(address)
+            self._address_of = {}
+        self._deadline = deadline
+        self._attempt_timeout = attempt_timeout
+        self._read_attempt_timeout = read_attempt_timeout
+        self._leader: str | None = None
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._stubs: dict[str, raft_pb2_grpc.ClusterStub] = {}
+
+    @classmethod
+    def seed_scheme(
+        cls,
+        first_port: int = DEFAULT_FIRST_PORT,
+        nodes: int = DEFAULT_NODES,
+        *,
+        deadline: float = DEFAULT_DEADLINE,
+        attempt_timeout: float = DEFAULT_ATTEMPT_TIMEOUT,
+        read_attempt_timeout: float = DEFAULT_READ_ATTEMPT_TIMEOUT,
+    ) -> Client:
+        """Nodes on 127.0.0.1 with consecutive Raft ports from `first_port` (the seed's layout)."""
+        return cls(
+            config=ClusterConfig.seed_scheme(first_port, nodes),
+            deadline=deadline,
+            attempt_timeout=attempt_timeout,
+            read_attempt_timeout=read_attempt_timeout,
+        )
+
+    @classmethod
+    def from_cluster_file(
+        cls,
+        path: str | Path,
+        *,
+        deadline: float = DEFAULT_DEADLINE,
+        attempt_timeout: float = DEFAULT_ATTEMPT_TIMEOUT,
+        read_attempt_timeout: float = DEFAULT_READ_ATTEMPT_TIMEOUT,
+    ) -> Client:
+        """The nodes listed in a cluster TOML file (the same file the nodes read)."""
+        return cls(
+            config=ClusterConfig.from_toml(path),
+            deadline=deadline,
+            attempt_timeout=attempt_timeout,
+            read_attempt_timeout=read_attempt_timeout,
+        )
+
+    @classmethod
+    def from_endpoints(
+        cls,
+        endpoints: Sequence[str] | str,
+        *,
+        deadline: float = DEFAULT_DEADLINE,
+        attempt_timeout: float = DEFAULT_ATTEMPT_TIMEOUT,
+        read_attempt_timeout: float = DEFAULT_READ_ATTEMPT_TIMEOUT,
+    ) -> Client:
+        """Nodes known only by their client addresses ("host:port"). A redirect that names the
+        leader by id alone cannot be followed then; the client asks the other nodes instead."""
+        return cls(
+            endpoints=endpoints,
+            deadline=deadline,
+            attempt_timeout=attempt_timeout,
+            read_attempt_timeout=read_attempt_timeout,
+        )
+
+    @property
+    def addresses(self) -> list[str]:
+        """The client addresses this client knows, in the order it tries them."""
+        return list(self._addresses)
+
+    @property
+    def known_leader(self) -> str | None:
+        """The client address of the node that last acted as leader for this client, if any."""
+        return self._leader
+
+    async def propose_mapping(self, key: str, value: str) -> None:
+        """Store `value` under `key`; returns once the cluster has committed and applied it.
+
+        After `ClusterUnavailableError` the write may or may not have been applied.
+        """
+
+        async def attempt(
+            address: str, stub: raft_pb2_grpc.ClusterStub, seconds: float
+        ) -> _Done[None] | _Next:
+            response: raft_pb2.ProposeMappingResponse = await stub.ProposeMapping(
+                raft_pb2.Mapping(key=key, value=value), timeout=seconds
+            )
+            if response.success:
+                self._leader = address
+                return _Done(None)
+            leader_id = response.current_leader if response.HasField("current_leader") else None
+            return self._redirect(address, leader_id, response.leader_address)
+
+        await self._retry(f"put {key!r}", self._attempt_timeout, attempt)
+
+    async def get_value(self, key: str, default: str | None = "") -> str | None:
+        """The value stored under `key`, or `default` when it is not set.
+
+        Asks the leader this client last used first, so a read after a write here sees it;
+        any other node answers from its own state, which may lag behind.
+        """
+
+        async def attempt(
+            address: str, stub: raft_pb2_grpc.ClusterStub, seconds: float
+        ) -> _Done[str | None]:
+            response: raft_pb2.GetValueResponse = await stub.GetValue(
+                raft_pb2.Key(key=key), timeout=seconds
+            )
+            return _Done(response.value if response.HasField("value") else default)
+
+        return await self._retry(f"get {key!r}", self._read_attempt_timeout, attempt)
+
+    async def leader(self) -> tuple[int, str]:
+        """The leader's id and client address, as confirmed by the leader itself."""
+
+        async def attempt(
+            address: str, stub: raft_pb2_grpc.ClusterStub, seconds: float
+        ) -> _Done[tuple[int, str]] | _Next:
+            response: raft_pb2.LeaderResponse = await stub.GetLeader(
+                raft_pb2.LeaderRequest(), timeout=seconds
+            )
+            if response.role == "leader":
+                self._leader = address
+                return _Done((response.node_id, address))
+            leader_id = response.leader_id if response.HasField("leader_id") else None
+            return self._redirect(address, leader_id, response.leader_address)
+
+        return await self._retry("find the leader", self._read_attempt_timeout, attempt)
+
+    async def close(self) -> None:
+        """Close every connection; the client may be used again afterwards (it reconnects)."""
+        channels = list(self._channels.values())
+        self._channels.clear()
+        self._stubs.clear()
+        for channel in channels:
+            await channel.close()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def _redirect(self, address: str, leader_id: int | None, leader_address: str) -> _Next:
+        """Where a node that is not the leader points us: its leader's address, or the address
+        this client knows for its leader's id."""
+        if self._leader == address:
+            self._leader = None
+        target = leader_address or (
+            self._address_of.get(leader_id) if leader_id is not None else None
+        )
+        if target:
+            return _Next(f"{address} is not the leader and points to {target}", leader=target)
+        if leader_id is not None:
+            return _Next(f"{address} names leader {leader_id}, whose address is unknown here")
+        return _Next(f"{address} knows no leader")
+
+    def _stub(self, address: str) -> raft_pb2_grpc.ClusterStub:
+        stub = self._stubs.get(address)
+        if stub is None:
+            channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+            self._channels[address] = channel
+            stub = self._stubs[address] = raft_pb2_grpc.ClusterStub(channel)
+        return stub
+
+    def _round(self) -> list[str]:
+        if self._leader is None:
+            return list(self._addresses)
+        return [self._leader] + [a for a in self._addresses if a != self._leader]
+
+    async def _retry(self, what: str, seconds: float, attempt: _Attempt[_T]) -> _T:
+        """Run `attempt` against one node after another, following redirects, until one
+        completes it. Between rounds that fail everywhere, wait with exponential backoff and
+        full jitter, so a cluster in the middle of an election is not flooded."""
+        loop = asyncio.get_running_loop()
+        deadline_at = loop.time() + self._deadline
+        backoff = BACKOFF_MIN
+        attempts = 0
+        last = "no node was tried"
+        while True:
+            queue = deque(self._round())
+            tried: set[str] = set()
+            while queue:
+                address = queue.popleft()
+                if address in tried:
+                    continue
+                remaining = deadline_at - loop.time()
+                if remaining <= 0:
+                    break
+                tried.add(address)
+                attempts += 1
+                try:
+                    outcome = await attempt(address, self._stub(address), min(seconds, remaining))
+                except grpc.aio.AioRpcError as e:
+                    code: grpc.StatusCode = e.code()
+                    details = _one_line(e.details())
+                    if code in _REJECTED:
+                        raise RequestRejectedError(details or code.name) from None
+                    last = f"{address} answered {code.name}: {details}"
+                    if self._leader == address:
+                        self._leader = None
+                    continue
+                if isinstance(outcome, _Done):
+                    return outcome.value
+                last = outcome.note
+                if outcome.leader is not None:
+                    # Straight to the named leader; if it was already asked in this round,
+                    # the next round (after a pause) starts afresh.
+                    queue.appendleft(outcome.leader)
+            remaining = deadline_at - loop.time()
+            if remaining <= 0:
+                plural = "" if attempts == 1 else "s"
+                raise ClusterUnavailableError(
+                    f"could not {what} within {self._deadline:g} s "
+                    f"({attempts} attempt{plural}); last: {last}"
+                )
+            await asyncio.sleep(random.uniform(0, min(backoff, remaining)))
+            backoff = min(backoff * 2, BACKOFF_MAX)
+
+
+# --- command line ---------------------------------------------------------------------------
+
+_EPILOG = f"""\
+exit codes:
+  {EXIT_OK}  success
+  {EXIT_MISSING_KEY}  get: the key is not set
+  {EXIT_USAGE}  bad command line or cluster description, or the cluster rejected the request
+  {EXIT_UNAVAILABLE}  the cluster did not complete the request before --timeout
+     (after a failed put, the write may or may not have been applied)
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is a single line on stderr."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0 seconds")
+    return seconds
+
+
+def _build_parser() -> _Parser:
+    parser = _Parser(
+        prog=PROG,
+        description="Write to and read from a raft-demo cluster.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    where = parser.add_argument_group(
+        "which cluster (one form; default: the seed's layout, --first-port "
+        f"{DEFAULT_FIRST_PORT} --nodes {DEFAULT_NODES})"
+    )
+    where.add_argument(
+        "--first-port", type=int, metavar="P", help="first Raft port of the seed's layout"
+    )
+    where.add_argument("--nodes", type=int, metavar="N", help="number of nodes in that layout")
+    where.add_argument("--cluster", metavar="FILE", help="cluster TOML file, as the nodes use")
+    where.add_argument(
+        "--endpoints", metavar="HOST:PORT,...", help="the nodes' client addresses, comma-separated"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=DEFAULT_DEADLINE,
+        metavar="S",
+        help=f"give up after S seconds (default {DEFAULT_DEADLINE:g})",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    put = commands.add_parser(
+        "put", help="store VALUE under KEY; prints nothing, returns once committed"
+    )
+    put.add_argument("key", metavar="KEY")
+    put.add_argument("value", metavar="VALUE")
+    get = commands.add_parser("get", help="print the value under KEY")
+    get.add_argument("key", metavar="KEY")
+    commands.add_parser(
+        "leader", help='print the leader\'s id and client address: "<id> <host:port>"'
+    )
+    return parser
+
+
+def _client_from_args(parser: _Parser, args: argparse.Namespace) -> Client:
+    seed_form = args.first_port is not None or args.nodes is not None
+    forms = [seed_form, args.cluster is not None, args.endpoints is not None]
+    if sum(forms) > 1:
+        parser.error("give only one of --first-port/--nodes, --cluster or --endpoints")
+    if args.cluster is not None:
+        return Client.from_cluster_file(args.cluster, deadline=args.timeout)
+    if args.endpoints is not None:
+        return Client.from_endpoints(args.endpoints, deadline=args.timeout)
+    return Client.seed_scheme(
+        DEFAULT_FIRST_PORT if args.first_port is None else args.first_port,
+        DEFAULT_NODES if args.nodes is None else args.nodes,
+        deadline=args.timeout,
+    )
+
+
+async def _run_command(client: Client, args: argparse.Namespace) -> int:
+    async with client:
+        if args.command == "put":
+            await client.propose_mapping(args.key, args.value)
+            return EXIT_OK
+        if args.command == "get":
+            value = await client.get_value(args.key, default=None)
+            if value is None:
+                print(f"{PROG}: key {args.key!r} is not set", file=sys.stderr)
+                return EXIT_MISSING_KEY
+            print(value)
+            return EXIT_OK
+        leader_id, address = await client.leader()
+        print(f"{leader_id} {address}")
+        return EXIT_OK
+
+
+def _run_coroutine(coroutine: Coroutine[Any, Any, _T]) -> _T:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coroutine)
+    return uvloop.run(coroutine)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    try:
+        client = _client_from_args(parser, args)
+    except ConfigError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return _run_coroutine(_run_command(client, args))
+    except RequestRejectedError as e:
+        print(f"{PROG}: rejected: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except ClusterUnavailableError as e:
+        print(f"{PROG}: unavailable: {e}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

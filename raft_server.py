@@ -1,0 +1,35 @@
+"""The `Raft` gRPC service: hands peers' RequestVote and AppendEntries to the node, maps refusals to codes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from raft_node import InvalidRequestError, RaftNode
+from rpc import raft_pb2, raft_pb2_grpc
+
+
+class RaftServicer(raft_pb2_grpc.RaftServicer):
+    """Thin translation layer; every decision is the node's."""
+
+    def __init__(self, node: RaftNode) -> None:
+        self._node = node
+
+    async def RequestVote(
+        self, request: raft_pb2.VoteRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> raft_pb2.RequestVoteResponse:
+        try:
+            return await self._node.handle_request_vote(request)
+        except InvalidRequestError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            raise  # unreachable: abort raises
+
+    async def AppendEntries(
+        self, request: raft_pb2.AppendEntriesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> raft_pb2.AppendEntriesResponse:
+        try:
+            return await self._node.handle_append_entries(request)
+        except InvalidRequestError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            raise

@@ -1,0 +1,1 @@
+"""Tests, the real-process harness and the benchmark of raft-demo."""

@@ -1,0 +1,361 @@
+"""The client library and CLI against scripted Cluster servers on real sockets: finding the
+leader through redirects, riding out elections and dead nodes, giving up cleanly, exit codes."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import grpc
+import pytest
+
+from cluster_client import Client, ClusterUnavailableError, RequestRejectedError
+from cluster_config import ConfigError
+from rpc import raft_pb2, raft_pb2_grpc
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class FakeNode(raft_pb2_grpc.ClusterServicer):
+    """A scripted node: it leads when `leader` is itself, otherwise it redirects to `leader`
+    (by id, and by address unless `tell_address` is off). `aborts` are answered first, in order."""
+
+    def __init__(self, node_id: int, address: str, server: grpc.aio.Server) -> None:
+        self.node_id = node_id
+        self.address = address
+        self.server = server
+        self.leader: FakeNode | None = None
+        self.tell_address = True
+        self.aborts: list[tuple[grpc.StatusCode, str]] = []
+        self.store: dict[str, str] = {}
+        self.calls: list[str] = []
+
+    async def _answer_abort(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        self.calls.append(method)
+        if self.aborts:
+            code, message = self.aborts.pop(0)
+            await context.abort(code, message)
+
+    async def ProposeMapping(
+        self, request: raft_pb2.Mapping, context: grpc.aio.ServicerContext
+    ) -> raft_pb2.ProposeMappingResponse:
+        await self._answer_abort("ProposeMapping", context)
+        if self.leader is self:
+            self.store[request.key] = request.value
+            return raft_pb2.ProposeMappingResponse(success=True)
+        response = raft_pb2.ProposeMappingResponse(success=False)
+        if self.leader is not None:
+            response.current_leader = self.leader.node_id
+            if self.tell_address:
+                response.leader_address = self.leader.address
+        return response
+
+    async def GetValue(
+        self, request: raft_pb2.Key, context: grpc.aio.ServicerContext
+    ) -> raft_pb2.GetValueResponse:
+        await self._answer_abort("GetValue", context)
+        if request.key in self.store:
+            return raft_pb2.GetValueResponse(key=request.key, value=self.store[request.key])
+        return raft_pb2.GetValueResponse(key=request.key)
+
+    async def GetLeader(
+        self, request: raft_pb2.LeaderRequest, context: grpc.aio.ServicerContext
+    ) -> raft_pb2.LeaderResponse:
+        await self._answer_abort("GetLeader", context)
+        role = "leader" if self.leader is self else "follower"
+        response = raft_pb2.LeaderResponse(node_id=self.node_id, role=role, term=3)
+        if self.leader is not None:
+            response.leader_id = self.leader.node_id
+            if self.tell_address:
+                response.leader_address = self.leader.address
+        return response
+
+
+StartNode = Callable[[], Awaitable[FakeNode]]
+
+
+@pytest.fixture
+async def start_node() -> AsyncIterator[StartNode]:
+    """Starts fake nodes on free ports (id = port until a test says otherwise); stops them all."""
+    servers: list[grpc.aio.Server] = []
+
+    async def start() -> FakeNode:
+        server = grpc.aio.server()
+        servers.append(server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        node = FakeNode(port, f"127.0.0.1:{port}", server)
+        raft_pb2_grpc.add_ClusterServicer_to_server(node, server)
+        await server.start()
+        return node
+
+    try:
+        yield start
+    finally:
+        for server in servers:
+            await server.stop(None)
+
+
+def dead_address() -> str:
+    """An address nothing listens on: a port the kernel just handed out and we gave back."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"127.0.0.1:{port}"
+
+
+def elect(leader: FakeNode, *nodes: FakeNode) -> None:
+    for node in nodes:
+        node.leader = leader
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + timeout
+    while not condition():
+        assert loop.time() < give_up, "condition not reached in time"
+        await asyncio.sleep(0.005)
+
+
+async def test_follows_a_redirect_by_leader_address_and_then_starts_with_the_leader(
+    start_node: StartNode,
+) -> None:
+    follower, leader = await start_node(), await start_node()
+    elect(leader, follower, leader)
+    follower.store["k"] = "stale"
+    # Only the follower is known: the leader can be found through the redirect alone.
+    async with Client.from_endpoints([follower.address]) as client:
+        await client.propose_mapping("k", "v1")
+        assert leader.store == {"k": "v1"}
+        assert client.known_leader == leader.address
+        await client.propose_mapping("k", "v2")
+        assert await client.get_value("k") == "v2"
+    assert follower.calls == ["ProposeMapping"]
+    assert leader.store == {"k": "v2"}
+
+
+async def test_follows_a_redirect_by_leader_id_through_the_seed_port_scheme(
+    start_node: StartNode,
+) -> None:
+    nodes = sorted([await start_node() for _ in range(3)], key=lambda n: n.node_id)
+    # The seed's addressing: id = Raft port, client port = Raft port + number of nodes.
+    for node in nodes:
+        node.node_id -= len(nodes)
+        node.tell_address = False
+    first, middle, leader = nodes
+    first.leader = leader
+    leader.leader = leader
+    async with Client([n.node_id for n in nodes]) as client:
+        await client.propose_mapping("k", "v")
+    assert leader.store == {"k": "v"}
+    assert first.calls == ["ProposeMapping"]
+    # Straight from the first node to the leader it named, not on to the next in the list.
+    assert middle.calls == []
+
+
+async def test_retries_while_no_leader_is_known_and_succeeds_once_one_is_elected(
+    start_node: StartNode,
+) -> None:
+    nodes = [await start_node() for _ in range(3)]
+    async with Client.from_endpoints([n.address for n in nodes]) as client:
+        proposal = asyncio.create_task(client.propose_mapping("k", "v"))
+        try:
+            # Several full rounds without a leader, then an election.
+            await wait_until(lambda: all(len(n.calls) >= 3 for n in nodes))
+            assert not proposal.done()
+            elect(nodes[1], *nodes)
+            await asyncio.wait_for(proposal, 10)
+        finally:
+            proposal.cancel()
+    assert nodes[1].store == {"k": "v"}
+    assert client.known_leader == nodes[1].address
+
+
+async def test_gives_up_at_the_deadline_saying_what_it_saw_without_a_tight_loop(
+    start_node: StartNode,
+) -> None:
+    nodes = [await start_node() for _ in range(2)]
+    loop = asyncio.get_running_loop()
+    async with Client.from_endpoints([n.address for n in nodes], deadline=1.0) as client:
+        started = loop.time()
+        with pytest.raises(ClusterUnavailableError) as caught:
+            await client.propose_mapping("k", "v")
+        elapsed = loop.time() - started
+    assert "knows no leader" in str(caught.value)
+    assert elapsed >= 1.0
+    # Backing off from 20 ms, doubling to 1 s, leaves room for about ten rounds in one second;
+    # a loop without pauses would make thousands of calls.
+    assert nodes[0].calls
+    assert all(len(n.calls) <= 40 for n in nodes), [len(n.calls) for n in nodes]
+
+
+async def test_skips_a_dead_endpoint(start_node: StartNode) -> None:
+    alive = await start_node()
+    elect(alive, alive)
+    async with Client.from_endpoints([dead_address(), alive.address], deadline=5) as client:
+        await client.propose_mapping("k", "v")
+        assert await client.get_value("k") == "v"
+        assert await client.leader() == (alive.node_id, alive.address)
+    assert alive.calls == ["ProposeMapping", "GetValue", "GetLeader"]
+
+
+async def test_moves_on_when_the_remembered_leader_goes_away(start_node: StartNode) -> None:
+    old, new = await start_node(), await start_node()
+    elect(old, old, new)
+    async with Client.from_endpoints([old.address, new.address], deadline=5) as client:
+        await client.propose_mapping("k", "v1")
+        assert client.known_leader == old.address
+        await old.server.stop(None)
+        elect(new, new)
+        await client.propose_mapping("k", "v2")
+        assert client.known_leader == new.address
+    assert new.store == {"k": "v2"}
+
+
+async def test_an_unknown_commit_outcome_is_retried(start_node: StartNode) -> None:
+    leader = await start_node()
+    elect(leader, leader)
+    leader.aborts.append((grpc.StatusCode.UNAVAILABLE, "lost leadership before commit"))
+    async with Client.from_endpoints([leader.address], deadline=5) as client:
+        await client.propose_mapping("k", "v")
+    assert leader.calls == ["ProposeMapping", "ProposeMapping"]
+    assert leader.store == {"k": "v"}
+
+
+async def test_an_invalid_argument_is_raised_at_once_and_not_retried(
+    start_node: StartNode,
+) -> None:
+    first, second = await start_node(), await start_node()
+    elect(first, first, second)
+    first.aborts.append((grpc.StatusCode.INVALID_ARGUMENT, "key must not be empty"))
+    async with Client.from_endpoints([first.address, second.address]) as client:
+        with pytest.raises(RequestRejectedError, match="^key must not be empty$"):
+            await client.propose_mapping("", "v")
+    assert first.calls == ["ProposeMapping"]
+    assert second.calls == []
+
+
+async def test_get_value_of_a_missing_key_gives_the_default(start_node: StartNode) -> None:
+    node = await start_node()
+    node.store["empty"] = ""
+    async with Client.from_endpoints([node.address]) as client:
+        assert await client.get_value("missing") == ""
+        assert await client.get_value("missing", default=None) is None
+        assert await client.get_value("empty", default=None) == ""
+
+
+async def test_leader_is_confirmed_by_the_leader_a_follower_points_to(
+    start_node: StartNode,
+) -> None:
+    follower, leader = await start_node(), await start_node()
+    elect(leader, follower, leader)
+    async with Client.from_endpoints([follower.address]) as client:
+        assert await client.leader() == (leader.node_id, leader.address)
+    assert leader.calls == ["GetLeader"]
+
+
+def test_constructors_address_the_cluster_like_the_nodes_do(tmp_path: Path) -> None:
+    assert Client.seed_scheme(12345, 3).addresses == [
+        "127.0.0.1:12348",
+        "127.0.0.1:12349",
+        "127.0.0.1:12350",
+    ]
+    assert Client([12345, 12346]).addresses == ["127.0.0.1:12347", "127.0.0.1:12348"]
+    cluster_file = tmp_path / "cluster.toml"
+    cluster_file.write_text(
+        '[[node]]\nid = 1\nraft = "10.0.0.1:7000"\nclient = "10.0.0.1:8000"\n'
+        '[[node]]\nid = 2\nraft = "10.0.0.2:7000"\nclient = "10.0.0.2:8000"\n'
+    )
+    assert Client.from_cluster_file(cluster_file).addresses == ["10.0.0.1:8000", "10.0.0.2:8000"]
+    assert Client.from_endpoints("a:1, b:2").addresses == ["a:1", "b:2"]
+    with pytest.raises(ConfigError):
+        Client.from_endpoints(["no-port"])
+    with pytest.raises(ConfigError):
+        Client.from_cluster_file(tmp_path / "missing.toml")
+
+
+# --- the command line, run as a user runs it -----------------------------------------------
+
+
+async def run_cli(*args: str) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(REPO / "cluster_client.py"),
+        *args,
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), 60)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+def assert_one_line(stderr: str) -> None:
+    assert "Traceback" not in stderr
+    assert len(stderr.splitlines()) == 1, stderr
+
+
+async def test_cli_put_get_and_leader(start_node: StartNode) -> None:
+    node = await start_node()
+    port = int(node.address.rsplit(":", 1)[1])
+    node.node_id = port - 1
+    elect(node, node)
+    seed = ["--first-port", str(port - 1), "--nodes", "1", "--timeout", "5"]
+
+    assert await run_cli(*seed, "put", "colour", "blue") == (0, "", "")
+    assert node.store == {"colour": "blue"}
+    assert await run_cli(*seed, "get", "colour") == (0, "blue\n", "")
+
+    code, out, err = await run_cli(*seed, "get", "size")
+    assert (code, out) == (1, "")
+    assert_one_line(err)
+    assert "'size' is not set" in err
+
+    assert await run_cli("--endpoints", node.address, "leader") == (
+        0,
+        f"{port - 1} {node.address}\n",
+        "",
+    )
+
+
+async def test_cli_rejected_request_exits_2_with_the_reason(start_node: StartNode) -> None:
+    node = await start_node()
+    elect(node, node)
+    node.aborts.append((grpc.StatusCode.INVALID_ARGUMENT, "key is 2000 bytes"))
+    code, out, err = await run_cli("--endpoints", node.address, "put", "k", "v")
+    assert (code, out) == (2, "")
+    assert_one_line(err)
+    assert "key is 2000 bytes" in err
+
+
+async def test_cli_without_a_cluster_exits_3_after_the_timeout() -> None:
+    code, out, err = await run_cli("--endpoints", dead_address(), "--timeout", "0.5", "get", "k")
+    assert (code, out) == (3, "")
+    assert_one_line(err)
+    assert "within 0.5 s" in err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["frobnicate"],
+        ["--timeout", "0", "leader"],
+        ["--endpoints", "a:1", "--cluster", "c.toml", "leader"],
+        ["--cluster", "/nonexistent/cluster.toml", "leader"],
+        ["--endpoints", "no-port", "leader"],
+    ],
+    ids=["no command", "unknown command", "zero timeout", "two forms", "no file", "bad address"],
+)
+async def test_cli_usage_errors_exit_2_with_one_line(args: list[str]) -> None:
+    code, out, err = await run_cli(*args)
+    assert (code, out) == (2, "")
+    assert_one_line(err)
