@@ -272,7 +272,11 @@ class RaftNode:
         if was is Role.LEADER:
             self._stop_leading()
         self._set_leader(leader_id)
-        self._reset_election_timer()
+        # Only a leader has no election timer running. A follower that merely adopts a newer term
+        # keeps its timer: Figure 2 resets it only for the current leader or a granted vote, and
+        # resetting it for every refused candidate would starve the nodes able to win.
+        if self._election_timer is None:
+            self._reset_election_timer()
 
     def _step_down_if_newer(self, term: int, source: str) -> bool:
         """Figure 2: a term in a request or reply newer than ours makes us a follower of that term."""
@@ -599,7 +603,8 @@ class RaftNode:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters[index] = (self.current_term, future)
         try:
-            await asyncio.wait_for(asyncio.shield(future), self.timing.proposal_timeout)
+            async with asyncio.timeout(self.timing.proposal_timeout):
+                await asyncio.shield(future)
         except TimeoutError:
             raise CommitUnknownError(
                 f"entry {index} did not commit within {self.timing.proposal_timeout:g} s; "

@@ -1,7 +1,7 @@
 """Start, stop, kill and query real `raft_node.py` processes on localhost, for tests and tools.
 
 Every process started here is ended on every exit path: `stop()`, the context manager, atexit, and
-SIGTERM/SIGHUP to this process (SIGINT already unwinds as KeyboardInterrupt).
+SIGTERM/SIGHUP to this process (which, like SIGINT, then unwinds as KeyboardInterrupt).
 """
 
 from __future__ import annotations
@@ -527,7 +527,9 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
     # Kill first, without waiting: the unwinding below may be interrupted, and a node that is
     # killed but not yet reaped is reaped by stop() from a finally block or atexit.
     _kill_all_now()
-    raise SystemExit(128 + signum)
+    # KeyboardInterrupt rather than SystemExit: test runners (pytest) end the whole session on
+    # it, running teardown, where a SystemExit would only fail the current test.
+    raise KeyboardInterrupt(f"ended by {signal.Signals(signum).name}")
 
 
 def _install_signal_handlers() -> None:

@@ -51,7 +51,8 @@ class _Waitable:
             if remaining <= 0:
                 raise AssertionError(f"gave up after {timeout:g} s waiting until {what}")
             try:
-                await asyncio.wait_for(self._changed.wait(), remaining)
+                async with asyncio.timeout(remaining):
+                    await self._changed.wait()
             except TimeoutError:
                 pass
 
@@ -100,7 +101,7 @@ class ScriptedTransport(_Waitable):
         self._closed = True
         for sent in self.sent:
             if not sent.reply.done():
-                sent.reply.cancel()
+                sent.reply.set_exception(PeerUnreachableError("the transport is closed"))
 
     async def _send(self, peer_id: int, request: Request, timeout: float) -> Reply:
         if self._closed:
@@ -122,7 +123,10 @@ class ScriptedTransport(_Waitable):
         self._notify()
         try:
             # On timeout (or if the sender is cancelled) the future is cancelled: it is settled.
-            reply = await asyncio.wait_for(future, timeout)
+            # asyncio.timeout rather than wait_for: on Python 3.11, wait_for can swallow a
+            # cancellation that races with the reply, and a stopping node would never finish.
+            async with asyncio.timeout(timeout):
+                reply = await future
         except TimeoutError:
             raise PeerUnreachableError(f"no reply from {peer_id} in {timeout:g} s") from None
         return _copy(reply)
@@ -224,11 +228,13 @@ class InMemoryNetwork(_Waitable):
         self._cut.add(frozenset((a, b)))
 
     def isolate(self, node_id: int) -> None:
+        """Cut every link between `node_id` and the other attached nodes."""
         for other in self.nodes:
             if other != node_id:
                 self.disconnect(node_id, other)
 
     def heal(self) -> None:
+        """Restore every link."""
         self._cut.clear()
 
     def connected(self, a: int, b: int) -> bool:
@@ -253,7 +259,10 @@ class InMemoryNetwork(_Waitable):
         else:
             call = receiver.handle_append_entries(request)
         try:
-            reply = await asyncio.wait_for(call, timeout)
+            # The receiver's handler runs in the sender's task, as one call (see _send above
+            # for why not wait_for).
+            async with asyncio.timeout(timeout):
+                reply = await call
         except TimeoutError:
             raise PeerUnreachableError(f"{dst} did not answer in {timeout:g} s") from None
         except Exception as e:

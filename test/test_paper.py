@@ -12,7 +12,7 @@ import asyncio
 import copy
 import os
 import random
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import pytest
@@ -50,9 +50,9 @@ QUIET = Timing(
 )
 # Timers for tests about timers and whole clusters; still generous for a loaded machine.
 BRISK = Timing(
-    heartbeat_interval=0.02,
-    election_timeout_min=0.15,
-    election_timeout_max=0.3,
+    heartbeat_interval=0.03,
+    election_timeout_min=0.3,
+    election_timeout_max=0.6,
     proposal_timeout=5.0,
     append_timeout=1.0,
 )
@@ -220,6 +220,7 @@ class Harness:
     def __init__(self) -> None:
         self.nodes: list[RaftNode] = []
         self.logs: list[RaftLog] = []
+        self.gates: list[DiskGate] = []
 
     async def open_log(
         self,
@@ -282,15 +283,33 @@ class Harness:
         node = self.node(member.node.node_id, cluster, log, transport, member.node.timing)
         return Member(node, member.disk, transport)
 
+    def gate(self, disk: MemoryDisk, match: Callable[[DiskOp], bool]) -> DiskGate:
+        """A DiskGate that is released when the test ends, however it ends."""
+        gate = DiskGate(disk, match)
+        self.gates.append(gate)
+        return gate
+
     async def close(self) -> None:
-        for node in self.nodes:
-            await node.stop()
-            await node.transport.close()
-        for log in self.logs:
+        for gate in self.gates:
+            gate.release()
+        stuck: list[str] = []
+
+        async def bounded(what: str, step: Awaitable[None]) -> None:
+            # Something that cannot finish would hang the whole run; fail this test instead.
             try:
-                await log.close()
+                async with asyncio.timeout(DEADLINE):
+                    await step
+            except TimeoutError:
+                stuck.append(what)
             except OSError:
                 pass  # a log whose disk crashed under it has nothing left to write
+
+        for node in self.nodes:
+            await bounded(f"stopping node {node.node_id}", node.stop())
+            await bounded(f"closing node {node.node_id}'s transport", node.transport.close())
+        for log in self.logs:
+            await bounded(f"closing the log in {log.data_dir}", log.close())
+        assert not stuck, f"did not finish within {DEADLINE:g} s: {', '.join(stuck)}"
 
 
 @pytest.fixture
@@ -303,7 +322,7 @@ async def h() -> AsyncIterator[Harness]:
 
 
 async def into_role(m: Member, role: str) -> None:
-    """Make a follower a candidate (one election) or a leader (an election won with peers' votes)."""
+    """Make a follower a candidate (one election) or a leader (an election won by peers' votes)."""
     if role == "follower":
         return
     peers = sorted(m.node.peers)
@@ -318,14 +337,16 @@ async def into_role(m: Member, role: str) -> None:
         assert m.node.role == "leader"
 
 
-# ---- section 5.1: terms ------------------------------------------------------------------------
+# ---- section 5.1: terms --------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("role", ["follower", "candidate", "leader"])
 async def test_a_request_with_a_stale_term_is_rejected_and_told_the_current_term(
     h: Harness, role: str
 ) -> None:
-    """ "If a server receives a request with a stale term number, it rejects the request."
+    """Stale terms are refused.
+
+    "If a server receives a request with a stale term number, it rejects the request."
     Figure 2: RequestVote and AppendEntries both "reply false if term < currentTerm"; the reply
     carries currentTerm "for the sender to update itself". Reference: section 5.1."""
     m = await h.member(terms=[1, 2], term=3)
@@ -356,7 +377,9 @@ async def test_a_request_with_a_stale_term_is_rejected_and_told_the_current_term
 async def test_a_newer_term_in_a_request_makes_a_leader_or_candidate_a_follower(
     h: Harness, role: str, message: str
 ) -> None:
-    """ "If a candidate or leader discovers that its term is out of date, it immediately reverts to
+    """A newer term in a request demotes.
+
+    "If a candidate or leader discovers that its term is out of date, it immediately reverts to
     follower state." Figure 2, all servers: "If RPC request or response contains term T >
     currentTerm: set currentTerm = T, convert to follower". Reference: section 5.1."""
     m = await h.member(terms=[1], term=1)
@@ -408,13 +431,15 @@ async def test_a_newer_term_in_a_reply_makes_a_leader_or_candidate_a_follower(
     await eventually_durable(m.disk, 1, 5, None)
 
 
-# ---- section 5.2: leader election ---------------------------------------------------------------
+# ---- section 5.2: leader election ----------------------------------------------------------------
 
 
 async def test_a_new_election_makes_its_term_and_self_vote_durable_before_asking_for_votes(
     h: Harness,
 ) -> None:
-    """ "To begin an election, a follower increments its current term and transitions to candidate
+    """Term and self-vote are durable first.
+
+    "To begin an election, a follower increments its current term and transitions to candidate
     state. It then votes for itself and issues RequestVote RPCs in parallel to each of the other
     servers." Figure 2: currentTerm and votedFor are "updated on stable storage before responding
     to RPCs" -- and so before asking for any (seed defect 1). Reference: section 5.2."""
@@ -442,7 +467,9 @@ async def test_a_new_election_makes_its_term_and_self_vote_durable_before_asking
 async def test_a_candidate_with_votes_from_a_majority_leads_appends_a_noop_and_sends_appends(
     h: Harness,
 ) -> None:
-    """ "A candidate wins an election if it receives votes from a majority of the servers in the
+    """A majority of votes makes a leader.
+
+    "A candidate wins an election if it receives votes from a majority of the servers in the
     full cluster for the same term... It then sends heartbeat messages to all of the other servers."
     Section 8: "having each leader commit a blank no-op entry into the log at the start of its
     term." Reference: sections 5.2 and 8."""
@@ -476,7 +503,9 @@ async def test_a_candidate_with_votes_from_a_majority_leads_appends_a_noop_and_s
 async def test_a_candidate_hearing_from_a_leader_of_its_own_term_becomes_its_follower(
     h: Harness,
 ) -> None:
-    """ "If the leader's term (included in its RPC) is at least as large as the candidate's current
+    """A candidate yields to a leader of its term.
+
+    "If the leader's term (included in its RPC) is at least as large as the candidate's current
     term, then the candidate recognizes the leader as legitimate and returns to follower state."
     (Seed defect 6 kept the candidate campaigning.) Reference: section 5.2."""
     m = await h.member(terms=[1], term=1)
@@ -493,7 +522,9 @@ async def test_a_candidate_hearing_from_a_leader_of_its_own_term_becomes_its_fol
 
 
 async def test_at_most_one_vote_per_term_first_come_first_served(h: Harness) -> None:
-    """ "Each server will vote for at most one candidate in a given term, on a first-come-first-served
+    """One vote per term.
+
+    "Each server will vote for at most one candidate in a given term, on a first-come-first-served
     basis." Figure 2: "If votedFor is null or candidateId, and candidate's log is at least as
     up-to-date as receiver's log, grant vote." Reference: section 5.2."""
     m = await h.member(terms=[1], term=1)
@@ -540,7 +571,9 @@ async def test_a_vote_survives_a_crash_right_after_the_reply(h: Harness) -> None
 async def test_a_vote_goes_only_to_a_candidate_whose_log_is_at_least_as_up_to_date(
     h: Harness, last_term: int, last_index: int, granted: bool
 ) -> None:
-    """ "If the logs have last entries with different terms, then the log with the later term is more
+    """The up-to-date rule.
+
+    "If the logs have last entries with different terms, then the log with the later term is more
     up-to-date. If the logs end with the same term, then whichever log is longer is more
     up-to-date." (Seed defect 4 required both a later term and a longer log.)
     Reference: section 5.4.1."""
@@ -618,7 +651,9 @@ async def test_a_higher_term_vote_request_does_not_make_the_candidate_the_leader
 
 
 async def test_each_election_timeout_is_drawn_afresh_from_the_range(h: Harness) -> None:
-    """ "Raft uses randomized election timeouts... election timeouts are chosen randomly from a
+    """A fresh random timeout for every wait.
+
+    "Raft uses randomized election timeouts... election timeouts are chosen randomly from a
     fixed interval"; "Each candidate restarts its randomized election timeout at the start of an
     election, and it waits for that timeout to elapse before starting the next election."
     (Seed defect 8 used a fixed timeout.) Reference: section 5.2."""
@@ -656,7 +691,7 @@ async def test_each_election_timeout_is_drawn_afresh_from_the_range(h: Harness) 
     assert m.node.role == "candidate"
 
 
-# ---- section 5.3: log replication, follower side ------------------------------------------------
+# ---- section 5.3: log replication, follower side -------------------------------------------------
 
 
 async def test_an_append_whose_prev_entry_does_not_match_is_rejected_with_a_conflict_hint(
@@ -792,13 +827,15 @@ async def test_a_follower_acknowledges_entries_only_once_they_are_durable(h: Har
     assert restarted.current_term == 2
 
 
-# ---- sections 5.3 and 5.4: the leader ----------------------------------------------------------
+# ---- sections 5.3 and 5.4: the leader ------------------------------------------------------------
 
 
 async def test_the_leader_backs_up_with_the_conflict_hint_and_repairs_divergent_logs(
     h: Harness,
 ) -> None:
-    """ "When rejecting an AppendEntries request, the follower can include the term of the
+    """The leader backs up by whole terms.
+
+    "When rejecting an AppendEntries request, the follower can include the term of the
     conflicting entry and the first index it stores for that term. With this information, the
     leader can decrement nextIndex to bypass all of the conflicting entries in that term"; "the
     leader handles inconsistencies by forcing the followers' logs to duplicate its own."
@@ -854,7 +891,9 @@ async def test_the_leader_backs_up_with_the_conflict_hint_and_repairs_divergent_
 async def test_a_leader_commits_an_earlier_terms_entry_only_with_one_of_its_own(
     h: Harness,
 ) -> None:
-    """ "Raft never commits log entries from previous terms by counting replicas. Only log entries
+    """Figure 8: no commit by counting old-term replicas.
+
+    "Raft never commits log entries from previous terms by counting replicas. Only log entries
     from the leader's current term are committed by counting replicas; once an entry from the
     current term has been committed in this way, then all prior entries are committed indirectly."
     (Figure 8.) Reference: section 5.4.2."""
@@ -863,7 +902,7 @@ async def test_a_leader_commits_an_earlier_terms_entry_only_with_one_of_its_own(
     request = (await m.transport.wait_sent(VoteRequest, 1, peer=2))[0]
     log_path = os.path.join(data_dir(1), LOG_FILE)
     # Hold the leader's own write of its no-op, so that only a follower holds index 3.
-    gate = DiskGate(m.disk, lambda op: op.path == log_path)
+    gate = h.gate(m.disk, lambda op: op.path == log_path)
     m.node.handle_vote_reply(2, request, RequestVoteResponse(term=3, vote_granted=True))
     assert (m.node.role, log_terms(m.log)) == ("leader", [1, 2, 3])
     await eventually(lambda: bool(gate.held), "the leader starts writing its no-op")
@@ -887,7 +926,9 @@ async def test_a_leader_commits_an_earlier_terms_entry_only_with_one_of_its_own(
 async def test_a_proposal_returns_once_committed_and_applied_and_a_follower_redirects(
     h: Harness,
 ) -> None:
-    """ "When the entry has been safely replicated, the leader applies the entry to its state
+    """A proposal returns once applied; others redirect.
+
+    "When the entry has been safely replicated, the leader applies the entry to its state
     machine and returns the result of that execution to the client." Section 8: "If the client's
     first choice is not the leader, that server will reject the client's request and supply
     information about the most recent leader it has heard from." (Seed defect 13 answered before
@@ -926,7 +967,7 @@ async def test_a_proposal_returns_once_committed_and_applied_and_a_follower_redi
     assert lonely.log.last_index == 1
 
 
-# ---- input no correct member sends --------------------------------------------------------------
+# ---- input no correct member sends ---------------------------------------------------------------
 
 ABSURD = 2**63 - 1
 
@@ -975,7 +1016,7 @@ async def test_a_message_no_correct_member_sends_is_refused_and_changes_nothing(
     assert m.disk.ops[ops:] == []
 
 
-# ---- whole clusters over the in-memory network ----------------------------------------------------
+# ---- whole clusters over the in-memory network ---------------------------------------------------
 
 
 def settled_leader(nodes: dict[int, RaftNode], among: Sequence[int]) -> RaftNode | None:
