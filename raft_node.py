@@ -56,12 +56,38 @@ class CommitUnknownError(Exception):
     """The entry was appended but its commit could not be confirmed: it may or may not be applied."""
 
 
+class UnavailableError(Exception):
+    """A read could not be served: leadership could not be confirmed in time."""
+
+
 class InvalidRequestError(Exception):
     """A peer message that no correct member sends; it is refused and changes nothing."""
 
 
 class PeerUnreachableError(Exception):
     """A message could not be delivered to a peer, or its reply did not arrive in time."""
+
+
+class Timer(Protocol):
+    def cancel(self) -> None: ...
+
+
+class Clock(Protocol):
+    """The node's sense of time: the event loop in the daemon, a pausable simulated clock in tests."""
+
+    def now(self) -> float: ...
+
+    def call_at(self, when: float, callback: Callable[[], object]) -> Timer: ...
+
+
+class LoopClock:
+    """The daemon's clock: the running event loop's monotonic time and timers."""
+
+    def now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    def call_at(self, when: float, callback: Callable[[], object]) -> asyncio.TimerHandle:
+        return asyncio.get_running_loop().call_at(when, callback)
 
 
 class Transport(Protocol):
@@ -111,6 +137,10 @@ class Progress:
     told_commit: int = 0
     last_sent: float = float("-inf")
     retry_at: float = float("-inf")
+    # Leadership confirmation for reads (thesis section 6.4): the newest read round this follower
+    # has been sent, and the newest it has answered in our term.
+    sent_round: int = 0
+    acked_round: int = 0
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -139,6 +169,7 @@ class RaftNode:
         transport: Transport,
         timing: Timing | None = None,
         rng: random.Random | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.node_id = node_id
         self.me: NodeAddress = cluster.node(node_id)
@@ -147,6 +178,7 @@ class RaftNode:
         self.transport = transport
         self.timing = timing or Timing()
         self.rng = rng or random.Random()
+        self.clock: Clock = clock or LoopClock()
         self.state_machine = KeyValueStateMachine()
         self.narrate = _Narrator(self)
 
@@ -159,10 +191,13 @@ class RaftNode:
         # Leader state, reinitialised after each election.
         self.progress: dict[int, Progress] = {}
         self._waiters: dict[int, tuple[int, asyncio.Future[None]]] = {}
+        self._read_round = 0
+        # Set (and replaced) whenever commit, apply or read confirmations move; readers wait on it.
+        self._changed = asyncio.Event()
 
         self._tasks = BackgroundTasks()
         self._leader_tasks: list[asyncio.Task[Any]] = []
-        self._election_timer: asyncio.TimerHandle | None = None
+        self._election_timer: Timer | None = None
         self._timer_armed_at = 0.0
         self._self_flush_running = False
         self._stopped = False
@@ -237,9 +272,10 @@ class RaftNode:
         timeout = self.rng.uniform(
             self.timing.election_timeout_min, self.timing.election_timeout_max
         )
-        loop = asyncio.get_running_loop()
-        self._timer_armed_at = loop.time()
-        self._election_timer = loop.call_later(timeout, self._on_election_timeout)
+        self._timer_armed_at = self.clock.now()
+        self._election_timer = self.clock.call_at(
+            self._timer_armed_at + timeout, self._on_election_timeout
+        )
 
     def _cancel_election_timer(self) -> None:
         if self._election_timer is not None:
@@ -250,7 +286,7 @@ class RaftNode:
         self._election_timer = None
         if self._stopped or self._role is Role.LEADER:
             return
-        waited = asyncio.get_running_loop().time() - self._timer_armed_at
+        waited = self.clock.now() - self._timer_armed_at
         self.narrate.info(
             "heard no leader for %d ms: starting an election for term %d",
             waited * 1000,
@@ -552,6 +588,7 @@ class RaftNode:
         ]
 
     def _stop_leading(self) -> None:
+        self._notify()
         for task in self._leader_tasks:
             task.cancel()
         self._leader_tasks = []
@@ -616,18 +653,18 @@ class RaftNode:
 
     async def _replicate(self, peer_id: int, term: int) -> None:
         """Keep one follower's log in step with ours: entries when it lacks them, else heartbeats."""
-        loop = asyncio.get_running_loop()
         progress = self.progress[peer_id]
         while self._role is Role.LEADER and self.current_term == term:
-            now = loop.time()
+            now = self.clock.now()
             has_entries = progress.next_index <= self.log.last_index
             commit_news = min(self.commit_index, progress.match_index) > progress.told_commit
+            commit_news = commit_news or progress.sent_round < self._read_round
             heartbeat_due = now - progress.last_sent >= self.timing.heartbeat_interval
             if now < progress.retry_at or not (has_entries or commit_news or heartbeat_due):
                 wait = max(progress.retry_at, progress.last_sent + self.timing.heartbeat_interval)
                 progress.wake.clear()
                 # A timer that sets the event is much cheaper than asyncio.wait_for's extra task.
-                timer = loop.call_at(wait, progress.wake.set)
+                timer = self.clock.call_at(wait, progress.wake.set)
                 try:
                     await progress.wake.wait()
                 finally:
@@ -636,7 +673,6 @@ class RaftNode:
             await self._send_append(peer_id, term, progress)
 
     async def _send_append(self, peer_id: int, term: int, progress: Progress) -> None:
-        loop = asyncio.get_running_loop()
         prev = progress.next_index - 1
         entries = self.log.entries(
             progress.next_index, MAX_ENTRIES_PER_MESSAGE, MAX_BYTES_PER_MESSAGE
@@ -649,7 +685,8 @@ class RaftNode:
             leader_commit=self.commit_index,
             log_entries=entries,
         )
-        progress.last_sent = loop.time()
+        progress.last_sent = self.clock.now()
+        read_round = progress.sent_round = self._read_round
         if entries:
             self.narrate.debug("sending %d entries from %d to %d", len(entries), prev + 1, peer_id)
         try:
@@ -658,8 +695,12 @@ class RaftNode:
             )
         except PeerUnreachableError as e:
             self.narrate.debug("append to %d failed: %s", peer_id, e)
-            progress.retry_at = loop.time() + self.timing.heartbeat_interval
+            progress.retry_at = self.clock.now() + self.timing.heartbeat_interval
             return
+        if reply.term == term and read_round > progress.acked_round:
+            # Any reply of our own term shows the follower still takes us as its leader.
+            progress.acked_round = read_round
+            self._notify()
         self.handle_append_reply(peer_id, request, reply)
 
     def handle_append_reply(
@@ -726,10 +767,58 @@ class RaftNode:
         for progress in self.progress.values():
             progress.wake.set()
 
+    # ---- linearizable reads (thesis section 6.4, ReadIndex) --------------------------------
+
+    async def read(self, key: str) -> str | None:
+        """A linearizable read on the leader: it reflects every write acknowledged before the call.
+
+        Raises NotLeaderError when this node is not (or stops being) the leader, and
+        UnavailableError when it cannot confirm its leadership within the proposal timeout.
+        """
+        term = self.current_term
+        self._check_still_leader(term)
+        try:
+            async with asyncio.timeout(self.timing.proposal_timeout):
+                # Until its no-op commits, a new leader does not know the latest commit index.
+                await self._wait_until(lambda: self.log.term_at(self.commit_index) == term, term)
+                read_index = self.commit_index
+                # A round of heartbeats answered by a majority shows no newer leader existed when
+                # the read arrived; reads that arrive together share one round.
+                self._read_round += 1
+                read_round = self._read_round
+                for progress in self.progress.values():
+                    progress.wake.set()
+                await self._wait_until(lambda: self._confirmed(read_round), term)
+                await self._wait_until(lambda: self.last_applied >= read_index, term)
+        except TimeoutError:
+            raise UnavailableError(
+                f"could not confirm leadership within {self.timing.proposal_timeout:g} s"
+            ) from None
+        return self.state_machine.get(key)
+
+    def _confirmed(self, read_round: int) -> bool:
+        acks = 1 + sum(1 for p in self.progress.values() if p.acked_round >= read_round)
+        return acks >= self.quorum
+
+    def _check_still_leader(self, term: int) -> None:
+        if self._role is not Role.LEADER or self.current_term != term:
+            raise NotLeaderError(*self.leader())
+
+    async def _wait_until(self, condition: Callable[[], bool], term: int) -> None:
+        while not condition():
+            self._check_still_leader(term)
+            await self._changed.wait()
+        self._check_still_leader(term)
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
     # ---- applying committed entries --------------------------------------------------------
 
     def _apply_committed(self) -> None:
         """Apply every committed entry not yet applied, exactly once and in index order."""
+        self._notify()
         while self.last_applied < self.commit_index:
             entry = self.log.entry(self.last_applied + 1)
             self.state_machine.apply(entry)
@@ -1004,12 +1093,15 @@ if __name__ == "__main__":
 
 __all__ = (
     "CommitUnknownError",
+    "Clock",
     "InvalidRequestError",
+    "LoopClock",
     "NotLeaderError",
     "PeerUnreachableError",
     "RaftNode",
     "Role",
     "Timing",
     "Transport",
+    "UnavailableError",
     "main",
 )

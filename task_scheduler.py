@@ -14,7 +14,9 @@ class BackgroundTasks:
     """Keeps a strong reference to every task it starts, logs any that fail, and cancels all on close."""
 
     def __init__(self) -> None:
-        self._tasks: set[asyncio.Task[Any]] = set()
+        # A dict, not a set: tasks are cancelled in the order they were started, so a run under a
+        # simulated clock replays the same way every time.
+        self._tasks: dict[asyncio.Task[Any], None] = {}
         self._closed = False
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str | None = None) -> asyncio.Task[Any]:
@@ -22,12 +24,12 @@ class BackgroundTasks:
             coro.close()
             raise RuntimeError("BackgroundTasks is closed")
         task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
+        self._tasks[task] = None
         task.add_done_callback(self._finished)
         return task
 
     def _finished(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
+        self._tasks.pop(task, None)
         if task.cancelled():
             return
         exc = task.exception()

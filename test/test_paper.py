@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import os
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -26,6 +27,7 @@ from raft_node import (
     PeerUnreachableError,
     RaftNode,
     Timing,
+    UnavailableError,
 )
 from rpc import raft_pb2
 from rpc.raft_pb2 import (
@@ -1099,3 +1101,46 @@ async def test_a_cluster_elects_one_leader_per_term_replicates_and_survives_a_pa
     assert all(n.get_value("lost") is None for n in nodes.values())
     for term, senders in senders_per_term(net).items():
         assert len(senders) == 1, f"term {term} had leaders {sorted(senders)}"
+
+
+@pytest.mark.parametrize("size", [3, 5])
+async def test_a_read_is_served_only_by_a_leader_a_majority_still_follows(
+    h: Harness, size: int
+) -> None:
+    """Thesis section 6.4: "the leader needs to make sure it hasn't been superseded by a newer leader
+    of which it is unaware. It issues a new round of heartbeats and waits for their
+    acknowledgments from a majority of the cluster." A leader cut off from the others cannot
+    confirm that, so it must not answer from its stale state. Reference: thesis section 6.4."""
+    net = InMemoryNetwork()
+    cluster = cluster_of(size)
+    ids = list(range(1, size + 1))
+    # The isolated leader gives up on confirming itself after one second rather than five.
+    timing = dataclasses.replace(BRISK, proposal_timeout=1.0)
+    nodes = {
+        i: h.node(i, cluster, await h.open_log(MemoryDisk(), i), timing=timing, network=net)
+        for i in ids
+    }
+    for node in nodes.values():
+        node.start()
+    await net.wait_until(lambda: settled_leader(nodes, ids) is not None, DEADLINE, "a leader")
+    first = settled_leader(nodes, ids)
+    assert first is not None
+    await first.propose_mapping("color", "red")
+    assert await first.read("color") == "red"
+    assert await first.read("missing") is None
+
+    net.isolate(first.node_id)
+    stale_read = asyncio.create_task(first.read("color"))
+    others = [i for i in ids if i != first.node_id]
+    await net.wait_until(lambda: settled_leader(nodes, others) is not None, DEADLINE, "new leader")
+    second = settled_leader(nodes, others)
+    assert second is not None
+    await second.propose_mapping("color", "blue")
+    assert await second.read("color") == "blue"
+    # The old leader still believes it leads, and its state says "red"; it must not say so.
+    assert first.role == "leader" and first.get_value("color") == "red"
+    with pytest.raises((UnavailableError, NotLeaderError)):
+        await stale_read
+    follower = nodes[next(i for i in others if i != second.node_id)]
+    with pytest.raises(NotLeaderError):
+        await follower.read("color")
