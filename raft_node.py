@@ -14,7 +14,7 @@ import enum
 import logging
 import random
 import sys
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Coroutine, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn, Protocol
@@ -262,6 +262,12 @@ class RaftNode:
         self._fail_waiters("the node is shutting down")
         await self._tasks.close()
 
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any] | None:
+        if self._stopped:
+            coro.close()  # a stopped node starts nothing new
+            return None
+        return self._tasks.spawn(coro, name=name)
+
     # ---- timers ----------------------------------------------------------------------------
 
     def _reset_election_timer(self) -> None:
@@ -292,7 +298,7 @@ class RaftNode:
             waited * 1000,
             self.current_term + 1,
         )
-        self._tasks.spawn(self.start_election(), name="election")
+        self._spawn(self.start_election(), name="election")
 
     # ---- term and role changes -------------------------------------------------------------
 
@@ -321,7 +327,7 @@ class RaftNode:
         self._become_follower(term, None, f"{source} has newer term {term}")
         # No reply waits on this change, but it must reach the disk before this node votes or acts
         # in the new term; every vote and append reply flushes first, so a background flush suffices.
-        self._tasks.spawn(self.log.flush(), name="flush-term")
+        self._spawn(self.log.flush(), name="flush-term")
         return True
 
     def _set_leader(self, leader_id: int | None) -> None:
@@ -360,7 +366,7 @@ class RaftNode:
             request.last_log_index,
         )
         for peer_id in self.peers:
-            self._tasks.spawn(self._ask_for_vote(peer_id, request), name=f"vote-{peer_id}")
+            self._spawn(self._ask_for_vote(peer_id, request), name=f"vote-{peer_id}")
 
     async def _ask_for_vote(self, peer_id: int, request: raft_pb2.VoteRequest) -> None:
         try:
@@ -444,7 +450,7 @@ class RaftNode:
             # Granting a vote resets the election timer (Figure 2, rules for followers).
             self._reset_election_timer()
         await self.log.flush()
-        return raft_pb2.RequestVoteResponse(term=term, vote_granted=granted)
+        return raft_pb2.RequestVoteResponse(term=self.current_term, vote_granted=granted)
 
     # ---- log replication, follower side (section 5.3) --------------------------------------
 
@@ -493,6 +499,7 @@ class RaftNode:
                 "log too short for prev index %d; asking from %d", prev, reply.conflict_index
             )
             await self.log.flush()
+            reply.term = self.current_term
             return reply
         if self.log.term_at(prev) != request.prev_log_term:
             conflict_term = self.log.term_at(prev)
@@ -504,7 +511,10 @@ class RaftNode:
             )
             await self.log.flush()
             return raft_pb2.AppendEntriesResponse(
-                term=term, success=False, conflict_term=conflict_term, conflict_index=first
+                term=self.current_term,
+                success=False,
+                conflict_term=conflict_term,
+                conflict_index=first,
             )
 
         entries = request.log_entries
@@ -535,7 +545,11 @@ class RaftNode:
                 self.narrate.info("commit index now %d (told by the leader)", new_commit)
                 self._apply_committed()
         await self.log.flush()
-        return raft_pb2.AppendEntriesResponse(term=term, success=True, match_index=match_index)
+        # The term as it is now: if a newer leader appeared while the entries were being written,
+        # the old leader learns of it here instead of counting this reply (section 5.1).
+        return raft_pb2.AppendEntriesResponse(
+            term=self.current_term, success=True, match_index=match_index
+        )
 
     def _check_peer_message(self, requester_id: int, *numbers: int) -> None:
         if requester_id not in self.peers:
@@ -582,10 +596,11 @@ class RaftNode:
         self.progress = {p: Progress(next_index=self.log.last_index + 1) for p in self.peers}
         # Section 8: a no-op of the new term lets entries of earlier terms commit without a new write.
         self._append_as_leader(raft_pb2.LogEntry(kind=raft_pb2.ENTRY_KIND_NOOP))
-        self._leader_tasks = [
-            self._tasks.spawn(self._replicate(peer_id, term), name=f"replicate-{peer_id}")
+        tasks = [
+            self._spawn(self._replicate(peer_id, term), name=f"replicate-{peer_id}")
             for peer_id in self.peers
         ]
+        self._leader_tasks = [t for t in tasks if t is not None]
 
     def _stop_leading(self) -> None:
         self._notify()
@@ -614,7 +629,7 @@ class RaftNode:
         """Make the leader's own entries durable; the leader counts itself only for durable entries."""
         if not self._self_flush_running:
             self._self_flush_running = True
-            self._tasks.spawn(self._flush_own_log_loop(), name="leader-flush")
+            self._spawn(self._flush_own_log_loop(), name="leader-flush")
 
     async def _flush_own_log_loop(self) -> None:
         try:
