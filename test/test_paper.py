@@ -119,8 +119,10 @@ def append(
 def election_timer(node: RaftNode) -> asyncio.TimerHandle | None:
     """The node's armed election timer. With `armed_for`, the one place these tests look at private
     attributes: Figure 2's timer rules are about when the timer is (re)armed, which nothing else
-    shows."""
-    return node._election_timer
+    shows. These tests run the node on the event loop's own clock, whose timers are TimerHandles."""
+    timer = node._election_timer
+    assert timer is None or isinstance(timer, asyncio.TimerHandle)
+    return timer
 
 
 def armed_for(node: RaftNode, timer: asyncio.TimerHandle) -> float:
