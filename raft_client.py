@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
+from google.protobuf.message import Message
 
 from raft_node import PeerUnreachableError
 from rpc import raft_pb2, raft_pb2_grpc
@@ -40,24 +43,25 @@ class GrpcTransport:
     async def request_vote(
         self, peer_id: int, request: raft_pb2.VoteRequest, timeout: float
     ) -> raft_pb2.RequestVoteResponse:
-        try:
-            reply: raft_pb2.RequestVoteResponse = await self._stub(peer_id).RequestVote(
-                request, timeout=timeout
-            )
-        except grpc.aio.AioRpcError as e:
-            raise PeerUnreachableError(f"{e.code().name}: {e.details()}") from None
+        reply: raft_pb2.RequestVoteResponse = await self._call(
+            self._stub(peer_id).RequestVote, request, timeout
+        )
         return reply
 
     async def append_entries(
         self, peer_id: int, request: raft_pb2.AppendEntriesRequest, timeout: float
     ) -> raft_pb2.AppendEntriesResponse:
+        reply: raft_pb2.AppendEntriesResponse = await self._call(
+            self._stub(peer_id).AppendEntries, request, timeout
+        )
+        return reply
+
+    @staticmethod
+    async def _call(method: Any, request: Message, timeout: float) -> Any:
         try:
-            reply: raft_pb2.AppendEntriesResponse = await self._stub(peer_id).AppendEntries(
-                request, timeout=timeout
-            )
+            return await method(request, timeout=timeout)
         except grpc.aio.AioRpcError as e:
             raise PeerUnreachableError(f"{e.code().name}: {e.details()}") from None
-        return reply
 
     async def close(self) -> None:
         channels, self._channels, self._stubs = self._channels, {}, {}

@@ -1045,6 +1045,24 @@ def senders_per_term(net: InMemoryNetwork) -> dict[int, set[int]]:
     return found
 
 
+async def running_cluster(
+    h: Harness, size: int, net: InMemoryNetwork, timing: Timing = BRISK
+) -> tuple[dict[int, RaftNode], RaftNode]:
+    """Nodes 1..size on `net`, started, and the leader they settle on."""
+    ids = list(range(1, size + 1))
+    cluster = cluster_of(size)
+    nodes = {
+        i: h.node(i, cluster, await h.open_log(MemoryDisk(), i), timing=timing, network=net)
+        for i in ids
+    }
+    for node in nodes.values():
+        node.start()
+    await net.wait_until(lambda: settled_leader(nodes, ids) is not None, DEADLINE, "a leader")
+    leader = settled_leader(nodes, ids)
+    assert leader is not None
+    return nodes, leader
+
+
 @pytest.mark.parametrize("size", [3, 5])
 async def test_a_cluster_elects_one_leader_per_term_replicates_and_survives_a_partition(
     h: Harness, size: int
@@ -1055,18 +1073,8 @@ async def test_a_cluster_elects_one_leader_per_term_replicates_and_survives_a_pa
     immediately reverts to follower state", and its log is made to match. Reference: sections 5.2,
     5.3, 5.4."""
     net = InMemoryNetwork()
-    cluster = cluster_of(size)
-    ids = list(range(1, size + 1))
-    nodes = {
-        i: h.node(i, cluster, await h.open_log(MemoryDisk(), i), timing=BRISK, network=net)
-        for i in ids
-    }
-    for node in nodes.values():
-        node.start()
-
-    await net.wait_until(lambda: settled_leader(nodes, ids) is not None, DEADLINE, "a leader")
-    first = settled_leader(nodes, ids)
-    assert first is not None
+    nodes, first = await running_cluster(h, size, net)
+    ids = list(nodes)
     for i in range(3):
         await first.propose_mapping(f"key{i}", f"value{i}")
     await net.wait_until(
@@ -1114,19 +1122,11 @@ async def test_a_read_is_served_only_by_a_leader_a_majority_still_follows(
     acknowledgments from a majority of the cluster." A leader cut off from the others cannot
     confirm that, so it must not answer from its stale state. Reference: thesis section 6.4."""
     net = InMemoryNetwork()
-    cluster = cluster_of(size)
-    ids = list(range(1, size + 1))
     # The isolated leader gives up on confirming itself after one second rather than five.
-    timing = dataclasses.replace(BRISK, proposal_timeout=1.0)
-    nodes = {
-        i: h.node(i, cluster, await h.open_log(MemoryDisk(), i), timing=timing, network=net)
-        for i in ids
-    }
-    for node in nodes.values():
-        node.start()
-    await net.wait_until(lambda: settled_leader(nodes, ids) is not None, DEADLINE, "a leader")
-    first = settled_leader(nodes, ids)
-    assert first is not None
+    nodes, first = await running_cluster(
+        h, size, net, dataclasses.replace(BRISK, proposal_timeout=1.0)
+    )
+    ids = list(nodes)
     await first.propose_mapping("color", "red")
     assert await first.read("color") == "red"
     assert await first.read("missing") is None
