@@ -674,9 +674,13 @@ class RaftNode:
             has_entries = progress.next_index <= self.log.last_index
             commit_news = min(self.commit_index, progress.match_index) > progress.told_commit
             commit_news = commit_news or progress.sent_round < self._read_round
-            heartbeat_due = now - progress.last_sent >= self.timing.heartbeat_interval
+            # One expression for both the test and the timer: with `now - last_sent >= interval`
+            # rounding could call a timer that fired exactly on time early, and the task would
+            # re-arm the same instant forever.
+            next_heartbeat = progress.last_sent + self.timing.heartbeat_interval
+            heartbeat_due = now >= next_heartbeat
             if now < progress.retry_at or not (has_entries or commit_news or heartbeat_due):
-                wait = max(progress.retry_at, progress.last_sent + self.timing.heartbeat_interval)
+                wait = max(progress.retry_at, next_heartbeat)
                 progress.wake.clear()
                 # A timer that sets the event is much cheaper than asyncio.wait_for's extra task.
                 timer = self.clock.call_at(wait, progress.wake.set)
