@@ -21,33 +21,44 @@ Why per key
     history is linearizable iff each key's sub-history is. Each key is searched separately.
 
 Search
-    Invocations and completions go into one time-ordered linked list. The search repeatedly takes an
-    invocation that comes before the first pending completion, applies it to the register if its result
-    allows, lifts it out of the list and starts again; when it meets a completion whose operation is not
-    yet linearized it backtracks. ``(set of operations done, register value)`` pairs already explored are
-    cached, which is what keeps the search small. Unknown operations complete at +infinity, so reaching
-    their completions means every definite operation was placed. Before searching, operations that
-    cannot change the verdict are removed: failed ones, unknown reads, and unknown writes of a value that
-    nothing after their invocation could observe (placing such a write can never help a later result, so
-    "never took effect" is always as good). ``max_steps`` bounds the search; when it runs out the result
-    is *inconclusive* instead of a verdict.
+    Invocations and completions sit in time-ordered linked lists. At each node of the search (the set
+    of operations done, the register's value) it tries every invocation that precedes the first
+    pending completion, applies it if its result allows, lifts it out of the lists and goes deeper;
+    when nothing works it backtracks. Nodes already seen are not searched again (Lowe's memoisation).
+    Unknown operations never complete, so they may be placed at any later point or never. Operations
+    that cannot change the verdict are dropped first: failed ones, unknown reads, and unknown writes
+    of a value that nothing after their invocation could observe (placing such a write can never help
+    a later result, so "never took effect" is as good). ``_search`` lists the further reductions.
+
+Cost
+    Fast for the histories a test suite records: a few thousand operations spread over several keys,
+    with a few percent unknown outcomes, check in well under a second. The problem is NP-complete,
+    though, and a key hammered by many concurrent clients with deletes, cas and unknown outcomes can
+    need millions of steps to prove a violation; ``max_steps`` bounds each search, and a search that
+    runs out yields an *inconclusive* result instead of a verdict.
 
 Failing window
     For a time window ``[start, end]`` on one key, the window's operations are those overlapping it
-    (invoked at or before ``end`` and completed at or after ``start``; unknown ones never complete). Those
-    lying wholly inside it must take effect inside the window; those crossing an edge may instead have
-    taken effect outside it (before ``start``, or after ``end``), and so may be left out. The register at
-    ``start`` may hold missing or any value written by an operation invoked before ``start``. This is
-    sound: any linearization of the whole history, cut at ``start`` and ``end``, satisfies these rules,
-    so a window that fails proves the whole history fails; and as every operation of a failing window is
-    then forced inside with the register starting missing, ``check(result.window)`` fails too. Windows
-    only grow more permissive as they shrink, so the checker finds the earliest ``end`` whose window from
-    the beginning of time fails, then the latest ``start`` that still fails with that ``end``: moving
-    either edge past one more operation makes the window pass (:func:`check_window` re-checks one).
+    (invoked at or before ``end`` and completed at or after ``start``; unknown ones never complete).
+    Those wholly inside it must take effect inside it; those crossing an edge may instead have taken
+    effect outside it (before ``start`` or after ``end``) and so may be left out. At ``start`` the key
+    may be missing or hold any value written by an operation invoked before ``start`` (other than a
+    failed one or a cas that reported not swapping). These rules are sound: any linearization of the
+    whole history, cut at ``start`` and ``end``, obeys them, so a window that fails proves the history
+    is not linearizable. Checking the window's operations on their own only adds constraints (each
+    must then take effect, starting from a missing key), so ``check(result.window)`` fails too.
+    A window only grows more permissive as it shrinks, so shrinking is a search along each edge. The
+    checker first looks for a failing window of a few dozen operations ending at each completion in
+    turn (cheap, and it can prove a violation even when the whole search ran out of steps), or else
+    takes the earliest ``end`` whose window from the beginning of time fails; it then pulls ``end``
+    in and pushes ``start`` out as far as the window still fails. Moving either edge of the result
+    past one more operation makes the window pass (unless a probe ran out of steps).
+    :func:`check_window` checks one window by these rules.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 import time
 from collections.abc import Callable, Hashable, Iterable, Sequence
@@ -310,8 +321,9 @@ class CheckResult:
     def report(self) -> str:
         """A person-readable account: the verdict, and for a violation one line per window operation."""
         if self.ok:
+            keys = "key" if self.keys == 1 else "keys"
             return (
-                f"linearizable: {self.operations} operations on {self.keys} keys "
+                f"linearizable: {self.operations} operations on {self.keys} {keys} "
                 f"({self.steps} search steps)"
             )
         if self.inconclusive:
@@ -332,10 +344,8 @@ class CheckResult:
         if self.window_start != -_INF:
             lines.append(f"  at its start the key could hold: {_values_text(self.initial_values)}")
         lines.append(_table(self.window, self.edge_ids))
-        if self.edge_ids:
-            lines.append(
-                "  * crosses the window's edge: it may have taken effect outside the window"
-            )
+        if any(op.id in self.edge_ids and op.outcome != "unknown" for op in self.window):
+            lines.append("  * crosses an edge of the window: it may have taken effect outside it")
         return "\n".join(lines)
 
 
@@ -358,7 +368,7 @@ def _table(window: Sequence[Operation], edge_ids: frozenset[int]) -> str:
     header = ("op", "client", "kind", "key", "arguments", "result", "invoked", "completed")
     rows = [header]
     for op in window:
-        mark = "*" if op.id in edge_ids else ""
+        mark = "*" if op.id in edge_ids and op.outcome != "unknown" else ""
         completed = _time_text(op.completes) if op.outcome != "unknown" else "never (unknown)"
         rows.append(
             (
@@ -399,7 +409,6 @@ class _Probe:
     verdict: bool | None  # None: ran out of steps
     steps: int
     kept: list[_Candidate]
-    initial_values: tuple[Value, ...]
 
 
 def _is_read_only(op: Operation) -> bool:
@@ -419,60 +428,79 @@ def _written(op: Operation) -> Value:
     return None if op.kind == "delete" else op.value
 
 
-def _prune(candidates: list[_Candidate]) -> list[_Candidate]:
-    """Drop optional operations that cannot change the verdict.
+def _blockers(candidates: Sequence[_Candidate]) -> list[list[int] | None]:
+    """For each optional write, the operations that react to the value it writes: constrained ones
+    that value would satisfy, and unknown cas expecting it.
 
-    An optional read changes nothing. An optional write X of v can go too when no other operation that
-    may follow it could be satisfied by the register holding v: take any linearization that places X,
-    then between X and the next write only such operations run, so removing X (and any optional no-op
-    cas in that stretch) leaves every remaining result valid.
+    A write X of v matters only through them. Take a linearization that places X when none of them
+    remains to be placed: until the next write only unknown operations run (any other would have to
+    accept v), changing nothing, so they may as well be left out; and that next write is a put or an
+    unknown write (a constrained one would accept v), so its effect does not depend on the value.
+    Removing X leaves a valid linearization, so leaving X out (it never took effect, or took effect
+    before the window) is as good as placing it. ``None`` for operations that are not optional writes.
     """
-    kept = [c for c in candidates if c.required or not _is_read_only(c.op)]
-    exact: dict[Value, list[_Candidate]] = {}
-    any_present: list[_Candidate] = []  # deletes that found the key present
-    any_but: list[tuple[_Candidate, Value]] = []  # bare-bool cas that did not swap
-    for c in kept:
+    exact: dict[Value, list[int]] = {}
+    any_present: list[int] = []  # deletes that found the key present
+    any_but: list[tuple[int, Value]] = []  # bare-bool cas that did not swap
+    for index, c in enumerate(candidates):
         op = c.op
         if op.outcome != "ok":
             if op.kind == "cas":
-                # Its effect from v differs from its effect from other values.
-                exact.setdefault(op.expected, []).append(c)
+                # Its effect from its expected value differs from its effect from any other.
+                exact.setdefault(op.expected, []).append(index)
             continue
         if op.kind == "get":
-            exact.setdefault(op.result, []).append(c)
+            exact.setdefault(op.result, []).append(index)
         elif op.kind == "delete":
             if op.result:
-                any_present.append(c)
+                any_present.append(index)
             else:
-                exact.setdefault(None, []).append(c)
+                exact.setdefault(None, []).append(index)
         elif op.kind == "cas":
             swapped, current = _cas_result(op.result)
             if current is _NOT_REPORTED:
                 if swapped:
-                    exact.setdefault(op.expected, []).append(c)
+                    exact.setdefault(op.expected, []).append(index)
                 else:
-                    any_but.append((c, op.expected))
+                    any_but.append((index, op.expected))
             elif swapped == (current == op.expected):
-                exact.setdefault(current, []).append(c)
+                exact.setdefault(current, []).append(index)
 
+    blockers: list[list[int] | None] = []
+    for index, c in enumerate(candidates):
+        if c.required or _is_read_only(c.op):
+            blockers.append(None)
+            continue
+        written = _written(c.op)
+        found = list(exact.get(written, ()))
+        if written is not None:
+            found.extend(any_present)
+        found.extend(other for other, expected in any_but if written != expected)
+        blockers.append(
+            sorted(
+                {
+                    other
+                    for other in found
+                    if other != index and candidates[other].ret >= c.op.invoke
+                }
+            )
+        )
+    return blockers
+
+
+def _prune(candidates: list[_Candidate]) -> list[_Candidate]:
+    """Drop optional operations that cannot change the verdict: reads, and writes nothing can observe."""
+    kept = [c for c in candidates if c.required or not _is_read_only(c.op)]
+    blockers = _blockers(kept)
     removed: set[int] = set()
-
-    def blocked(x: _Candidate) -> bool:
-        v = _written(x.op)
-        blockers = list(exact.get(v, ()))
-        if v is not None:
-            blockers.extend(any_present)
-        blockers.extend(c for c, expected in any_but if v != expected)
-        return any(c is not x and id(c) not in removed and c.ret >= x.op.invoke for c in blockers)
-
     changed = True
     while changed:
         changed = False
-        for c in kept:
-            if not c.required and id(c) not in removed and not blocked(c):
-                removed.add(id(c))
+        for index, watched in enumerate(blockers):
+            if watched is not None and index not in removed and removed.issuperset(watched):
+                removed.add(index)
                 changed = True
-    return [c for c in kept if id(c) not in removed]
+    return [c for index, c in enumerate(kept) if index not in removed]
 
 
 def _mentioned(candidates: Iterable[_Candidate]) -> set[Value]:
@@ -491,19 +519,69 @@ def _mentioned(candidates: Iterable[_Candidate]) -> set[Value]:
     return mentioned
 
 
-def _search(
+# How a search move was made, so backtracking knows whether the node it returns to has alternatives.
+_PLACED, _LEFT_OUT, _FORCED = range(3)
+# Positions in the search's walk that are not list entries.
+_END, _BACKTRACK, _NEW_NODE = -1, -2, -3
+
+
+# Steps for each search's first turn; and the search orders taking turns: eager, then lazy.
+_FIRST_BUDGET = 20_000
+_STRATEGIES = (True, False)
+
+
+def _decide(
     candidates: Sequence[_Candidate], initial: Sequence[Value], max_steps: int | None
 ) -> tuple[bool | None, int]:
-    """Is there a linearization of ``candidates`` from one of the ``initial`` register values?"""
+    """Run the eager and the lazy search in turns, with doubling step budgets, until one concludes.
+
+    Eager placement finds a linearization fast when unknown operations took effect soon after they
+    were invoked, as they usually do; lazy placement with dominance proves violations faster. Taking
+    turns costs at most a small factor over the better of the two.
+    """
+    spent, budget = 0, _FIRST_BUDGET
+    while True:
+        for eager in _STRATEGIES:
+            allowed = budget if max_steps is None else min(budget, max_steps - spent)
+            if allowed <= 0:
+                return None, spent
+            verdict, steps = _search(candidates, initial, allowed, eager)
+            spent += steps
+            if verdict is not None:
+                return verdict, spent
+        budget *= 2
+
+
+def _search(
+    candidates: Sequence[_Candidate], initial: Sequence[Value], max_steps: int, eager: bool
+) -> tuple[bool | None, int]:
+    """Is there a linearization of ``candidates`` from one of the ``initial`` register values?
+
+    Invocations and completions sit in time order in linked lists. At each node (operations done,
+    register value) the search tries the invocations that precede the first pending completion, and
+    backtracks when none leads anywhere; an optional operation is done once placed or left out.
+    Nodes already visited are skipped (Lowe). An ``eager`` search tries invocations in time order;
+    otherwise optional operations' invocations sit in a list of their own and are tried only after
+    every required one, and nodes dominated by one that failed are skipped too: same required
+    operations done, same value, and more of the optional ones done (an optional operation still
+    available never hurts, as it can be left out).
+
+    Three reductions keep the tree small. A read (a get, a delete that found the key missing, a cas
+    that did not swap) that its result allows now is placed at once, with no alternatives: whatever
+    must precede it is done and it changes nothing, so any linearization from here can be reordered
+    to place it first. An optional write that would not change the value is not tried, and one is
+    left out as soon as nothing that could observe it remains to be placed (see ``_blockers``). And
+    a value that no remaining operation compares with is recorded as ``_OTHER``, as all such values
+    behave alike.
+    """
     count = len(candidates)
     codes = [_CODES[c.op.kind] for c in candidates]
     values = [c.op.value for c in candidates]
     expecteds = [c.op.expected for c in candidates]
     constrained = [c.op.outcome == "ok" for c in candidates]
     required = [c.required for c in candidates]
-    deadline = [c.ret for c in candidates]
-    # First and second parts of each result: a get's value, a delete's existed, a cas's swapped and
-    # current (or _NOT_REPORTED).
+    reader = [c.required and _is_read_only(c.op) for c in candidates]
+    # A get's value read, a delete's existed, a cas's swapped; and a cas's current (or _NOT_REPORTED).
     first: list[object] = []
     second: list[object] = []
     for c in candidates:
@@ -514,139 +592,287 @@ def _search(
             second.append(current)
         else:
             first.append(op.result)
-            second.append(None)
+            second.append(_NOT_REPORTED)
     bit = [1 << index for index in range(count)]
+    required_bits = sum(bit[index] for index in range(count) if required[index])
+    optional_bits = ((1 << count) - 1) ^ required_bits
+    blocker_bits = [0] * count
+    watchers: list[list[int]] = [[] for _ in range(count)]
+    for index, watched in enumerate(_blockers(candidates)):
+        for other in watched or ():
+            blocker_bits[index] |= bit[other]
+            watchers[other].append(index)
 
+    # Positions are ranks in time order (invocations before completions at equal times). Open-ended
+    # completions are in neither list: only required operations have to be placed.
     events = sorted(
         [(c.op.invoke, 0, index) for index, c in enumerate(candidates)]
-        + [(c.ret, 1, index) for index, c in enumerate(candidates)]
+        + [(c.ret, 1, index) for index, c in enumerate(candidates) if c.ret != _INF]
     )
     size = len(events)
-    head = size
+    main_head, optional_head = size, size + 1
     is_return = [kind == 1 for _, kind, _ in events]
     owner = [index for _, _, index in events]
     call_at = [0] * count
-    return_at = [0] * count
+    return_at = [_END] * count
+    following = [_END] * (size + 2)
+    preceding = [_END] * (size + 2)
+    tails = {main_head: main_head, optional_head: optional_head}
     for position, (_, kind, index) in enumerate(events):
         if kind:
             return_at[index] = position
         else:
             call_at[index] = position
-    following = [position + 1 for position in range(size)] + [0 if size else -1]
-    if size:
-        following[size - 1] = -1
-    preceding = [position - 1 for position in range(size)] + [-1]
-    if size:
-        preceding[0] = head
+        chain = main_head if eager or kind or required[index] else optional_head
+        following[tails[chain]] = position
+        preceding[position] = tails[chain]
+        tails[chain] = position
 
     def lift(index: int) -> None:
         for position in (call_at[index], return_at[index]):
-            before, after = preceding[position], following[position]
-            following[before] = after
-            if after != -1:
-                preceding[after] = before
+            if position != _END:
+                before, after = preceding[position], following[position]
+                following[before] = after
+                if after != _END:
+                    preceding[after] = before
 
     def unlift(index: int) -> None:
         for position in (return_at[index], call_at[index]):
-            before, after = preceding[position], following[position]
-            following[before] = position
-            if after != -1:
-                preceding[after] = position
+            if position != _END:
+                before, after = preceding[position], following[position]
+                following[before] = position
+                if after != _END:
+                    preceding[after] = position
 
-    explored: set[tuple[int, Value]] = set()
+    def settle(done: int, index: int) -> tuple[int, list[int]]:
+        """Leave out the optional writes that ``index`` being done has made useless."""
+        useless: list[int] = []
+        queue = watchers[index]
+        while queue:
+            later: list[int] = []
+            for watcher in queue:
+                needed = blocker_bits[watcher]
+                if not done & bit[watcher] and done & needed == needed:
+                    done |= bit[watcher]
+                    useless.append(watcher)
+                    later.extend(watchers[watcher])
+            queue = later
+        return done, useless
+
+    # How many operations still to be done compare the register with each value.
+    mentions = [tuple(_mentioned([c])) for c in candidates]
+    live: dict[Value, int] = {}
+    for mentioned in mentions:
+        for value in mentioned:
+            live[value] = live.get(value, 0) + 1
+
+    def canonical(value: Value, index: int, useless: list[int]) -> Value:
+        if value is None or value is _OTHER:
+            return value
+        remaining = live.get(value, 0) - mentions[index].count(value)
+        for other in useless:
+            remaining -= mentions[other].count(value)
+        return value if remaining > 0 else _OTHER
+
+    visited: set[tuple[int, Value]] = set()
+    failed: dict[tuple[int, Value], list[int]] = {}
+
+    def fresh(done: int, value: Value) -> bool:
+        if (done, value) in visited:
+            return False
+        if not eager:
+            done_optional = done & optional_bits
+            for other in failed.get((done & required_bits, value), ()):
+                if other & done_optional == other:
+                    return False
+        visited.add((done, value))
+        return True
+
     steps = 0
     for start in initial:
         state: Value = start
         done = 0
-        # Each entry: (operation, register before it, whether it was left out rather than applied).
-        stack: list[tuple[int, Value, bool]] = []
-        position = following[head]
+        # Each move: (operation, how, the useless writes left out with it, and the node it left:
+        # value, operations done, position of its first pending completion).
+        stack: list[tuple[int, int, list[int], Value, int, int]] = []
+        first_return = _END
+        position = _NEW_NODE
         while True:
             steps += 1
-            if max_steps is not None and steps > max_steps:
+            if steps > max_steps:
                 return None, steps
-            if position == -1:
-                return True, steps
-            index = owner[position]
-            if not is_return[position]:
-                code = codes[index]
-                if code == _PUT:
-                    allowed, after = True, values[index]
-                elif code == _GET:
-                    allowed, after = state == first[index], state
-                elif code == _DELETE:
-                    allowed = not constrained[index] or (state is not None) == first[index]
-                    after = None
-                else:
-                    swapped = state == expecteds[index]
-                    after = values[index] if swapped else state
-                    allowed = not constrained[index] or (
-                        swapped == first[index]
-                        and (second[index] is _NOT_REPORTED or state == second[index])
-                    )
-                if allowed:
-                    marker = (done | bit[index], after)
-                    if marker not in explored:
-                        explored.add(marker)
-                        stack.append((index, state, False))
-                        done |= bit[index]
-                        state = after
-                        lift(index)
-                        position = following[head]
-                        continue
-                position = following[position]
-                continue
-            if not required[index]:
-                if deadline[index] == _INF:
-                    # Only open-ended completions remain: every required operation is placed.
+            move, how, after = -1, _PLACED, state
+            if position == _NEW_NODE:
+                position = following[main_head]
+                while position != _END and not is_return[position]:
+                    index = owner[position]
+                    if move == -1 and reader[index]:
+                        code = codes[index]
+                        if code == _GET:
+                            possible = state == first[index]
+                        elif code == _DELETE:
+                            possible = state is None
+                        else:
+                            possible = state != expecteds[index] and (
+                                second[index] is _NOT_REPORTED or state == second[index]
+                            )
+                        if possible:
+                            move, how = index, _FORCED
+                    position = following[position]
+                if position == _END:
+                    # No completion is pending, so every required operation is placed.
                     return True, steps
-                # An optional operation due now: it took effect before the window, so leave it out.
-                marker = (done | bit[index], state)
-                if marker not in explored:
-                    explored.add(marker)
-                    stack.append((index, state, True))
-                    done |= bit[index]
-                    lift(index)
-                    position = following[head]
+                first_return = position
+                position = following[main_head]
+            elif position == _BACKTRACK:
+                if not stack:
+                    break
+                if not eager:
+                    failed.setdefault((done & required_bits, state), []).append(
+                        done & optional_bits
+                    )
+                index, how, useless, state, done, first_return = stack.pop()
+                for other in reversed(useless):
+                    unlift(other)
+                    for value in mentions[other]:
+                        live[value] += 1
+                unlift(index)
+                for value in mentions[index]:
+                    live[value] += 1
+                position = following[call_at[index]] if how == _PLACED else _BACKTRACK
+                continue
+            if move == -1:
+                if position == first_return:
+                    # Every required invocation has been tried; now the optional ones.
+                    position = following[optional_head]
                     continue
-            if not stack:
-                break
-            index, state, left_out = stack.pop()
-            done &= ~bit[index]
-            unlift(index)
-            position = return_at[index] if left_out else following[call_at[index]]
+                if position == _END or position > first_return:
+                    index = owner[first_return]
+                    if required[index]:
+                        position = _BACKTRACK
+                        continue
+                    # An optional operation due now took effect before the window, if at all.
+                    move, how = index, _LEFT_OUT
+                else:
+                    index = owner[position]
+                    position = following[position]
+                    if reader[index]:
+                        # Its result does not allow it now, or it would have been placed already.
+                        continue
+                    code = codes[index]
+                    if code == _PUT:
+                        allowed, after = True, values[index]
+                    elif code == _DELETE:
+                        allowed = not constrained[index] or (state is not None) == first[index]
+                        after = None
+                    elif code == _CAS:
+                        swapped = state == expecteds[index]
+                        after = values[index] if swapped else state
+                        allowed = not constrained[index] or (
+                            swapped == first[index]
+                            and (second[index] is _NOT_REPORTED or state == second[index])
+                        )
+                    else:
+                        allowed, after = not constrained[index] or state == first[index], state
+                    if not allowed:
+                        continue
+                    move = index
+            now_done, useless = settle(done | bit[move], move)
+            after = canonical(after, move, useless)
+            if (how == _PLACED and not required[move] and after == state) or not fresh(
+                now_done, after
+            ):
+                # Explored already, or an optional write that changes nothing: nothing to gain.
+                if how != _PLACED:
+                    position = _BACKTRACK
+                continue
+            stack.append((move, how, useless, state, done, first_return))
+            done, state = now_done, after
+            lift(move)
+            for value in mentions[move]:
+                live[value] -= 1
+            for other in useless:
+                lift(other)
+                for value in mentions[other]:
+                    live[value] -= 1
+            position = _NEW_NODE
     return False, steps
 
 
-def _probe(
-    operations: Sequence[Operation], start: float, end: float, max_steps: int | None
-) -> _Probe:
+class _KeyOps:
+    """One key's operations, indexed by invocation time so that a window's are found quickly."""
+
+    def __init__(self, operations: list[Operation]) -> None:
+        self.operations = operations
+        self.live = sorted(
+            (op for op in operations if op.outcome != "fail"), key=lambda op: (op.invoke, op.id)
+        )
+        self.invokes = [op.invoke for op in self.live]
+        self.open = [op for op in self.live if op.outcome == "unknown"]
+        self.open_invokes = [op.invoke for op in self.open]
+        self.longest = max(
+            (op.completes - op.invoke for op in self.live if op.outcome == "ok"), default=0.0
+        )
+        # Writes that may have taken effect, in invocation order, and when each value was first
+        # written.
+        self.writes = [
+            (op.invoke, op.value)
+            for op in self.live
+            if op.kind in ("put", "cas") and not _is_read_only(op)
+        ]
+        self.first_written: dict[Value, float] = {}
+        for moment, value in self.writes:
+            self.first_written.setdefault(value, moment)
+        self.ends = sorted({op.completes for op in self.live if op.outcome == "ok"})
+
+    def members(self, start: float, end: float) -> list[Operation]:
+        """The operations overlapping ``[start, end]``."""
+        last = bisect.bisect_right(self.invokes, end)
+        if start == -_INF:
+            return self.live[:last]
+        first = bisect.bisect_left(self.invokes, start)
+        # Invoked before start, but perhaps still running then: within the longest definite
+        # duration before it, or unknown.
+        horizon = start - self.longest
+        earlier = [
+            op
+            for op in self.live[bisect.bisect_left(self.invokes, horizon) : first]
+            if op.completes >= start
+        ]
+        lost = self.open[: bisect.bisect_left(self.open_invokes, horizon)]
+        return lost + earlier + self.live[first:last]
+
+    def written_before(self, start: float) -> list[Value]:
+        return sorted({value for moment, value in self.writes if moment < start}, key=repr)
+
+    def initial(self, start: float, mentioned: set[Value]) -> list[Value]:
+        """The values the key may hold at ``start``, with unmentioned ones folded into _OTHER."""
+        values: list[Value] = [None]
+        if start == -_INF:
+            return values
+        values.extend(
+            value
+            for value in mentioned
+            if value is not None and self.first_written.get(value, _INF) < start
+        )
+        for moment, value in self.writes:
+            if moment >= start:
+                break
+            if value not in mentioned:
+                values.append(_OTHER)
+                break
+        return values
+
+
+def _probe(key_ops: _KeyOps, start: float, end: float, max_steps: int | None) -> _Probe:
     """Check the window ``[start, end]`` of one key's operations (see the module docstring)."""
-    candidates: list[_Candidate] = []
-    possible: set[Value] = {None}
-    for op in operations:
-        if op.outcome == "fail":
-            continue
-        if op.invoke < start and op.kind in ("put", "cas") and not _is_read_only(op):
-            possible.add(op.value)
-        if op.invoke > end or op.completes < start:
-            continue
+    candidates = []
+    for op in key_ops.members(start, end):
         inside = op.outcome == "ok" and op.invoke >= start and op.completes <= end
-        ret = op.completes if op.completes <= end else _INF
-        candidates.append(_Candidate(op, inside, ret))
+        candidates.append(_Candidate(op, inside, op.completes if op.completes <= end else _INF))
     kept = _prune(candidates)
-    mentioned = _mentioned(kept)
-    initial: list[Value] = [None]
-    initial.extend(value for value in possible if value is not None and value in mentioned)
-    if any(value is not None and value not in mentioned for value in possible):
-        initial.append(_OTHER)
-    verdict, steps = _search(kept, initial, max_steps)
-    shown = tuple(
-        sorted((value for value in possible if value is not None), key=repr)
-        if start != -_INF
-        else ()
-    )
-    return _Probe(verdict, steps, kept, (None, *shown))
+    verdict, steps = _decide(kept, key_ops.initial(start, _mentioned(kept)), max_steps)
+    return _Probe(verdict, steps, kept)
 
 
 def _by_key(operations: Iterable[Operation]) -> dict[Hashable, list[Operation]]:
@@ -658,8 +884,6 @@ def _by_key(operations: Iterable[Operation]) -> dict[Hashable, list[Operation]]:
             raise HistoryError(f"operation id {op.id!r} appears twice")
         seen.add(op.id)
         keyed.setdefault(op.key, []).append(op)
-    for ops in keyed.values():
-        ops.sort(key=lambda op: (op.invoke, op.id))
     return keyed
 
 
@@ -670,22 +894,23 @@ def _operations_of(history: History | Iterable[Operation]) -> list[Operation]:
 def check(history: History | Iterable[Operation], max_steps: int | None = None) -> CheckResult:
     """Decide whether ``history`` is linearizable; for a violation, include its smallest failing window.
 
-    ``max_steps`` bounds every single search (one key, or one window while shrinking); a key whose
-    search runs out makes the result inconclusive unless another key is found to fail.
+    ``max_steps`` bounds every single search (of a whole key, or of one window while looking for
+    the smallest failing one), not their total. A key whose search runs out makes the result
+    inconclusive, unless a small failing window is found anyway or another key fails.
     """
     operations = _operations_of(history)
     keyed = _by_key(operations)
     steps = 0
     out_of_steps: Hashable = None
-    gave_up = False
     for key, ops in keyed.items():
-        probe = _probe(ops, -_INF, _INF, max_steps)
-        steps += probe.steps
-        if probe.verdict is None and not gave_up:
-            gave_up, out_of_steps = True, key
-        if probe.verdict is False:
-            return _shrink(key, ops, max_steps, steps, len(operations), len(keyed))
-    if gave_up:
+        key_ops = _KeyOps(ops)
+        found, spent = _check_key(key, key_ops, max_steps)
+        steps += spent
+        if isinstance(found, CheckResult):
+            return replace(found, operations=len(operations), keys=len(keyed), steps=steps)
+        if found is None and out_of_steps is None:
+            out_of_steps = key
+    if out_of_steps is not None:
         return CheckResult(
             ok=False,
             inconclusive=True,
@@ -697,6 +922,29 @@ def check(history: History | Iterable[Operation], max_steps: int | None = None) 
     return CheckResult(ok=True, operations=len(operations), keys=len(keyed), steps=steps)
 
 
+def _check_key(
+    key: Hashable, key_ops: _KeyOps, max_steps: int | None
+) -> tuple[CheckResult | bool | None, int]:
+    """True if the key's history is linearizable, a failing window if not, None if out of steps."""
+    whole = _probe(key_ops, -_INF, _INF, max_steps)
+    if whole.verdict is True:
+        return True, whole.steps
+    # A violation usually shows within a few operations: look near each completion first, which is
+    # cheap, and proves a violation even when the whole search ran out of steps.
+    local, spent = _local_window(key_ops, max_steps)
+    spent += whole.steps
+    if local is not None:
+        start, end, probe = local
+        return _minimal_window(key, key_ops, start, end, probe, max_steps, spent)
+    if whole.verdict is False:
+        return _minimal_window(key, key_ops, -_INF, _INF, whole, max_steps, spent)
+    return None, spent
+
+
+def _bounded(steps: int, max_steps: int | None) -> int:
+    return steps if max_steps is None else min(steps, max_steps)
+
+
 def check_window(
     history: History | Iterable[Operation],
     key: Hashable,
@@ -706,76 +954,106 @@ def check_window(
 ) -> CheckResult:
     """Check the window ``[start, end]`` of one key alone, with the rules in the module docstring."""
     operations = _operations_of(history)
-    ops = _by_key(operations).get(key, [])
-    probe = _probe(ops, start, end, max_steps)
-    result = _window_result(key, ops, start, end, probe)
-    return replace(
-        result,
+    key_ops = _KeyOps(_by_key(operations).get(key, []))
+    probe = _probe(key_ops, start, end, max_steps)
+    if probe.verdict is False:
+        return replace(
+            _window_result(key, key_ops, start, end, probe), operations=len(operations), keys=1
+        )
+    return CheckResult(
         ok=probe.verdict is True,
         inconclusive=probe.verdict is None,
+        key=key,
+        window_start=start,
+        window_end=end,
         operations=len(operations),
         keys=1,
+        steps=probe.steps,
     )
 
 
 def _window_result(
-    key: Hashable, ops: list[Operation], start: float, end: float, probe: _Probe
+    key: Hashable, key_ops: _KeyOps, start: float, end: float, probe: _Probe
 ) -> CheckResult:
     window = sorted((c.op for c in probe.kept), key=lambda op: (op.invoke, op.id))
-    edges = frozenset(c.op.id for c in probe.kept if not c.required)
     return CheckResult(
         ok=False,
         key=key,
         window=window,
         window_start=start,
         window_end=end,
-        explanation=_explain(ops, [c for c in probe.kept if c.required], end),
-        edge_ids=edges,
-        initial_values=probe.initial_values,
-        key_operations=len(ops),
+        explanation=_explain(key_ops.operations, [c for c in probe.kept if c.required], end),
+        edge_ids=frozenset(c.op.id for c in probe.kept if not c.required),
+        initial_values=(None, *key_ops.written_before(start)),
+        key_operations=len(key_ops.operations),
         steps=probe.steps,
     )
 
 
-def _shrink(
-    key: Hashable,
-    ops: list[Operation],
-    max_steps: int | None,
-    steps: int,
-    operation_count: int,
-    key_count: int,
-) -> CheckResult:
-    """Find the earliest failing end, then the latest failing start (see the module docstring)."""
+# Window widths (in operations) tried when looking for a failing window near each completion, and
+# the steps each of those probes, and all of them together, may take.
+_LOCAL_WIDTHS = (16, 64)
+_LOCAL_STEPS = 20_000
+_LOCAL_TOTAL = 1_000_000
 
-    probes: dict[tuple[float, float], _Probe] = {}
+
+def _local_window(
+    key_ops: _KeyOps, max_steps: int | None
+) -> tuple[tuple[float, float, _Probe] | None, int]:
+    """The first failing window of a few operations ending at a completion: (start, end, probe)."""
+    budget = _bounded(_LOCAL_STEPS, max_steps)
+    spent = 0
+    for width in _LOCAL_WIDTHS:
+        for end in key_ops.ends:
+            if spent > _LOCAL_TOTAL:
+                return None, spent
+            invoked = bisect.bisect_right(key_ops.invokes, end)
+            start = key_ops.invokes[max(0, invoked - width)]
+            probe = _probe(key_ops, start, end, budget)
+            spent += probe.steps
+            if probe.verdict is False:
+                return (start, end, probe), spent
+    return None, spent
+
+
+def _minimal_window(
+    key: Hashable,
+    key_ops: _KeyOps,
+    start: float,
+    end: float,
+    known: _Probe,
+    max_steps: int | None,
+    spent: int,
+) -> tuple[CheckResult, int]:
+    """Shrink the window ``[start, end]``, known to fail by ``known``, until both edges are minimal.
+
+    The end is pulled in as far as the window still fails, then the start pushed out likewise; a
+    window only grows more permissive as it shrinks, so both edges end up minimal.
+    """
+    probes: dict[tuple[float, float], _Probe] = {(start, end): known}
 
     def fails(start: float, end: float) -> _Probe | None:
-        nonlocal steps
+        nonlocal spent
         if (start, end) not in probes:
-            probes[start, end] = _probe(ops, start, end, max_steps)
-            steps += probes[start, end].steps
+            probes[start, end] = _probe(key_ops, start, end, max_steps)
+            spent += probes[start, end].steps
         probe = probes[start, end]
         return probe if probe.verdict is False else None
 
-    ends = sorted({op.completes for op in ops if op.outcome == "ok"})
-    low, high = 0, len(ends) - 1
+    ends = key_ops.ends
+    low, high = bisect.bisect_left(ends, start), bisect.bisect_left(ends, end)
     while low < high:
         middle = (low + high) // 2
-        if fails(-_INF, ends[middle]):
+        if fails(start, ends[middle]):
             high = middle
         else:
             low = middle + 1
-    end = ends[high] if ends else _INF
-    best = fails(-_INF, end)
-    if best is None:
-        # Cannot happen for a sound search; fall back to the whole key.
-        end = _INF
-        best = _probe(ops, -_INF, _INF, max_steps)
-        steps += best.steps
-    start = -_INF
+    if high < len(ends) and fails(start, ends[high]):
+        end = ends[high]
+    best = probes[start, end]
 
-    starts = sorted({op.invoke for op in ops if op.outcome != "fail" and op.invoke <= end})
-    # Gallop back from the end (small windows are cheap to check), then bisect.
+    # Gallop back from the end, where windows are small and cheap to check, then bisect.
+    starts = sorted({moment for moment in key_ops.invokes if start < moment <= end})
     passing, failing = len(starts), -1
     distance = 1
     while distance <= len(starts):
@@ -800,8 +1078,7 @@ def _shrink(
             else:
                 high = middle
         start = starts[low]
-    result = _window_result(key, ops, start, end, best)
-    return replace(result, operations=operation_count, keys=key_count, steps=steps)
+    return _window_result(key, key_ops, start, end, best), spent
 
 
 def _explain(ops: list[Operation], required: list[_Candidate], end: float) -> str:
@@ -812,26 +1089,33 @@ def _explain(ops: list[Operation], required: list[_Candidate], end: float) -> st
         return "no order of these operations explains every result"
     generic = (
         f"no order of the window's operations, each taking effect at one instant between its "
-        f"invocation and completion, explains {culprit.describe()} ending {culprit.result_text()}"
+        f"invocation and completion, gives {culprit.describe()} its result ({culprit.result_text()})"
     )
     if culprit.kind == "get":
         seen: Value = culprit.result
         phrase = f"{culprit.describe()} returned {_show(seen)}"
     elif culprit.kind == "cas" and _cas_result(culprit.result)[1] is not _NOT_REPORTED:
-        seen = _cas_result(culprit.result)[1]
+        swapped, seen = _cas_result(culprit.result)
         phrase = f"{culprit.describe()} found {_show(seen)}"
+        if swapped != (seen == culprit.expected):
+            return (
+                f"{phrase} and {'swapped' if swapped else 'did not swap'}, but a cas swaps exactly "
+                f"when it finds its expected value"
+            )
     else:
         return generic
     others = [op for op in ops if op is not culprit]
     if seen is None:
         return _explain_missing(others, culprit, phrase) or generic
     writers = [op for op in others if op.kind in ("put", "cas") and op.value == seen]
-    live = [op for op in writers if op.outcome != "fail"]
+    live = [op for op in writers if op.outcome != "fail" and not _is_read_only(op)]
     if not writers:
         return f"{phrase}, but no operation on this key ever wrote {_show(seen)}"
     if not live:
-        failed = ", ".join(f"op {op.id}" for op in writers)
-        return f"{phrase}, but every write of {_show(seen)} failed ({failed}), so none took effect"
+        how = ", ".join(
+            f"op {op.id} {'failed' if op.outcome == 'fail' else 'did not swap'}" for op in writers
+        )
+        return f"{phrase}, but nothing that took effect wrote {_show(seen)} ({how})"
     if all(op.invoke > culprit.completes for op in live):
         return f"{phrase}, but {_show(seen)} was only written after it had completed"
     if all(op.outcome == "ok" for op in live):
@@ -856,6 +1140,7 @@ def _explain(ops: list[Operation], required: list[_Candidate], end: float) -> st
 
 
 def _explain_missing(others: list[Operation], culprit: Operation, phrase: str) -> str | None:
+    """Why the key cannot have been missing: a write completed before, and no delete fits between."""
     removers = [op for op in others if op.kind == "delete" and op.outcome != "fail"]
     writes = [
         op
