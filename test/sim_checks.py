@@ -1,0 +1,303 @@
+"""The Raft safety properties the simulation checks as it runs, and the light wrappers (a RaftNode,
+RaftLog and state machine subclass each) through which it watches the nodes without changing them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from log import RaftLog
+from raft_node import RaftNode
+from rpc import raft_pb2
+from state_machine import KeyValueStateMachine
+
+# What identifies an entry's command: (kind, key, value).
+Command = tuple[int, str, str]
+Fail = Callable[[str, str], None]
+
+
+@dataclass(frozen=True)
+class LogView:
+    """A log a node could present in an election: its in-memory log (if it does not crash) or what
+    is durable (if it crashes now), given by its length and the term of each entry."""
+
+    what: str
+    length: int
+    term_at: Callable[[int], int]
+
+    @property
+    def last(self) -> tuple[int, int]:
+        """(last term, last index): a candidate wins a vote iff its pair is at least the voter's."""
+        return (self.term_at(self.length), self.length)
+
+    def holds(self, index: int, term: int) -> bool:
+        return index <= self.length and self.term_at(index) == term
+
+
+def views_of(log: RaftLog) -> list[LogView]:
+    """A running node's possible logs: all of it, or (after a crash now) its durable prefix."""
+    return [
+        LogView("in memory", log.last_index, log.term_at),
+        LogView("durable", log.durable_index, log.term_at),
+    ]
+
+
+def view_of_terms(what: str, terms: Sequence[int]) -> LogView:
+    return LogView(what, len(terms), lambda i: terms[i - 1] if i else 0)
+
+
+# Each node's possible logs, by node id.
+Views = Callable[[], dict[int, list[LogView]]]
+
+
+def show_entry(index: int, term: int, command: Command) -> str:
+    kind, key, value = command
+    what = "no-op" if kind == raft_pb2.ENTRY_KIND_NOOP else f"{key}={value}"
+    return f"[{index} t{term} {what}]"
+
+
+def _command(entry: raft_pb2.LogEntry) -> Command:
+    return (entry.kind, entry.key, entry.value)
+
+
+class Invariants:
+    """Everything seen so far, and the checks against it. `fail(invariant, detail)` reports a violation.
+
+    - election safety: at most one leader per term;
+    - log matching: an (index, term) pair always names the same command after the same previous term,
+      which by induction makes logs that share an entry identical up to it;
+    - leader append-only: a leader never removes entries from its log;
+    - state machine safety: no two nodes apply different entries at one index;
+    - leader completeness: a new leader holds every entry committed in an earlier term;
+    - commit safety: when a leader commits an entry, no node lacking it could win an election, even
+      if any nodes crashed at that instant and lost what they had not made durable (a committed entry
+      can never be lost, which is what leader completeness needs);
+    - acknowledged writes: a put acknowledged to a client has been applied (and, at the end, is in the
+      final committed log).
+    """
+
+    def __init__(self, fail: Fail, views: Views, quorum: int) -> None:
+        self._fail = fail
+        self._views = views
+        self._quorum = quorum
+        self.leaders: dict[int, int] = {}
+        # (index, term) -> (previous entry's term, command), as first seen in any log.
+        self.entries: dict[tuple[int, int], tuple[int, Command]] = {}
+        self.first_holder: dict[tuple[int, int], int] = {}
+        # index -> (term, command) of every entry some node applied (so, committed).
+        self.committed: dict[int, tuple[int, Command]] = {}
+        # index -> the lowest term a node was in when applying it: the entry was committed by then.
+        self.commit_term: dict[int, int] = {}
+        self.applied_by: dict[int, int] = {}
+        self.committed_values: dict[str, int] = {}
+        self.acknowledged: dict[str, str] = {}
+
+    # ---- hooks -------------------------------------------------------------------------------
+
+    def became_leader(self, node: RaftNode) -> None:
+        term = node.current_term
+        earlier = self.leaders.setdefault(term, node.node_id)
+        if earlier != node.node_id:
+            self._fail(
+                "election safety",
+                f"nodes {earlier} and {node.node_id} were both elected leader of term {term}",
+            )
+            return
+        log = node.log
+        for index, (entry_term, command) in self.committed.items():
+            if self.commit_term[index] >= term:
+                continue
+            if index > log.last_index or log.term_at(index) != entry_term:
+                held = (
+                    f"its log ends at index {log.last_index}"
+                    if index > log.last_index
+                    else f"its entry {index} has term {log.term_at(index)}"
+                )
+                self._fail(
+                    "leader completeness",
+                    f"node {node.node_id} became leader of term {term} without committed entry "
+                    f"{show_entry(index, entry_term, command)} (applied by node "
+                    f"{self.applied_by[index]} in term {self.commit_term[index]}): {held}",
+                )
+                return
+
+    def check_log(self, node_id: int, log: ObservedRaftLog) -> None:
+        """Check the entries added to `log` since it was last checked."""
+        for index in range(log.verified + 1, log.last_index + 1):
+            entry = log.entry(index)
+            seen = (log.term_at(index - 1), _command(entry))
+            key = (index, entry.term)
+            first = self.entries.setdefault(key, seen)
+            if first != seen:
+                holder = self.first_holder[key]
+                self._fail(
+                    "log matching",
+                    f"node {node_id} holds {show_entry(index, entry.term, seen[1])} after an entry "
+                    f"of term {seen[0]}, but node {holder} held {show_entry(index, entry.term, first[1])} "
+                    f"after an entry of term {first[0]}",
+                )
+                return
+            self.first_holder.setdefault(key, node_id)
+        log.verified = log.last_index
+
+    def truncating(self, node: RaftNode | None, node_id: int, index: int) -> None:
+        if node is not None and node.role == "leader":
+            self._fail(
+                "leader append-only",
+                f"node {node_id}, leader of term {node.current_term}, removed its entries from "
+                f"index {index} on",
+            )
+
+    def applying(self, node: RaftNode | None, node_id: int, entry: raft_pb2.LogEntry) -> None:
+        command = _command(entry)
+        index = entry.index
+        earlier = self.committed.get(index)
+        term = node.current_term if node is not None else entry.term
+        if earlier is None:
+            self.committed[index] = (entry.term, command)
+            self.commit_term[index] = term
+            self.applied_by[index] = node_id
+            if entry.kind == raft_pb2.ENTRY_KIND_MAPPING:
+                self.committed_values[entry.value] = index
+        elif earlier != (entry.term, command):
+            self._fail(
+                "state machine safety",
+                f"node {node_id} applied {show_entry(index, entry.term, command)}, but node "
+                f"{self.applied_by[index]} applied {show_entry(index, *earlier)} at that index",
+            )
+        else:
+            self.commit_term[index] = min(self.commit_term[index], term)
+        if node is not None and node.role == "leader" and index == node.commit_index:
+            self._check_commit(node_id, index, entry.term, command)
+
+    def _check_commit(self, leader_id: int, index: int, term: int, command: Command) -> None:
+        """A leader just committed up to (index, term): could some node lacking it still be elected?
+
+        A node wins with votes from a majority whose logs are no more up to date than its own; each
+        node may present its in-memory log or, if it crashes now, only its durable log.
+        """
+        views = self._views()
+        # The least up-to-date log each node could present: it votes for any candidate at least
+        # as up to date as that.
+        lowest = {node_id: min(v.last for v in options) for node_id, options in views.items()}
+        for candidate, options in views.items():
+            for mine in options:
+                if mine.holds(index, term):
+                    continue
+                mine_last = mine.last
+                voters = [voter for voter, low in lowest.items() if low <= mine_last]
+                if len(voters) >= self._quorum:
+                    self._fail(
+                        "commit safety",
+                        f"leader {leader_id} committed {show_entry(index, term, command)}, but node "
+                        f"{candidate} lacks it ({mine.what} log ends at index {mine_last[1]}, term "
+                        f"{mine_last[0]}) and could be elected by nodes {voters}, each of which has "
+                        f"(or after a crash would have) a log no more up to date",
+                    )
+                    return
+
+    def acknowledged_put(self, node_id: int, key: str, value: str) -> None:
+        """A put of `value` was acknowledged to a client by node `node_id`."""
+        self.acknowledged[value] = key
+        if value not in self.committed_values:
+            self._fail(
+                "acknowledged writes",
+                f"node {node_id} acknowledged put {key}={value} but no node has applied it",
+            )
+
+    # ---- final checks ------------------------------------------------------------------------
+
+    def check_final(self, leader_id: int, logs: Sequence[tuple[int, RaftLog, int]]) -> None:
+        """At the end: every log holds the same committed entries; no acknowledged write was lost.
+
+        `logs` holds (node id, log, commit index) of every node; `leader_id` names the final leader.
+        """
+        by_id = {node_id: (log, commit) for node_id, log, commit in logs}
+        leader_log, leader_commit = by_id[leader_id]
+        for node_id, log, commit in logs:
+            if commit != leader_commit or log.last_index != leader_log.last_index:
+                self._fail(
+                    "convergence",
+                    f"node {node_id} has last index {log.last_index} and commit index {commit}; "
+                    f"leader {leader_id} has {leader_log.last_index} and {leader_commit}",
+                )
+                return
+            for index in range(1, log.last_index + 1):
+                if log.entry(index) != leader_log.entry(index):
+                    self._fail(
+                        "log matching",
+                        f"at the end node {node_id}'s entry {index} differs from leader "
+                        f"{leader_id}'s",
+                    )
+                    return
+        final: dict[str, int] = {}
+        for index in range(1, leader_commit + 1):
+            entry = leader_log.entry(index)
+            if entry.kind == raft_pb2.ENTRY_KIND_MAPPING:
+                final[entry.value] = index
+            committed = self.committed.get(index)
+            if committed is not None and committed != (entry.term, _command(entry)):
+                self._fail(
+                    "state machine safety",
+                    f"entry {index} was applied as {show_entry(index, *committed)} but the final "
+                    f"log holds {show_entry(index, entry.term, _command(entry))}",
+                )
+                return
+        for value, key in self.acknowledged.items():
+            if value not in final:
+                self._fail(
+                    "no acknowledged write lost",
+                    f"put {key}={value} was acknowledged but is not in the final committed log "
+                    f"(committed index {leader_commit})",
+                )
+                return
+
+
+class ObservedRaftLog(RaftLog):
+    """A RaftLog that reports every append and truncation to the checks."""
+
+    invariants: Invariants | None = None
+    owner: ObservedRaftNode | None = None
+    node_id = 0
+    # Entries up to here have passed the log-matching check.
+    verified = 0
+
+    def append(self, entries: Sequence[raft_pb2.LogEntry]) -> None:
+        super().append(entries)
+        if self.invariants is not None:
+            self.invariants.check_log(self.node_id, self)
+
+    def truncate_from(self, index: int) -> None:
+        if self.invariants is not None:
+            self.invariants.truncating(self.owner, self.node_id, index)
+        super().truncate_from(index)
+        self.verified = min(self.verified, index - 1)
+
+
+class RecordingStateMachine(KeyValueStateMachine):
+    """The node's own state machine, reporting each entry it applies."""
+
+    def __init__(self, invariants: Invariants, node: RaftNode) -> None:
+        super().__init__()
+        self._invariants = invariants
+        self._node = node
+
+    def apply(self, entry: raft_pb2.LogEntry) -> None:
+        self._invariants.applying(self._node, self._node.node_id, entry)
+        super().apply(entry)
+
+
+class ObservedRaftNode(RaftNode):
+    """The project's RaftNode, unchanged but for telling the checks when it wins an election."""
+
+    invariants: Invariants | None = None
+    on_elected: Callable[[RaftNode], None] | None = None
+
+    def _become_leader(self) -> None:
+        # Checked on the log as the election left it, before the new leader appends its no-op.
+        if self.invariants is not None:
+            self.invariants.became_leader(self)
+        super()._become_leader()
+        if self.on_elected is not None:
+            self.on_elected(self)

@@ -1,0 +1,149 @@
+"""Deliberately broken variants of the node, for showing that the simulation catches real bugs.
+
+Each variant is a monkeypatch applied only for the duration of `applied(name)` (and only in the process
+that applies it); the node's own code is never edited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from unittest import mock
+
+import log as log_module
+from log import RaftLog
+from raft_node import NotLeaderError, RaftNode
+from rpc import raft_pb2
+
+
+def _forget_vote_on_restart(stack: ExitStack) -> None:
+    """(1) voted_for is not persisted: a restarted node remembers its term but not its vote."""
+    decode = log_module._decode_state
+
+    def decode_without_vote(path: str, data: bytes) -> tuple[int, int | None]:
+        term, _ = decode(path, data)
+        return term, None
+
+    stack.enter_context(mock.patch.object(log_module, "_decode_state", decode_without_vote))
+
+
+def _commit_earlier_terms_by_counting(stack: ExitStack) -> None:
+    """(2) An entry from an earlier term counts as committed once a majority holds it (section 5.4.2
+    forbids this: only entries of the leader's own term commit by counting replicas)."""
+
+    def advance_commit(self: RaftNode) -> None:
+        matches = sorted(
+            [self.log.durable_index] + [p.match_index for p in self.progress.values()],
+            reverse=True,
+        )
+        candidate = matches[self.quorum - 1]
+        if candidate <= self.commit_index:
+            return
+        self.commit_index = candidate
+        self._apply_committed()
+        for progress in self.progress.values():
+            progress.wake.set()
+
+    stack.enter_context(mock.patch.object(RaftNode, "_advance_commit", advance_commit))
+
+
+def _acknowledge_before_fsync(stack: ExitStack) -> None:
+    """(3) A follower acknowledges AppendEntries as soon as the entries are in memory; the fsync
+    happens in the background, after the reply has left."""
+    handle = RaftNode.handle_append_entries
+    pending: set[asyncio.Task[None]] = set()
+
+    async def handle_append_entries(
+        self: RaftNode, request: raft_pb2.AppendEntriesRequest
+    ) -> raft_pb2.AppendEntriesResponse:
+        log = self.log
+        real_flush = log.flush
+
+        def flush_later() -> asyncio.Future[None]:
+            task = asyncio.get_running_loop().create_task(real_flush())
+            pending.add(task)
+            task.add_done_callback(_forget(pending))
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+
+        # The handler runs to its reply without suspending once its flush returns at once, so no
+        # other caller of this log's flush can see the substitute.
+        log.flush = flush_later  # type: ignore[method-assign,assignment]
+        try:
+            return await handle(self, request)
+        finally:
+            del log.flush
+
+    stack.enter_context(mock.patch.object(RaftNode, "handle_append_entries", handle_append_entries))
+
+
+def _forget(pending: set[asyncio.Task[None]]) -> Callable[[asyncio.Task[None]], None]:
+    def done(task: asyncio.Task[None]) -> None:
+        pending.discard(task)
+        if not task.cancelled():
+            task.exception()
+
+    return done
+
+
+def _overwrite_without_truncating(stack: ExitStack) -> None:
+    """(4) A follower replaces its conflicting entries with the leader's but keeps whatever of its
+    old log lies beyond them, instead of deleting the conflicting entry and all that follow it."""
+    truncate_from = RaftLog.truncate_from
+    append = RaftLog.append
+
+    def remembering_truncate(self: RaftLog, index: int) -> None:
+        self._kept_suffix = [  # type: ignore[attr-defined]
+            self.entry(i) for i in range(index, self.last_index + 1)
+        ]
+        truncate_from(self, index)
+
+    def append_then_restore(self: RaftLog, entries: Sequence[raft_pb2.LogEntry]) -> None:
+        append(self, entries)
+        kept: list[raft_pb2.LogEntry] = getattr(self, "_kept_suffix", None) or []
+        self._kept_suffix = None  # type: ignore[attr-defined]
+        rest = [e for e in kept if e.index > self.last_index]
+        if rest:
+            append(self, rest)
+
+    stack.enter_context(mock.patch.object(RaftLog, "truncate_from", remembering_truncate))
+    stack.enter_context(mock.patch.object(RaftLog, "append", append_then_restore))
+
+
+def _read_without_confirmation(stack: ExitStack) -> None:
+    """(5) A leader answers reads from its own state machine without confirming it still leads, so
+    a deposed leader that has not heard of its successor serves stale values."""
+
+    async def read(self: RaftNode, key: str) -> str | None:
+        if self.role != "leader":
+            raise NotLeaderError(*self.leader())
+        return self.state_machine.get(key)
+
+    stack.enter_context(mock.patch.object(RaftNode, "read", read))
+
+
+VARIANTS: dict[str, Callable[[ExitStack], None]] = {
+    "forget-vote": _forget_vote_on_restart,
+    "commit-earlier-term": _commit_earlier_terms_by_counting,
+    "ack-before-fsync": _acknowledge_before_fsync,
+    "overwrite-without-truncate": _overwrite_without_truncating,
+    "stale-read": _read_without_confirmation,
+}
+
+
+@contextmanager
+def applied(name: str | None) -> Iterator[None]:
+    """Run the body with the named broken variant in place (None: the node as it is)."""
+    with ExitStack() as stack:
+        if name is not None:
+            if name not in VARIANTS:
+                raise ValueError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
+            VARIANTS[name](stack)
+        yield
+
+
+def describe(name: str) -> str:
+    """A variant's description, on one line."""
+    return " ".join(str(VARIANTS[name].__doc__).split())

@@ -1,0 +1,630 @@
+"""Deterministic simulation of a raft-demo cluster: the project's own RaftNode, log and state machine on
+a simulated clock, network and disk, with faults of every kind, checked for Raft's safety properties,
+linearizability and liveness. One seed fixes the whole run, so any failure replays exactly.
+
+    python -m test.simulation --seed 42 --verbose     # one run, narrated
+    python -m test.simulation --seeds 0-999 --jobs 2  # a soak, with a summary
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import multiprocessing
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Literal, NoReturn, TextIO
+
+from test import sim_variants
+from test.linearizability import History, check
+from test.sim_faults import FAULT_KINDS, TARGETED_KINDS, FaultInjector
+from test.sim_loop import SimulationStalled, Trace, TraceHandler, VirtualTimeLoop
+from test.sim_world import ClientOp, ClientReply, World
+
+KEYS = ("a", "b", "c")
+CLIENTS = 5
+PUT_SHARE = 0.55
+# A client gives up on a request after this long and counts its outcome as unknown.
+CLIENT_TIMEOUT = 3.0
+# The fault phase ends once the clients have this many successful operations (or at the limit).
+DEFAULT_OPS = 200
+FAULT_PHASE_LIMIT = 400.0
+# Liveness: once faults stop, a stable leader within LEADER_BOUND simulated seconds, and each
+# client's final put and get, and every node caught up, within LIVENESS_BOUND.
+LEADER_BOUND = 15.0
+LIVENESS_BOUND = 40.0
+# The linearizability search gives up (and the run fails as inconclusive) beyond this many steps.
+CHECK_STEPS = 5_000_000
+
+
+@dataclass
+class RunResult:
+    """What one run did and whether every check held."""
+
+    seed: int
+    nodes: int
+    ops: int
+    variant: str | None
+    invariant: str | None = None
+    report: str = ""
+    sim_time: float = 0.0
+    wall_time: float = 0.0
+    outcomes: dict[str, int] = field(default_factory=dict)
+    faults: dict[str, int] = field(default_factory=dict)
+    network: dict[str, int] = field(default_factory=dict)
+    events: int = 0
+    trace_hash: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.invariant is None
+
+    @property
+    def operations(self) -> int:
+        return sum(self.outcomes.values())
+
+
+def replay_command(seed: int, nodes: int, ops: int, variant: str | None) -> str:
+    command = f"python -m test.simulation --seed {seed} --verbose"
+    if nodes != 5:
+        command += f" --nodes {nodes}"
+    if ops != DEFAULT_OPS:
+        command += f" --ops {ops}"
+    if variant is not None:
+        command += f" --variant {variant}"
+    return command
+
+
+class _Stop(Exception):
+    """The run is over (a check failed); unwinds the scenario."""
+
+
+class Client:
+    """One client: puts unique values and reads on a small key space, to the node it believes leads."""
+
+    def __init__(self, sim: Simulation, number: int) -> None:
+        self.sim = sim
+        self.number = number
+        self.leader: int | None = None
+        self._writes = 0
+
+    async def run(self) -> None:
+        rng = self.sim.world.client_rng
+        while self.sim.issuing:
+            await self.operation("put" if rng.random() < PUT_SHARE else "get", rng.choice(KEYS))
+
+    async def until_ok(self, kind: Literal["put", "get"], deadline: float) -> None:
+        """Retry `kind` until it succeeds; liveness fails if that takes past `deadline`."""
+        sim = self.sim
+        rng = sim.world.client_rng
+        while await self.operation(kind, rng.choice(KEYS)) != "ok":
+            if sim.world.loop.time() > deadline:
+                sim.stop(
+                    "liveness",
+                    f"client {self.number} could not complete a {kind} within "
+                    f"{LIVENESS_BOUND:g} s after the faults stopped\n{sim.node_states()}",
+                )
+
+    async def operation(self, kind: Literal["put", "get"], key: str) -> str:
+        """One request and its outcome: ok, fail (certainly no effect) or unknown."""
+        sim = self.sim
+        world = sim.world
+        rng = world.client_rng
+        value = None
+        if kind == "put":
+            self._writes += 1
+            value = f"{self.number}.{self._writes}"
+        ids = list(world.hosts)
+        target = self.leader if self.leader is not None else rng.choice(ids)
+        op_id = sim.history.invoke(self.number, kind, key, value)
+        what = f"put {key}={value}" if kind == "put" else f"get {key}"
+        world.trace.event("client", f"c{self.number} -> {target}: {what} (op {op_id})")
+        future: asyncio.Future[ClientReply] = world.loop.create_future()
+        world.network.client_call(self.number, target, ClientOp(kind, key, value), future)
+        reply: ClientReply | None
+        try:
+            async with asyncio.timeout(CLIENT_TIMEOUT):
+                reply = await future
+        except TimeoutError:
+            reply = None
+        if reply is None:
+            sim.history.unknown(op_id)
+            outcome, text = "unknown", "timed out"
+            self.leader = None
+        elif reply.status == "ok":
+            sim.history.ok(op_id, reply.value if kind == "get" else None)
+            outcome = "ok"
+            text = f"ok {reply.value!r}" if kind == "get" else "ok"
+            self.leader = target
+        elif reply.status == "not-leader":
+            sim.history.fail(op_id)
+            outcome, text = "fail", f"not the leader (leader: {reply.leader})"
+            self.leader = reply.leader
+        elif reply.status == "unavailable":
+            sim.history.fail(op_id)
+            outcome, text = "fail", "unavailable"
+            self.leader = None
+        else:
+            sim.history.unknown(op_id)
+            outcome, text = "unknown", "commit unknown"
+            self.leader = None
+        world.trace.event("client", f"c{self.number} <- {target}: {what} (op {op_id}): {text}")
+        sim.outcome(outcome)
+        if outcome == "ok":
+            await asyncio.sleep(rng.uniform(0.0, 0.02))
+        elif outcome == "fail" and self.leader is not None:
+            await asyncio.sleep(rng.uniform(0.001, 0.01))
+        else:
+            await asyncio.sleep(rng.uniform(0.05, 0.3))
+        return outcome
+
+
+class Simulation:
+    """One run: a cluster, clients and faults on one seed; then a quiet phase and the final checks."""
+
+    def __init__(
+        self,
+        seed: int,
+        nodes: int,
+        ops: int,
+        verbose: bool,
+        out: TextIO | None = None,
+        variant: str | None = None,
+    ) -> None:
+        self.seed = seed
+        self.variant = variant
+        self.nodes = nodes
+        self.ops = ops
+        self.loop = VirtualTimeLoop()
+        self.trace = Trace(self.loop, verbose, out)
+        self.world = World(seed, nodes, self.loop, self.trace)
+        self.history = History(clock=self.loop.time)
+        self.injector = FaultInjector(self.world)
+        self.issuing = True
+        self.outcomes: Counter[str] = Counter({"ok": 0, "fail": 0, "unknown": 0})
+        self._successes = 0
+        self._enough = asyncio.Event()
+        # A failure report shows the notable events up to here (None: up to the failure).
+        self._report_until: float | None = None
+
+    def outcome(self, outcome: str) -> None:
+        self.outcomes[outcome] += 1
+        if outcome == "ok" and self.issuing:
+            self._successes += 1
+            self.check_enough()
+
+    def check_enough(self) -> None:
+        """The fault phase lasts until the clients have their operations and every fault kind ran."""
+        if self._successes >= self.ops and all(self.injector.counts.values()):
+            self._enough.set()
+
+    def stop(self, invariant: str, detail: str) -> NoReturn:
+        self.world.fail(invariant, detail)
+        raise _Stop
+
+    def node_states(self) -> str:
+        lines = []
+        for node_id, host in self.world.hosts.items():
+            node = host.node
+            if node is None:
+                lines.append(f"  node {node_id}: down")
+                continue
+            lines.append(
+                f"  node {node_id}: {node.role} of term {node.current_term}"
+                f"{' (paused)' if host.paused else ''}, leader {node.leader_id}, "
+                f"last index {node.log.last_index}, commit {node.commit_index}, "
+                f"applied {node.last_applied}"
+            )
+        return "\n".join(lines)
+
+    # ---- the scenario ----------------------------------------------------------------------
+
+    async def _until(self, condition: Callable[[], bool], deadline: float, what: str) -> None:
+        while not condition():
+            if self.loop.time() > deadline:
+                self.stop("liveness", f"{what}\n{self.node_states()}")
+            await asyncio.sleep(0.05)
+
+    def _stable_leader(self) -> int | None:
+        hosts = self.world.hosts.values()
+        nodes = [h.node for h in hosts if h.node is not None and not h.paused]
+        if len(nodes) != len(hosts):
+            return None
+        leaders = [n for n in nodes if n.role == "leader"]
+        if len(leaders) != 1:
+            return None
+        leader = leaders[0]
+        if all(
+            n.current_term == leader.current_term and n.leader_id == leader.node_id for n in nodes
+        ):
+            return leader.node_id
+        return None
+
+    def _converged(self) -> bool:
+        leader_id = self._stable_leader()
+        leader = self.world.hosts[leader_id].node if leader_id is not None else None
+        if leader is None:
+            return False
+        last = leader.log.last_index
+        for host in self.world.hosts.values():
+            node = host.node
+            if node is None or not (
+                node.log.last_index == node.commit_index == node.last_applied == last
+            ):
+                return False
+        return True
+
+    async def _scenario(self) -> None:
+        world = self.world
+        trace = self.trace
+        timing = world.timing
+        trace.event(
+            "sim",
+            f"seed {self.seed}: {self.nodes} nodes, {CLIENTS} clients, keys {', '.join(KEYS)}; "
+            f"heartbeat {timing.heartbeat_interval * 1000:.0f} ms, election timeout "
+            f"{timing.election_timeout_min * 1000:.0f}-{timing.election_timeout_max * 1000:.0f} ms",
+        )
+        if self.variant is not None:
+            trace.event(
+                "sim", f"broken node ({self.variant}): {sim_variants.describe(self.variant)}"
+            )
+        for host in world.hosts.values():
+            await host.start()
+        injector = self.loop.create_task(self.injector.run(on_fault=self.check_enough))
+        world.network.client_drop = 0.01
+        clients = [Client(self, i) for i in range(1, CLIENTS + 1)]
+        running = [self.loop.create_task(c.run()) for c in clients]
+        try:
+            async with asyncio.timeout(FAULT_PHASE_LIMIT):
+                await self._enough.wait()
+        except TimeoutError:
+            trace.event("sim", f"fault phase ends at its limit of {FAULT_PHASE_LIMIT:g} s")
+
+        # The quiet phase: heal everything, stop issuing, and expect progress.
+        quiet = self.loop.time()
+        self.issuing = False
+        injector.cancel()
+        self.injector.stop()
+        world.network.client_drop = 0.0
+        trace.event("sim", "faults stop: network healed, paused nodes resumed, crashed restarted")
+        await asyncio.gather(*running)
+        await self._until(
+            lambda: self._stable_leader() is not None,
+            quiet + LEADER_BOUND,
+            f"no stable leader within {LEADER_BOUND:g} s after the faults stopped",
+        )
+        deadline = quiet + LIVENESS_BOUND
+        await asyncio.gather(*(c.until_ok("put", deadline) for c in clients))
+        await asyncio.gather(*(c.until_ok("get", deadline) for c in clients))
+        await self._until(
+            self._converged,
+            deadline,
+            f"the nodes did not all catch up within {LIVENESS_BOUND:g} s after the faults stopped",
+        )
+        trace.event("sim", "all nodes caught up; final checks")
+        leader_id = self._stable_leader()
+        assert leader_id is not None
+        world.invariants.check_final(
+            leader_id,
+            [
+                (i, h.process.log, h.process.node.commit_index)
+                for i, h in world.hosts.items()
+                if h.process is not None
+            ],
+        )
+        if world.failure is not None:
+            raise _Stop
+        result = check(self.history, max_steps=CHECK_STEPS)
+        if result.inconclusive:
+            self.stop("linearizability", f"the check was inconclusive: {result.report()}")
+        if not result.ok:
+            # What led up to it is what happened before the failing window closed.
+            self._report_until = result.window_end
+            self.stop("linearizability", result.report())
+        trace.event("sim", f"history is linearizable ({len(self.history)} operations)")
+
+    def run(self) -> RunResult:
+        started = time.perf_counter()
+        raft_logger = logging.getLogger("raft")
+        saved = (raft_logger.level, raft_logger.propagate, raft_logger.handlers[:])
+        # A node logs an error only when something is wrong with itself or a peer.
+        handler = TraceHandler(
+            self.trace, lambda text: self.world.fail("no errors logged by the nodes", text)
+        )
+        raft_logger.handlers = [handler]
+        raft_logger.setLevel(logging.INFO)
+        raft_logger.propagate = False
+        loop = self.loop
+
+        def unexpected(_: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+            error = context.get("exception")
+            self.world.fail(
+                "no unexpected errors",
+                f"{context.get('message')}: {error!r}" if error else str(context.get("message")),
+            )
+
+        loop.set_exception_handler(unexpected)
+        scenario = loop.create_task(self._scenario())
+        try:
+            try:
+                loop.run_until_complete(
+                    asyncio.wait([scenario, self.world.failed], return_when=asyncio.FIRST_COMPLETED)
+                )
+                if scenario.done() and not scenario.cancelled():
+                    error = scenario.exception()
+                    if error is not None and not isinstance(error, _Stop):
+                        self.world.fail("no unexpected errors", f"the simulation failed: {error!r}")
+            except SimulationStalled as e:
+                stalled = True
+                self.world.fail("no stall", str(e))
+            else:
+                stalled = False
+            sim_time = loop.time()
+            digest = self.trace.digest()
+            events = self.trace.count
+            # What happens while shutting down (cancelled tasks, say) is not part of the run.
+            failure = self.world.failure
+            self.trace.close()
+            self._shut_down(stalled)
+        finally:
+            raft_logger.handlers = saved[2]
+            raft_logger.setLevel(saved[0])
+            raft_logger.propagate = saved[1]
+        result = RunResult(
+            seed=self.seed,
+            nodes=self.nodes,
+            ops=self.ops,
+            variant=None,
+            sim_time=sim_time,
+            wall_time=time.perf_counter() - started,
+            outcomes=dict(self.outcomes),
+            faults=dict(self.injector.counts) | dict(self.injector.targeted),
+            network=dict(self.world.network.stats),
+            events=events,
+            trace_hash=digest,
+        )
+        if failure is not None:
+            result.invariant = failure.invariant
+            until = failure.time if self._report_until is None else self._report_until
+            recent = self.trace.recent(until)
+            result.report = "\n".join(
+                [
+                    f"SIMULATION FAILURE: seed {self.seed}: {failure.invariant} broken at "
+                    f"simulated t={failure.time:.6f} s",
+                    *(f"  {line}" for line in failure.detail.splitlines()),
+                    f"the last {len(recent)} events before it (up to t={until:.6f} s):",
+                    *(f"  {line}" for line in recent),
+                ]
+            )
+        return result
+
+    def _shut_down(self, stalled: bool) -> None:
+        """Cancel whatever is still running and close the loop (nothing here is traced). A loop that
+        stalled cannot run its tasks to their end; they are left to the garbage collector."""
+        loop = self.loop
+        try:
+            for _ in range(0 if stalled else 3):
+                tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
+                if not tasks:
+                    break
+                for task in tasks:
+                    task.cancel()
+                loop.run_until_complete(asyncio.wait(tasks, timeout=60.0))
+        except SimulationStalled:
+            pass
+        finally:
+            loop.close()
+
+
+def run_seed(
+    seed: int,
+    nodes: int = 5,
+    ops: int = DEFAULT_OPS,
+    verbose: bool = False,
+    variant: str | None = None,
+    out: TextIO | None = None,
+) -> RunResult:
+    """Run one seed (with a broken variant of the node, if named) and return what happened."""
+    with sim_variants.applied(variant):
+        result = Simulation(seed, nodes, ops, verbose, out, variant).run()
+    result.variant = variant
+    if not result.ok:
+        result.report += f"\nreplay: {replay_command(seed, nodes, ops, variant)}"
+    return result
+
+
+# ---- many seeds ----------------------------------------------------------------------------------
+
+
+def _run_chunk(seeds: list[int], nodes: int, ops: int, variant: str | None) -> list[RunResult]:
+    return [run_seed(seed, nodes, ops, variant=variant) for seed in seeds]
+
+
+def soak(
+    seeds: Sequence[int],
+    nodes: int = 5,
+    ops: int = DEFAULT_OPS,
+    jobs: int = 1,
+    variant: str | None = None,
+    stop_at_first_failure: bool = False,
+    progress: Callable[[RunResult], None] | None = None,
+) -> list[RunResult]:
+    """Run many seeds, in `jobs` worker processes; results come back sorted by seed.
+
+    With stop_at_first_failure, stops once a run fails, after finishing every lower seed, so the
+    lowest failing seed of the range is among the results.
+    """
+    chunk_size = 2
+    chunks = [list(seeds[i : i + chunk_size]) for i in range(0, len(seeds), chunk_size)]
+    results: list[RunResult] = []
+
+    def take(batch: Iterable[RunResult]) -> None:
+        for result in batch:
+            results.append(result)
+            if progress is not None:
+                progress(result)
+
+    if jobs <= 1:
+        for chunk in chunks:
+            take(_run_chunk(chunk, nodes, ops, variant))
+            if stop_at_first_failure and any(not r.ok for r in results):
+                break
+    else:
+        # Workers are fresh interpreters (spawn), each applying the variant in itself.
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+            pending: set[Future[list[RunResult]]] = {
+                pool.submit(_run_chunk, chunk, nodes, ops, variant) for chunk in chunks
+            }
+            stopping = False
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    if not future.cancelled():
+                        take(future.result())
+                if stop_at_first_failure and not stopping and any(not r.ok for r in results):
+                    stopping = True
+                    for future in pending:
+                        future.cancel()
+    results.sort(key=lambda r: r.seed)
+    return results
+
+
+def summarize(results: Sequence[RunResult], wall: float, jobs: int) -> str:
+    """The soak's figures: runs, simulated time, operations, faults, messages, failures, speed."""
+    runs = len(results)
+    failed = [r for r in results if not r.ok]
+    sim_time = sum(r.sim_time for r in results)
+    outcomes: Counter[str] = Counter()
+    faults: Counter[str] = Counter()
+    network: Counter[str] = Counter()
+    for r in results:
+        outcomes.update(r.outcomes)
+        faults.update(r.faults)
+        network.update(r.network)
+    operations = sum(outcomes.values())
+    per_run = min((r.outcomes.get("ok", 0) for r in results), default=0)
+    kinds_everywhere = sum(1 for r in results if all(r.faults.get(k, 0) for k in FAULT_KINDS))
+    sizes = sorted({r.nodes for r in results})
+    lines = [
+        f"runs: {runs} ({'/'.join(map(str, sizes))} nodes), {len(failed)} failed",
+        f"simulated time: {sim_time:.0f} s ({sim_time / max(runs, 1):.1f} s per run)",
+        f"client operations: {operations} ({outcomes['ok']} ok, {outcomes['fail']} failed, "
+        f"{outcomes['unknown']} unknown); at least {per_run} ok in every run",
+        f"faults injected: {sum(faults.values())}; every kind in {kinds_everywhere} of {runs} runs",
+        "  " + ", ".join(f"{kind} {faults[kind]}" for kind in FAULT_KINDS + TARGETED_KINDS),
+        f"messages: {network['messages']} ({network['dropped']} dropped, "
+        f"{network['lost to partitions']} cut by partitions, {network['duplicated']} duplicated, "
+        f"{network['reordered']} reordered, {network['lost to crashed nodes']} to crashed nodes)",
+        f"wall time: {wall:.1f} s with {jobs} process{'es' if jobs > 1 else ''}; "
+        f"{sim_time / wall if wall else 0:.0f} simulated seconds per wall second",
+    ]
+    if failed:
+        lines.append("failures:")
+        lines.extend(
+            f"  seed {r.seed}: {r.invariant}; replay: "
+            f"{replay_command(r.seed, r.nodes, r.ops, r.variant)}"
+            for r in failed
+        )
+    return "\n".join(lines)
+
+
+# ---- the command line ----------------------------------------------------------------------------
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _seed_range(text: str) -> range:
+    first, sep, last = text.partition("-")
+    try:
+        low = int(first)
+        high = int(last) if sep else low
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a seed range like 0-999") from None
+    if low < 0 or high < low:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a seed range like 0-999")
+    return range(low, high + 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _OneLineParser(
+        prog="python -m test.simulation",
+        description="Run raft-demo's nodes in a deterministic simulation with faults, and check them.",
+        epilog="Exit codes: 0 every check held, 1 a check failed, 2 bad arguments.",
+    )
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--seed", type=int, help="run this one seed")
+    which.add_argument("--seeds", type=_seed_range, metavar="A-B", help="soak seeds A to B")
+    parser.add_argument("--verbose", action="store_true", help="narrate every event (with --seed)")
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes for --seeds (1)")
+    parser.add_argument(
+        "--ops", type=int, default=DEFAULT_OPS, help=f"successful client operations ({DEFAULT_OPS})"
+    )
+    parser.add_argument("--nodes", type=int, default=5, help="cluster size, 3 to 9 (5)")
+    parser.add_argument(
+        "--variant",
+        choices=sorted(sim_variants.VARIANTS),
+        help="run a deliberately broken node, to see the checks catch it",
+    )
+    args = parser.parse_args(argv)
+    if not 3 <= args.nodes <= 9:
+        parser.error("--nodes must be between 3 and 9")
+    if args.ops < 1 or args.jobs < 1:
+        parser.error("--ops and --jobs must be positive")
+    if args.seed is not None and args.seed < 0:
+        parser.error("--seed must not be negative")
+
+    if args.seed is not None:
+        result = run_seed(args.seed, args.nodes, args.ops, args.verbose, args.variant)
+        if not result.ok:
+            print(result.report)
+        print(
+            f"seed {result.seed}: {'ok' if result.ok else 'FAILED: ' + str(result.invariant)}; "
+            f"{result.sim_time:.1f} simulated s in {result.wall_time:.2f} wall s; "
+            f"{result.operations} client operations ({result.outcomes['ok']} ok); "
+            f"{sum(result.faults.values())} faults; trace {result.trace_hash[:16]}"
+        )
+        return 0 if result.ok else 1
+
+    seeds: range = args.seeds
+    started = time.perf_counter()
+    done = 0
+    failures = 0
+
+    def progress(result: RunResult) -> None:
+        nonlocal done, failures
+        done += 1
+        if not result.ok:
+            failures += 1
+            print(result.report, flush=True)
+        if done % 500 == 0:
+            print(
+                f"... {done}/{len(seeds)} runs, {failures} failed, "
+                f"{time.perf_counter() - started:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    results = soak(seeds, args.nodes, args.ops, args.jobs, args.variant, progress=progress)
+    print(summarize(results, time.perf_counter() - started, args.jobs))
+    return 0 if all(r.ok for r in results) else 1
+
+
+if __name__ == "__main__":
+    try:
+        status = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (say, `| head`): stop quietly, as other command-line tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        status = 1
+    sys.exit(status)
