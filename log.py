@@ -671,9 +671,12 @@ class RaftLog:
         try:
             if cut is not None:
                 await self._file.truncate(cut)
+                # The cut must be durable before new records land where the old ones were: else a
+                # crash can keep the new record and lose the truncate, leaving a stale suffix.
+                await self._file.fsync()
             if buf:
                 await self._file.write(buf)
-            if cut is not None or buf:
+            if buf:
                 await self._file.fsync()
             self._durable_index = self._low_water
             if hard_state is not None:
