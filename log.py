@@ -676,7 +676,6 @@ class RaftLog:
                 await self._file.fsync()
             if buf:
                 await self._file.write(buf)
-            if buf:
                 await self._file.fsync()
             self._durable_index = self._low_water
             if hard_state is not None:

@@ -8,7 +8,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from test.sim_world import Link, LinkEffect, World
+from test.sim_network import Link, LinkEffect
+from test.sim_world import World
 
 # Every kind of fault, in the order a summary lists them.
 FAULT_KINDS = (

@@ -1,27 +1,18 @@
 """The simulated world around the nodes: node processes that start, crash and pause, each with a
-pausable clock and a disk with fsync latency, and a network whose links drop, delay, duplicate,
-reorder and partition the nodes' messages and the clients' requests."""
+pausable clock and a disk with fsync latency, joined by the simulated network (test/sim_network.py).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import random
-from collections import Counter
-from collections.abc import Callable, Coroutine, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 from cluster_config import ClusterConfig, NodeAddress
 from log import LOG_FILE, DiskOp, LogCorruptionError, MemoryDisk, _scan_log
-from raft_node import (
-    CommitUnknownError,
-    InvalidRequestError,
-    NotLeaderError,
-    PeerUnreachableError,
-    RaftNode,
-    Timing,
-    UnavailableError,
-)
+from raft_node import PeerUnreachableError, RaftNode, Timing
 from rpc import raft_pb2
 from test.sim_checks import (
     Invariants,
@@ -33,10 +24,7 @@ from test.sim_checks import (
     views_of,
 )
 from test.sim_loop import Trace
-
-Request = raft_pb2.VoteRequest | raft_pb2.AppendEntriesRequest
-Reply = raft_pb2.RequestVoteResponse | raft_pb2.AppendEntriesResponse
-Link = tuple[int, int]
+from test.sim_network import Network, Reply, Request
 
 
 def random_timing(rng: random.Random) -> Timing:
@@ -213,6 +201,10 @@ class Host:
         self._resumed.set()
         self.slow_disk: tuple[float, float] | None = None
         self.incarnations = 0
+        # Clear from a crash until the power is cut one callback later (see crash); a restart
+        # waits for it.
+        self._power_settled = asyncio.Event()
+        self._power_settled.set()
         # While down: the terms of the entries its disk holds (what a restart will find).
         self.disk_terms: list[int] = []
 
@@ -261,6 +253,7 @@ class Host:
         world = self.world
         self.starting = True
         self.incarnations += 1
+        await self._power_settled.wait()
         try:
             log = await ObservedRaftLog.open(self.data_dir, disk=self.disk)
         except LogCorruptionError as e:
@@ -313,7 +306,9 @@ class Host:
             self.disk.crash(torn_bytes=torn_bytes)
             self.disk_terms = self._read_disk_terms()
             self._resumed.set()
+            self._power_settled.set()
 
+        self._power_settled.clear()
         world.loop.call_soon(lose_power)
 
     def pause(self) -> None:
@@ -326,370 +321,6 @@ class Host:
         held, self.held = self.held, []
         for action in held:
             action()
-
-
-# ---- the network -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LinkEffect:
-    """What one fault does to the links it covers."""
-
-    cut: bool = False
-    drop: float = 0.0
-    duplicate: float = 0.0
-    # Extra delay drawn uniformly from this range (seconds).
-    delay: tuple[float, float] | None = None
-    # Extra delay drawn uniformly from [0, jitter]: messages overtake each other.
-    jitter: float = 0.0
-
-
-@dataclass
-class LinkState:
-    cut: bool = False
-    drop: float = 0.0
-    duplicate: float = 0.0
-    delays: list[tuple[float, float]] = field(default_factory=list)
-    jitter: float = 0.0
-
-
-_HEALTHY = LinkState()
-
-
-@dataclass(frozen=True)
-class ClientOp:
-    kind: str  # "put" or "get"
-    key: str
-    value: str | None = None
-
-
-@dataclass(frozen=True)
-class ClientReply:
-    """ok (with a get's value), not-leader (with the leader the node named), unavailable, unknown."""
-
-    status: str
-    value: str | None = None
-    leader: int | None = None
-
-
-def describe(message: Request | Reply) -> str:
-    if isinstance(message, raft_pb2.AppendEntriesRequest):
-        return (
-            f"append t{message.term} prev {message.prev_log_index}/t{message.prev_log_term} "
-            f"+{len(message.log_entries)} commit {message.leader_commit}"
-        )
-    if isinstance(message, raft_pb2.VoteRequest):
-        return f"vote? t{message.term} last {message.last_log_index}/t{message.last_log_term}"
-    if isinstance(message, raft_pb2.AppendEntriesResponse):
-        if message.success:
-            return f"append ok t{message.term} match {message.match_index}"
-        return (
-            f"append refused t{message.term} conflict "
-            f"{message.conflict_index}/t{message.conflict_term}"
-        )
-    return f"vote {'yes' if message.vote_granted else 'no'} t{message.term}"
-
-
-class Network:
-    """Directed links between nodes (and between clients and nodes) with faults layered on them.
-
-    Every delivery is a timer on the loop at a random delay (mostly milliseconds), so messages on one
-    link overtake each other whenever their delays do. A message may be dropped, duplicated or held
-    back by a fault; one to a crashed node is lost; one to a paused node waits until it resumes.
-    """
-
-    def __init__(self, world: World) -> None:
-        self.world = world
-        self.rng = world.net_rng
-        self._effects: dict[int, tuple[frozenset[Link], LinkEffect]] = {}
-        self._next_effect = 0
-        self._links: dict[Link, LinkState] = {}
-        self._next_message = 0
-        self._newest_arrival: dict[Link, int] = {}
-        self.client_drop = 0.0
-        self.stats: Counter[str] = Counter()
-
-    # ---- faults on links -------------------------------------------------------------------
-
-    def add_effect(self, links: Iterable[Link], effect: LinkEffect) -> int:
-        self._next_effect += 1
-        self._effects[self._next_effect] = (frozenset(links), effect)
-        self._links.clear()
-        return self._next_effect
-
-    def remove_effect(self, effect_id: int) -> None:
-        self._effects.pop(effect_id, None)
-        self._links.clear()
-
-    def link(self, src: int, dst: int) -> LinkState:
-        key = (src, dst)
-        state = self._links.get(key)
-        if state is None:
-            state = LinkState()
-            for links, effect in self._effects.values():
-                if key in links:
-                    state.cut = state.cut or effect.cut
-                    state.drop = max(state.drop, effect.drop)
-                    state.duplicate = max(state.duplicate, effect.duplicate)
-                    state.jitter = max(state.jitter, effect.jitter)
-                    if effect.delay is not None:
-                        state.delays.append(effect.delay)
-            if state == _HEALTHY:
-                state = _HEALTHY
-            self._links[key] = state
-        return state
-
-    def _delay(self, state: LinkState) -> float:
-        rng = self.rng
-        delay = 0.0002 + min(rng.expovariate(500.0), 0.05)
-        if state.jitter:
-            delay += rng.uniform(0.0, state.jitter)
-        for low, high in state.delays:
-            delay += rng.uniform(low, high)
-        return delay
-
-    def _fates(self, state: LinkState) -> list[float | None]:
-        """The delay of each copy the network delivers (None: that copy is dropped)."""
-        rng = self.rng
-        copies = 2 if state.duplicate and rng.random() < state.duplicate else 1
-        if copies > 1:
-            self.stats["duplicated"] += 1
-        return [
-            None if state.drop and rng.random() < state.drop else self._delay(state)
-            for _ in range(copies)
-        ]
-
-    @staticmethod
-    def _fate_text(fates: list[float | None]) -> str:
-        shown = ["dropped" if d is None else f"+{d * 1000:.1f} ms" for d in fates]
-        return ("duplicated: " if len(fates) > 1 else "") + ", ".join(shown)
-
-    # ---- peer messages ---------------------------------------------------------------------
-
-    def send_request(
-        self, sender: Process, dst: int, request: Request, future: asyncio.Future[Reply]
-    ) -> None:
-        world = self.world
-        src = sender.host.node_id
-        self._next_message += 1
-        number = self._next_message
-        state = self.link(src, dst)
-        self.stats["messages"] += 1
-        if state.cut:
-            self.stats["lost to partitions"] += 1
-            world.trace.event(
-                "net", f"{src}->{dst} #{number} {describe(request)}: partitioned", False
-            )
-            return
-        data = request.SerializeToString()
-        fates = self._fates(state)
-        world.trace.event(
-            "net", f"{src}->{dst} #{number} {describe(request)}: {self._fate_text(fates)}", False
-        )
-        now = world.loop.time()
-        for delay in fates:
-            if delay is None:
-                self.stats["dropped"] += 1
-                continue
-            world.loop.call_at(
-                now + delay, self._arrive_request, sender, dst, type(request), data, future, number
-            )
-
-    def _arrived(self, src: int, dst: int, number: int, what: str) -> bool:
-        """Whether a message may be delivered now; counts reordering and traces losses."""
-        if self.link(src, dst).cut:
-            self.stats["lost to partitions"] += 1
-            self.world.trace.event("net", f"{src}->{dst} #{number} {what} lost: partitioned", False)
-            return False
-        newest = self._newest_arrival.get((src, dst), 0)
-        if number < newest:
-            self.stats["reordered"] += 1
-        else:
-            self._newest_arrival[src, dst] = number
-        return True
-
-    def _arrive_request(
-        self,
-        sender: Process,
-        dst: int,
-        kind: type[Request],
-        data: bytes,
-        future: asyncio.Future[Reply],
-        number: int,
-    ) -> None:
-        src = sender.host.node_id
-        if not self._arrived(src, dst, number, "request"):
-            return
-        host = self.world.hosts[dst]
-        process = host.process
-        if process is None:
-            self.stats["lost to crashed nodes"] += 1
-            self.world.trace.event("net", f"{src}->{dst} #{number} lost: {dst} is down", False)
-            return
-        if host.paused:
-            self.world.trace.event("net", f"{src}->{dst} #{number} held: {dst} is paused", False)
-        process.enter(
-            lambda: process.spawn(
-                self._serve_request(process, sender, kind, data, future, number),
-                f"handling message #{number}",
-            )
-        )
-
-    async def _serve_request(
-        self,
-        process: Process,
-        sender: Process,
-        kind: type[Request],
-        data: bytes,
-        future: asyncio.Future[Reply],
-        number: int,
-    ) -> None:
-        node = process.node
-        reply: Reply
-        try:
-            if kind is raft_pb2.VoteRequest:
-                reply = await node.handle_request_vote(raft_pb2.VoteRequest.FromString(data))
-            else:
-                reply = await node.handle_append_entries(
-                    raft_pb2.AppendEntriesRequest.FromString(data)
-                )
-        except InvalidRequestError as e:
-            self.world.fail(
-                "well-formed messages",
-                f"node {process.host.node_id} refused message #{number} from node "
-                f"{sender.host.node_id} as malformed: {e}",
-            )
-            return
-        process.enter(lambda: self._send_reply(process, sender, reply, future, number))
-        if isinstance(reply, raft_pb2.RequestVoteResponse) and reply.vote_granted:
-            self.world.voted(process.host.node_id)
-
-    def _send_reply(
-        self,
-        replier: Process,
-        sender: Process,
-        reply: Reply,
-        future: asyncio.Future[Reply],
-        number: int,
-    ) -> None:
-        world = self.world
-        src, dst = replier.host.node_id, sender.host.node_id
-        state = self.link(src, dst)
-        if state.cut:
-            self.stats["lost to partitions"] += 1
-            world.trace.event(
-                "net", f"{src}->{dst} reply to #{number} {describe(reply)}: partitioned", False
-            )
-            return
-        data = reply.SerializeToString()
-        fates = self._fates(state)
-        world.trace.event(
-            "net",
-            f"{src}->{dst} reply to #{number} {describe(reply)}: {self._fate_text(fates)}",
-            False,
-        )
-        now = world.loop.time()
-        for delay in fates:
-            if delay is None:
-                self.stats["dropped"] += 1
-                continue
-            world.loop.call_at(
-                now + delay, self._arrive_reply, src, sender, type(reply), data, future, number
-            )
-
-    def _arrive_reply(
-        self,
-        src: int,
-        sender: Process,
-        kind: type[Reply],
-        data: bytes,
-        future: asyncio.Future[Reply],
-        number: int,
-    ) -> None:
-        dst = sender.host.node_id
-        # Replies are numbered after the requests they answer, for the reordering count.
-        if not self._arrived(src, dst, number, "reply"):
-            return
-
-        def deliver() -> None:
-            if future.done():
-                self.stats["late replies"] += 1
-            else:
-                future.set_result(kind.FromString(data))
-
-        sender.enter(deliver)
-
-    # ---- client requests -------------------------------------------------------------------
-
-    def client_call(
-        self, client: int, node_id: int, op: ClientOp, future: asyncio.Future[ClientReply]
-    ) -> None:
-        """Send a client's request to a node; its reply (if any) settles `future`."""
-        world = self.world
-        if self.client_drop and self.rng.random() < self.client_drop:
-            self.stats["client messages dropped"] += 1
-            world.trace.event("net", f"c{client}->{node_id} request dropped")
-            return
-        world.loop.call_at(
-            world.loop.time() + self._delay(_HEALTHY),
-            self._client_arrives,
-            client,
-            node_id,
-            op,
-            future,
-        )
-
-    def _client_arrives(
-        self, client: int, node_id: int, op: ClientOp, future: asyncio.Future[ClientReply]
-    ) -> None:
-        process = self.world.hosts[node_id].process
-        if process is None:
-            return
-        process.enter(
-            lambda: process.spawn(
-                self._serve_client(process, client, op, future), f"serving client {client}"
-            )
-        )
-
-    async def _serve_client(
-        self, process: Process, client: int, op: ClientOp, future: asyncio.Future[ClientReply]
-    ) -> None:
-        node = process.node
-        try:
-            if op.kind == "put":
-                assert op.value is not None
-                await node.propose_mapping(op.key, op.value)
-                reply = ClientReply("ok")
-                self.world.invariants.acknowledged_put(node.node_id, op.key, op.value)
-            else:
-                reply = ClientReply("ok", await node.read(op.key))
-        except NotLeaderError as e:
-            reply = ClientReply("not-leader", leader=e.leader_id)
-        except UnavailableError:
-            reply = ClientReply("unavailable")
-        except CommitUnknownError:
-            reply = ClientReply("unknown")
-        process.enter(lambda: self._client_reply(process, client, reply, future))
-
-    def _client_reply(
-        self,
-        process: Process,
-        client: int,
-        reply: ClientReply,
-        future: asyncio.Future[ClientReply],
-    ) -> None:
-        world = self.world
-        node_id = process.host.node_id
-        if self.client_drop and self.rng.random() < self.client_drop:
-            self.stats["client messages dropped"] += 1
-            world.trace.event("net", f"{node_id}->c{client} reply {reply.status} dropped")
-            return
-
-        def deliver() -> None:
-            if not future.done():
-                future.set_result(reply)
-
-        world.loop.call_at(world.loop.time() + self._delay(_HEALTHY), deliver)
 
 
 # ---- the world ---------------------------------------------------------------------------------

@@ -25,7 +25,8 @@ from test import sim_variants
 from test.linearizability import History, check
 from test.sim_faults import FAULT_KINDS, TARGETED_KINDS, FaultInjector
 from test.sim_loop import SimulationStalled, Trace, TraceHandler, VirtualTimeLoop
-from test.sim_world import ClientOp, ClientReply, World
+from test.sim_network import ClientOp, ClientReply
+from test.sim_world import World
 
 KEYS = ("a", "b", "c")
 CLIENTS = 5
@@ -509,15 +510,18 @@ def summarize(results: Sequence[RunResult], wall: float, jobs: int) -> str:
         faults.update(r.faults)
         network.update(r.network)
     operations = sum(outcomes.values())
-    per_run = min((r.outcomes.get("ok", 0) for r in results), default=0)
-    kinds_everywhere = sum(1 for r in results if all(r.faults.get(k, 0) for k in FAULT_KINDS))
+    # Failed runs stop early, so the per-run figures are over the runs that finished.
+    finished = [r for r in results if r.ok]
+    per_run = min((r.outcomes.get("ok", 0) for r in finished), default=0)
+    kinds_everywhere = sum(1 for r in finished if all(r.faults.get(k, 0) for k in FAULT_KINDS))
     sizes = sorted({r.nodes for r in results})
     lines = [
         f"runs: {runs} ({'/'.join(map(str, sizes))} nodes), {len(failed)} failed",
         f"simulated time: {sim_time:.0f} s ({sim_time / max(runs, 1):.1f} s per run)",
         f"client operations: {operations} ({outcomes['ok']} ok, {outcomes['fail']} failed, "
-        f"{outcomes['unknown']} unknown); at least {per_run} ok in every run",
-        f"faults injected: {sum(faults.values())}; every kind in {kinds_everywhere} of {runs} runs",
+        f"{outcomes['unknown']} unknown); at least {per_run} ok in every finished run",
+        f"faults injected: {sum(faults.values())}; every kind in {kinds_everywhere} of "
+        f"{len(finished)} finished runs",
         "  " + ", ".join(f"{kind} {faults[kind]}" for kind in FAULT_KINDS + TARGETED_KINDS),
         f"messages: {network['messages']} ({network['dropped']} dropped, "
         f"{network['lost to partitions']} cut by partitions, {network['duplicated']} duplicated, "
