@@ -41,6 +41,7 @@ EXIT_OK = 0
 EXIT_MISSING_KEY = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
+EXIT_NOT_SWAPPED = 4
 
 # A restarted node should be reachable again within about a second, not after gRPC's default
 # reconnect backoff, which grows to two minutes.
@@ -50,7 +51,13 @@ _CHANNEL_OPTIONS = [
 ]
 
 # The request itself is at fault: asking another node would get the same answer.
-_REJECTED = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED})
+_REJECTED = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.UNIMPLEMENTED,
+    }
+)
 
 _T = TypeVar("_T")
 
@@ -65,7 +72,14 @@ class ClusterUnavailableError(ClientError):
 
 
 class RequestRejectedError(ClientError):
-    """The cluster refused the request as invalid (for example an empty or oversized key)."""
+    """The cluster refused the request as invalid (for example an empty or oversized key); it was
+    certainly not applied."""
+
+
+class SessionExpiredError(ClientError):
+    """The cluster no longer knows this client's session (it expired or was evicted), so it cannot
+    tell whether an earlier attempt of the write was applied: the outcome is unknown. The client
+    registers a new session for its next write."""
 
 
 @dataclass(frozen=True)
@@ -155,6 +169,15 @@ class Client:
         self._leader: str | None = None
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[str, raft_pb2_grpc.ClusterStub] = {}
+        # The write session (thesis section 6.3): registered on the first write, shared by every
+        # task using this client. None: not registered yet (or forgotten by the cluster).
+        self._client_id: int | None = None
+        # False once the cluster turned out not to offer sessions (the seed's nodes).
+        self._sessions_offered = True
+        self._next_sequence = 1
+        # Sequence numbers whose replies this client has not seen yet.
+        self._outstanding: set[int] = set()
+        self._register_lock: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
 
     @classmethod
     def seed_scheme(
@@ -219,42 +242,119 @@ class Client:
         """The client address of the node that last acted as leader for this client, if any."""
         return self._leader
 
+    @property
+    def client_id(self) -> int | None:
+        """This client's session id, once its first write registered one."""
+        return self._client_id
+
     async def propose_mapping(self, key: str, value: str) -> None:
         """Store `value` under `key`; returns once the cluster has committed and applied it.
 
-        After `ClusterUnavailableError` the write may or may not have been applied.
+        Retries are exactly-once (the write carries this client's session). After
+        `ClusterUnavailableError` or `SessionExpiredError` the write may or may not have been
+        applied.
         """
 
-        async def attempt(
-            address: str, stub: raft_pb2_grpc.ClusterStub, seconds: float
-        ) -> _Done[None] | _Next:
-            response: raft_pb2.ProposeMappingResponse = await stub.ProposeMapping(
-                raft_pb2.Mapping(key=key, value=value), timeout=seconds
+        def request(session: raft_pb2.Session | None) -> raft_pb2.Mapping:
+            return raft_pb2.Mapping(key=key, value=value, session=session)
+
+        await self._write(f"put {key!r}", "ProposeMapping", request, lambda _: None)
+
+    async def propose_mappings(self, mappings: dict[str, str]) -> None:
+        """Store every mapping at once: one log entry, so a reader sees all of them or none."""
+
+        def request(session: raft_pb2.Session | None) -> raft_pb2.MappingBatch:
+            return raft_pb2.MappingBatch(
+                mappings=[raft_pb2.Mapping(key=k, value=v) for k, v in mappings.items()],
+                session=session,
             )
-            if response.success:
-                self._leader = address
-                return _Done(None)
-            leader_id = response.current_leader if response.HasField("current_leader") else None
-            return self._redirect(address, leader_id, response.leader_address)
 
-        await self._retry(f"put {key!r}", self._attempt_timeout, attempt)
+        await self._write(
+            f"put {len(mappings)} mappings", "ProposeMappings", request, lambda _: None
+        )
 
-    async def get_value(self, key: str, default: str | None = "") -> str | None:
+    async def delete(self, key: str) -> bool:
+        """Remove `key`; whether it existed (as the one application of this delete found it)."""
+
+        def request(session: raft_pb2.Session | None) -> raft_pb2.DeleteRequest:
+            return raft_pb2.DeleteRequest(key=key, session=session)
+
+        def existed(response: Any) -> bool:
+            return bool(response.existed)
+
+        return await self._write(f"delete {key!r}", "DeleteKey", request, existed)
+
+    async def compare_and_swap(
+        self, key: str, expected: str | None, new: str
+    ) -> tuple[bool, str | None]:
+        """Set `key` to `new` only if it holds `expected` (None: only if it is absent).
+
+        Returns (swapped, the key's value after the operation; None when absent). A retry after a
+        lost reply returns the original outcome, never a second application's.
+        """
+
+        def request(session: raft_pb2.Session | None) -> raft_pb2.CompareAndSwapRequest:
+            made = raft_pb2.CompareAndSwapRequest(key=key, new_value=new, session=session)
+            if expected is not None:
+                made.expected_value = expected
+            return made
+
+        def outcome(response: Any) -> tuple[bool, str | None]:
+            current = response.current_value if response.HasField("current_value") else None
+            return bool(response.swapped), current
+
+        return await self._write(f"compare-and-swap {key!r}", "CompareAndSwap", request, outcome)
+
+    async def get_value(
+        self,
+        key: str,
+        default: str | None = "",
+        *,
+        stale: bool = False,
+        node: str | None = None,
+    ) -> str | None:
         """The value stored under `key`, or `default` when it is not set.
 
-        Asks the leader this client last used first, so a read after a write here sees it;
-        any other node answers from its own state, which may lag behind.
+        Linearizable: it reflects every write completed before the call, whichever node answers.
+        With `stale=True` a node answers from its own state at once, which may lag behind. With
+        `node` ("host:port") only that node is asked.
         """
 
         async def attempt(
             address: str, stub: raft_pb2_grpc.ClusterStub, seconds: float
         ) -> _Done[str | None]:
             response: raft_pb2.GetValueResponse = await stub.GetValue(
-                raft_pb2.Key(key=key), timeout=seconds
+                raft_pb2.Key(key=key, allow_stale=stale), timeout=seconds
             )
             return _Done(response.value if response.HasField("value") else default)
 
-        return await self._retry(f"get {key!r}", self._read_attempt_timeout, attempt)
+        return await self._retry(
+            f"get {key!r}",
+            self._read_attempt_timeout,
+            attempt,
+            only=None if node is None else [node],
+        )
+
+    async def transfer_leadership(self, target_id: int = 0) -> int:
+        """Ask the leader to hand leadership to node `target_id` (0: whichever node is most up to
+        date); returns the new leader's id once it leads."""
+
+        async def attempt(
+            address: str, stub: raft_pb2_grpc.ClusterStub, seconds: float
+        ) -> _Done[int] | _Next:
+            response: raft_pb2.TransferLeadershipResponse = await stub.TransferLeadership(
+                raft_pb2.TransferLeadershipRequest(target_id=target_id), timeout=seconds
+            )
+            leader_id = response.current_leader if response.HasField("current_leader") else None
+            if response.success:
+                self._leader = response.leader_address or None
+                return _Done(leader_id if leader_id is not None else target_id)
+            if response.leader_address == address:
+                return _Next(f"{address} leads but could not hand leadership over yet")
+            return self._redirect(address, leader_id, response.leader_address)
+
+        what = "transfer leadership" + (f" to {target_id}" if target_id else "")
+        return await self._retry(what, self._attempt_timeout, attempt)
 
     async def leader(self) -> tuple[int, str]:
         """The leader's id and client address, as confirmed by the leader itself."""
@@ -306,6 +406,79 @@ class Client:
             return _Next(f"{address} names leader {leader_id}, whose address is unknown here")
         return _Next(f"{address} knows no leader")
 
+    async def _session(self) -> int | None:
+        """This client's session id, registering one first if needed (once, however many tasks
+        ask at the same time); None when the cluster offers no sessions."""
+        loop = asyncio.get_running_loop()
+        if self._register_lock is None or self._register_lock[0] is not loop:
+            self._register_lock = (loop, asyncio.Lock())
+        async with self._register_lock[1]:
+            if self._client_id is None and self._sessions_offered:
+
+                async def attempt(
+                    address: str, stub: raft_pb2_grpc.ClusterStub, seconds: float
+                ) -> _Done[int] | _Next:
+                    response: raft_pb2.RegisterClientResponse = await stub.RegisterClient(
+                        raft_pb2.RegisterClientRequest(), timeout=seconds
+                    )
+                    if response.success:
+                        self._leader = address
+                        return _Done(response.client_id)
+                    leader_id = (
+                        response.current_leader if response.HasField("current_leader") else None
+                    )
+                    return self._redirect(address, leader_id, response.leader_address)
+
+                try:
+                    self._client_id = await self._retry(
+                        "register a client session", self._attempt_timeout, attempt
+                    )
+                except RequestRejectedError:
+                    # The seed's nodes have no sessions; write to them as the seed's client did.
+                    self._sessions_offered = False
+            return self._client_id
+
+    async def _write(
+        self,
+        what: str,
+        method: str,
+        make_request: Callable[[raft_pb2.Session | None], Any],
+        result: Callable[[Any], _T],
+    ) -> _T:
+        """Send one write under this client's session with a new sequence number; every retry
+        resends the same request, so the cluster applies it at most once."""
+        client_id = await self._session()
+        sequence = self._next_sequence
+        self._next_sequence += 1
+        self._outstanding.add(sequence)
+        session = None
+        if client_id is not None:
+            # Every reply below the lowest one still awaited has been seen: the cluster may drop them.
+            session = raft_pb2.Session(
+                client_id=client_id, sequence=sequence, first_outstanding=min(self._outstanding)
+            )
+        request = make_request(session)
+
+        async def attempt(
+            address: str, stub: raft_pb2_grpc.ClusterStub, seconds: float
+        ) -> _Done[_T] | _Next:
+            response = await getattr(stub, method)(request, timeout=seconds)
+            if response.success:
+                self._leader = address
+                return _Done(result(response))
+            leader_id = response.current_leader if response.HasField("current_leader") else None
+            return self._redirect(address, leader_id, response.leader_address)
+
+        try:
+            return await self._retry(what, self._attempt_timeout, attempt)
+        except SessionExpiredError:
+            if self._client_id == client_id:
+                self._client_id = None
+            raise
+        finally:
+            # Answered or abandoned: this sequence number is never sent again.
+            self._outstanding.discard(sequence)
+
     def _stub(self, address: str) -> raft_pb2_grpc.ClusterStub:
         stub = self._stubs.get(address)
         if stub is None:
@@ -319,7 +492,9 @@ class Client:
             return list(self._addresses)
         return [self._leader] + [a for a in self._addresses if a != self._leader]
 
-    async def _retry(self, what: str, seconds: float, attempt: _Attempt[_T]) -> _T:
+    async def _retry(
+        self, what: str, seconds: float, attempt: _Attempt[_T], only: list[str] | None = None
+    ) -> _T:
         """Run `attempt` against one node after another, following redirects, until one
         completes it. Between rounds that fail everywhere, wait with exponential backoff and
         full jitter, so a cluster in the middle of an election is not flooded."""
@@ -329,7 +504,7 @@ class Client:
         attempts = 0
         last = "no node was tried"
         while True:
-            queue = deque(self._round())
+            queue = deque(self._round() if only is None else only)
             tried: set[str] = set()
             while queue:
                 address = queue.popleft()
@@ -347,6 +522,8 @@ class Client:
                     details = _one_line(e.details())
                     if code in _REJECTED:
                         raise RequestRejectedError(details or code.name) from None
+                    if code == grpc.StatusCode.FAILED_PRECONDITION:
+                        raise SessionExpiredError(details or code.name) from None
                     last = f"{address} answered {code.name}: {details}"
                     if self._leader == address:
                         self._leader = None
@@ -354,7 +531,7 @@ class Client:
                 if isinstance(outcome, _Done):
                     return outcome.value
                 last = outcome.note
-                if outcome.leader is not None:
+                if outcome.leader is not None and only is None:
                     # Straight to the named leader; if it was already asked in this round,
                     # the next round (after a pause) starts afresh.
                     queue.appendleft(outcome.leader)
@@ -372,12 +549,16 @@ class Client:
 # --- command line ---------------------------------------------------------------------------
 
 _EPILOG = f"""\
+Reads are linearizable (they see every write completed before them) unless --stale is given.
+Writes are exactly-once: a retry after a lost reply never applies a write twice.
+
 exit codes:
   {EXIT_OK}  success
-  {EXIT_MISSING_KEY}  get: the key is not set
+  {EXIT_MISSING_KEY}  get: the key is not set; delete: the key was not set (nothing removed)
   {EXIT_USAGE}  bad command line or cluster description, or the cluster rejected the request
   {EXIT_UNAVAILABLE}  the cluster did not complete the request before --timeout
-     (after a failed put, the write may or may not have been applied)
+     (after a failed write, the write may or may not have been applied)
+  {EXIT_NOT_SWAPPED}  cas: the key did not hold EXPECTED (or was not absent); nothing changed
 """
 
 
@@ -430,8 +611,36 @@ def _build_parser() -> _Parser:
     )
     put.add_argument("key", metavar="KEY")
     put.add_argument("value", metavar="VALUE")
-    get = commands.add_parser("get", help="print the value under KEY")
+    get = commands.add_parser("get", help="print the value under KEY (linearizable)")
+    get.add_argument(
+        "--stale",
+        action="store_true",
+        help="answer from the first node's own state at once; it may lag the latest writes",
+    )
     get.add_argument("key", metavar="KEY")
+    delete = commands.add_parser("delete", help="remove KEY; exit 1 if it was not set")
+    delete.add_argument("key", metavar="KEY")
+    cas = commands.add_parser(
+        "cas",
+        help="set KEY to NEW only if it holds EXPECTED (with --absent: only if it is not set); "
+        "prints the value after; exit 4 if not swapped",
+        usage=f"{PROG} cas KEY EXPECTED NEW | {PROG} cas --absent KEY NEW",
+    )
+    cas.add_argument(
+        "--absent", action="store_true", help="swap only if KEY is not set (give no EXPECTED)"
+    )
+    cas.add_argument("operands", nargs="+", metavar="KEY [EXPECTED] NEW")
+    put_many = commands.add_parser(
+        "put-many",
+        help="store every KEY=VALUE atomically (all or none); the key ends at the first '='",
+    )
+    put_many.add_argument("pairs", nargs="+", metavar="KEY=VALUE")
+    transfer = commands.add_parser(
+        "transfer-leader",
+        help="hand leadership to node ID (0: the most up-to-date other node); prints the new "
+        "leader's id",
+    )
+    transfer.add_argument("target", type=int, metavar="ID")
     commands.add_parser(
         "leader", help='print the leader\'s id and client address: "<id> <host:port>"'
     )
@@ -454,17 +663,61 @@ def _client_from_args(parser: _Parser, args: argparse.Namespace) -> Client:
     )
 
 
+def _check_operands(parser: _Parser, args: argparse.Namespace) -> None:
+    """Command-line shapes argparse cannot express: cas's optional EXPECTED, put-many's pairs."""
+    if args.command == "cas":
+        wanted = 2 if args.absent else 3
+        if len(args.operands) != wanted:
+            parser.error(
+                "cas takes KEY EXPECTED NEW, or --absent KEY NEW"
+                + (" (no EXPECTED with --absent)" if args.absent else "")
+            )
+    elif args.command == "put-many":
+        mappings: dict[str, str] = {}
+        for pair in args.pairs:
+            key, sep, value = pair.partition("=")
+            if not sep:
+                parser.error(f"put-many takes KEY=VALUE pairs; {pair!r} has no '='")
+            if key in mappings:
+                parser.error(f"put-many: key {key!r} is given twice")
+            mappings[key] = value
+        args.mappings = mappings
+    elif args.command == "transfer-leader" and args.target < 0:
+        parser.error("transfer-leader takes a node id, or 0 for any node")
+
+
 async def _run_command(client: Client, args: argparse.Namespace) -> int:
     async with client:
         if args.command == "put":
             await client.propose_mapping(args.key, args.value)
             return EXIT_OK
         if args.command == "get":
-            value = await client.get_value(args.key, default=None)
+            value = await client.get_value(args.key, default=None, stale=args.stale)
             if value is None:
                 print(f"{PROG}: key {args.key!r} is not set", file=sys.stderr)
                 return EXIT_MISSING_KEY
             print(value)
+            return EXIT_OK
+        if args.command == "delete":
+            if not await client.delete(args.key):
+                print(f"{PROG}: key {args.key!r} was not set", file=sys.stderr)
+                return EXIT_MISSING_KEY
+            return EXIT_OK
+        if args.command == "cas":
+            key, *rest = args.operands
+            expected = None if args.absent else rest[0]
+            swapped, current = await client.compare_and_swap(key, expected, rest[-1])
+            if not swapped:
+                now = "is not set" if current is None else f"holds {current!r}"
+                print(f"{PROG}: not swapped: key {key!r} {now}", file=sys.stderr)
+                return EXIT_NOT_SWAPPED
+            print(current)
+            return EXIT_OK
+        if args.command == "put-many":
+            await client.propose_mappings(args.mappings)
+            return EXIT_OK
+        if args.command == "transfer-leader":
+            print(await client.transfer_leadership(args.target))
             return EXIT_OK
         leader_id, address = await client.leader()
         print(f"{leader_id} {address}")
@@ -483,6 +736,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     parser = _build_parser()
     args = parser.parse_args(argv)
+    _check_operands(parser, args)
     try:
         client = _client_from_args(parser, args)
     except ConfigError as e:
@@ -495,6 +749,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except ClusterUnavailableError as e:
         print(f"{PROG}: unavailable: {e}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except SessionExpiredError as e:
+        print(f"{PROG}: outcome unknown: the client session expired: {e}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)

@@ -3,15 +3,35 @@ node's answer (or refusal) into the reply and status code the client expects."""
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import grpc
 
-from raft_node import CommitUnknownError, NotLeaderError
+from raft_node import (
+    MAX_WIRE_NUMBER,
+    CommitUnknownError,
+    NotLeaderError,
+    SessionExpiredError,
+    TransferFailedError,
+    UnavailableError,
+)
 from rpc import raft_pb2, raft_pb2_grpc
+from state_machine import ApplyResult, CasResult, SessionExpired
 
 MAX_KEY_BYTES = 1024
 MAX_VALUE_BYTES = 1024 * 1024
+# One ProposeMappings batch is one log entry: bounded so it fits a message to the followers.
+MAX_BATCH_MAPPINGS = 1000
+MAX_BATCH_BYTES = 2 * 1024 * 1024
+
+# The write replies that carry a redirect (success, current_leader, leader_address).
+_WriteReply = TypeVar(
+    "_WriteReply",
+    raft_pb2.ProposeMappingResponse,
+    raft_pb2.DeleteResponse,
+    raft_pb2.CompareAndSwapResponse,
+    raft_pb2.RegisterClientResponse,
+)
 
 
 class ClusterNode(Protocol):
@@ -28,9 +48,17 @@ class ClusterNode(Protocol):
 
     def leader(self) -> tuple[int | None, str | None]: ...
 
-    async def propose_mapping(self, key: str, value: str) -> None: ...
+    async def propose_mapping(
+        self, key: str, value: str, session: raft_pb2.Session | None = None
+    ) -> None: ...
+
+    async def propose(self, command: raft_pb2.Command) -> ApplyResult: ...
 
     def get_value(self, key: str) -> str | None: ...
+
+    async def linearizable_read(self, key: str) -> str | None: ...
+
+    async def transfer_leadership(self, target_id: int | None = None) -> int: ...
 
 
 def key_problem(key: str) -> str | None:
@@ -54,42 +82,197 @@ def value_problem(value: str) -> str | None:
     return None
 
 
+def session_problem(session: raft_pb2.Session) -> str | None:
+    """Why a write's session is malformed, or None (no session, client_id 0, is fine)."""
+    numbers = (session.client_id, session.sequence, session.first_outstanding)
+    if any(n < 0 or n >= MAX_WIRE_NUMBER for n in numbers):
+        return "session numbers must be non-negative and below 2^62"
+    if session.client_id == 0:
+        if session.sequence or session.first_outstanding:
+            return "a session with a sequence number needs the client_id from RegisterClient"
+        return None
+    if session.sequence < 1:
+        return "a session's sequence numbers start at 1"
+    if session.first_outstanding > session.sequence:
+        return "first_outstanding cannot be above the request's own sequence number"
+    return None
+
+
+def batch_problem(batch: raft_pb2.MappingBatch) -> str | None:
+    """Why a ProposeMappings batch cannot be applied, or None when it is acceptable."""
+    count = len(batch.mappings)
+    if count == 0:
+        return "a batch needs at least one mapping"
+    if count > MAX_BATCH_MAPPINGS:
+        return f"a batch holds {count} mappings; the limit is {MAX_BATCH_MAPPINGS}"
+    size = 0
+    for mapping in batch.mappings:
+        problem = key_problem(mapping.key) or value_problem(mapping.value)
+        if problem is not None:
+            return f"mapping for {mapping.key[:40]!r}: {problem}"
+        size += len(mapping.key.encode("utf-8")) + len(mapping.value.encode("utf-8"))
+    if size > MAX_BATCH_BYTES:
+        return f"a batch holds {size} bytes of keys and values; the limit is {MAX_BATCH_BYTES}"
+    return None
+
+
+def _redirect(response: _WriteReply, e: NotLeaderError) -> _WriteReply:
+    response.success = False
+    if e.leader_id is not None:
+        response.current_leader = e.leader_id
+    if e.leader_address:
+        response.leader_address = e.leader_address
+    return response
+
+
 class ClusterServicer(raft_pb2_grpc.ClusterServicer):
-    """Serves ProposeMapping, GetValue and GetLeader for one node."""
+    """Serves the key-value operations, client registration and GetLeader for one node."""
 
     def __init__(self, node: ClusterNode) -> None:
         self._node = node
 
+    async def _check(self, context: grpc.aio.ServicerContext, *problems: str | None) -> None:
+        for problem in problems:
+            if problem is not None:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+
+    async def _propose(
+        self, command: raft_pb2.Command, context: grpc.aio.ServicerContext
+    ) -> ApplyResult:
+        """The command's result; raises NotLeaderError; aborts on an unknown outcome or session."""
+        try:
+            result = await self._node.propose(command)
+        except CommitUnknownError as e:
+            # The entry may still commit later; UNAVAILABLE tells the client the outcome is unknown.
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        if isinstance(result, SessionExpired):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, result.reason)
+        return result
+
     async def ProposeMapping(
         self, request: raft_pb2.Mapping, context: grpc.aio.ServicerContext
     ) -> raft_pb2.ProposeMappingResponse:
-        problem = key_problem(request.key) or value_problem(request.value)
-        if problem is not None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        await self._check(
+            context,
+            key_problem(request.key),
+            value_problem(request.value),
+            session_problem(request.session),
+        )
         try:
-            await self._node.propose_mapping(request.key, request.value)
+            if request.session.client_id:
+                await self._node.propose_mapping(request.key, request.value, request.session)
+            else:
+                await self._node.propose_mapping(request.key, request.value)
         except NotLeaderError as e:
-            response = raft_pb2.ProposeMappingResponse(success=False)
+            return _redirect(raft_pb2.ProposeMappingResponse(), e)
+        except CommitUnknownError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        except SessionExpiredError as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        return raft_pb2.ProposeMappingResponse(success=True)
+
+    async def ProposeMappings(
+        self, request: raft_pb2.MappingBatch, context: grpc.aio.ServicerContext
+    ) -> raft_pb2.ProposeMappingResponse:
+        await self._check(context, batch_problem(request), session_problem(request.session))
+        batch = raft_pb2.MappingBatch(
+            mappings=[raft_pb2.Mapping(key=m.key, value=m.value) for m in request.mappings],
+            session=request.session,
+        )
+        try:
+            await self._propose(raft_pb2.Command(put=batch), context)
+        except NotLeaderError as e:
+            return _redirect(raft_pb2.ProposeMappingResponse(), e)
+        return raft_pb2.ProposeMappingResponse(success=True)
+
+    async def DeleteKey(
+        self, request: raft_pb2.DeleteRequest, context: grpc.aio.ServicerContext
+    ) -> raft_pb2.DeleteResponse:
+        await self._check(context, key_problem(request.key), session_problem(request.session))
+        try:
+            existed = await self._propose(raft_pb2.Command(delete=request), context)
+        except NotLeaderError as e:
+            return _redirect(raft_pb2.DeleteResponse(), e)
+        return raft_pb2.DeleteResponse(success=True, existed=bool(existed))
+
+    async def CompareAndSwap(
+        self, request: raft_pb2.CompareAndSwapRequest, context: grpc.aio.ServicerContext
+    ) -> raft_pb2.CompareAndSwapResponse:
+        await self._check(
+            context,
+            key_problem(request.key),
+            value_problem(request.new_value),
+            value_problem(request.expected_value),
+            session_problem(request.session),
+        )
+        try:
+            result = await self._propose(raft_pb2.Command(compare_and_swap=request), context)
+        except NotLeaderError as e:
+            return _redirect(raft_pb2.CompareAndSwapResponse(), e)
+        assert isinstance(result, CasResult)
+        response = raft_pb2.CompareAndSwapResponse(success=True, swapped=result.swapped)
+        if result.value is not None:
+            response.current_value = result.value
+        return response
+
+    async def RegisterClient(
+        self, request: raft_pb2.RegisterClientRequest, context: grpc.aio.ServicerContext
+    ) -> raft_pb2.RegisterClientResponse:
+        try:
+            client_id = await self._propose(
+                raft_pb2.Command(register_client=raft_pb2.RegisterClientRequest()), context
+            )
+        except NotLeaderError as e:
+            return _redirect(raft_pb2.RegisterClientResponse(), e)
+        assert isinstance(client_id, int)
+        return raft_pb2.RegisterClientResponse(success=True, client_id=client_id)
+
+    async def GetValue(
+        self, request: raft_pb2.Key, context: grpc.aio.ServicerContext
+    ) -> raft_pb2.GetValueResponse:
+        await self._check(context, key_problem(request.key))
+        if request.allow_stale:
+            value = self._node.get_value(request.key)
+        else:
+            try:
+                value = await self._node.linearizable_read(request.key)
+            except UnavailableError as e:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        if value is None:
+            return raft_pb2.GetValueResponse(key=request.key)
+        return raft_pb2.GetValueResponse(key=request.key, value=value)
+
+    async def TransferLeadership(
+        self, request: raft_pb2.TransferLeadershipRequest, context: grpc.aio.ServicerContext
+    ) -> raft_pb2.TransferLeadershipResponse:
+        """Admin: hand leadership to `target_id` (0: the most up-to-date other node). success once
+        that node (with 0, any other node) leads; a redirect when this node does not lead, or when
+        another node took over (ask it again); UNAVAILABLE when the transfer was abandoned."""
+        target = request.target_id
+        if target < 0 or target >= MAX_WIRE_NUMBER:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{target} is not a node id")
+        node = self._node
+        try:
+            new_leader = await node.transfer_leadership(target or None)
+        except NotLeaderError as e:
+            response = raft_pb2.TransferLeadershipResponse(success=False)
             if e.leader_id is not None:
                 response.current_leader = e.leader_id
             if e.leader_address:
                 response.leader_address = e.leader_address
             return response
-        except CommitUnknownError as e:
-            # The entry may still commit later; UNAVAILABLE tells the client the outcome is unknown.
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except TransferFailedError as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-        return raft_pb2.ProposeMappingResponse(success=True)
-
-    async def GetValue(
-        self, request: raft_pb2.Key, context: grpc.aio.ServicerContext
-    ) -> raft_pb2.GetValueResponse:
-        problem = key_problem(request.key)
-        if problem is not None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
-        value = self._node.get_value(request.key)
-        if value is None:
-            return raft_pb2.GetValueResponse(key=request.key)
-        return raft_pb2.GetValueResponse(key=request.key, value=value)
+        leader_id, leader_address = node.leader()
+        response = raft_pb2.TransferLeadershipResponse(
+            success=new_leader == target or (target == 0 and new_leader != node.node_id),
+            current_leader=new_leader,
+        )
+        if leader_id == new_leader and leader_address:
+            response.leader_address = leader_address
+        return response
 
     async def GetLeader(
         self, request: raft_pb2.LeaderRequest, context: grpc.aio.ServicerContext

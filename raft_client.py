@@ -56,6 +56,22 @@ class GrpcTransport:
         )
         return reply
 
+    async def read_index(
+        self, peer_id: int, request: raft_pb2.ReadIndexRequest, timeout: float
+    ) -> raft_pb2.ReadIndexResponse:
+        reply: raft_pb2.ReadIndexResponse = await self._call(
+            self._stub(peer_id).ReadIndex, request, timeout
+        )
+        return reply
+
+    async def timeout_now(
+        self, peer_id: int, request: raft_pb2.TimeoutNowRequest, timeout: float
+    ) -> raft_pb2.TimeoutNowResponse:
+        reply: raft_pb2.TimeoutNowResponse = await self._call(
+            self._stub(peer_id).TimeoutNow, request, timeout
+        )
+        return reply
+
     @staticmethod
     async def _call(method: Any, request: Message, timeout: float) -> Any:
         try:

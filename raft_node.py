@@ -14,6 +14,7 @@ import enum
 import logging
 import random
 import sys
+import time
 from collections.abc import Callable, Coroutine, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,12 +23,14 @@ from typing import Any, NoReturn, Protocol
 from cluster_config import ClusterConfig, ConfigError, NodeAddress
 from log import LogCorruptionError, RaftLog
 from rpc import raft_pb2, raft_pb2_grpc
-from state_machine import KeyValueStateMachine
+from state_machine import ApplyResult, KeyValueStateMachine, SessionExpired
 from task_scheduler import BackgroundTasks
 
 # Terms and indices travel as int64; refusing anything this large keeps `term + 1` from overflowing
 # and rejects obviously forged messages.
 MAX_WIRE_NUMBER = 2**62
+# A leader stopped by SIGTERM/SIGINT hands leadership over for at most this many election timeouts.
+HANDOVER_TIMEOUTS = 2
 # How much one AppendEntries may carry; values are at most 1 MiB, so one entry always fits.
 MAX_ENTRIES_PER_MESSAGE = 1024
 MAX_BYTES_PER_MESSAGE = 4 * 1024 * 1024
@@ -68,6 +71,14 @@ class PeerUnreachableError(Exception):
     """A message could not be delivered to a peer, or its reply did not arrive in time."""
 
 
+class TransferFailedError(Exception):
+    """Leadership could not be handed over in time; the transfer was abandoned (thesis 3.10)."""
+
+
+class SessionExpiredError(Exception):
+    """The cluster no longer knows the write's client session; the write was not applied now."""
+
+
 class Timer(Protocol):
     def cancel(self) -> None: ...
 
@@ -100,6 +111,14 @@ class Transport(Protocol):
     async def append_entries(
         self, peer_id: int, request: raft_pb2.AppendEntriesRequest, timeout: float
     ) -> raft_pb2.AppendEntriesResponse: ...
+
+    async def read_index(
+        self, peer_id: int, request: raft_pb2.ReadIndexRequest, timeout: float
+    ) -> raft_pb2.ReadIndexResponse: ...
+
+    async def timeout_now(
+        self, peer_id: int, request: raft_pb2.TimeoutNowRequest, timeout: float
+    ) -> raft_pb2.TimeoutNowResponse: ...
 
     async def close(self) -> None: ...
 
@@ -142,6 +161,16 @@ class Progress:
     sent_round: int = 0
     acked_round: int = 0
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    # Check quorum: when the newest request this follower answered in our term left this node.
+    heard_at: float = float("-inf")
+
+
+@dataclass
+class _Transfer:
+    """A leadership transfer in progress (thesis section 3.10)."""
+
+    target: int
+    term: int
 
 
 class _Narrator(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -170,6 +199,7 @@ class RaftNode:
         timing: Timing | None = None,
         rng: random.Random | None = None,
         clock: Clock | None = None,
+        wall_clock: Callable[[], float] | None = None,
     ) -> None:
         self.node_id = node_id
         self.me: NodeAddress = cluster.node(node_id)
@@ -179,6 +209,8 @@ class RaftNode:
         self.timing = timing or Timing()
         self.rng = rng or random.Random()
         self.clock: Clock = clock or LoopClock()
+        # Seconds since the Unix epoch; only stamps log time on entries (sessions expire by it).
+        self.wall_clock: Callable[[], float] = wall_clock or time.time
         self.state_machine = KeyValueStateMachine()
         self.narrate = _Narrator(self)
 
@@ -190,10 +222,18 @@ class RaftNode:
         self._votes: set[int] = set()
         # Leader state, reinitialised after each election.
         self.progress: dict[int, Progress] = {}
-        self._waiters: dict[int, tuple[int, asyncio.Future[None]]] = {}
+        self._waiters: dict[int, tuple[int, asyncio.Future[ApplyResult]]] = {}
         self._read_round = 0
         # Set (and replaced) whenever commit, apply or read confirmations move; readers wait on it.
         self._changed = asyncio.Event()
+
+        # Leadership (thesis sections 9.6, 4.2.3, 3.10): when this node last heard from the leader
+        # of its term, the term it is collecting pre-votes for and who granted them, and a
+        # leadership transfer in progress.
+        self._leader_contact = float("-inf")
+        self._pre_vote_term: int | None = None
+        self._pre_votes: set[int] = set()
+        self._transfer: _Transfer | None = None
 
         self._tasks = BackgroundTasks()
         self._leader_tasks: list[asyncio.Task[Any]] = []
@@ -294,11 +334,28 @@ class RaftNode:
             return
         waited = self.clock.now() - self._timer_armed_at
         self.narrate.info(
-            "heard no leader for %d ms: starting an election for term %d",
+            "heard no leader for %d ms: asking whether a majority would elect me in term %d "
+            "(pre-vote)",
             waited * 1000,
             self.current_term + 1,
         )
-        self._spawn(self.start_election(), name="election")
+        self.start_pre_vote()
+
+    def _heard_from_leader(self) -> None:
+        """The leader of our term just spoke: postpone any election (Figure 2) and note when."""
+        self._leader_contact = self.clock.now()
+        self._pre_vote_term = None
+        self._reset_election_timer()
+
+    def _leader_is_recent(self) -> bool:
+        """Whether this node heard from a current leader within the minimum election timeout
+        (thesis section 4.2.3); a leader counts as hearing from itself."""
+        if self._role is Role.LEADER:
+            return True
+        return (
+            self.leader_id is not None
+            and self.clock.now() - self._leader_contact < self.timing.election_timeout_min
+        )
 
     # ---- term and role changes -------------------------------------------------------------
 
@@ -333,20 +390,100 @@ class RaftNode:
     def _set_leader(self, leader_id: int | None) -> None:
         if leader_id != self.leader_id and leader_id is not None and leader_id != self.node_id:
             self.narrate.info("following leader %d", leader_id)
+        changed = leader_id != self.leader_id
         self.leader_id = leader_id
+        if changed:
+            self._notify()  # a transfer waits to learn who leads now
 
     # ---- elections (section 5.2) -----------------------------------------------------------
 
-    async def start_election(self) -> None:
-        """Become a candidate: new term, vote for self, make both durable, then ask every peer."""
+    def start_pre_vote(self) -> None:
+        """Ask every peer whether it would vote for this node in the next term (thesis section 9.6),
+        changing nothing here: only with a majority of yeses does the real election start."""
         if self._stopped or self._role is Role.LEADER:
             return
+        term = self.current_term + 1
+        self._pre_vote_term = term
+        self._pre_votes = {self.node_id}
+        # Failing this round, the next timeout tries again.
+        self._reset_election_timer()
+        if len(self._pre_votes) >= self.quorum:
+            self._win_pre_vote(term)
+            return
+        request = raft_pb2.VoteRequest(
+            term=term,
+            requester_id=self.node_id,
+            last_log_index=self.log.last_index,
+            last_log_term=self.log.last_term,
+            pre_vote=True,
+        )
+        for peer_id in self.peers:
+            self._spawn(self._ask_for_vote(peer_id, request), name=f"pre-vote-{peer_id}")
+
+    def handle_pre_vote_reply(
+        self, peer_id: int, request: raft_pb2.VoteRequest, reply: raft_pb2.RequestVoteResponse
+    ) -> None:
+        """Count a pre-vote. A grant carries the term asked about, which nobody holds yet, so it
+        changes no term; a refusal carries the voter's own term, and a newer one is a real term
+        this node missed (it catches up, as Figure 2 says for any reply)."""
+        if not reply.vote_granted:
+            if self._step_down_if_newer(reply.term, f"{peer_id}'s pre-vote reply"):
+                return
+            if self._pre_vote_term == request.term:
+                self.narrate.info("%d would not vote for me in term %d", peer_id, request.term)
+            return
+        if (
+            self._role is Role.LEADER
+            or self._pre_vote_term != request.term
+            or self.current_term + 1 != request.term
+        ):
+            return  # a reply to a pre-vote that is over
+        self._pre_votes.add(peer_id)
+        self.narrate.info(
+            "%d would vote for me in term %d (%d of %d needed)",
+            peer_id,
+            request.term,
+            len(self._pre_votes),
+            self.quorum,
+        )
+        if len(self._pre_votes) >= self.quorum:
+            self._win_pre_vote(request.term)
+
+    def _win_pre_vote(self, term: int) -> None:
+        self._pre_vote_term = None
+        self.narrate.info(
+            "a majority would elect me (%s): starting an election for term %d",
+            ", ".join(str(v) for v in sorted(self._pre_votes)),
+            term,
+        )
+        new_term = self._become_candidate(transfer=False)
+        if new_term is not None:
+            self._spawn(self._ask_for_votes(new_term, transfer=False), name="election")
+
+    async def start_election(self, transfer: bool = False) -> None:
+        """Become a candidate: new term, vote for self, make both durable, then ask every peer.
+
+        `transfer`: the leader asked this node to take over (TimeoutNow), so its vote requests say
+        so, and voters grant them even though they heard from that leader moments ago."""
+        term = self._become_candidate(transfer)
+        if term is not None:
+            await self._ask_for_votes(term, transfer)
+
+    def _become_candidate(self, transfer: bool) -> int | None:
+        """Take the next term and vote for itself, at once (so nothing can come in between the
+        decision to stand and the new term); None if this node may not stand now."""
+        if self._stopped or self._role is Role.LEADER:
+            return None
+        self._pre_vote_term = None
         self._role = Role.CANDIDATE
         self.leader_id = None
         term = self.current_term + 1
         self.log.set_hard_state(term, self.node_id)
         self._votes = {self.node_id}
         self._reset_election_timer()
+        return term
+
+    async def _ask_for_votes(self, term: int, transfer: bool) -> None:
         # The new term and the self-vote must be durable before any vote request leaves (seed defect 1).
         await self.log.flush()
         if self._role is not Role.CANDIDATE or self.current_term != term:
@@ -359,9 +496,11 @@ class RaftNode:
             requester_id=self.node_id,
             last_log_index=self.log.last_index,
             last_log_term=self.log.last_term,
+            leadership_transfer=transfer,
         )
         self.narrate.info(
-            "asking for votes (my log: last term %d, last index %d)",
+            "asking for votes%s (my log: last term %d, last index %d)",
+            " to take over from the leader" if transfer else "",
             request.last_log_term,
             request.last_log_index,
         )
@@ -369,14 +508,19 @@ class RaftNode:
             self._spawn(self._ask_for_vote(peer_id, request), name=f"vote-{peer_id}")
 
     async def _ask_for_vote(self, peer_id: int, request: raft_pb2.VoteRequest) -> None:
+        """Send a vote or pre-vote request and count its reply."""
+        what = "pre-vote" if request.pre_vote else "vote"
         try:
             reply = await self.transport.request_vote(
                 peer_id, request, timeout=self.timing.election_timeout_min
             )
         except PeerUnreachableError as e:
-            self.narrate.debug("vote request to %d failed: %s", peer_id, e)
+            self.narrate.debug("%s request to %d failed: %s", what, peer_id, e)
             return
-        self.handle_vote_reply(peer_id, request, reply)
+        if request.pre_vote:
+            self.handle_pre_vote_reply(peer_id, request, reply)
+        else:
+            self.handle_vote_reply(peer_id, request, reply)
 
     def handle_vote_reply(
         self, peer_id: int, request: raft_pb2.VoteRequest, reply: raft_pb2.RequestVoteResponse
@@ -398,14 +542,30 @@ class RaftNode:
     async def handle_request_vote(
         self, request: raft_pb2.VoteRequest
     ) -> raft_pb2.RequestVoteResponse:
-        """RequestVote receiver rules (Figure 2); the reply leaves only once term and vote are durable."""
+        """RequestVote receiver rules (Figure 2); the reply leaves only once term and vote are durable.
+
+        A pre-vote is answered without changing anything (thesis section 9.6). A real vote request
+        that arrives within the minimum election timeout of hearing from a current leader is
+        refused without adopting its term (thesis section 4.2.3), unless the leader itself asked
+        the candidate to take over (section 3.10)."""
         self._check_peer_message(
             request.requester_id,
             request.term,
             request.last_log_index,
             request.last_log_term,
         )
+        if request.pre_vote:
+            return await self._handle_pre_vote(request)
         candidate = request.requester_id
+        if not request.leadership_transfer and self._leader_is_recent():
+            self.narrate.info(
+                "ignored vote request from %d for term %d: %s",
+                candidate,
+                request.term,
+                self._why_leader_is_recent(),
+            )
+            await self.log.flush()
+            return raft_pb2.RequestVoteResponse(term=self.current_term, vote_granted=False)
         self.narrate.debug(
             "vote request from %d: term %d, last log (term %d, index %d)",
             candidate,
@@ -452,6 +612,47 @@ class RaftNode:
         await self.log.flush()
         return raft_pb2.RequestVoteResponse(term=self.current_term, vote_granted=granted)
 
+    def _why_leader_is_recent(self) -> str:
+        if self._role is Role.LEADER:
+            return "I lead this cluster"
+        ago = (self.clock.now() - self._leader_contact) * 1000
+        return f"I heard from leader {self.leader_id} {ago:.0f} ms ago"
+
+    async def _handle_pre_vote(self, request: raft_pb2.VoteRequest) -> raft_pb2.RequestVoteResponse:
+        """Would this node vote for the candidate in `request.term`? Decided by the RequestVote rules
+        plus "no current leader heard from recently"; no term, vote or timer changes either way."""
+        candidate = request.requester_id
+        term = self.current_term
+        mine = (self.log.last_term, self.log.last_index)
+        theirs = (request.last_log_term, request.last_log_index)
+        why: str | None = None
+        if request.term < term:
+            why = f"its term {request.term} is behind mine"
+        elif request.term == term and self.voted_for not in (None, candidate):
+            why = f"I already voted for {self.voted_for} in term {term}"
+        elif self._leader_is_recent():
+            why = self._why_leader_is_recent()
+        elif theirs < mine:
+            why = "its log (last term {}, index {}) is behind mine ({}, {})".format(*theirs, *mine)
+        if why is not None:
+            self.narrate.info(
+                "would not vote for %d in term %d (pre-vote): %s", candidate, request.term, why
+            )
+            # A refusal carries this node's term, so a candidate with a stale term catches up; the
+            # term must then be durable, as for any reply that carries it.
+            await self.log.flush()
+            return raft_pb2.RequestVoteResponse(term=self.current_term, vote_granted=False)
+        self.narrate.info(
+            "would vote for %d in term %d (pre-vote): its log (last term %d, index %d) is at "
+            "least as up to date as mine (%d, %d) and I have no recent leader",
+            candidate,
+            request.term,
+            *theirs,
+            *mine,
+        )
+        # A grant carries the term asked about, so it can never look like a newer term to anyone.
+        return raft_pb2.RequestVoteResponse(term=request.term, vote_granted=True)
+
     # ---- log replication, follower side (section 5.3) --------------------------------------
 
     async def handle_append_entries(
@@ -488,7 +689,7 @@ class RaftNode:
             return raft_pb2.AppendEntriesResponse(term=self.current_term, success=False)
         term = self.current_term
         self._set_leader(leader)
-        self._reset_election_timer()
+        self._heard_from_leader()
 
         prev = request.prev_log_index
         if prev > self.log.last_index:
@@ -593,16 +794,55 @@ class RaftNode:
             ", ".join(str(v) for v in sorted(self._votes)),
         )
         self._votes.clear()
-        self.progress = {p: Progress(next_index=self.log.last_index + 1) for p in self.peers}
+        now = self.clock.now()
+        # The votes just won count as hearing from a majority, for check quorum.
+        self.progress = {
+            p: Progress(next_index=self.log.last_index + 1, heard_at=now) for p in self.peers
+        }
         # Section 8: a no-op of the new term lets entries of earlier terms commit without a new write.
         self._append_as_leader(raft_pb2.LogEntry(kind=raft_pb2.ENTRY_KIND_NOOP))
         tasks = [
             self._spawn(self._replicate(peer_id, term), name=f"replicate-{peer_id}")
             for peer_id in self.peers
         ]
+        tasks.append(self._spawn(self._check_quorum(term), name="check-quorum"))
         self._leader_tasks = [t for t in tasks if t is not None]
 
+    async def _check_quorum(self, term: int) -> None:
+        """Step down once a majority (counting this node) has not answered for an election timeout,
+        so a leader cut off from the others stops taking writes and reads that cannot succeed."""
+        window = self.timing.election_timeout_max
+        while self._role is Role.LEADER and self.current_term == term:
+            heard = self._majority_heard_at()
+            # One expression for the test and the timer, so a timer firing on time is never early.
+            deadline = heard + window
+            if self.clock.now() >= deadline:
+                answered = 1 + sum(
+                    1 for p in self.progress.values() if p.heard_at > self.clock.now() - window
+                )
+                self._become_follower(
+                    term,
+                    None,
+                    f"only {answered} of {self.cluster_size} nodes (counting me) answered in the "
+                    f"last {window * 1000:.0f} ms; I may be cut off from the majority (check quorum)",
+                )
+                return
+            wake = asyncio.Event()
+            timer = self.clock.call_at(deadline, wake.set)
+            try:
+                await wake.wait()
+            finally:
+                timer.cancel()
+
+    def _majority_heard_at(self) -> float:
+        """The latest time by which a majority, counting this node, had answered us."""
+        heard = sorted(
+            [self.clock.now()] + [p.heard_at for p in self.progress.values()], reverse=True
+        )
+        return heard[self.quorum - 1]
+
     def _stop_leading(self) -> None:
+        self._transfer = None
         self._notify()
         for task in self._leader_tasks:
             task.cancel()
@@ -619,6 +859,10 @@ class RaftNode:
     def _append_as_leader(self, entry: raft_pb2.LogEntry) -> int:
         entry.term = self.current_term
         entry.index = self.log.last_index + 1
+        # Log time (sessions expire by it) never goes backwards, even if this clock is behind the
+        # previous leader's.
+        previous = self.log.entry(entry.index - 1).leader_time_ms if entry.index > 1 else 0
+        entry.leader_time_ms = max(int(self.wall_clock() * 1000), previous)
         self.log.append([entry])
         self._flush_own_log()
         for progress in self.progress.values():
@@ -640,8 +884,41 @@ class RaftNode:
         finally:
             self._self_flush_running = False
 
-    async def propose_mapping(self, key: str, value: str) -> None:
-        """Append a mapping; return once it is committed and applied here. Raises NotLeaderError."""
+    async def propose_mapping(
+        self, key: str, value: str, session: raft_pb2.Session | None = None
+    ) -> None:
+        """Store one mapping; return once it is committed and applied here. Raises NotLeaderError.
+
+        Without a session it is the seed's MAPPING entry; with one, a COMMAND whose result may be
+        SessionExpired, raised here as SessionExpiredError.
+        """
+        if session is None or session.client_id == 0:
+            await self._propose_entry(
+                raft_pb2.LogEntry(kind=raft_pb2.ENTRY_KIND_MAPPING, key=key, value=value)
+            )
+            return
+        batch = raft_pb2.MappingBatch(
+            mappings=[raft_pb2.Mapping(key=key, value=value)], session=session
+        )
+        result = await self.propose(raft_pb2.Command(put=batch))
+        if isinstance(result, SessionExpired):
+            raise SessionExpiredError(result.reason)
+
+    async def propose(self, command: raft_pb2.Command) -> ApplyResult:
+        """Append a command; once it is committed and applied here, return what applying it gave.
+
+        Raises NotLeaderError (nothing appended) or CommitUnknownError (outcome unknown).
+        """
+        result = await self._propose_entry(
+            raft_pb2.LogEntry(kind=raft_pb2.ENTRY_KIND_COMMAND, command=command)
+        )
+        if isinstance(result, SessionExpired):
+            self.narrate.info("refused a client's write: %s", result.reason)
+        elif command.WhichOneof("op") == "register_client":
+            self.narrate.debug("registered client session %s", result)
+        return result
+
+    async def _propose_entry(self, entry: raft_pb2.LogEntry) -> ApplyResult:
         if self._role is not Role.LEADER:
             leader_id, address = self.leader()
             if leader_id is not None:
@@ -649,14 +926,13 @@ class RaftNode:
             else:
                 self.narrate.info("turning a client away: no leader known")
             raise NotLeaderError(leader_id, address)
-        index = self._append_as_leader(
-            raft_pb2.LogEntry(kind=raft_pb2.ENTRY_KIND_MAPPING, key=key, value=value)
-        )
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._refuse_while_transferring()
+        index = self._append_as_leader(entry)
+        future: asyncio.Future[ApplyResult] = asyncio.get_running_loop().create_future()
         self._waiters[index] = (self.current_term, future)
         try:
             async with asyncio.timeout(self.timing.proposal_timeout):
-                await asyncio.shield(future)
+                return await asyncio.shield(future)
         except TimeoutError:
             raise CommitUnknownError(
                 f"entry {index} did not commit within {self.timing.proposal_timeout:g} s; "
@@ -704,7 +980,7 @@ class RaftNode:
             leader_commit=self.commit_index,
             log_entries=entries,
         )
-        progress.last_sent = self.clock.now()
+        sent_at = progress.last_sent = self.clock.now()
         read_round = progress.sent_round = self._read_round
         if entries:
             self.narrate.debug("sending %d entries from %d to %d", len(entries), prev + 1, peer_id)
@@ -716,6 +992,9 @@ class RaftNode:
             self.narrate.debug("append to %d failed: %s", peer_id, e)
             progress.retry_at = self.clock.now() + self.timing.heartbeat_interval
             return
+        if reply.term == term:
+            # The follower heard from us after `sent_at`; that is what check quorum counts.
+            progress.heard_at = max(progress.heard_at, sent_at)
         if reply.term == term and read_round > progress.acked_round:
             # Any reply of our own term shows the follower still takes us as its leader.
             progress.acked_round = read_round
@@ -743,6 +1022,8 @@ class RaftNode:
                 progress.told_commit, min(request.leader_commit, progress.match_index)
             )
             self._advance_commit()
+            if self._transfer is not None and self._transfer.target == peer_id:
+                self._notify()  # the transfer waits for its target to catch up
             return
         # Back up past the whole conflicting term at once (section 5.3, "the protocol can be
         # optimized"): to after our last entry of that term, or to the follower's first entry of it.
@@ -786,6 +1067,149 @@ class RaftNode:
         for progress in self.progress.values():
             progress.wake.set()
 
+    # ---- leadership transfer (thesis section 3.10) -----------------------------------------
+
+    async def transfer_leadership(self, target_id: int | None = None) -> int:
+        """Hand leadership to `target_id` (None or 0: the most up-to-date other node); return the
+        id of the node that leads afterwards (this node's own id if it was the target).
+
+        While the transfer runs, new writes are refused with NotLeaderError naming the target, so
+        clients retry there; reads are still served. The target's log is brought up to date, then
+        it is told to start an election at once (TimeoutNow). If leadership has not moved within an
+        election timeout, the transfer is abandoned, this node takes writes again, and
+        TransferFailedError is raised. Raises NotLeaderError when this node does not lead and
+        ValueError for a target that is not a member.
+        """
+        if self._role is not Role.LEADER:
+            raise NotLeaderError(*self.leader())
+        if target_id == self.node_id:
+            return self.node_id
+        if target_id and target_id not in self.peers:
+            raise ValueError(f"{target_id} is not a member of this cluster")
+        if self._transfer is not None:
+            raise TransferFailedError(f"already handing leadership to {self._transfer.target}")
+        if not self.peers:
+            raise TransferFailedError("there is no other node to hand leadership to")
+        term = self.current_term
+        window = self.timing.election_timeout_max
+        recent = self.clock.now() - window
+
+        def readiness(peer: int) -> tuple[bool, int, int]:
+            # A peer that answers now beats one further ahead that may be down.
+            progress = self.progress[peer]
+            return (progress.heard_at > recent, progress.match_index, -peer)
+
+        target = target_id or max(self.peers, key=readiness)
+        transfer = self._transfer = _Transfer(target, term)
+        self.narrate.info(
+            "handing leadership to %d: refusing new writes until it takes over (its log matches "
+            "mine up to index %d of %d)",
+            target,
+            self.progress[target].match_index,
+            self.log.last_index,
+        )
+        try:
+            async with asyncio.timeout(window):
+                await self._send_timeout_now(transfer)
+                # The target's vote request (or a newer leader's message) makes this node follow.
+                while self._role is Role.LEADER and self.current_term == term:
+                    await self._changed.wait()
+        except TimeoutError:
+            if self._role is Role.LEADER and self.current_term == term:
+                self.narrate.info(
+                    "gave up handing leadership to %d: it did not take over within %d ms; "
+                    "accepting writes again",
+                    target,
+                    window * 1000,
+                )
+                raise TransferFailedError(
+                    f"{target} did not take over within {window:g} s; {self.node_id} still leads"
+                ) from None
+        finally:
+            if self._transfer is transfer:
+                self._transfer = None
+        # Who won becomes known with its first append.
+        try:
+            async with asyncio.timeout(window):
+                while self.leader_id is None:
+                    await self._changed.wait()
+        except TimeoutError:
+            raise TransferFailedError(
+                "leadership moved on, but no new leader is known here yet"
+            ) from None
+        leader_id = self.leader_id
+        assert leader_id is not None
+        return leader_id
+
+    async def _send_timeout_now(self, transfer: _Transfer) -> None:
+        """Bring the transfer's target up to date, then tell it to start an election now; retried
+        while it cannot be reached. Returns early if this node stops leading meanwhile."""
+        target, term = transfer.target, transfer.term
+
+        def leading() -> bool:
+            return self._role is Role.LEADER and self.current_term == term
+
+        while leading() and self.progress[target].match_index < self.log.last_index:
+            self.progress[target].wake.set()
+            await self._changed.wait()
+        request = raft_pb2.TimeoutNowRequest(term=term, requester_id=self.node_id)
+        while leading():
+            self.narrate.info(
+                "%d holds my whole log (up to index %d): telling it to start an election now",
+                target,
+                self.log.last_index,
+            )
+            try:
+                reply = await self.transport.timeout_now(
+                    target, request, timeout=self.timing.election_timeout_min
+                )
+            except PeerUnreachableError as e:
+                self.narrate.debug("TimeoutNow to %d failed: %s", target, e)
+                woken = asyncio.Event()
+                timer = self.clock.call_at(
+                    self.clock.now() + self.timing.heartbeat_interval, woken.set
+                )
+                try:
+                    await woken.wait()
+                finally:
+                    timer.cancel()
+                continue
+            self._step_down_if_newer(reply.term, f"{target}'s TimeoutNow reply")
+            return
+
+    def _refuse_while_transferring(self) -> None:
+        """While leadership is being handed over, new writes go to the target (thesis 3.10)."""
+        transfer = self._transfer
+        if transfer is not None:
+            self.narrate.info("turning a client away: handing leadership to %d", transfer.target)
+            raise NotLeaderError(transfer.target, self.peers[transfer.target].client_address)
+
+    async def handle_timeout_now(
+        self, request: raft_pb2.TimeoutNowRequest
+    ) -> raft_pb2.TimeoutNowResponse:
+        """The leader hands leadership over: start an election at once, without a pre-vote, with
+        vote requests that voters grant despite having just heard from that leader."""
+        self._check_peer_message(request.requester_id, request.term)
+        leader = request.requester_id
+        self._step_down_if_newer(request.term, f"TimeoutNow from {leader}")
+        reply = raft_pb2.TimeoutNowResponse(term=self.current_term)
+        if request.term < self.current_term or self._role is Role.LEADER:
+            self.narrate.info(
+                "ignored TimeoutNow from %d: its term %d is not my current term",
+                leader,
+                request.term,
+            )
+            return reply
+        self.narrate.info(
+            "leader %d asked me to take over: starting an election for term %d now",
+            leader,
+            self.current_term + 1,
+        )
+        term = self._become_candidate(transfer=True)
+        if term is not None:
+            self._spawn(self._ask_for_votes(term, transfer=True), name="election")
+        return reply
+
     # ---- linearizable reads (thesis section 6.4, ReadIndex) --------------------------------
 
     async def read(self, key: str) -> str | None:
@@ -798,22 +1222,89 @@ class RaftNode:
         self._check_still_leader(term)
         try:
             async with asyncio.timeout(self.timing.proposal_timeout):
-                # Until its no-op commits, a new leader does not know the latest commit index.
-                await self._wait_until(lambda: self.log.term_at(self.commit_index) == term, term)
-                read_index = self.commit_index
-                # A round of heartbeats answered by a majority shows no newer leader existed when
-                # the read arrived; reads that arrive together share one round.
-                self._read_round += 1
-                read_round = self._read_round
-                for progress in self.progress.values():
-                    progress.wake.set()
-                await self._wait_until(lambda: self._confirmed(read_round), term)
+                read_index = await self._confirm_read_index(term)
                 await self._wait_until(lambda: self.last_applied >= read_index, term)
         except TimeoutError:
             raise UnavailableError(
                 f"could not confirm leadership within {self.timing.proposal_timeout:g} s"
             ) from None
         return self.state_machine.get(key)
+
+    async def linearizable_read(self, key: str) -> str | None:
+        """A linearizable read on any node: the leader confirms itself (`read`); a follower asks
+        the leader for a read index, applies up to it and answers from its own state.
+
+        Raises UnavailableError when no leader can confirm the read in time (no leader known,
+        the leader unreachable or deposed); never answers from state that may be stale.
+        """
+        if self._role is Role.LEADER:
+            try:
+                return await self.read(key)
+            except NotLeaderError as e:
+                raise UnavailableError(f"lost leadership while reading: {e}") from None
+        leader_id = self.leader_id
+        if leader_id is None or leader_id == self.node_id:
+            raise UnavailableError("no leader known to confirm the read")
+        timeout = self.timing.proposal_timeout
+        request = raft_pb2.ReadIndexRequest(term=self.current_term, requester_id=self.node_id)
+        try:
+            async with asyncio.timeout(timeout):
+                try:
+                    reply = await self.transport.read_index(leader_id, request, timeout)
+                except PeerUnreachableError as e:
+                    raise UnavailableError(f"leader {leader_id} is unreachable: {e}") from None
+                self._step_down_if_newer(reply.term, f"{leader_id}'s read index reply")
+                if not reply.success:
+                    raise UnavailableError(f"{leader_id} could not confirm it leads")
+                read_index = reply.read_index
+                while self.last_applied < read_index:
+                    await self._changed.wait()
+        except TimeoutError:
+            raise UnavailableError(
+                f"could not apply up to the leader's read index within {timeout:g} s"
+            ) from None
+        self.narrate.debug(
+            "served a linearizable read at read index %d from leader %d", read_index, leader_id
+        )
+        return self.state_machine.get(key)
+
+    async def handle_read_index(
+        self, request: raft_pb2.ReadIndexRequest
+    ) -> raft_pb2.ReadIndexResponse:
+        """A follower asks for a read index (thesis section 6.4.1): the leader confirms it still
+        leads, as for its own reads, and gives its commit index as of the request."""
+        self._check_peer_message(request.requester_id, request.term)
+        self._step_down_if_newer(request.term, f"read index request from {request.requester_id}")
+        term = self.current_term
+        refused = raft_pb2.ReadIndexResponse(term=term, success=False)
+        if self._role is not Role.LEADER:
+            return refused
+        try:
+            async with asyncio.timeout(self.timing.proposal_timeout):
+                read_index = await self._confirm_read_index(term)
+        except (TimeoutError, NotLeaderError):
+            self.narrate.debug(
+                "could not confirm a read index for %d: leadership unconfirmed",
+                request.requester_id,
+            )
+            refused.term = self.current_term
+            return refused
+        self.narrate.debug("gave read index %d to %d", read_index, request.requester_id)
+        return raft_pb2.ReadIndexResponse(term=term, success=True, read_index=read_index)
+
+    async def _confirm_read_index(self, term: int) -> int:
+        """The leader's commit index once a majority has confirmed this node still leads `term`."""
+        # Until its no-op commits, a new leader does not know the latest commit index.
+        await self._wait_until(lambda: self.log.term_at(self.commit_index) == term, term)
+        read_index = self.commit_index
+        # A round of heartbeats answered by a majority shows no newer leader existed when the read
+        # arrived; reads that arrive together share one round.
+        self._read_round += 1
+        read_round = self._read_round
+        for progress in self.progress.values():
+            progress.wake.set()
+        await self._wait_until(lambda: self._confirmed(read_round), term)
+        return read_index
 
     def _confirmed(self, read_round: int) -> bool:
         acks = 1 + sum(1 for p in self.progress.values() if p.acked_round >= read_round)
@@ -840,13 +1331,13 @@ class RaftNode:
         self._notify()
         while self.last_applied < self.commit_index:
             entry = self.log.entry(self.last_applied + 1)
-            self.state_machine.apply(entry)
+            result = self.state_machine.apply(entry)
             waiter = self._waiters.pop(entry.index, None)
             if waiter is not None:
                 term, future = waiter
                 if not future.done():
                     if term == entry.term:
-                        future.set_result(None)
+                        future.set_result(result)
                     else:
                         future.set_exception(
                             CommitUnknownError("another leader's entry took this index")
@@ -1008,11 +1499,16 @@ async def _serve(
             servers.append(server)
 
         stop = asyncio.Event()
+        # A second signal while a leader hands over means: stop now.
+        hurry = asyncio.Event()
         loop = asyncio.get_running_loop()
         import signal
 
+        def on_signal() -> None:
+            (hurry if stop.is_set() else stop).set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
         node.narrate.info(
             "serving Raft on %s and clients on %s; data in %s",
             me.raft_address,
@@ -1021,6 +1517,7 @@ async def _serve(
         )
         node.start()
         await stop.wait()
+        await _hand_over(node, HANDOVER_TIMEOUTS * timing.election_timeout_max, hurry)
         node.narrate.info("stopping: finishing disk writes")
     finally:
         await node.stop()
@@ -1030,6 +1527,33 @@ async def _serve(
         await log.close()
         lock.close()
     return 0
+
+
+async def _hand_over(node: RaftNode, timeout: float, hurry: asyncio.Event) -> None:
+    """A leader asked to stop first hands leadership to the most up-to-date other node, so the
+    cluster need not wait an election timeout for a successor (thesis section 3.10). Bounded: after
+    `timeout`, or a second signal, it stops anyway."""
+    if node.role != "leader":
+        return
+    node.narrate.info("stopping: handing leadership over first")
+    transfer = asyncio.ensure_future(node.transfer_leadership(None))
+    hurried = asyncio.ensure_future(hurry.wait())
+    try:
+        done, _ = await asyncio.wait(
+            {transfer, hurried}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        hurried.cancel()
+        if not transfer.done():
+            transfer.cancel()
+    if transfer not in done or transfer.cancelled():
+        node.narrate.info("stopping without handing leadership over: no successor in time")
+        return
+    error = transfer.exception()
+    if error is not None:
+        node.narrate.info("stopping without handing leadership over: %s", error)
+        return
+    node.narrate.info("handed leadership to %d", transfer.result())
 
 
 def _bind_address(address: str, host: str | None) -> str:
@@ -1119,7 +1643,9 @@ __all__ = (
     "PeerUnreachableError",
     "RaftNode",
     "Role",
+    "SessionExpiredError",
     "Timing",
+    "TransferFailedError",
     "Transport",
     "UnavailableError",
     "main",

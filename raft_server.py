@@ -33,3 +33,21 @@ class RaftServicer(raft_pb2_grpc.RaftServicer):
         except InvalidRequestError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             raise
+
+    async def ReadIndex(
+        self, request: raft_pb2.ReadIndexRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> raft_pb2.ReadIndexResponse:
+        try:
+            return await self._node.handle_read_index(request)
+        except InvalidRequestError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            raise
+
+    async def TimeoutNow(
+        self, request: raft_pb2.TimeoutNowRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> raft_pb2.TimeoutNowResponse:
+        try:
+            return await self._node.handle_timeout_now(request)
+        except InvalidRequestError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            raise

@@ -1,28 +1,171 @@
-"""The replicated state machine: a key-value dict that committed log entries are applied to, in order."""
+"""The replicated state machine: a key-value dict that committed log entries are applied to, in order,
+with client sessions (thesis section 6.3) that make writes exactly-once."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import NamedTuple, TypeAlias
+
 from rpc import raft_pb2
+
+# How many sessions the store keeps; registering one more evicts the least recently used.
+MAX_SESSIONS = 10_000
+# How many unacknowledged replies one session keeps; a client with more in flight loses the oldest.
+MAX_REPLIES_PER_SESSION = 1_000
+# A session unused for this long, in log time (the leaders' clocks stamped on entries), expires.
+SESSION_TIMEOUT_MS = 60 * 60 * 1000
+
+
+class CasResult(NamedTuple):
+    """A compare-and-swap's outcome: whether it swapped, and the key's value after it (None: absent)."""
+
+    swapped: bool
+    value: str | None
+
+
+@dataclass(frozen=True)
+class SessionExpired:
+    """The write was not applied: its session is unknown (never registered, or expired or evicted),
+    or its reply was already discarded. Whether an earlier attempt of it was applied is unknown."""
+
+    reason: str
+
+
+# What applying one entry returns to whoever proposed it: None (a put, a no-op), whether the key
+# existed (a delete), a CasResult, the new client id (a registration), or SessionExpired.
+ApplyResult: TypeAlias = None | bool | int | CasResult | SessionExpired
+
+
+@dataclass
+class _Session:
+    last_used_ms: int
+    # Replies to the writes not yet known to be acknowledged, by sequence number.
+    replies: dict[int, ApplyResult] = field(default_factory=dict)
+    # Every sequence number below this has had its reply discarded.
+    discarded_below: int = 0
 
 
 class KeyValueStateMachine:
-    """Applies committed entries; the node calls `apply` exactly once per index, in index order."""
+    """Applies committed entries; the node calls `apply` exactly once per index, in index order.
+
+    Every decision depends only on the entries applied, so every node makes the same ones.
+    """
 
     def __init__(self) -> None:
         self._data: dict[str, str] = {}
         self.last_applied = 0
+        # Least recently used first: log time only grows, so this is also oldest-use-first.
+        self._sessions: OrderedDict[int, _Session] = OrderedDict()
+        self._log_time_ms = 0
 
-    def apply(self, entry: raft_pb2.LogEntry) -> None:
+    def apply(self, entry: raft_pb2.LogEntry) -> ApplyResult:
+        """Apply the next committed entry and return its result for the proposer."""
         if entry.index != self.last_applied + 1:
             raise ValueError(
                 f"entry {entry.index} applied out of order (last applied {self.last_applied})"
             )
+        # Entries written before log time existed carry 0; taking the maximum keeps time monotonic.
+        self._log_time_ms = max(self._log_time_ms, entry.leader_time_ms)
+        self._expire_sessions()
+        result: ApplyResult = None
         if entry.kind == raft_pb2.ENTRY_KIND_MAPPING:
             self._data[entry.key] = entry.value
+        elif entry.kind == raft_pb2.ENTRY_KIND_COMMAND:
+            result = self._apply_command(entry.index, entry.command)
         self.last_applied = entry.index
+        return result
 
     def get(self, key: str) -> str | None:
         return self._data.get(key)
 
     def __len__(self) -> int:
         return len(self._data)
+
+    @property
+    def session_count(self) -> int:
+        return len(self._sessions)
+
+    def has_session(self, client_id: int) -> bool:
+        return client_id in self._sessions
+
+    # ---- commands --------------------------------------------------------------------------
+
+    def _apply_command(self, index: int, command: raft_pb2.Command) -> ApplyResult:
+        op = command.WhichOneof("op")
+        if op == "register_client":
+            return self._register(index)
+        if op == "put":
+            session = command.put.session
+        elif op == "delete":
+            session = command.delete.session
+        elif op == "compare_and_swap":
+            session = command.compare_and_swap.session
+        else:
+            return None  # an empty command changes nothing
+        if session.client_id == 0:
+            return self._execute(command, op)
+        known = self._sessions.get(session.client_id)
+        if known is None:
+            return SessionExpired(
+                f"client session {session.client_id} is unknown (it expired or was never "
+                "registered)"
+            )
+        known.last_used_ms = self._log_time_ms
+        self._sessions.move_to_end(session.client_id)
+        sequence = session.sequence
+        if sequence in known.replies:
+            return known.replies[sequence]  # a retry: the original reply, applied once
+        if sequence < known.discarded_below:
+            return SessionExpired(
+                f"the reply to request {sequence} of client session {session.client_id} was "
+                "already discarded"
+            )
+        result = self._execute(command, op)
+        known.replies[sequence] = result
+        # The client has seen every reply below first_outstanding; never drop the one just made.
+        self._discard_below(known, min(session.first_outstanding, sequence))
+        if len(known.replies) > MAX_REPLIES_PER_SESSION:
+            self._discard_below(known, sorted(known.replies)[-MAX_REPLIES_PER_SESSION])
+        return result
+
+    def _execute(self, command: raft_pb2.Command, op: str) -> ApplyResult:
+        if op == "put":
+            # One entry, so every mapping of the batch takes effect at the same point of the log.
+            for mapping in command.put.mappings:
+                self._data[mapping.key] = mapping.value
+            return None
+        if op == "delete":
+            return self._data.pop(command.delete.key, None) is not None
+        cas = command.compare_and_swap
+        current = self._data.get(cas.key)
+        expected = cas.expected_value if cas.HasField("expected_value") else None
+        if current == expected:
+            self._data[cas.key] = cas.new_value
+            return CasResult(True, cas.new_value)
+        return CasResult(False, current)
+
+    # ---- sessions --------------------------------------------------------------------------
+
+    def _register(self, index: int) -> int:
+        # The entry's index is unique in the log, so it makes a client id every node agrees on.
+        self._sessions[index] = _Session(last_used_ms=self._log_time_ms)
+        while len(self._sessions) > MAX_SESSIONS:
+            self._sessions.popitem(last=False)
+        return index
+
+    def _expire_sessions(self) -> None:
+        cutoff = self._log_time_ms - SESSION_TIMEOUT_MS
+        while self._sessions:
+            client_id, oldest = next(iter(self._sessions.items()))
+            if oldest.last_used_ms >= cutoff:
+                return
+            del self._sessions[client_id]
+
+    @staticmethod
+    def _discard_below(session: _Session, first_kept: int) -> None:
+        if first_kept <= session.discarded_below:
+            return
+        session.discarded_below = first_kept
+        for sequence in [s for s in session.replies if s < first_kept]:
+            del session.replies[sequence]

@@ -24,39 +24,69 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0erpc/raft.proto\"`\n\x0bVoteRequest\x12\x0c\n\x04term\x18\x01 \x01(\x03\x12\x14\n\x0crequester_id\x18\x02 \x01(\x03\x12\x16\n\x0elast_log_index\x18\x03 \x01(\x03\x12\x15\n\rlast_log_term\x18\x04 \x01(\x03\"9\n\x13RequestVoteResponse\x12\x0c\n\x04term\x18\x01 \x01(\x03\x12\x14\n\x0cvote_granted\x18\x02 \x01(\x08\"]\n\x08LogEntry\x12\x0c\n\x04term\x18\x01 \x01(\x03\x12\r\n\x05index\x18\x02 \x01(\x03\x12\x0b\n\x03key\x18\x03 \x01(\t\x12\r\n\x05value\x18\x04 \x01(\t\x12\x18\n\x04kind\x18\x05 \x01(\x0e\x32\n.EntryKind\"\xa0\x01\n\x14\x41ppendEntriesRequest\x12\x0c\n\x04term\x18\x01 \x01(\x03\x12\x14\n\x0crequester_id\x18\x02 \x01(\x03\x12\x16\n\x0eprev_log_index\x18\x03 \x01(\x03\x12\x15\n\rprev_log_term\x18\x04 \x01(\x03\x12\x15\n\rleader_commit\x18\x05 \x01(\x03\x12\x1e\n\x0blog_entries\x18\x06 \x03(\x0b\x32\t.LogEntry\"z\n\x15\x41ppendEntriesResponse\x12\x0c\n\x04term\x18\x01 \x01(\x03\x12\x0f\n\x07success\x18\x02 \x01(\x08\x12\x13\n\x0bmatch_index\x18\x03 \x01(\x03\x12\x15\n\rconflict_term\x18\x04 \x01(\x03\x12\x16\n\x0e\x63onflict_index\x18\x05 \x01(\x03\"%\n\x07Mapping\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"q\n\x16ProposeMappingResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x1b\n\x0e\x63urrent_leader\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\x0eleader_address\x18\x03 \x01(\tB\x11\n\x0f_current_leader\"\x12\n\x03Key\x12\x0b\n\x03key\x18\x01 \x01(\t\"=\n\x10GetValueResponse\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x12\n\x05value\x18\x02 \x01(\tH\x00\x88\x01\x01\x42\x08\n\x06_value\"\x0f\n\rLeaderRequest\"{\n\x0eLeaderResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\x03\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0c\n\x04term\x18\x03 \x01(\x03\x12\x16\n\tleader_id\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\x0eleader_address\x18\x05 \x01(\tB\x0c\n\n_leader_id*8\n\tEntryKind\x12\x16\n\x12\x45NTRY_KIND_MAPPING\x10\x00\x12\x13\n\x0f\x45NTRY_KIND_NOOP\x10\x01\x32y\n\x04Raft\x12\x31\n\x0bRequestVote\x12\x0c.VoteRequest\x1a\x14.RequestVoteResponse\x12>\n\rAppendEntries\x12\x15.AppendEntriesRequest\x1a\x16.AppendEntriesResponse2\x91\x01\n\x07\x43luster\x12\x33\n\x0eProposeMapping\x12\x08.Mapping\x1a\x17.ProposeMappingResponse\x12#\n\x08GetValue\x12\x04.Key\x1a\x11.GetValueResponse\x12,\n\tGetLeader\x12\x0e.LeaderRequest\x1a\x0f.LeaderResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0erpc/raft.proto\"\x8f\x01\n\x0bVoteRequest\x12\x0c\n\x04term\x18\x01 \x01(\x03\x12\x14\n\x0crequester_id\x18\x02 \x01(\x03\x12\x16\n\x0elast_log_index\x18\x03 \x01(\x03\x12\x15\n\rlast_log_term\x18\x04 \x01(\x03\x12\x10\n\x08pre_vote\x18\x05 \x01(\x08\x12\x1b\n\x13leadership_transfer\x18\x06 \x01(\x08\"9\n\x13RequestVoteResponse\x12\x0c\n\x04term\x18\x01 \x01(\x03\x12\x14\n\x0cvote_granted\x18\x02 \x01(\x08\"\x90\x01\n\x08LogEntry\x12\x0c\n\x04term\x18\x01 \x01(\x03\x12\r\n\x05index\x18\x02 \x01(\x03\x12\x0b\n\x03key\x18\x03 \x01(\t\x12\r\n\x05value\x18\x04 \x01(\t\x12\x18\n\x04kind\x18\x05 \x01(\x0e\x32\n.EntryKind\x12\x19\n\x07\x63ommand\x18\x06 \x01(\x0b\x32\x08.Command\x12\x16\n\x0eleader_time_ms\x18\x07 \x01(\x03\"\xb6\x01\n\x07\x43ommand\x12\x1c\n\x03put\x18\x01 \x01(\x0b\x32\r.MappingBatchH\x00\x12 \n\x06\x64\x65lete\x18\x02 \x01(\x0b\x32\x0e.DeleteRequestH\x00\x12\x32\n\x10\x63ompare_and_swap\x18\x03 \x01(\x0b\x32\x16.CompareAndSwapRequestH\x00\x12\x31\n\x0fregister_client\x18\x04 \x01(\x0b\x32\x16.RegisterClientRequestH\x00\x42\x04\n\x02op\"\xa0\x01\n\x14\x41ppendEntriesRequest\x12\x0c\n\x04term\x18\x01 \x01(\x03\x12\x14\n\x0crequester_id\x18\x02 \x01(\x03\x12\x16\n\x0eprev_log_index\x18\x03 \x01(\x03\x12\x15\n\rprev_log_term\x18\x04 \x01(\x03\x12\x15\n\rleader_commit\x18\x05 \x01(\x03\x12\x1e\n\x0blog_entries\x18\x06 \x03(\x0b\x32\t.LogEntry\"z\n\x15\x41ppendEntriesResponse\x12\x0c\n\x04term\x18\x01 \x01(\x03\x12\x0f\n\x07success\x18\x02 \x01(\x08\x12\x13\n\x0bmatch_index\x18\x03 \x01(\x03\x12\x15\n\rconflict_term\x18\x04 \x01(\x03\x12\x16\n\x0e\x63onflict_index\x18\x05 \x01(\x03\"I\n\x07Session\x12\x11\n\tclient_id\x18\x01 \x01(\x03\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12\x19\n\x11\x66irst_outstanding\x18\x03 \x01(\x03\"@\n\x07Mapping\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12\x19\n\x07session\x18\x03 \x01(\x0b\x32\x08.Session\"E\n\x0cMappingBatch\x12\x1a\n\x08mappings\x18\x01 \x03(\x0b\x32\x08.Mapping\x12\x19\n\x07session\x18\x02 \x01(\x0b\x32\x08.Session\"7\n\rDeleteRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x19\n\x07session\x18\x02 \x01(\x0b\x32\x08.Session\"z\n\x0e\x44\x65leteResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x1b\n\x0e\x63urrent_leader\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\x0eleader_address\x18\x03 \x01(\t\x12\x0f\n\x07\x65xisted\x18\x04 \x01(\x08\x42\x11\n\x0f_current_leader\"\x82\x01\n\x15\x43ompareAndSwapRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1b\n\x0e\x65xpected_value\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x11\n\tnew_value\x18\x03 \x01(\t\x12\x19\n\x07session\x18\x04 \x01(\x0b\x32\x08.SessionB\x11\n\x0f_expected_value\"\xb0\x01\n\x16\x43ompareAndSwapResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x1b\n\x0e\x63urrent_leader\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\x0eleader_address\x18\x03 \x01(\t\x12\x0f\n\x07swapped\x18\x04 \x01(\x08\x12\x1a\n\rcurrent_value\x18\x05 \x01(\tH\x01\x88\x01\x01\x42\x11\n\x0f_current_leaderB\x10\n\x0e_current_value\"\x17\n\x15RegisterClientRequest\"\x84\x01\n\x16RegisterClientResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x1b\n\x0e\x63urrent_leader\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\x0eleader_address\x18\x03 \x01(\t\x12\x11\n\tclient_id\x18\x04 \x01(\x03\x42\x11\n\x0f_current_leader\".\n\x19TransferLeadershipRequest\x12\x11\n\ttarget_id\x18\x01 \x01(\x03\"u\n\x1aTransferLeadershipResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x1b\n\x0e\x63urrent_leader\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\x0eleader_address\x18\x03 \x01(\tB\x11\n\x0f_current_leader\"6\n\x10ReadIndexRequest\x12\x0c\n\x04term\x18\x01 \x01(\x03\x12\x14\n\x0crequester_id\x18\x02 \x01(\x03\"F\n\x11ReadIndexResponse\x12\x0c\n\x04term\x18\x01 \x01(\x03\x12\x0f\n\x07success\x18\x02 \x01(\x08\x12\x12\n\nread_index\x18\x03 \x01(\x03\"7\n\x11TimeoutNowRequest\x12\x0c\n\x04term\x18\x01 \x01(\x03\x12\x14\n\x0crequester_id\x18\x02 \x01(\x03\"\"\n\x12TimeoutNowResponse\x12\x0c\n\x04term\x18\x01 \x01(\x03\"q\n\x16ProposeMappingResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x1b\n\x0e\x63urrent_leader\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\x0eleader_address\x18\x03 \x01(\tB\x11\n\x0f_current_leader\"\'\n\x03Key\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x13\n\x0b\x61llow_stale\x18\x02 \x01(\x08\"=\n\x10GetValueResponse\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x12\n\x05value\x18\x02 \x01(\tH\x00\x88\x01\x01\x42\x08\n\x06_value\"\x0f\n\rLeaderRequest\"{\n\x0eLeaderResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\x03\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0c\n\x04term\x18\x03 \x01(\x03\x12\x16\n\tleader_id\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\x0eleader_address\x18\x05 \x01(\tB\x0c\n\n_leader_id*P\n\tEntryKind\x12\x16\n\x12\x45NTRY_KIND_MAPPING\x10\x00\x12\x13\n\x0f\x45NTRY_KIND_NOOP\x10\x01\x12\x16\n\x12\x45NTRY_KIND_COMMAND\x10\x02\x32\xe4\x01\n\x04Raft\x12\x31\n\x0bRequestVote\x12\x0c.VoteRequest\x1a\x14.RequestVoteResponse\x12>\n\rAppendEntries\x12\x15.AppendEntriesRequest\x1a\x16.AppendEntriesResponse\x12\x32\n\tReadIndex\x12\x11.ReadIndexRequest\x1a\x12.ReadIndexResponse\x12\x35\n\nTimeoutNow\x12\x12.TimeoutNowRequest\x1a\x13.TimeoutNowResponse2\xcf\x03\n\x07\x43luster\x12\x33\n\x0eProposeMapping\x12\x08.Mapping\x1a\x17.ProposeMappingResponse\x12#\n\x08GetValue\x12\x04.Key\x1a\x11.GetValueResponse\x12,\n\tGetLeader\x12\x0e.LeaderRequest\x1a\x0f.LeaderResponse\x12,\n\tDeleteKey\x12\x0e.DeleteRequest\x1a\x0f.DeleteResponse\x12\x41\n\x0e\x43ompareAndSwap\x12\x16.CompareAndSwapRequest\x1a\x17.CompareAndSwapResponse\x12\x39\n\x0fProposeMappings\x12\r.MappingBatch\x1a\x17.ProposeMappingResponse\x12\x41\n\x0eRegisterClient\x12\x16.RegisterClientRequest\x1a\x17.RegisterClientResponse\x12M\n\x12TransferLeadership\x12\x1a.TransferLeadershipRequest\x1a\x1b.TransferLeadershipResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rpc.raft_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENTRYKIND']._serialized_start=936
-  _globals['_ENTRYKIND']._serialized_end=992
-  _globals['_VOTEREQUEST']._serialized_start=18
-  _globals['_VOTEREQUEST']._serialized_end=114
-  _globals['_REQUESTVOTERESPONSE']._serialized_start=116
-  _globals['_REQUESTVOTERESPONSE']._serialized_end=173
-  _globals['_LOGENTRY']._serialized_start=175
-  _globals['_LOGENTRY']._serialized_end=268
-  _globals['_APPENDENTRIESREQUEST']._serialized_start=271
-  _globals['_APPENDENTRIESREQUEST']._serialized_end=431
-  _globals['_APPENDENTRIESRESPONSE']._serialized_start=433
-  _globals['_APPENDENTRIESRESPONSE']._serialized_end=555
-  _globals['_MAPPING']._serialized_start=557
-  _globals['_MAPPING']._serialized_end=594
-  _globals['_PROPOSEMAPPINGRESPONSE']._serialized_start=596
-  _globals['_PROPOSEMAPPINGRESPONSE']._serialized_end=709
-  _globals['_KEY']._serialized_start=711
-  _globals['_KEY']._serialized_end=729
-  _globals['_GETVALUERESPONSE']._serialized_start=731
-  _globals['_GETVALUERESPONSE']._serialized_end=792
-  _globals['_LEADERREQUEST']._serialized_start=794
-  _globals['_LEADERREQUEST']._serialized_end=809
-  _globals['_LEADERRESPONSE']._serialized_start=811
-  _globals['_LEADERRESPONSE']._serialized_end=934
-  _globals['_RAFT']._serialized_start=994
-  _globals['_RAFT']._serialized_end=1115
-  _globals['_CLUSTER']._serialized_start=1118
-  _globals['_CLUSTER']._serialized_end=1263
+  _globals['_ENTRYKIND']._serialized_start=2456
+  _globals['_ENTRYKIND']._serialized_end=2536
+  _globals['_VOTEREQUEST']._serialized_start=19
+  _globals['_VOTEREQUEST']._serialized_end=162
+  _globals['_REQUESTVOTERESPONSE']._serialized_start=164
+  _globals['_REQUESTVOTERESPONSE']._serialized_end=221
+  _globals['_LOGENTRY']._serialized_start=224
+  _globals['_LOGENTRY']._serialized_end=368
+  _globals['_COMMAND']._serialized_start=371
+  _globals['_COMMAND']._serialized_end=553
+  _globals['_APPENDENTRIESREQUEST']._serialized_start=556
+  _globals['_APPENDENTRIESREQUEST']._serialized_end=716
+  _globals['_APPENDENTRIESRESPONSE']._serialized_start=718
+  _globals['_APPENDENTRIESRESPONSE']._serialized_end=840
+  _globals['_SESSION']._serialized_start=842
+  _globals['_SESSION']._serialized_end=915
+  _globals['_MAPPING']._serialized_start=917
+  _globals['_MAPPING']._serialized_end=981
+  _globals['_MAPPINGBATCH']._serialized_start=983
+  _globals['_MAPPINGBATCH']._serialized_end=1052
+  _globals['_DELETEREQUEST']._serialized_start=1054
+  _globals['_DELETEREQUEST']._serialized_end=1109
+  _globals['_DELETERESPONSE']._serialized_start=1111
+  _globals['_DELETERESPONSE']._serialized_end=1233
+  _globals['_COMPAREANDSWAPREQUEST']._serialized_start=1236
+  _globals['_COMPAREANDSWAPREQUEST']._serialized_end=1366
+  _globals['_COMPAREANDSWAPRESPONSE']._serialized_start=1369
+  _globals['_COMPAREANDSWAPRESPONSE']._serialized_end=1545
+  _globals['_REGISTERCLIENTREQUEST']._serialized_start=1547
+  _globals['_REGISTERCLIENTREQUEST']._serialized_end=1570
+  _globals['_REGISTERCLIENTRESPONSE']._serialized_start=1573
+  _globals['_REGISTERCLIENTRESPONSE']._serialized_end=1705
+  _globals['_TRANSFERLEADERSHIPREQUEST']._serialized_start=1707
+  _globals['_TRANSFERLEADERSHIPREQUEST']._serialized_end=1753
+  _globals['_TRANSFERLEADERSHIPRESPONSE']._serialized_start=1755
+  _globals['_TRANSFERLEADERSHIPRESPONSE']._serialized_end=1872
+  _globals['_READINDEXREQUEST']._serialized_start=1874
+  _globals['_READINDEXREQUEST']._serialized_end=1928
+  _globals['_READINDEXRESPONSE']._serialized_start=1930
+  _globals['_READINDEXRESPONSE']._serialized_end=2000
+  _globals['_TIMEOUTNOWREQUEST']._serialized_start=2002
+  _globals['_TIMEOUTNOWREQUEST']._serialized_end=2057
+  _globals['_TIMEOUTNOWRESPONSE']._serialized_start=2059
+  _globals['_TIMEOUTNOWRESPONSE']._serialized_end=2093
+  _globals['_PROPOSEMAPPINGRESPONSE']._serialized_start=2095
+  _globals['_PROPOSEMAPPINGRESPONSE']._serialized_end=2208
+  _globals['_KEY']._serialized_start=2210
+  _globals['_KEY']._serialized_end=2249
+  _globals['_GETVALUERESPONSE']._serialized_start=2251
+  _globals['_GETVALUERESPONSE']._serialized_end=2312
+  _globals['_LEADERREQUEST']._serialized_start=2314
+  _globals['_LEADERREQUEST']._serialized_end=2329
+  _globals['_LEADERRESPONSE']._serialized_start=2331
+  _globals['_LEADERRESPONSE']._serialized_end=2454
+  _globals['_RAFT']._serialized_start=2539
+  _globals['_RAFT']._serialized_end=2767
+  _globals['_CLUSTER']._serialized_start=2770
+  _globals['_CLUSTER']._serialized_end=3233
 # @@protoc_insertion_point(module_scope)

@@ -11,20 +11,26 @@ class EntryKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     ENTRY_KIND_MAPPING: _ClassVar[EntryKind]
     ENTRY_KIND_NOOP: _ClassVar[EntryKind]
+    ENTRY_KIND_COMMAND: _ClassVar[EntryKind]
 ENTRY_KIND_MAPPING: EntryKind
 ENTRY_KIND_NOOP: EntryKind
+ENTRY_KIND_COMMAND: EntryKind
 
 class VoteRequest(_message.Message):
-    __slots__ = ("term", "requester_id", "last_log_index", "last_log_term")
+    __slots__ = ("term", "requester_id", "last_log_index", "last_log_term", "pre_vote", "leadership_transfer")
     TERM_FIELD_NUMBER: _ClassVar[int]
     REQUESTER_ID_FIELD_NUMBER: _ClassVar[int]
     LAST_LOG_INDEX_FIELD_NUMBER: _ClassVar[int]
     LAST_LOG_TERM_FIELD_NUMBER: _ClassVar[int]
+    PRE_VOTE_FIELD_NUMBER: _ClassVar[int]
+    LEADERSHIP_TRANSFER_FIELD_NUMBER: _ClassVar[int]
     term: int
     requester_id: int
     last_log_index: int
     last_log_term: int
-    def __init__(self, term: _Optional[int] = ..., requester_id: _Optional[int] = ..., last_log_index: _Optional[int] = ..., last_log_term: _Optional[int] = ...) -> None: ...
+    pre_vote: bool
+    leadership_transfer: bool
+    def __init__(self, term: _Optional[int] = ..., requester_id: _Optional[int] = ..., last_log_index: _Optional[int] = ..., last_log_term: _Optional[int] = ..., pre_vote: _Optional[bool] = ..., leadership_transfer: _Optional[bool] = ...) -> None: ...
 
 class RequestVoteResponse(_message.Message):
     __slots__ = ("term", "vote_granted")
@@ -35,18 +41,34 @@ class RequestVoteResponse(_message.Message):
     def __init__(self, term: _Optional[int] = ..., vote_granted: _Optional[bool] = ...) -> None: ...
 
 class LogEntry(_message.Message):
-    __slots__ = ("term", "index", "key", "value", "kind")
+    __slots__ = ("term", "index", "key", "value", "kind", "command", "leader_time_ms")
     TERM_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     KEY_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
+    LEADER_TIME_MS_FIELD_NUMBER: _ClassVar[int]
     term: int
     index: int
     key: str
     value: str
     kind: EntryKind
-    def __init__(self, term: _Optional[int] = ..., index: _Optional[int] = ..., key: _Optional[str] = ..., value: _Optional[str] = ..., kind: _Optional[_Union[EntryKind, str]] = ...) -> None: ...
+    command: Command
+    leader_time_ms: int
+    def __init__(self, term: _Optional[int] = ..., index: _Optional[int] = ..., key: _Optional[str] = ..., value: _Optional[str] = ..., kind: _Optional[_Union[EntryKind, str]] = ..., command: _Optional[_Union[Command, _Mapping]] = ..., leader_time_ms: _Optional[int] = ...) -> None: ...
+
+class Command(_message.Message):
+    __slots__ = ("put", "delete", "compare_and_swap", "register_client")
+    PUT_FIELD_NUMBER: _ClassVar[int]
+    DELETE_FIELD_NUMBER: _ClassVar[int]
+    COMPARE_AND_SWAP_FIELD_NUMBER: _ClassVar[int]
+    REGISTER_CLIENT_FIELD_NUMBER: _ClassVar[int]
+    put: MappingBatch
+    delete: DeleteRequest
+    compare_and_swap: CompareAndSwapRequest
+    register_client: RegisterClientRequest
+    def __init__(self, put: _Optional[_Union[MappingBatch, _Mapping]] = ..., delete: _Optional[_Union[DeleteRequest, _Mapping]] = ..., compare_and_swap: _Optional[_Union[CompareAndSwapRequest, _Mapping]] = ..., register_client: _Optional[_Union[RegisterClientRequest, _Mapping]] = ...) -> None: ...
 
 class AppendEntriesRequest(_message.Message):
     __slots__ = ("term", "requester_id", "prev_log_index", "prev_log_term", "leader_commit", "log_entries")
@@ -78,13 +100,143 @@ class AppendEntriesResponse(_message.Message):
     conflict_index: int
     def __init__(self, term: _Optional[int] = ..., success: _Optional[bool] = ..., match_index: _Optional[int] = ..., conflict_term: _Optional[int] = ..., conflict_index: _Optional[int] = ...) -> None: ...
 
+class Session(_message.Message):
+    __slots__ = ("client_id", "sequence", "first_outstanding")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    FIRST_OUTSTANDING_FIELD_NUMBER: _ClassVar[int]
+    client_id: int
+    sequence: int
+    first_outstanding: int
+    def __init__(self, client_id: _Optional[int] = ..., sequence: _Optional[int] = ..., first_outstanding: _Optional[int] = ...) -> None: ...
+
 class Mapping(_message.Message):
-    __slots__ = ("key", "value")
+    __slots__ = ("key", "value", "session")
     KEY_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
     key: str
     value: str
-    def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    session: Session
+    def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ..., session: _Optional[_Union[Session, _Mapping]] = ...) -> None: ...
+
+class MappingBatch(_message.Message):
+    __slots__ = ("mappings", "session")
+    MAPPINGS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    mappings: _containers.RepeatedCompositeFieldContainer[Mapping]
+    session: Session
+    def __init__(self, mappings: _Optional[_Iterable[_Union[Mapping, _Mapping]]] = ..., session: _Optional[_Union[Session, _Mapping]] = ...) -> None: ...
+
+class DeleteRequest(_message.Message):
+    __slots__ = ("key", "session")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    session: Session
+    def __init__(self, key: _Optional[str] = ..., session: _Optional[_Union[Session, _Mapping]] = ...) -> None: ...
+
+class DeleteResponse(_message.Message):
+    __slots__ = ("success", "current_leader", "leader_address", "existed")
+    SUCCESS_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_LEADER_FIELD_NUMBER: _ClassVar[int]
+    LEADER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    EXISTED_FIELD_NUMBER: _ClassVar[int]
+    success: bool
+    current_leader: int
+    leader_address: str
+    existed: bool
+    def __init__(self, success: _Optional[bool] = ..., current_leader: _Optional[int] = ..., leader_address: _Optional[str] = ..., existed: _Optional[bool] = ...) -> None: ...
+
+class CompareAndSwapRequest(_message.Message):
+    __slots__ = ("key", "expected_value", "new_value", "session")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_VALUE_FIELD_NUMBER: _ClassVar[int]
+    NEW_VALUE_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    expected_value: str
+    new_value: str
+    session: Session
+    def __init__(self, key: _Optional[str] = ..., expected_value: _Optional[str] = ..., new_value: _Optional[str] = ..., session: _Optional[_Union[Session, _Mapping]] = ...) -> None: ...
+
+class CompareAndSwapResponse(_message.Message):
+    __slots__ = ("success", "current_leader", "leader_address", "swapped", "current_value")
+    SUCCESS_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_LEADER_FIELD_NUMBER: _ClassVar[int]
+    LEADER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    SWAPPED_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_VALUE_FIELD_NUMBER: _ClassVar[int]
+    success: bool
+    current_leader: int
+    leader_address: str
+    swapped: bool
+    current_value: str
+    def __init__(self, success: _Optional[bool] = ..., current_leader: _Optional[int] = ..., leader_address: _Optional[str] = ..., swapped: _Optional[bool] = ..., current_value: _Optional[str] = ...) -> None: ...
+
+class RegisterClientRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RegisterClientResponse(_message.Message):
+    __slots__ = ("success", "current_leader", "leader_address", "client_id")
+    SUCCESS_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_LEADER_FIELD_NUMBER: _ClassVar[int]
+    LEADER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    success: bool
+    current_leader: int
+    leader_address: str
+    client_id: int
+    def __init__(self, success: _Optional[bool] = ..., current_leader: _Optional[int] = ..., leader_address: _Optional[str] = ..., client_id: _Optional[int] = ...) -> None: ...
+
+class TransferLeadershipRequest(_message.Message):
+    __slots__ = ("target_id",)
+    TARGET_ID_FIELD_NUMBER: _ClassVar[int]
+    target_id: int
+    def __init__(self, target_id: _Optional[int] = ...) -> None: ...
+
+class TransferLeadershipResponse(_message.Message):
+    __slots__ = ("success", "current_leader", "leader_address")
+    SUCCESS_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_LEADER_FIELD_NUMBER: _ClassVar[int]
+    LEADER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    success: bool
+    current_leader: int
+    leader_address: str
+    def __init__(self, success: _Optional[bool] = ..., current_leader: _Optional[int] = ..., leader_address: _Optional[str] = ...) -> None: ...
+
+class ReadIndexRequest(_message.Message):
+    __slots__ = ("term", "requester_id")
+    TERM_FIELD_NUMBER: _ClassVar[int]
+    REQUESTER_ID_FIELD_NUMBER: _ClassVar[int]
+    term: int
+    requester_id: int
+    def __init__(self, term: _Optional[int] = ..., requester_id: _Optional[int] = ...) -> None: ...
+
+class ReadIndexResponse(_message.Message):
+    __slots__ = ("term", "success", "read_index")
+    TERM_FIELD_NUMBER: _ClassVar[int]
+    SUCCESS_FIELD_NUMBER: _ClassVar[int]
+    READ_INDEX_FIELD_NUMBER: _ClassVar[int]
+    term: int
+    success: bool
+    read_index: int
+    def __init__(self, term: _Optional[int] = ..., success: _Optional[bool] = ..., read_index: _Optional[int] = ...) -> None: ...
+
+class TimeoutNowRequest(_message.Message):
+    __slots__ = ("term", "requester_id")
+    TERM_FIELD_NUMBER: _ClassVar[int]
+    REQUESTER_ID_FIELD_NUMBER: _ClassVar[int]
+    term: int
+    requester_id: int
+    def __init__(self, term: _Optional[int] = ..., requester_id: _Optional[int] = ...) -> None: ...
+
+class TimeoutNowResponse(_message.Message):
+    __slots__ = ("term",)
+    TERM_FIELD_NUMBER: _ClassVar[int]
+    term: int
+    def __init__(self, term: _Optional[int] = ...) -> None: ...
 
 class ProposeMappingResponse(_message.Message):
     __slots__ = ("success", "current_leader", "leader_address")
@@ -97,10 +249,12 @@ class ProposeMappingResponse(_message.Message):
     def __init__(self, success: _Optional[bool] = ..., current_leader: _Optional[int] = ..., leader_address: _Optional[str] = ...) -> None: ...
 
 class Key(_message.Message):
-    __slots__ = ("key",)
+    __slots__ = ("key", "allow_stale")
     KEY_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_STALE_FIELD_NUMBER: _ClassVar[int]
     key: str
-    def __init__(self, key: _Optional[str] = ...) -> None: ...
+    allow_stale: bool
+    def __init__(self, key: _Optional[str] = ..., allow_stale: _Optional[bool] = ...) -> None: ...
 
 class GetValueResponse(_message.Message):
     __slots__ = ("key", "value")

@@ -45,6 +45,16 @@ class RaftStub:
                 request_serializer=rpc_dot_raft__pb2.AppendEntriesRequest.SerializeToString,
                 response_deserializer=rpc_dot_raft__pb2.AppendEntriesResponse.FromString,
                 _registered_method=True)
+        self.ReadIndex = channel.unary_unary(
+                '/Raft/ReadIndex',
+                request_serializer=rpc_dot_raft__pb2.ReadIndexRequest.SerializeToString,
+                response_deserializer=rpc_dot_raft__pb2.ReadIndexResponse.FromString,
+                _registered_method=True)
+        self.TimeoutNow = channel.unary_unary(
+                '/Raft/TimeoutNow',
+                request_serializer=rpc_dot_raft__pb2.TimeoutNowRequest.SerializeToString,
+                response_deserializer=rpc_dot_raft__pb2.TimeoutNowResponse.FromString,
+                _registered_method=True)
 
 
 class RaftServicer:
@@ -63,6 +73,22 @@ class RaftServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReadIndex(self, request, context):
+        """Added by raft-demo: a follower asks the leader for a read index, so that it can
+        serve a linearizable read itself (thesis section 6.4.1).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TimeoutNow(self, request, context):
+        """Added by raft-demo: the leader tells a caught-up follower to start an election
+        at once, handing leadership over (thesis section 3.10).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RaftServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +101,16 @@ def add_RaftServicer_to_server(servicer, server):
                     servicer.AppendEntries,
                     request_deserializer=rpc_dot_raft__pb2.AppendEntriesRequest.FromString,
                     response_serializer=rpc_dot_raft__pb2.AppendEntriesResponse.SerializeToString,
+            ),
+            'ReadIndex': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadIndex,
+                    request_deserializer=rpc_dot_raft__pb2.ReadIndexRequest.FromString,
+                    response_serializer=rpc_dot_raft__pb2.ReadIndexResponse.SerializeToString,
+            ),
+            'TimeoutNow': grpc.unary_unary_rpc_method_handler(
+                    servicer.TimeoutNow,
+                    request_deserializer=rpc_dot_raft__pb2.TimeoutNowRequest.FromString,
+                    response_serializer=rpc_dot_raft__pb2.TimeoutNowResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -142,6 +178,60 @@ class Raft:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def ReadIndex(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/Raft/ReadIndex',
+            rpc_dot_raft__pb2.ReadIndexRequest.SerializeToString,
+            rpc_dot_raft__pb2.ReadIndexResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TimeoutNow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/Raft/TimeoutNow',
+            rpc_dot_raft__pb2.TimeoutNowRequest.SerializeToString,
+            rpc_dot_raft__pb2.TimeoutNowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class ClusterStub:
     """Service for clients of the key-value store.
@@ -168,6 +258,31 @@ class ClusterStub:
                 request_serializer=rpc_dot_raft__pb2.LeaderRequest.SerializeToString,
                 response_deserializer=rpc_dot_raft__pb2.LeaderResponse.FromString,
                 _registered_method=True)
+        self.DeleteKey = channel.unary_unary(
+                '/Cluster/DeleteKey',
+                request_serializer=rpc_dot_raft__pb2.DeleteRequest.SerializeToString,
+                response_deserializer=rpc_dot_raft__pb2.DeleteResponse.FromString,
+                _registered_method=True)
+        self.CompareAndSwap = channel.unary_unary(
+                '/Cluster/CompareAndSwap',
+                request_serializer=rpc_dot_raft__pb2.CompareAndSwapRequest.SerializeToString,
+                response_deserializer=rpc_dot_raft__pb2.CompareAndSwapResponse.FromString,
+                _registered_method=True)
+        self.ProposeMappings = channel.unary_unary(
+                '/Cluster/ProposeMappings',
+                request_serializer=rpc_dot_raft__pb2.MappingBatch.SerializeToString,
+                response_deserializer=rpc_dot_raft__pb2.ProposeMappingResponse.FromString,
+                _registered_method=True)
+        self.RegisterClient = channel.unary_unary(
+                '/Cluster/RegisterClient',
+                request_serializer=rpc_dot_raft__pb2.RegisterClientRequest.SerializeToString,
+                response_deserializer=rpc_dot_raft__pb2.RegisterClientResponse.FromString,
+                _registered_method=True)
+        self.TransferLeadership = channel.unary_unary(
+                '/Cluster/TransferLeadership',
+                request_serializer=rpc_dot_raft__pb2.TransferLeadershipRequest.SerializeToString,
+                response_deserializer=rpc_dot_raft__pb2.TransferLeadershipResponse.FromString,
+                _registered_method=True)
 
 
 class ClusterServicer:
@@ -193,6 +308,42 @@ class ClusterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteKey(self, request, context):
+        """Added by raft-demo: more operations, all linearizable, all writes exactly-once
+        when they carry a session.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompareAndSwap(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ProposeMappings(self, request, context):
+        """Several mappings applied atomically, as one log entry.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RegisterClient(self, request, context):
+        """Opens a client session (thesis section 6.3): the reply's client_id goes into
+        every later write's Session.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TransferLeadership(self, request, context):
+        """Admin: move leadership to another node (thesis section 3.10).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClusterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -210,6 +361,31 @@ def add_ClusterServicer_to_server(servicer, server):
                     servicer.GetLeader,
                     request_deserializer=rpc_dot_raft__pb2.LeaderRequest.FromString,
                     response_serializer=rpc_dot_raft__pb2.LeaderResponse.SerializeToString,
+            ),
+            'DeleteKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteKey,
+                    request_deserializer=rpc_dot_raft__pb2.DeleteRequest.FromString,
+                    response_serializer=rpc_dot_raft__pb2.DeleteResponse.SerializeToString,
+            ),
+            'CompareAndSwap': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompareAndSwap,
+                    request_deserializer=rpc_dot_raft__pb2.CompareAndSwapRequest.FromString,
+                    response_serializer=rpc_dot_raft__pb2.CompareAndSwapResponse.SerializeToString,
+            ),
+            'ProposeMappings': grpc.unary_unary_rpc_method_handler(
+                    servicer.ProposeMappings,
+                    request_deserializer=rpc_dot_raft__pb2.MappingBatch.FromString,
+                    response_serializer=rpc_dot_raft__pb2.ProposeMappingResponse.SerializeToString,
+            ),
+            'RegisterClient': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterClient,
+                    request_deserializer=rpc_dot_raft__pb2.RegisterClientRequest.FromString,
+                    response_serializer=rpc_dot_raft__pb2.RegisterClientResponse.SerializeToString,
+            ),
+            'TransferLeadership': grpc.unary_unary_rpc_method_handler(
+                    servicer.TransferLeadership,
+                    request_deserializer=rpc_dot_raft__pb2.TransferLeadershipRequest.FromString,
+                    response_serializer=rpc_dot_raft__pb2.TransferLeadershipResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -294,6 +470,141 @@ class Cluster:
             '/Cluster/GetLeader',
             rpc_dot_raft__pb2.LeaderRequest.SerializeToString,
             rpc_dot_raft__pb2.LeaderResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/Cluster/DeleteKey',
+            rpc_dot_raft__pb2.DeleteRequest.SerializeToString,
+            rpc_dot_raft__pb2.DeleteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompareAndSwap(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/Cluster/CompareAndSwap',
+            rpc_dot_raft__pb2.CompareAndSwapRequest.SerializeToString,
+            rpc_dot_raft__pb2.CompareAndSwapResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ProposeMappings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/Cluster/ProposeMappings',
+            rpc_dot_raft__pb2.MappingBatch.SerializeToString,
+            rpc_dot_raft__pb2.ProposeMappingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterClient(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/Cluster/RegisterClient',
+            rpc_dot_raft__pb2.RegisterClientRequest.SerializeToString,
+            rpc_dot_raft__pb2.RegisterClientResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TransferLeadership(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/Cluster/TransferLeadership',
+            rpc_dot_raft__pb2.TransferLeadershipRequest.SerializeToString,
+            rpc_dot_raft__pb2.TransferLeadershipResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -20,7 +20,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO, TYPE_CHECKING, Any
@@ -465,6 +465,60 @@ class LocalCluster:
         stamp = time.strftime("%H:%M:%S")
         log.write(f"--- {stamp} {text}\n".encode())
         log.flush()
+
+
+class HostCluster(LocalCluster):
+    """Nodes that know their cluster from TOML files (`--id ID --cluster FILE`), each started
+    through an optional command prefix, such as `ip netns exec NAME` to run it on its own host.
+
+    `config` is the cluster as clients see it; `cluster_files[id]` is the file that node reads
+    (nodes may see different peer addresses, e.g. through proxies). `cleanups` run once, after
+    every node has been killed, on every path that stops the cluster.
+    """
+
+    def __init__(
+        self,
+        config: ClusterConfig,
+        cluster_files: dict[int, Path],
+        prefixes: dict[int, list[str]] | None = None,
+        data_dir: str | Path | None = None,
+        extra_args: Sequence[str] = (),
+        log_dir: str | Path | None = None,
+    ) -> None:
+        # first_port=1 only skips the port search: these nodes use the addresses in `config`.
+        super().__init__(len(config.nodes), 1, data_dir, extra_args, log_dir)
+        self._ports_were_picked = True
+        self.config = config
+        self.node_ids = sorted(config.nodes)
+        self.cluster_files = dict(cluster_files)
+        self.prefixes = dict(prefixes or {})
+        self.cleanups: list[Callable[[], None]] = []
+
+    def command(self, node_id: int) -> list[str]:
+        return [
+            *self.prefixes.get(node_id, []),
+            sys.executable,
+            "raft_node.py",
+            "--id",
+            str(node_id),
+            "--cluster",
+            str(self.cluster_files[node_id]),
+            "--data-dir",
+            str(self.node_data_dir(node_id)),
+            *self.extra_args,
+        ]
+
+    def client(self, **kwargs: Any) -> cluster_client.Client:
+        import cluster_client
+
+        return cluster_client.Client(config=self.config, **kwargs)
+
+    def stop(self) -> None:
+        try:
+            super().stop()
+        finally:
+            while self.cleanups:
+                self.cleanups.pop()()
 
 
 def _describe_exit(code: int | None) -> str:

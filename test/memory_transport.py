@@ -13,24 +13,88 @@ from google.protobuf.message import Message
 from raft_node import PeerUnreachableError, RaftNode
 from rpc import raft_pb2
 
-Request = raft_pb2.VoteRequest | raft_pb2.AppendEntriesRequest
-Reply = raft_pb2.RequestVoteResponse | raft_pb2.AppendEntriesResponse
+Request = (
+    raft_pb2.VoteRequest
+    | raft_pb2.AppendEntriesRequest
+    | raft_pb2.ReadIndexRequest
+    | raft_pb2.TimeoutNowRequest
+)
+Reply = (
+    raft_pb2.RequestVoteResponse
+    | raft_pb2.AppendEntriesResponse
+    | raft_pb2.ReadIndexResponse
+    | raft_pb2.TimeoutNowResponse
+)
 # A scripted reply policy: a reply to send at once, None to let the test answer, or raise
 # PeerUnreachableError to drop the message.
 Policy = Callable[[int, Request], Reply | None]
 
-_R = TypeVar("_R", raft_pb2.VoteRequest, raft_pb2.AppendEntriesRequest)
+_R = TypeVar(
+    "_R",
+    raft_pb2.VoteRequest,
+    raft_pb2.AppendEntriesRequest,
+    raft_pb2.ReadIndexRequest,
+    raft_pb2.TimeoutNowRequest,
+)
 _M = TypeVar("_M", bound=Message)
+_Answer = TypeVar(
+    "_Answer",
+    raft_pb2.RequestVoteResponse,
+    raft_pb2.AppendEntriesResponse,
+    raft_pb2.ReadIndexResponse,
+    raft_pb2.TimeoutNowResponse,
+)
 
 _REPLY_TYPE: dict[type[Request], type[Reply]] = {
     raft_pb2.VoteRequest: raft_pb2.RequestVoteResponse,
     raft_pb2.AppendEntriesRequest: raft_pb2.AppendEntriesResponse,
+    raft_pb2.ReadIndexRequest: raft_pb2.ReadIndexResponse,
+    raft_pb2.TimeoutNowRequest: raft_pb2.TimeoutNowResponse,
 }
 
 
 def _copy(message: _M) -> _M:
     """A copy through the wire encoding, so that sender and receiver never share objects."""
     return type(message).FromString(message.SerializeToString())
+
+
+class CallTransport:
+    """The node's Transport over one untyped `_call`: each RPC method sends through it and checks
+    that the reply is of the kind its request asks for. Subclasses say how a request travels."""
+
+    async def _call(self, peer_id: int, request: Request, timeout: float) -> Reply:
+        raise NotImplementedError
+
+    async def _typed(
+        self, peer_id: int, request: Request, timeout: float, kind: type[_Answer]
+    ) -> _Answer:
+        reply = await self._call(peer_id, request, timeout)
+        if not isinstance(reply, kind):
+            raise TypeError(f"{type(request).__name__} answered by {type(reply).__name__}")
+        return reply
+
+    async def request_vote(
+        self, peer_id: int, request: raft_pb2.VoteRequest, timeout: float
+    ) -> raft_pb2.RequestVoteResponse:
+        return await self._typed(peer_id, request, timeout, raft_pb2.RequestVoteResponse)
+
+    async def append_entries(
+        self, peer_id: int, request: raft_pb2.AppendEntriesRequest, timeout: float
+    ) -> raft_pb2.AppendEntriesResponse:
+        return await self._typed(peer_id, request, timeout, raft_pb2.AppendEntriesResponse)
+
+    async def read_index(
+        self, peer_id: int, request: raft_pb2.ReadIndexRequest, timeout: float
+    ) -> raft_pb2.ReadIndexResponse:
+        return await self._typed(peer_id, request, timeout, raft_pb2.ReadIndexResponse)
+
+    async def timeout_now(
+        self, peer_id: int, request: raft_pb2.TimeoutNowRequest, timeout: float
+    ) -> raft_pb2.TimeoutNowResponse:
+        return await self._typed(peer_id, request, timeout, raft_pb2.TimeoutNowResponse)
+
+    async def close(self) -> None:
+        pass
 
 
 class _Waitable:
@@ -66,7 +130,7 @@ class Sent:
     reply: asyncio.Future[Reply] = field(repr=False)
 
 
-class ScriptedTransport(_Waitable):
+class ScriptedTransport(_Waitable, CallTransport):
     """A Transport where the test decides the fate of every message the node sends.
 
     Each request is recorded in `sent` (in order) and waits until the test calls `answer(peer,
@@ -83,27 +147,13 @@ class ScriptedTransport(_Waitable):
         self.sent: list[Sent] = []
         self._closed = False
 
-    async def request_vote(
-        self, peer_id: int, request: raft_pb2.VoteRequest, timeout: float
-    ) -> raft_pb2.RequestVoteResponse:
-        reply = await self._send(peer_id, request, timeout)
-        assert isinstance(reply, raft_pb2.RequestVoteResponse)
-        return reply
-
-    async def append_entries(
-        self, peer_id: int, request: raft_pb2.AppendEntriesRequest, timeout: float
-    ) -> raft_pb2.AppendEntriesResponse:
-        reply = await self._send(peer_id, request, timeout)
-        assert isinstance(reply, raft_pb2.AppendEntriesResponse)
-        return reply
-
     async def close(self) -> None:
         self._closed = True
         for sent in self.sent:
             if not sent.reply.done():
                 sent.reply.set_exception(PeerUnreachableError("the transport is closed"))
 
-    async def _send(self, peer_id: int, request: Request, timeout: float) -> Reply:
+    async def _call(self, peer_id: int, request: Request, timeout: float) -> Reply:
         if self._closed:
             raise PeerUnreachableError("transport closed")
         request = _copy(request)
@@ -244,7 +294,7 @@ class InMemoryNetwork(_Waitable):
         """Wait, re-checking after every delivery, until `check()` holds; fail at the deadline."""
         await self._wait_for(check, timeout, what)
 
-    async def _deliver(self, src: int, dst: int, request: _R, timeout: float) -> Reply:
+    async def _deliver(self, src: int, dst: int, request: Request, timeout: float) -> Reply:
         if self.delay > 0:
             await asyncio.sleep(self.delay)
         else:
@@ -256,10 +306,14 @@ class InMemoryNetwork(_Waitable):
         call: Awaitable[Reply]
         if isinstance(request, raft_pb2.VoteRequest):
             call = receiver.handle_request_vote(request)
+        elif isinstance(request, raft_pb2.ReadIndexRequest):
+            call = receiver.handle_read_index(request)
+        elif isinstance(request, raft_pb2.TimeoutNowRequest):
+            call = receiver.handle_timeout_now(request)
         else:
             call = receiver.handle_append_entries(request)
         try:
-            # The receiver's handler runs in the sender's task, as one call (see _send above
+            # The receiver's handler runs in the sender's task, as one call (see ScriptedTransport._call above
             # for why not wait_for).
             async with asyncio.timeout(timeout):
                 reply = await call
@@ -278,26 +332,12 @@ class InMemoryNetwork(_Waitable):
         return _copy(reply)
 
 
-class _Endpoint:
+class _Endpoint(CallTransport):
     """One node's view of the InMemoryNetwork: the Transport its RaftNode uses."""
 
     def __init__(self, network: InMemoryNetwork, node_id: int) -> None:
         self._network = network
         self._node_id = node_id
 
-    async def request_vote(
-        self, peer_id: int, request: raft_pb2.VoteRequest, timeout: float
-    ) -> raft_pb2.RequestVoteResponse:
-        reply = await self._network._deliver(self._node_id, peer_id, request, timeout)
-        assert isinstance(reply, raft_pb2.RequestVoteResponse)
-        return reply
-
-    async def append_entries(
-        self, peer_id: int, request: raft_pb2.AppendEntriesRequest, timeout: float
-    ) -> raft_pb2.AppendEntriesResponse:
-        reply = await self._network._deliver(self._node_id, peer_id, request, timeout)
-        assert isinstance(reply, raft_pb2.AppendEntriesResponse)
-        return reply
-
-    async def close(self) -> None:
-        pass
+    async def _call(self, peer_id: int, request: Request, timeout: float) -> Reply:
+        return await self._network._deliver(self._node_id, peer_id, request, timeout)

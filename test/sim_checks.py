@@ -4,13 +4,16 @@ RaftLog and state machine subclass each) through which it watches the nodes with
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+from google.protobuf import text_format
 
 from log import RaftLog
 from raft_node import RaftNode
 from rpc import raft_pb2
-from state_machine import KeyValueStateMachine
+from state_machine import ApplyResult, KeyValueStateMachine
 
 # What identifies an entry's command: (kind, key, value).
 Command = tuple[int, str, str]
@@ -58,6 +61,9 @@ def show_entry(index: int, term: int, command: Command) -> str:
 
 
 def _command(entry: raft_pb2.LogEntry) -> Command:
+    if entry.kind == raft_pb2.ENTRY_KIND_COMMAND:
+        # Commands carry no key or value of their own; compare them by their whole content.
+        return (entry.kind, "command", text_format.MessageToString(entry.command, as_one_line=True))
     return (entry.kind, entry.key, entry.value)
 
 
@@ -283,21 +289,106 @@ class RecordingStateMachine(KeyValueStateMachine):
         self._invariants = invariants
         self._node = node
 
-    def apply(self, entry: raft_pb2.LogEntry) -> None:
+    def apply(self, entry: raft_pb2.LogEntry) -> ApplyResult:
         self._invariants.applying(self._node, self._node.node_id, entry)
-        super().apply(entry)
+        return super().apply(entry)
+
+
+class LeadershipChecks:
+    """Checks that pre-vote and check quorum do their job, from what the network delivered:
+
+    - no disruptive elections: a node raises its term by its own election only after hearing, while
+      in its previous term, from a majority (counting itself). So a node cut off from the others
+      never drives the term up, and cannot depose a healthy leader with it when it returns
+      (pre-vote, thesis section 9.6). Elections a leader asked for (TimeoutNow) are counted apart;
+    - check quorum: a leader from which no majority (counting itself) has heard for `bound` seconds
+      has stepped down, so a leader cut off from the others stops serving.
+    """
+
+    def __init__(
+        self, fail: Fail, quorum: int, now: Callable[[], float], bound: float, stats: Counter[str]
+    ) -> None:
+        self._fail = fail
+        self._quorum = quorum
+        self._now = now
+        self.bound = bound
+        self._stats = stats
+        # node id -> (its term, the peers that reached it while it was in that term)
+        self._heard_in_term: dict[int, tuple[int, set[int]]] = {}
+        # leader id -> (its term, when it was elected, peer -> when a message from it arrived)
+        self._leading: dict[int, tuple[int, float, dict[int, float]]] = {}
+
+    def heard(self, node: RaftNode, src: int) -> None:
+        """A message from `src` reached `node`."""
+        term = node.current_term
+        entry = self._heard_in_term.get(node.node_id)
+        if entry is None or entry[0] != term:
+            entry = self._heard_in_term[node.node_id] = (term, set())
+        entry[1].add(src)
+        leading = self._leading.get(node.node_id)
+        if leading is not None and leading[0] == term:
+            leading[2][src] = self._now()
+
+    def standing(self, node: RaftNode, term: int, transfer: bool) -> None:
+        """`node` just raised its term to `term` by its own election."""
+        if transfer:
+            self._stats["elections by transfer"] += 1
+            return
+        self._stats["elections"] += 1
+        entry = self._heard_in_term.get(node.node_id)
+        heard = entry[1] if entry is not None and entry[0] == term - 1 else set()
+        if len(heard) + 1 < self._quorum:
+            self._fail(
+                "no disruptive elections",
+                f"node {node.node_id} started an election for term {term} after hearing from "
+                f"only {sorted(heard) or 'no other node'} in term {term - 1}: a node cut off from "
+                f"a majority must not raise its term (pre-vote, thesis section 9.6)",
+            )
+
+    def elected(self, node: RaftNode) -> None:
+        self._leading[node.node_id] = (node.current_term, self._now(), {})
+
+    def check_leaders(self, leaders: Sequence[RaftNode]) -> None:
+        """Check quorum, for the leaders given (those running, not paused lately)."""
+        now = self._now()
+        for node in leaders:
+            leading = self._leading.get(node.node_id)
+            if leading is None or leading[0] != node.current_term:
+                continue
+            term, since, heard = leading
+            times = sorted(
+                [now] + [max(since, heard.get(p, since)) for p in node.peers], reverse=True
+            )
+            silent = now - times[self._quorum - 1]
+            if silent > self.bound:
+                self._fail(
+                    "check quorum",
+                    f"node {node.node_id} still leads term {term}, but no majority has reached "
+                    f"it for {silent:.3f} s (it must step down within {self.bound:.3f} s)",
+                )
+                return
 
 
 class ObservedRaftNode(RaftNode):
-    """The project's RaftNode, unchanged but for telling the checks when it wins an election."""
+    """The project's RaftNode, unchanged but for telling the checks when it stands for election
+    and when it wins one."""
 
     invariants: Invariants | None = None
+    leadership: LeadershipChecks | None = None
     on_elected: Callable[[RaftNode], None] | None = None
+
+    def _become_candidate(self, transfer: bool) -> int | None:
+        term = super()._become_candidate(transfer)
+        if term is not None and self.leadership is not None:
+            self.leadership.standing(self, term, transfer)
+        return term
 
     def _become_leader(self) -> None:
         # Checked on the log as the election left it, before the new leader appends its no-op.
         if self.invariants is not None:
             self.invariants.became_leader(self)
+        if self.leadership is not None:
+            self.leadership.elected(self)
         super()._become_leader()
         if self.on_elected is not None:
             self.on_elected(self)

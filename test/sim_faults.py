@@ -8,8 +8,9 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from raft_node import NotLeaderError, TransferFailedError
 from test.sim_network import Link, LinkEffect
-from test.sim_world import World
+from test.sim_world import Process, World
 
 # Every kind of fault, in the order a summary lists them.
 FAULT_KINDS = (
@@ -26,6 +27,7 @@ FAULT_KINDS = (
     "power-loss",
     "pause",
     "slow-disk",
+    "transfer",
 )
 # Faults at chosen moments rather than random times: a leader just elected is crashed (its first entry
 # may not be durable yet) or cut off (its first entries stay its own: the start of the Raft paper's
@@ -265,6 +267,8 @@ class FaultInjector:
             host = world.hosts[target]
             host.pause()
             self._start(kind, f"pause {target}", host.resume, self._duration(), f"resume {target}")
+        elif kind == "transfer":
+            return self._ask_for_transfer()
         elif kind == "slow-disk":
             target = rng.choice(ids)
             host = world.hosts[target]
@@ -286,6 +290,38 @@ class FaultInjector:
             raise ValueError(f"unknown fault kind {kind!r}")
         self.counts[kind] += 1
         return True
+
+    def _ask_for_transfer(self) -> bool:
+        """Ask a node (the leader, mostly) to hand leadership to a random target: itself, "the
+        most up-to-date node" (0), or one that may be down, paused or cut off."""
+        world = self.world
+        rng = self.rng
+        up = [i for i, h in world.hosts.items() if h.process is not None and not h.paused]
+        if not up:
+            return False
+        leader = world.leader()
+        asker = leader if leader in up and rng.random() < 0.8 else rng.choice(up)
+        target = rng.choice([0, *world.hosts])
+        process = world.hosts[asker].process
+        assert process is not None
+        world.network.stats["transfers asked"] += 1
+        world.trace.event(
+            "fault", f"ask {asker} to hand leadership to {target or 'the most up-to-date node'}"
+        )
+        process.spawn(self._transfer(process, asker, target), "a leadership transfer")
+        self.counts["transfer"] += 1
+        return True
+
+    async def _transfer(self, process: Process, asker: int, target: int) -> None:
+        try:
+            leader = await process.node.transfer_leadership(target or None)
+        except (NotLeaderError, TransferFailedError) as e:
+            outcome = f"not done: {e}"
+        else:
+            outcome = f"{leader} leads"
+            if leader != asker:
+                self.world.network.stats["transfers done"] += 1
+        self.world.trace.event("fault", f"transfer asked of {asker}: {outcome}")
 
     def _isolate(self, kind: str, target: int, what: str) -> None:
         others = [b for b in self.world.hosts if b != target]

@@ -9,14 +9,20 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from raft_node import CommitUnknownError, InvalidRequestError, NotLeaderError, UnavailableError
+from raft_node import (
+    CommitUnknownError,
+    InvalidRequestError,
+    NotLeaderError,
+    SessionExpiredError,
+    UnavailableError,
+)
 from rpc import raft_pb2
+from state_machine import CasResult, SessionExpired
+from test.memory_transport import Reply, Request
 
 if TYPE_CHECKING:
     from test.sim_world import Process, World
 
-Request = raft_pb2.VoteRequest | raft_pb2.AppendEntriesRequest
-Reply = raft_pb2.RequestVoteResponse | raft_pb2.AppendEntriesResponse
 Link = tuple[int, int]
 
 
@@ -45,20 +51,51 @@ class LinkState:
 _HEALTHY = LinkState()
 
 
+# A write's session: (client_id, sequence, first_outstanding).
+SessionNumbers = tuple[int, int, int]
+
+
 @dataclass(frozen=True)
 class ClientOp:
-    kind: str  # "put" or "get"
-    key: str
+    """One request: "put" (the seed's, no session), "get", or with a session "put-many",
+    "delete", "cas" (expected None: absent) and "register"."""
+
+    kind: str
+    key: str = ""
     value: str | None = None
+    expected: str | None = None
+    mappings: tuple[tuple[str, str], ...] = ()
+    session: SessionNumbers | None = None
+
+    def command(self) -> raft_pb2.Command:
+        if self.kind == "register":
+            return raft_pb2.Command(register_client=raft_pb2.RegisterClientRequest())
+        client_id, sequence, first_outstanding = self.session or (0, 0, 0)
+        session = raft_pb2.Session(
+            client_id=client_id, sequence=sequence, first_outstanding=first_outstanding
+        )
+        if self.kind == "put-many":
+            mappings = [raft_pb2.Mapping(key=k, value=v) for k, v in self.mappings]
+            return raft_pb2.Command(put=raft_pb2.MappingBatch(mappings=mappings, session=session))
+        if self.kind == "delete":
+            return raft_pb2.Command(delete=raft_pb2.DeleteRequest(key=self.key, session=session))
+        assert self.kind == "cas" and self.value is not None
+        cas = raft_pb2.CompareAndSwapRequest(key=self.key, new_value=self.value, session=session)
+        if self.expected is not None:
+            cas.expected_value = self.expected
+        return raft_pb2.Command(compare_and_swap=cas)
 
 
 @dataclass(frozen=True)
 class ClientReply:
-    """ok (with a get's value), not-leader (with the leader the node named), unavailable, unknown."""
+    """ok (with a get's value or a write's result), not-leader (with the leader the node named),
+    unavailable, unknown, or expired (the session is gone; the outcome is unknown)."""
 
     status: str
     value: str | None = None
     leader: int | None = None
+    # A delete's existed, a cas's CasResult, a registration's client id.
+    result: object = None
 
 
 def describe(message: Request | Reply) -> str:
@@ -68,7 +105,21 @@ def describe(message: Request | Reply) -> str:
             f"+{len(message.log_entries)} commit {message.leader_commit}"
         )
     if isinstance(message, raft_pb2.VoteRequest):
-        return f"vote? t{message.term} last {message.last_log_index}/t{message.last_log_term}"
+        kind = "pre-vote" if message.pre_vote else "vote"
+        flag = " (transfer)" if message.leadership_transfer else ""
+        return (
+            f"{kind}? t{message.term} last {message.last_log_index}/t{message.last_log_term}{flag}"
+        )
+    if isinstance(message, raft_pb2.TimeoutNowRequest):
+        return f"timeout now! t{message.term}"
+    if isinstance(message, raft_pb2.TimeoutNowResponse):
+        return f"timeout now ack t{message.term}"
+    if isinstance(message, raft_pb2.ReadIndexRequest):
+        return f"read index? t{message.term}"
+    if isinstance(message, raft_pb2.ReadIndexResponse):
+        if message.success:
+            return f"read index {message.read_index} t{message.term}"
+        return f"read index refused t{message.term}"
     if isinstance(message, raft_pb2.AppendEntriesResponse):
         if message.success:
             return f"append ok t{message.term} match {message.match_index}"
@@ -222,12 +273,15 @@ class Network:
             return
         if host.paused:
             self.world.trace.event("net", f"{src}->{dst} #{number} held: {dst} is paused", False)
-        process.enter(
-            lambda: process.spawn(
+
+        def serve() -> None:
+            self.world.heard(dst, src)
+            process.spawn(
                 self._serve_request(process, sender, kind, data, future, number),
                 f"handling message #{number}",
             )
-        )
+
+        process.enter(serve)
 
     async def _serve_request(
         self,
@@ -243,6 +297,10 @@ class Network:
         try:
             if kind is raft_pb2.VoteRequest:
                 reply = await node.handle_request_vote(raft_pb2.VoteRequest.FromString(data))
+            elif kind is raft_pb2.ReadIndexRequest:
+                reply = await node.handle_read_index(raft_pb2.ReadIndexRequest.FromString(data))
+            elif kind is raft_pb2.TimeoutNowRequest:
+                reply = await node.handle_timeout_now(raft_pb2.TimeoutNowRequest.FromString(data))
             else:
                 reply = await node.handle_append_entries(
                     raft_pb2.AppendEntriesRequest.FromString(data)
@@ -255,8 +313,10 @@ class Network:
             )
             return
         process.enter(lambda: self._send_reply(process, sender, reply, future, number))
+        # A granted pre-vote records nothing, so only real votes count (crash-after-vote).
         if isinstance(reply, raft_pb2.RequestVoteResponse) and reply.vote_granted:
-            self.world.voted(process.host.node_id)
+            if not raft_pb2.VoteRequest.FromString(data).pre_vote:
+                self.world.voted(process.host.node_id)
 
     def _send_reply(
         self,
@@ -291,6 +351,7 @@ class Network:
             return
 
         def deliver() -> None:
+            self.world.heard(dst, src)
             if future.done():
                 self.stats["late replies"] += 1
             else:
@@ -340,14 +401,24 @@ class Network:
                 await node.propose_mapping(op.key, op.value)
                 reply = ClientReply("ok")
                 self.world.invariants.acknowledged_put(node.node_id, op.key, op.value)
+            elif op.kind == "get":
+                # Any node serves it: the leader confirms itself, a follower asks it (ReadIndex).
+                reply = ClientReply("ok", await node.linearizable_read(op.key))
             else:
-                reply = ClientReply("ok", await node.read(op.key))
+                result = await node.propose(op.command())
+                if isinstance(result, SessionExpired):
+                    reply = ClientReply("expired")
+                else:
+                    assert op.kind != "cas" or isinstance(result, CasResult)
+                    reply = ClientReply("ok", result=result)
         except NotLeaderError as e:
             reply = ClientReply("not-leader", leader=e.leader_id)
         except UnavailableError:
             reply = ClientReply("unavailable")
         except CommitUnknownError:
             reply = ClientReply("unknown")
+        except SessionExpiredError:
+            reply = ClientReply("expired")
         process.enter(lambda: self._client_reply(process, client, reply, future))
 
     def _client_reply(

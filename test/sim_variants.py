@@ -124,12 +124,34 @@ def _read_without_confirmation(stack: ExitStack) -> None:
     stack.enter_context(mock.patch.object(RaftNode, "read", read))
 
 
+def _no_pre_vote(stack: ExitStack) -> None:
+    """(6) No pre-vote: on an election timeout a node raises its term and stands at once, so a node
+    cut off from the others drives its term up and, back again, deposes a healthy leader."""
+
+    def start_pre_vote(self: RaftNode) -> None:
+        self._spawn(self.start_election(), name="election")
+
+    stack.enter_context(mock.patch.object(RaftNode, "start_pre_vote", start_pre_vote))
+
+
+def _no_check_quorum(stack: ExitStack) -> None:
+    """(7) No check quorum: a leader cut off from the majority goes on leading (and turning
+    clients away or leaving them waiting) until it hears of a newer term."""
+
+    async def check_quorum(self: RaftNode, term: int) -> None:
+        return None
+
+    stack.enter_context(mock.patch.object(RaftNode, "_check_quorum", check_quorum))
+
+
 VARIANTS: dict[str, Callable[[ExitStack], None]] = {
     "forget-vote": _forget_vote_on_restart,
     "commit-earlier-term": _commit_earlier_terms_by_counting,
     "ack-before-fsync": _acknowledge_before_fsync,
     "overwrite-without-truncate": _overwrite_without_truncating,
     "stale-read": _read_without_confirmation,
+    "no-pre-vote": _no_pre_vote,
+    "no-check-quorum": _no_check_quorum,
 }
 
 

@@ -13,9 +13,10 @@ from typing import Any
 from cluster_config import ClusterConfig, NodeAddress
 from log import LOG_FILE, DiskOp, LogCorruptionError, MemoryDisk, _scan_log
 from raft_node import PeerUnreachableError, RaftNode, Timing
-from rpc import raft_pb2
+from test.memory_transport import CallTransport, Reply, Request
 from test.sim_checks import (
     Invariants,
+    LeadershipChecks,
     LogView,
     ObservedRaftLog,
     ObservedRaftNode,
@@ -24,7 +25,7 @@ from test.sim_checks import (
     views_of,
 )
 from test.sim_loop import Trace
-from test.sim_network import Network, Reply, Request
+from test.sim_network import Network
 
 
 def random_timing(rng: random.Random) -> Timing:
@@ -41,6 +42,11 @@ def random_timing(rng: random.Random) -> Timing:
     )
 
 
+# The wall-clock time (seconds since the epoch) at the start of every run: the leaders stamp log
+# time from it, so session expiry is as deterministic as the rest.
+WALL_CLOCK_START = 1_800_000_000.0
+# How often the check-quorum check looks at the leaders (simulated seconds).
+LEADER_CHECK_INTERVAL = 0.1
 # A timer fires this long after it is due, as a real one fires a little late (never early).
 TIMER_LATENCY = 1e-6
 # A healthy disk's fsync takes this long (seconds), but one in SLOW_FSYNC_SHARE takes
@@ -98,29 +104,12 @@ class SimClock:
         return SimTimer(self._process, when, callback)
 
 
-class SimTransport:
+class SimTransport(CallTransport):
     """A node's way to its peers, through the simulated network; a request whose request or reply is
     lost fails with PeerUnreachableError once the caller's timeout passes on the caller's clock."""
 
     def __init__(self, process: Process) -> None:
         self._process = process
-
-    async def request_vote(
-        self, peer_id: int, request: raft_pb2.VoteRequest, timeout: float
-    ) -> raft_pb2.RequestVoteResponse:
-        reply = await self._call(peer_id, request, timeout)
-        assert isinstance(reply, raft_pb2.RequestVoteResponse)
-        return reply
-
-    async def append_entries(
-        self, peer_id: int, request: raft_pb2.AppendEntriesRequest, timeout: float
-    ) -> raft_pb2.AppendEntriesResponse:
-        reply = await self._call(peer_id, request, timeout)
-        assert isinstance(reply, raft_pb2.AppendEntriesResponse)
-        return reply
-
-    async def close(self) -> None:
-        pass
 
     async def _call(self, peer_id: int, request: Request, timeout: float) -> Reply:
         process = self._process
@@ -201,6 +190,7 @@ class Host:
         self._resumed.set()
         self.slow_disk: tuple[float, float] | None = None
         self.incarnations = 0
+        self.resumed_at = float("-inf")
         # Clear from a crash until the power is cut one callback later (see crash); a restart
         # waits for it.
         self._power_settled = asyncio.Event()
@@ -271,8 +261,10 @@ class Host:
             world.timing,
             random.Random(world.node_seed_rng.getrandbits(64)),
             process.clock,
+            wall_clock=lambda: WALL_CLOCK_START + world.loop.time(),
         )
         node.invariants = world.invariants
+        node.leadership = world.leadership
         node.on_elected = world.elected
         node.state_machine = RecordingStateMachine(world.invariants, node)
         log.invariants = world.invariants
@@ -317,6 +309,7 @@ class Host:
 
     def resume(self) -> None:
         self.paused = False
+        self.resumed_at = self.world.loop.time()
         self._resumed.set()
         held, self.held = self.held, []
         for action in held:
@@ -360,6 +353,15 @@ class World:
             len(self.hosts) // 2 + 1,
         )
         self.network = Network(self)
+        # A leader steps down once no majority answered for its longest election timeout; the
+        # margin covers the monitor's sampling and timer latency.
+        self.leadership = LeadershipChecks(
+            self.fail,
+            len(self.hosts) // 2 + 1,
+            loop.time,
+            self.timing.election_timeout_max + LEADER_CHECK_INTERVAL + 0.01,
+            self.network.stats,
+        )
         self._background: dict[asyncio.Task[Any], None] = {}
 
     def fail(self, invariant: str, detail: str) -> None:
@@ -378,6 +380,28 @@ class World:
     def voted(self, node_id: int) -> None:
         if self.on_voted is not None:
             self.on_voted(node_id)
+
+    def heard(self, node_id: int, src: int) -> None:
+        """A message from `src` reached node `node_id` (for the leadership checks)."""
+        node = self.hosts[node_id].node
+        if node is not None:
+            self.leadership.heard(node, src)
+
+    async def monitor_leaders(self) -> None:
+        """Check quorum, checked every LEADER_CHECK_INTERVAL on the leaders that run unpaused (a
+        leader just resumed gets a moment to act on the timers that fired while it was stopped)."""
+        while True:
+            await asyncio.sleep(LEADER_CHECK_INTERVAL)
+            now = self.loop.time()
+            leaders = [
+                h.node
+                for h in self.hosts.values()
+                if h.node is not None
+                and h.node.role == "leader"
+                and not h.paused
+                and now - h.resumed_at > LEADER_CHECK_INTERVAL
+            ]
+            self.leadership.check_leaders(leaders)
 
     def background(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run world-level work (restarts, stopping a crashed node) as a tracked task."""

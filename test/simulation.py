@@ -21,6 +21,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from dataclasses import dataclass, field
 from typing import Literal, NoReturn, TextIO
 
+from state_machine import CasResult
 from test import sim_variants
 from test.linearizability import History, check
 from test.sim_faults import FAULT_KINDS, TARGETED_KINDS, FaultInjector
@@ -30,7 +31,18 @@ from test.sim_world import World
 
 KEYS = ("a", "b", "c")
 CLIENTS = 5
-PUT_SHARE = 0.55
+OpKind = Literal["put", "get", "put-many", "cas", "delete"]
+# The share of each kind of operation a client issues; the rest are linearizable reads.
+OP_SHARES: tuple[tuple[OpKind, float], ...] = (
+    ("put", 0.35),
+    ("put-many", 0.06),
+    ("cas", 0.1),
+    ("delete", 0.04),
+)
+# This share of reads goes to a random node rather than the leader (a follower uses ReadIndex).
+FOLLOWER_READ_SHARE = 0.5
+# A write with a session is sent up to this many times, with the same sequence number.
+WRITE_ATTEMPTS = 3
 # A client gives up on a request after this long and counts its outcome as unknown.
 CLIENT_TIMEOUT = 3.0
 # The fault phase ends once the clients have this many successful operations (or at the limit).
@@ -87,18 +99,32 @@ class _Stop(Exception):
 
 
 class Client:
-    """One client: puts unique values and reads on a small key space, to the node it believes leads."""
+    """One client on a small key space, with unique values: the seed's puts (no session) and
+    linearizable reads (half of them from a random node, which a follower serves through
+    ReadIndex), and with a session put-many, compare-and-swap and delete, each resent with the
+    same sequence number after a timeout, so that the cluster must apply it exactly once."""
 
     def __init__(self, sim: Simulation, number: int) -> None:
         self.sim = sim
         self.number = number
         self.leader: int | None = None
         self._writes = 0
+        self._client_id: int | None = None
+        self._sequence = 0
+        # The value this client last saw under each key: what its cas expects, so some swap.
+        self._seen: dict[str, str | None] = {}
 
     async def run(self) -> None:
         rng = self.sim.world.client_rng
         while self.sim.issuing:
-            await self.operation("put" if rng.random() < PUT_SHARE else "get", rng.choice(KEYS))
+            draw = rng.random()
+            kind: OpKind = "get"
+            for name, share in OP_SHARES:
+                if draw < share:
+                    kind = name
+                    break
+                draw -= share
+            await self.operation(kind, rng.choice(KEYS))
 
     async def until_ok(self, kind: Literal["put", "get"], deadline: float) -> None:
         """Retry `kind` until it succeeds; liveness fails if that takes past `deadline`."""
@@ -112,37 +138,64 @@ class Client:
                     f"{LIVENESS_BOUND:g} s after the faults stopped\n{sim.node_states()}",
                 )
 
-    async def operation(self, kind: Literal["put", "get"], key: str) -> str:
-        """One request and its outcome: ok, fail (certainly no effect) or unknown."""
+    def _value(self) -> str:
+        self._writes += 1
+        return f"{self.number}.{self._writes}"
+
+    async def _send(self, target: int, op: ClientOp) -> ClientReply | None:
+        """One request to `target`; its reply, or None when none came within CLIENT_TIMEOUT."""
+        world = self.sim.world
+        future: asyncio.Future[ClientReply] = world.loop.create_future()
+        world.network.client_call(self.number, target, op, future)
+        try:
+            async with asyncio.timeout(CLIENT_TIMEOUT):
+                return await future
+        except TimeoutError:
+            return None
+
+    async def _pause(self, outcome: str) -> None:
+        rng = self.sim.world.client_rng
+        if outcome == "ok":
+            await asyncio.sleep(rng.uniform(0.0, 0.02))
+        elif outcome == "fail" and self.leader is not None:
+            await asyncio.sleep(rng.uniform(0.001, 0.01))
+        else:
+            await asyncio.sleep(rng.uniform(0.05, 0.3))
+
+    def _target(self) -> int:
+        if self.leader is not None:
+            return self.leader
+        return self.sim.world.client_rng.choice(list(self.sim.world.hosts))
+
+    async def operation(self, kind: OpKind, key: str) -> str:
+        """One operation and its outcome: ok, fail (certainly no effect) or unknown."""
+        if kind in ("put", "get"):
+            return await self._plain(kind, key)
+        return await self._session_write(kind, key)
+
+    async def _plain(self, kind: str, key: str) -> str:
         sim = self.sim
         world = sim.world
         rng = world.client_rng
-        value = None
-        if kind == "put":
-            self._writes += 1
-            value = f"{self.number}.{self._writes}"
-        ids = list(world.hosts)
-        target = self.leader if self.leader is not None else rng.choice(ids)
-        op_id = sim.history.invoke(self.number, kind, key, value)
+        value = self._value() if kind == "put" else None
+        target = self._target()
+        if kind == "get" and rng.random() < FOLLOWER_READ_SHARE:
+            target = rng.choice(list(world.hosts))
+        op_id = sim.history.invoke(self.number, "put" if kind == "put" else "get", key, value)
         what = f"put {key}={value}" if kind == "put" else f"get {key}"
         world.trace.event("client", f"c{self.number} -> {target}: {what} (op {op_id})")
-        future: asyncio.Future[ClientReply] = world.loop.create_future()
-        world.network.client_call(self.number, target, ClientOp(kind, key, value), future)
-        reply: ClientReply | None
-        try:
-            async with asyncio.timeout(CLIENT_TIMEOUT):
-                reply = await future
-        except TimeoutError:
-            reply = None
+        reply = await self._send(target, ClientOp(kind, key, value))
         if reply is None:
             sim.history.unknown(op_id)
             outcome, text = "unknown", "timed out"
             self.leader = None
         elif reply.status == "ok":
             sim.history.ok(op_id, reply.value if kind == "get" else None)
+            self._seen[key] = reply.value if kind == "get" else value
             outcome = "ok"
             text = f"ok {reply.value!r}" if kind == "get" else "ok"
-            self.leader = target
+            if kind == "put":
+                self.leader = target
         elif reply.status == "not-leader":
             sim.history.fail(op_id)
             outcome, text = "fail", f"not the leader (leader: {reply.leader})"
@@ -157,12 +210,100 @@ class Client:
             self.leader = None
         world.trace.event("client", f"c{self.number} <- {target}: {what} (op {op_id}): {text}")
         sim.outcome(outcome)
-        if outcome == "ok":
-            await asyncio.sleep(rng.uniform(0.0, 0.02))
-        elif outcome == "fail" and self.leader is not None:
-            await asyncio.sleep(rng.uniform(0.001, 0.01))
+        await self._pause(outcome)
+        return outcome
+
+    async def _register(self) -> int | None:
+        """This client's session id, registering it first (one attempt; None if that failed)."""
+        if self._client_id is not None:
+            return self._client_id
+        world = self.sim.world
+        target = self._target()
+        world.trace.event("client", f"c{self.number} -> {target}: register")
+        reply = await self._send(target, ClientOp("register"))
+        if reply is not None and reply.status == "ok":
+            assert isinstance(reply.result, int)
+            self._client_id = reply.result
+            self.leader = target
+            world.trace.event("client", f"c{self.number} <- {target}: client id {reply.result}")
         else:
-            await asyncio.sleep(rng.uniform(0.05, 0.3))
+            self.leader = reply.leader if reply is not None else None
+            await self._pause("fail")
+        return self._client_id
+
+    async def _session_write(self, kind: OpKind, key: str) -> str:
+        sim = self.sim
+        world = sim.world
+        rng = world.client_rng
+        client_id = await self._register()
+        if client_id is None:
+            return "fail"
+        self._sequence += 1
+        # One request at a time per client, so every earlier reply has been seen.
+        session = (client_id, self._sequence, self._sequence)
+        history = sim.history
+        if kind == "put-many":
+            keys = sorted(rng.sample(KEYS, 2))
+            mappings = tuple((k, self._value()) for k in keys)
+            op = ClientOp(kind, mappings=mappings, session=session)
+            # Recorded as one put per key: the checker models each key on its own, so it does
+            # not check that the batch's keys changed together (the state machine's tests do).
+            op_ids = [history.invoke(self.number, "put", k, v) for k, v in mappings]
+            what = "put-many " + ", ".join(f"{k}={v}" for k, v in mappings)
+        elif kind == "cas":
+            expected = self._seen.get(key) if rng.random() < 0.7 else None
+            op = ClientOp(kind, key, self._value(), expected=expected, session=session)
+            op_ids = [history.invoke(self.number, "cas", key, op.value, expected)]
+            what = f"cas {key} {expected!r}->{op.value}"
+        else:
+            op = ClientOp(kind, key, session=session)
+            op_ids = [history.invoke(self.number, "delete", key)]
+            what = f"delete {key}"
+        what += f" (client {client_id} #{self._sequence}, op {op_ids[0]})"
+        maybe_applied = False
+        reply: ClientReply | None = None
+        for attempt in range(1, WRITE_ATTEMPTS + 1):
+            target = self._target()
+            again = f" (attempt {attempt})" if attempt > 1 else ""
+            world.trace.event("client", f"c{self.number} -> {target}: {what}{again}")
+            reply = await self._send(target, op)
+            status = "timed out" if reply is None else reply.status
+            world.trace.event("client", f"c{self.number} <- {target}: {what}: {status}")
+            if reply is not None and reply.status == "ok":
+                self.leader = target
+                break
+            if reply is None or reply.status in ("unknown", "expired"):
+                maybe_applied = True
+            if reply is not None and reply.status == "expired":
+                self._client_id = None
+                break
+            self.leader = reply.leader if reply is not None else None
+            await self._pause("fail" if self.leader is not None else "unknown")
+        if reply is not None and reply.status == "ok":
+            outcome = "ok"
+            if kind == "put-many":
+                for (k, v), op_id in zip(op.mappings, op_ids, strict=True):
+                    history.ok(op_id)
+                    self._seen[k] = v
+            elif kind == "cas":
+                assert isinstance(reply.result, CasResult)
+                swapped, after = reply.result
+                # The checker wants the value the cas found: `expected` when it swapped.
+                history.ok(op_ids[0], (swapped, op.expected if swapped else after))
+                self._seen[key] = after
+            else:
+                assert isinstance(reply.result, bool)
+                history.ok(op_ids[0], reply.result)
+                self._seen[key] = None
+        else:
+            outcome = "unknown" if maybe_applied else "fail"
+            for op_id in op_ids:
+                if maybe_applied:
+                    history.unknown(op_id)
+                else:
+                    history.fail(op_id)
+        sim.outcome(outcome)
+        await self._pause(outcome)
         return outcome
 
 
@@ -277,6 +418,7 @@ class Simulation:
             )
         for host in world.hosts.values():
             await host.start()
+        self.loop.create_task(world.monitor_leaders())
         injector = self.loop.create_task(self.injector.run(on_fault=self.check_enough))
         world.network.client_drop = 0.01
         clients = [Client(self, i) for i in range(1, CLIENTS + 1)]
@@ -523,6 +665,9 @@ def summarize(results: Sequence[RunResult], wall: float, jobs: int) -> str:
         f"faults injected: {sum(faults.values())}; every kind in {kinds_everywhere} of "
         f"{len(finished)} finished runs",
         "  " + ", ".join(f"{kind} {faults[kind]}" for kind in FAULT_KINDS + TARGETED_KINDS),
+        f"elections: {network['elections']} after a pre-vote, {network['elections by transfer']} "
+        f"by transfer; leadership transfers: {network['transfers asked']} asked, "
+        f"{network['transfers done']} moved leadership",
         f"messages: {network['messages']} ({network['dropped']} dropped, "
         f"{network['lost to partitions']} cut by partitions, {network['duplicated']} duplicated, "
         f"{network['reordered']} reordered, {network['lost to crashed nodes']} to crashed nodes)",

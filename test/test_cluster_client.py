@@ -359,3 +359,193 @@ async def test_cli_usage_errors_exit_2_with_one_line(args: list[str]) -> None:
     code, out, err = await run_cli(*args)
     assert (code, out) == (2, "")
     assert_one_line(err)
+
+
+# --- sessions: exactly-once retries --------------------------------------------------------
+
+
+class SessionNode(FakeNode):
+    """A leader that offers sessions and records the session of every write it receives."""
+
+    def __init__(self, node_id: int, address: str, server: grpc.aio.Server) -> None:
+        super().__init__(node_id, address, server)
+        self.next_client_id = 100
+        self.sessions: list[tuple[str, int, int, int]] = []
+        self.transfer_to: int | None = None
+
+    def _record(self, method: str, session: raft_pb2.Session) -> None:
+        self.sessions.append(
+            (method, session.client_id, session.sequence, session.first_outstanding)
+        )
+
+    async def RegisterClient(
+        self, request: raft_pb2.RegisterClientRequest, context: grpc.aio.ServicerContext
+    ) -> raft_pb2.RegisterClientResponse:
+        # Scripted aborts are for the writes themselves, so registering never consumes one.
+        self.calls.append("RegisterClient")
+        self.next_client_id += 1
+        return raft_pb2.RegisterClientResponse(success=True, client_id=self.next_client_id)
+
+    async def ProposeMapping(
+        self, request: raft_pb2.Mapping, context: grpc.aio.ServicerContext
+    ) -> raft_pb2.ProposeMappingResponse:
+        self._record("ProposeMapping", request.session)
+        return await super().ProposeMapping(request, context)
+
+    async def CompareAndSwap(
+        self, request: raft_pb2.CompareAndSwapRequest, context: grpc.aio.ServicerContext
+    ) -> raft_pb2.CompareAndSwapResponse:
+        self._record("CompareAndSwap", request.session)
+        await self._answer_abort("CompareAndSwap", context)
+        current = self.store.get(request.key)
+        expected = request.expected_value if request.HasField("expected_value") else None
+        response = raft_pb2.CompareAndSwapResponse(success=True, swapped=current == expected)
+        if current == expected:
+            current = self.store[request.key] = request.new_value
+        if current is not None:
+            response.current_value = current
+        return response
+
+    async def DeleteKey(
+        self, request: raft_pb2.DeleteRequest, context: grpc.aio.ServicerContext
+    ) -> raft_pb2.DeleteResponse:
+        self._record("DeleteKey", request.session)
+        await self._answer_abort("DeleteKey", context)
+        existed = self.store.pop(request.key, None) is not None
+        return raft_pb2.DeleteResponse(success=True, existed=existed)
+
+    async def ProposeMappings(
+        self, request: raft_pb2.MappingBatch, context: grpc.aio.ServicerContext
+    ) -> raft_pb2.ProposeMappingResponse:
+        self._record("ProposeMappings", request.session)
+        await self._answer_abort("ProposeMappings", context)
+        self.store.update((m.key, m.value) for m in request.mappings)
+        return raft_pb2.ProposeMappingResponse(success=True)
+
+    async def GetValue(
+        self, request: raft_pb2.Key, context: grpc.aio.ServicerContext
+    ) -> raft_pb2.GetValueResponse:
+        self.calls.append("stale" if request.allow_stale else "linearizable")
+        return await super().GetValue(request, context)
+
+    async def TransferLeadership(
+        self, request: raft_pb2.TransferLeadershipRequest, context: grpc.aio.ServicerContext
+    ) -> raft_pb2.TransferLeadershipResponse:
+        await self._answer_abort("TransferLeadership", context)
+        self.transfer_to = request.target_id
+        return raft_pb2.TransferLeadershipResponse(
+            success=True, current_leader=request.target_id or 7, leader_address="elsewhere:1"
+        )
+
+
+@pytest.fixture
+async def session_node() -> AsyncIterator[SessionNode]:
+    server = grpc.aio.server()
+    port = server.add_insecure_port("127.0.0.1:0")
+    node = SessionNode(port, f"127.0.0.1:{port}", server)
+    node.leader = node
+    raft_pb2_grpc.add_ClusterServicer_to_server(node, server)
+    await server.start()
+    try:
+        yield node
+    finally:
+        await server.stop(None)
+
+
+async def test_a_retried_write_resends_the_same_client_id_and_sequence(
+    session_node: SessionNode,
+) -> None:
+    session_node.aborts.append((grpc.StatusCode.UNAVAILABLE, "entry 9 did not commit in time"))
+    async with Client.from_endpoints([session_node.address], deadline=5) as client:
+        assert await client.compare_and_swap("k", None, "v") == (True, "v")
+        assert await client.delete("k") is True
+    assert session_node.calls.count("RegisterClient") == 1
+    assert session_node.sessions == [
+        ("CompareAndSwap", 101, 1, 1),
+        ("CompareAndSwap", 101, 1, 1),
+        ("DeleteKey", 101, 2, 2),
+    ]
+
+
+async def test_concurrent_tasks_share_one_session_with_distinct_sequence_numbers(
+    session_node: SessionNode,
+) -> None:
+    async with Client.from_endpoints([session_node.address]) as client:
+        await asyncio.gather(
+            *(client.propose_mapping(f"k{i}", "v") for i in range(8)),
+            client.propose_mappings({"a": "1", "b": "2"}),
+        )
+        assert client.client_id == 101
+    assert session_node.calls.count("RegisterClient") == 1
+    sequences = sorted(s[2] for s in session_node.sessions)
+    assert sequences == list(range(1, 10))
+    # The lowest reply still awaited never lies above a request's own number.
+    assert all(0 < first <= sequence for _, _, sequence, first in session_node.sessions)
+
+
+async def test_an_expired_session_raises_and_the_next_write_registers_again(
+    session_node: SessionNode,
+) -> None:
+    from cluster_client import SessionExpiredError
+
+    async with Client.from_endpoints([session_node.address]) as client:
+        await client.propose_mapping("a", "1")
+        session_node.aborts.append(
+            (grpc.StatusCode.FAILED_PRECONDITION, "client session 101 is unknown")
+        )
+        with pytest.raises(SessionExpiredError, match="session 101 is unknown"):
+            await client.delete("a")
+        await client.propose_mapping("b", "2")
+        assert client.client_id == 102
+    assert [s[:2] for s in session_node.sessions] == [
+        ("ProposeMapping", 101),
+        ("DeleteKey", 101),
+        ("ProposeMapping", 102),
+    ]
+
+
+async def test_a_cluster_without_sessions_gets_the_seed_s_writes(start_node: StartNode) -> None:
+    # FakeNode has no RegisterClient, as the seed's nodes had none.
+    node = await start_node()
+    elect(node, node)
+    async with Client.from_endpoints([node.address], deadline=5) as client:
+        await client.propose_mapping("k", "v")
+        assert client.client_id is None
+    assert node.store == {"k": "v"}
+
+
+async def test_stale_reads_and_reads_from_one_chosen_node(
+    start_node: StartNode, session_node: SessionNode
+) -> None:
+    other = await start_node()
+    session_node.store["k"] = "v"
+    async with Client.from_endpoints([other.address, session_node.address], deadline=1) as c:
+        assert await c.get_value("k", stale=True, node=session_node.address) == "v"
+        assert await c.get_value("k", node=session_node.address) == "v"
+        # Only the chosen node is asked, however long it keeps failing.
+        other.aborts.extend([(grpc.StatusCode.UNAVAILABLE, "no leader known")] * 1000)
+        with pytest.raises(ClusterUnavailableError, match="could not get 'k'"):
+            await c.get_value("k", node=other.address)
+    assert [c for c in session_node.calls if c != "GetValue"] == ["stale", "linearizable"]
+    assert set(other.calls) == {"GetValue"}
+
+
+async def test_cli_transfer_leader_cas_absent_and_delete(session_node: SessionNode) -> None:
+    where = ["--endpoints", session_node.address, "--timeout", "5"]
+    assert await run_cli(*where, "transfer-leader", "3") == (0, "3\n", "")
+    assert session_node.transfer_to == 3
+    assert await run_cli(*where, "cas", "--absent", "k", "v") == (0, "v\n", "")
+    code, out, err = await run_cli(*where, "cas", "k", "other", "w")
+    assert (code, out) == (4, "")
+    assert_one_line(err)
+    assert "'v'" in err
+    assert await run_cli(*where, "delete", "k") == (0, "", "")
+    code, out, err = await run_cli(*where, "delete", "k")
+    assert (code, out) == (1, "")
+    assert_one_line(err)
+    assert await run_cli(*where, "get", "--stale", "k") == (
+        1,
+        "",
+        "cluster_client.py: key 'k' is not set\n",
+    )
+    assert session_node.calls[-2:] == ["stale", "GetValue"]

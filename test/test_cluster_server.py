@@ -9,9 +9,16 @@ from dataclasses import dataclass, field
 import grpc
 import pytest
 
-from cluster_server import MAX_KEY_BYTES, MAX_VALUE_BYTES, ClusterServicer
-from raft_node import CommitUnknownError, NotLeaderError
+from cluster_server import (
+    MAX_BATCH_BYTES,
+    MAX_BATCH_MAPPINGS,
+    MAX_KEY_BYTES,
+    MAX_VALUE_BYTES,
+    ClusterServicer,
+)
+from raft_node import CommitUnknownError, NotLeaderError, UnavailableError
 from rpc import raft_pb2, raft_pb2_grpc
+from state_machine import ApplyResult, CasResult, SessionExpired
 
 
 @dataclass
@@ -25,17 +32,55 @@ class FakeNode:
     refusal: Exception | None = None
     store: dict[str, str] = field(default_factory=dict)
     proposals: list[tuple[str, str]] = field(default_factory=list)
+    commands: list[raft_pb2.Command] = field(default_factory=list)
+    # What applying any command returns instead of its real result (e.g. SessionExpired).
+    result_override: ApplyResult = None
+    read_refusal: Exception | None = None
+    linearizable_reads: int = 0
 
     def leader(self) -> tuple[int | None, str | None]:
         return self.known_leader
 
-    async def propose_mapping(self, key: str, value: str) -> None:
+    async def propose_mapping(
+        self, key: str, value: str, session: raft_pb2.Session | None = None
+    ) -> None:
         self.proposals.append((key, value))
         if self.refusal is not None:
             raise self.refusal
         self.store[key] = value
 
+    async def propose(self, command: raft_pb2.Command) -> ApplyResult:
+        self.commands.append(command)
+        if self.refusal is not None:
+            raise self.refusal
+        if self.result_override is not None:
+            return self.result_override
+        op = command.WhichOneof("op")
+        if op == "put":
+            self.store.update((m.key, m.value) for m in command.put.mappings)
+            return None
+        if op == "delete":
+            return self.store.pop(command.delete.key, None) is not None
+        if op == "register_client":
+            return 77
+        cas = command.compare_and_swap
+        expected = cas.expected_value if cas.HasField("expected_value") else None
+        current = self.store.get(cas.key)
+        if current == expected:
+            self.store[cas.key] = cas.new_value
+            return CasResult(True, cas.new_value)
+        return CasResult(False, current)
+
     def get_value(self, key: str) -> str | None:
+        return self.store.get(key)
+
+    async def transfer_leadership(self, target_id: int | None = None) -> int:
+        raise NotLeaderError(*self.known_leader)
+
+    async def linearizable_read(self, key: str) -> str | None:
+        self.linearizable_reads += 1
+        if self.read_refusal is not None:
+            raise self.read_refusal
         return self.store.get(key)
 
 
@@ -187,3 +232,135 @@ async def test_get_leader_without_a_known_leader_leaves_it_unset(served: Served)
     assert (response.node_id, response.role, response.term) == (12346, "candidate", 9)
     assert not response.HasField("leader_id")
     assert response.leader_address == ""
+
+
+# ---- the operations added for linearizable, exactly-once use ----------------------------------
+
+
+def session(client_id: int = 7, sequence: int = 1) -> raft_pb2.Session:
+    return raft_pb2.Session(client_id=client_id, sequence=sequence, first_outstanding=sequence)
+
+
+async def test_delete_reports_whether_the_key_existed(served: Served) -> None:
+    served.node.store["k"] = "v"
+    first = await served.stub.DeleteKey(raft_pb2.DeleteRequest(key="k"), timeout=5)
+    assert (first.success, first.existed) == (True, True)
+    again = await served.stub.DeleteKey(raft_pb2.DeleteRequest(key="k"), timeout=5)
+    assert (again.success, again.existed) == (True, False)
+
+
+async def test_compare_and_swap_reports_whether_it_swapped_and_the_value_after(
+    served: Served,
+) -> None:
+    stub = served.stub
+    absent = raft_pb2.CompareAndSwapRequest(key="k", new_value="a")
+    swapped = await stub.CompareAndSwap(absent, timeout=5)
+    assert (swapped.success, swapped.swapped, swapped.current_value) == (True, True, "a")
+    refused = await stub.CompareAndSwap(
+        raft_pb2.CompareAndSwapRequest(key="k", expected_value="zz", new_value="b"), timeout=5
+    )
+    assert (refused.success, refused.swapped, refused.current_value) == (True, False, "a")
+    del served.node.store["k"]
+    on_missing = await stub.CompareAndSwap(
+        raft_pb2.CompareAndSwapRequest(key="k", expected_value="a", new_value="b"), timeout=5
+    )
+    assert (on_missing.swapped, on_missing.HasField("current_value")) == (False, False)
+
+
+async def test_a_batch_is_proposed_as_one_command(served: Served) -> None:
+    batch = raft_pb2.MappingBatch(
+        mappings=[raft_pb2.Mapping(key="a", value="1"), raft_pb2.Mapping(key="b", value="2")],
+        session=session(),
+    )
+    response = await served.stub.ProposeMappings(batch, timeout=5)
+    assert response.success
+    assert len(served.node.commands) == 1
+    assert served.node.commands[0].put.session.client_id == 7
+    assert served.node.store == {"a": "1", "b": "2"}
+
+
+@pytest.mark.parametrize(
+    "mappings, complaint",
+    [
+        ([], "at least one mapping"),
+        ([("k", "v")] * (MAX_BATCH_MAPPINGS + 1), f"the limit is {MAX_BATCH_MAPPINGS}"),
+        ([(f"k{i}", "v" * (1024 * 1024 - 8)) for i in range(3)], f"the limit is {MAX_BATCH_BYTES}"),
+        ([("ok", "v"), ("", "v")], "key must not be empty"),
+    ],
+    ids=["empty", "too many", "too many bytes", "a bad key"],
+)
+async def test_an_invalid_batch_is_invalid_argument_and_never_reaches_the_node(
+    served: Served, mappings: list[tuple[str, str]], complaint: str
+) -> None:
+    batch = raft_pb2.MappingBatch(mappings=[raft_pb2.Mapping(key=k, value=v) for k, v in mappings])
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await served.stub.ProposeMappings(batch, timeout=5)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert complaint in caught.value.details()
+    assert served.node.commands == []
+
+
+async def test_register_client_returns_the_client_id(served: Served) -> None:
+    response = await served.stub.RegisterClient(raft_pb2.RegisterClientRequest(), timeout=5)
+    assert (response.success, response.client_id) == (True, 77)
+
+
+async def test_every_write_from_a_follower_carries_the_redirect(served: Served) -> None:
+    served.node.refusal = NotLeaderError(12345, "127.0.0.1:12350")
+    stub = served.stub
+    replies = [
+        await stub.DeleteKey(raft_pb2.DeleteRequest(key="k"), timeout=5),
+        await stub.CompareAndSwap(raft_pb2.CompareAndSwapRequest(key="k"), timeout=5),
+        await stub.ProposeMappings(
+            raft_pb2.MappingBatch(mappings=[raft_pb2.Mapping(key="k")]), timeout=5
+        ),
+        await stub.RegisterClient(raft_pb2.RegisterClientRequest(), timeout=5),
+    ]
+    for reply in replies:
+        assert not reply.success
+        assert (reply.current_leader, reply.leader_address) == (12345, "127.0.0.1:12350")
+
+
+async def test_an_expired_session_is_failed_precondition(served: Served) -> None:
+    served.node.result_override = SessionExpired("client session 7 is unknown")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await served.stub.DeleteKey(raft_pb2.DeleteRequest(key="k", session=session()), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert caught.value.details() == "client session 7 is unknown"
+
+
+@pytest.mark.parametrize(
+    "bad, complaint",
+    [
+        (raft_pb2.Session(client_id=7, sequence=0), "start at 1"),
+        (raft_pb2.Session(client_id=0, sequence=3), "needs the client_id"),
+        (raft_pb2.Session(client_id=7, sequence=2, first_outstanding=3), "first_outstanding"),
+        (raft_pb2.Session(client_id=-1, sequence=1), "non-negative"),
+    ],
+    ids=["sequence 0", "no client id", "outstanding above sequence", "negative"],
+)
+async def test_a_malformed_session_is_invalid_argument(
+    served: Served, bad: raft_pb2.Session, complaint: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await served.stub.ProposeMapping(raft_pb2.Mapping(key="k", value="v", session=bad))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert complaint in caught.value.details()
+
+
+async def test_get_value_is_linearizable_unless_stale_is_allowed(served: Served) -> None:
+    served.node.store["k"] = "v"
+    assert (await get(served, "k")).value == "v"
+    assert served.node.linearizable_reads == 1
+    stale = await served.stub.GetValue(raft_pb2.Key(key="k", allow_stale=True), timeout=5)
+    assert stale.value == "v"
+    assert served.node.linearizable_reads == 1
+
+
+async def test_a_read_that_cannot_be_confirmed_is_unavailable_not_stale(served: Served) -> None:
+    served.node.store["k"] = "old"
+    served.node.read_refusal = UnavailableError("no leader known to confirm the read")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await get(served, "k")
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "no leader known" in caught.value.details()

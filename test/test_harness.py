@@ -1,6 +1,7 @@
 """Run real node processes and check what a user relies on: `python -m test.test_harness [scenario]`.
 
-`python -m test.test_harness up` instead starts a cluster and keeps it running until Ctrl-C.
+`python -m test.test_harness up` instead starts a cluster and keeps it running until Ctrl-C;
+`python -m test.test_harness faults --duration S --seed N` runs the fault suite (test/fault_suite.py).
 """
 
 from __future__ import annotations
@@ -321,6 +322,37 @@ class Options:
     nodes: int
     first_port: int
     data_root: Path
+    duration: float = 300.0
+    seed: int = 0
+
+
+async def run_faults(options: Options) -> bool:
+    """The fault suite: five nodes on their own hosts, a nemesis and concurrent clients."""
+    from test.fault_suite import SuiteOptions, run_suite
+
+    print(
+        f"\n== faults: {options.duration:g} s of kills, pauses and partitions under "
+        f"concurrent clients (seed {options.seed})",
+        flush=True,
+    )
+    started = time.monotonic()
+
+    def say(text: str) -> None:
+        print(f"    {text}", flush=True)
+
+    result = await run_suite(
+        SuiteOptions(
+            duration=options.duration,
+            seed=options.seed,
+            work_dir=options.data_root / "faults",
+            history_dir=options.data_root,
+            say=say,
+        )
+    )
+    print(result.report, flush=True)
+    elapsed = time.monotonic() - started
+    print(f"{'PASS' if result.ok else 'FAIL'} faults ({elapsed:.1f} s)", flush=True)
+    return result.ok
 
 
 def print_log_tails(cluster: LocalCluster, nodes: list[int]) -> None:
@@ -332,6 +364,12 @@ def print_log_tails(cluster: LocalCluster, nodes: list[int]) -> None:
 
 
 async def run_scenario(name: str, options: Options) -> bool:
+    if name == "faults":
+        try:
+            return await run_faults(options)
+        except Exception as e:  # noqa: BLE001 - reported as this scenario's failure
+            print(f"FAIL faults: {type(e).__name__}: {e}", flush=True)
+            return False
     print(f"\n== {name}: {(SCENARIOS[name].__doc__ or '').strip()}", flush=True)
     started = time.monotonic()
     cluster = LocalCluster(options.nodes, options.first_port, options.data_root / name)
@@ -430,17 +468,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, help="where node data and logs go (default: temp)")
     parser.add_argument("--keep-data", action="store_true", help="keep node data and logs")
     parser.add_argument(
+        "--duration",
+        type=float,
+        default=300.0,
+        help="faults: seconds of faults under load (default 300); the suite always runs five "
+        "nodes at addresses of its own",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="faults: the seed that decides every fault (default 0)"
+    )
+    parser.add_argument(
         "scenarios",
         nargs="*",
         metavar="SCENARIO",
-        help=f"'up', or scenarios to run (default all): {', '.join(SCENARIOS)}",
+        help=f"'up', 'faults' (the fault suite, run only when named), or scenarios to run "
+        f"(default all): {', '.join(SCENARIOS)}",
     )
     args = parser.parse_args(argv)
     names: list[str] = args.scenarios or list(SCENARIOS)
     up = names == ["up"]
-    unknown = [n for n in names if n not in SCENARIOS]
+    unknown = [n for n in names if n not in SCENARIOS and n != "faults"]
     if not up and unknown:
-        _fail(f"unknown scenario {unknown[0]!r}; choose 'up' or from: {', '.join(SCENARIOS)}")
+        _fail(
+            f"unknown scenario {unknown[0]!r}; choose 'up', 'faults' or from: {', '.join(SCENARIOS)}"
+        )
+    if not args.duration > 0:
+        _fail(f"--duration must be a positive number of seconds, not {args.duration:g}")
     if not 1 <= args.nodes <= 99:
         _fail(f"--nodes must be between 1 and 99, not {args.nodes}")
     if not 0 <= args.first_port <= 65535 - 2 * args.nodes + 1:
@@ -448,7 +501,8 @@ def main(argv: list[str] | None = None) -> int:
     first_port = args.first_port
     if first_port == 0:
         first_port = find_free_port_block(2 * args.nodes)
-    busy = busy_ports(first_port, 2 * args.nodes)
+    # The fault suite picks its own addresses; only the other scenarios use these ports.
+    busy = busy_ports(first_port, 2 * args.nodes) if set(names) != {"faults"} else []
     if busy:
         _fail(
             f"port {busy[0]} on {HOST} is already in use (the cluster needs "
@@ -464,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
             _fail(f"cannot create data dir {root}: {e.strerror}")
     else:
         root = Path(tempfile.mkdtemp(prefix="raft-demo-harness-"))
-    options = Options(args.nodes, first_port, root)
+    options = Options(args.nodes, first_port, root, args.duration, args.seed)
     # SIGTERM unwinds like Ctrl-C, so every node is stopped by the same finally blocks.
     signal.signal(signal.SIGTERM, _interrupt)
 
@@ -475,11 +529,14 @@ def main(argv: list[str] | None = None) -> int:
         if up:
             asyncio.run(run_up(options))
         else:
-            print(
-                f"raft-demo harness: {args.nodes} nodes on {HOST}, Raft ports "
-                f"{first_port}-{first_port + args.nodes - 1}, client ports "
-                f"{first_port + args.nodes}-{first_port + 2 * args.nodes - 1}; data in {root}"
-            )
+            if set(names) == {"faults"}:
+                print(f"raft-demo harness: the fault suite; data in {root}")
+            else:
+                print(
+                    f"raft-demo harness: {args.nodes} nodes on {HOST}, Raft ports "
+                    f"{first_port}-{first_port + args.nodes - 1}, client ports "
+                    f"{first_port + args.nodes}-{first_port + 2 * args.nodes - 1}; data in {root}"
+                )
             failed = asyncio.run(run_scenarios(names, options))
     except KeyboardInterrupt:
         interrupted = not up

@@ -4,7 +4,6 @@ clean shutdown, and refusal of bad client input and hostile peer messages."""
 from __future__ import annotations
 
 import socket
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ import pytest
 
 from cluster_config import ClusterConfig
 from rpc import raft_pb2
-from test.cluster_process import LocalCluster, find_free_port_block
+from test.cluster_process import HostCluster, find_free_port_block
 from test.conftest import Stubs, leader_of, log_tails, put, run_script, wait_until
 
 FLAGS = (
@@ -50,27 +49,16 @@ def write_cluster_file(path: Path, first_port: int, ids: tuple[int, ...] = TOML_
     return path
 
 
-class TomlCluster(LocalCluster):
-    """A LocalCluster whose nodes are started in the `--id ID --cluster FILE` form."""
+class TomlCluster(HostCluster):
+    """A local cluster whose nodes are started in the `--id ID --cluster FILE` form."""
 
     def __init__(self, directory: Path) -> None:
-        super().__init__(nodes=len(TOML_IDS))
-        self.cluster_file = write_cluster_file(directory / "cluster.toml", self.first_port)
-        self.config = ClusterConfig.from_toml(self.cluster_file)
-        self.node_ids = sorted(self.config.nodes)
-
-    def command(self, node_id: int) -> list[str]:
-        return [
-            sys.executable,
-            "raft_node.py",
-            "--id",
-            str(node_id),
-            "--cluster",
-            str(self.cluster_file),
-            "--data-dir",
-            str(self.node_data_dir(node_id)),
-            *self.extra_args,
-        ]
+        cluster_file = write_cluster_file(
+            directory / "cluster.toml", find_free_port_block(2 * len(TOML_IDS))
+        )
+        config = ClusterConfig.from_toml(cluster_file)
+        super().__init__(config, {node_id: cluster_file for node_id in config.nodes})
+        self.cluster_file = cluster_file
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import logging
 import os
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -27,6 +28,7 @@ from raft_node import (
     PeerUnreachableError,
     RaftNode,
     Timing,
+    TransferFailedError,
     UnavailableError,
 )
 from rpc import raft_pb2
@@ -55,6 +57,17 @@ BRISK = Timing(
     heartbeat_interval=0.03,
     election_timeout_min=0.3,
     election_timeout_max=0.6,
+    proposal_timeout=5.0,
+    append_timeout=1.0,
+)
+
+
+# For whole-cluster tests that need one leader to stay in office: slow enough that a busy machine
+# does not hold up heartbeats for a whole election timeout.
+SEDATE = Timing(
+    heartbeat_interval=0.05,
+    election_timeout_min=0.8,
+    election_timeout_max=1.2,
     proposal_timeout=5.0,
     append_timeout=1.0,
 )
@@ -96,6 +109,12 @@ def vote(term: int, candidate: int, last_index: int, last_term: int) -> VoteRequ
     return VoteRequest(
         term=term, requester_id=candidate, last_log_index=last_index, last_log_term=last_term
     )
+
+
+def pre_vote(term: int, candidate: int, last_index: int, last_term: int) -> VoteRequest:
+    request = vote(term, candidate, last_index, last_term)
+    request.pre_vote = True
+    return request
 
 
 def append(
@@ -391,8 +410,11 @@ async def test_a_newer_term_in_a_request_makes_a_leader_or_candidate_a_follower(
     assert m.node.current_term == 2
 
     if message == "RequestVote":
-        # A candidate whose log is behind: the term is adopted, the vote refused.
-        reply = await m.node.handle_request_vote(vote(7, 3, 0, 0))
+        # A candidate whose log is behind: the term is adopted, the vote refused. A leader heeds a
+        # newer term's vote request only when it was asked to hand over (thesis section 4.2.3).
+        request = vote(7, 3, 0, 0)
+        request.leadership_transfer = role == "leader"
+        reply = await m.node.handle_request_vote(request)
         assert (reply.term, reply.vote_granted) == (7, False)
         expected_leader = None
     else:
@@ -641,7 +663,10 @@ async def test_a_higher_term_vote_request_does_not_make_the_candidate_the_leader
     assert m.node.leader_id == 2
     m.node.start()
 
-    reply = await m.node.handle_request_vote(vote(4, 3, 1, 1))
+    # As when leader 2 hands over to 3 (so the vote counts although 2 was just heard from).
+    request = vote(4, 3, 1, 1)
+    request.leadership_transfer = True
+    reply = await m.node.handle_request_vote(request)
 
     assert (reply.term, reply.vote_granted) == (4, True)
     assert m.node.leader() == (None, None)
@@ -689,10 +714,11 @@ async def test_each_election_timeout_is_drawn_afresh_from_the_range(h: Harness) 
     for wait in waits:
         assert timing.election_timeout_min - 1e-6 <= wait <= timing.election_timeout_max + 1e-3
     assert len({round(w, 6) for w in waits}) == len(waits), f"timeouts repeat: {waits}"
-    # Each wait that ran out started the next election, in the next term.
-    terms = [r.term for r in m.transport.requests(VoteRequest)]
-    assert terms == sorted(terms) and set(terms) >= {2, 3, 4, 5}
-    assert m.node.role == "candidate"
+    # Each wait that ran out asked again whether a majority would elect it in the next term; with
+    # no peer answering, it never stood (thesis section 9.6).
+    requests = await m.transport.wait_sent(VoteRequest, 2 * 5)
+    assert {(r.term, r.pre_vote) for r in requests} == {(2, True)}
+    assert (m.node.role, m.node.current_term) == ("follower", 1)
 
 
 # ---- section 5.3: log replication, follower side -------------------------------------------------
@@ -992,10 +1018,17 @@ ABSURD = 2**63 - 1
         pytest.param(append(4, 3, 2, 2, [entry(5, 4)]), id="append-entries-with-a-gap"),
         pytest.param(append(4, 3, 2, 2, [entry(3, 9)]), id="append-entry-term-above-leaders"),
         pytest.param(append(4, 3, 2, 2, [entry(3, 1)]), id="append-entry-term-below-prev"),
+        pytest.param(pre_vote(ABSURD, 3, 2, 2), id="pre-vote-absurd-term"),
+        pytest.param(
+            raft_pb2.TimeoutNowRequest(term=3, requester_id=99), id="timeout-now-unknown-requester"
+        ),
+        pytest.param(
+            raft_pb2.TimeoutNowRequest(term=ABSURD, requester_id=2), id="timeout-now-absurd-term"
+        ),
     ],
 )
 async def test_a_message_no_correct_member_sends_is_refused_and_changes_nothing(
-    h: Harness, request_: VoteRequest | AppendEntriesRequest
+    h: Harness, request_: VoteRequest | AppendEntriesRequest | raft_pb2.TimeoutNowRequest
 ) -> None:
     """A forged or corrupted peer message must not move the term, the vote, the log or the timer:
     terms only grow and "each server will vote for at most one candidate in a given term", so one
@@ -1010,6 +1043,8 @@ async def test_a_message_no_correct_member_sends_is_refused_and_changes_nothing(
     with pytest.raises(InvalidRequestError):
         if isinstance(request_, VoteRequest):
             await m.node.handle_request_vote(request_)
+        elif isinstance(request_, raft_pb2.TimeoutNowRequest):
+            await m.node.handle_timeout_now(request_)
         else:
             await m.node.handle_append_entries(request_)
 
@@ -1139,10 +1174,321 @@ async def test_a_read_is_served_only_by_a_leader_a_majority_still_follows(
     assert second is not None
     await second.propose_mapping("color", "blue")
     assert await second.read("color") == "blue"
-    # The old leader still believes it leads, and its state says "red"; it must not say so.
-    assert first.role == "leader" and first.get_value("color") == "red"
+    # The old leader's state still says "red" (it may already have stepped down by check quorum, or
+    # still believe it leads); it must not answer with it.
+    assert first.get_value("color") == "red"
     with pytest.raises((UnavailableError, NotLeaderError)):
         await stale_read
     follower = nodes[next(i for i in others if i != second.node_id)]
     with pytest.raises(NotLeaderError):
         await follower.read("color")
+
+
+# ---- leadership: pre-vote (thesis 9.6), recent leaders (4.2.3), check quorum (6.2), transfer (3.10)
+
+
+@pytest.mark.parametrize("case", ["granted", "log behind", "stale term", "leader heard recently"])
+async def test_a_pre_vote_is_answered_without_changing_term_vote_or_timer(
+    h: Harness, case: str
+) -> None:
+    """A pre-vote changes nothing on the voter.
+
+    Thesis section 9.6: "In the Pre-Vote algorithm, a candidate only increments its term if it first
+    learns from a majority of the cluster that they would be willing to grant the candidate their
+    votes (if the candidate's log is sufficiently up-to-date, and the voters have not received
+    heartbeats from a valid leader for at least a baseline election timeout)." Answering is not
+    voting: term, vote and election timer stay as they were. Reference: thesis section 9.6."""
+    m = await h.member(terms=[1, 2], term=2)
+    if case == "leader heard recently":
+        await m.node.handle_append_entries(append(2, 3, 2, 2))
+    m.node.start()
+    state = (m.node.role, m.node.current_term, m.node.voted_for, m.node.leader_id)
+    timer = election_timer(m.node)
+    request = {
+        "granted": pre_vote(3, 2, 2, 2),
+        "log behind": pre_vote(3, 2, 1, 1),
+        "stale term": pre_vote(2, 2, 9, 2),
+        "leader heard recently": pre_vote(3, 2, 2, 2),
+    }[case]
+    request.term = 1 if case == "stale term" else request.term
+
+    reply = await m.node.handle_request_vote(request)
+
+    granted = case == "granted"
+    assert reply.vote_granted is granted
+    # A grant names the term it was asked about; a refusal tells the candidate this node's term.
+    assert reply.term == (3 if granted else 2)
+    assert (m.node.role, m.node.current_term, m.node.voted_for, m.node.leader_id) == state
+    assert election_timer(m.node) is timer and timer is not None and not timer.cancelled()
+    assert (await durable_state(crashed_copy(m.disk), 1))[:2] == (2, None)
+    # A real vote request for the same term is still free to be granted afterwards.
+    if granted:
+        real = await m.node.handle_request_vote(vote(3, 2, 2, 2))
+        assert (real.term, real.vote_granted) == (3, True)
+
+
+async def test_the_term_rises_only_after_a_majority_of_pre_votes(h: Harness) -> None:
+    """A candidate stands only with a majority of pre-votes.
+
+    Thesis section 9.6: "Only if the candidate believed it could get votes from a majority of the
+    cluster would it increment its term and start a normal election." A granted pre-vote carries a
+    term nobody holds yet and must not be mistaken for a newer term. Reference: thesis 9.6."""
+    m = await h.member(cluster=CLUSTER5, terms=[1], term=1)
+
+    m.node.start_pre_vote()
+
+    sent = await m.transport.wait_sent(VoteRequest, 4)
+    assert {(r.term, r.pre_vote, r.last_log_index, r.last_log_term) for r in sent} == {
+        (2, True, 1, 1)
+    }
+    assert (m.node.role, m.node.current_term, m.node.voted_for) == ("follower", 1, None)
+    m.transport.answer(2, RequestVoteResponse(term=2, vote_granted=True))
+    m.transport.answer(3, RequestVoteResponse(term=1, vote_granted=False))
+    await m.transport.wait_sent(VoteRequest, 4)
+    # Two of five (counting itself): nothing moves, and the grant's term 2 was not adopted.
+    assert (m.node.role, m.node.current_term, m.node.voted_for) == ("follower", 1, None)
+    assert not [r for r in m.transport.requests(VoteRequest) if not r.pre_vote]
+
+    m.transport.answer(4, RequestVoteResponse(term=2, vote_granted=True))
+
+    real = await m.transport.wait_sent(VoteRequest, 4 + 4)
+    assert {(r.term, r.pre_vote, r.leadership_transfer) for r in real[4:]} == {(2, False, False)}
+    assert (m.node.role, m.node.current_term, m.node.voted_for) == ("candidate", 2, 1)
+
+
+async def test_a_refused_pre_vote_with_a_newer_term_brings_a_stale_node_up_to_date(
+    h: Harness,
+) -> None:
+    """A refusal carries the voter's own term; a newer one is real, so a node that missed it catches
+    up (Figure 2: "If RPC request or response contains term T > currentTerm: set currentTerm = T,
+    convert to follower"), without standing in it. Reference: thesis 9.6, section 5.1."""
+    m = await h.member(terms=[1], term=1)
+    m.node.start_pre_vote()
+    await m.transport.wait_sent(VoteRequest, 2)
+
+    m.transport.answer(2, RequestVoteResponse(term=5, vote_granted=False))
+
+    await eventually(lambda: m.node.current_term == 5, "the node adopted term 5")
+    assert (m.node.role, m.node.current_term, m.node.voted_for) == ("follower", 5, None)
+    await eventually_durable(m.disk, 1, 5, None)
+    # The other peer's grant for the stale term 2 comes too late to count.
+    m.transport.answer(3, RequestVoteResponse(term=2, vote_granted=True))
+    await m.transport.wait_sent(VoteRequest, 2)
+    assert not m.transport.unsettled(VoteRequest)
+    assert (m.node.role, m.node.current_term) == ("follower", 5)
+    assert all(r.pre_vote for r in m.transport.requests(VoteRequest))
+
+
+@pytest.mark.parametrize("role", ["follower", "leader"])
+async def test_a_vote_request_soon_after_hearing_from_the_leader_is_ignored(
+    h: Harness, role: str
+) -> None:
+    """Recent leaders keep their followers.
+
+    Thesis section 4.2.3: "if a server receives a RequestVote request within the minimum election
+    timeout of hearing from a current leader, it does not update its term or grant its vote." A
+    leader counts as hearing from itself. A candidate the leader asked to take over says so, and is
+    heard ("you have permission to disrupt the leader"). Reference: thesis 4.2.3, 3.10."""
+    timing = dataclasses.replace(
+        QUIET, heartbeat_interval=0.1, election_timeout_min=0.2, election_timeout_max=20.0
+    )
+    m = await h.member(terms=[1], term=1, timing=timing)
+    if role == "follower":
+        await m.node.handle_append_entries(append(1, 2, 1, 1))
+    else:
+        await into_role(m, "leader")
+    term = m.node.current_term
+    contact = asyncio.get_running_loop().time()
+
+    ignored = await m.node.handle_request_vote(vote(term + 1, 3, 9, term))
+
+    assert (ignored.term, ignored.vote_granted) == (term, False)
+    assert (m.node.role, m.node.current_term) == (role, term)
+    assert (await durable_state(crashed_copy(m.disk), 1))[:2] == (term, m.node.voted_for)
+
+    if role == "follower":
+        # Once the minimum election timeout has passed without the leader, the vote is free.
+        loop = asyncio.get_running_loop()
+        await eventually(lambda: loop.time() - contact > 0.2, "the leader's lease ran out")
+        later = await m.node.handle_request_vote(vote(term + 1, 3, 9, term))
+        assert (later.term, later.vote_granted) == (term + 1, True)
+    else:
+        transfer = vote(term + 1, 3, 9, term)
+        transfer.leadership_transfer = True
+        granted = await m.node.handle_request_vote(transfer)
+        assert (granted.term, granted.vote_granted) == (term + 1, True)
+        assert (m.node.role, m.node.voted_for) == ("follower", 3)
+
+
+async def test_a_leader_that_no_majority_answers_for_an_election_timeout_steps_down(
+    h: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Check quorum.
+
+    Thesis section 6.2: "a leader steps down if an election timeout elapses without a successful
+    round of heartbeats to a majority of its cluster; this allows clients to retry their requests
+    with another server." Its waiting proposal fails as when leadership is lost, and it no longer
+    takes writes. Reference: thesis section 6.2."""
+    timing = Timing(
+        heartbeat_interval=0.05,
+        election_timeout_min=0.4,
+        election_timeout_max=0.8,
+        proposal_timeout=10.0,
+        append_timeout=0.2,
+    )
+    m = await h.member(terms=[1], term=1, timing=timing)
+    answering = {2}
+
+    def some_answer(peer: int, request: object) -> AppendEntriesResponse | None:
+        if not isinstance(request, AppendEntriesRequest) or peer not in answering:
+            raise PeerUnreachableError(f"{peer} is cut off")
+        match = request.prev_log_index + len(request.log_entries)
+        return AppendEntriesResponse(term=request.term, success=True, match_index=match)
+
+    m.transport.policy = some_answer
+    caplog.set_level(logging.INFO, logger="raft")
+    await into_role(m, "leader")
+    loop = asyncio.get_running_loop()
+    elected = loop.time()
+    # Node 2's answers make a majority of three: the leader stays, timeout after timeout.
+    await eventually(lambda: loop.time() - elected > 2 * 0.8, "two election timeouts passed")
+    assert (m.node.role, m.node.current_term) == ("leader", 2)
+
+    answering.clear()
+    pending = asyncio.create_task(m.node.propose_mapping("k", "v"))
+    await eventually(lambda: m.node.role == "follower", "the leader stepped down")
+
+    assert (m.node.current_term, m.node.leader_id) == (2, None)
+    with pytest.raises(CommitUnknownError):
+        await pending
+    with pytest.raises(NotLeaderError):
+        await m.node.propose_mapping("k", "v2")
+    assert any("check quorum" in r.getMessage() for r in caplog.records)
+
+
+async def test_timeout_now_starts_an_election_at_once_that_voters_honour(h: Harness) -> None:
+    """TimeoutNow.
+
+    Thesis section 3.10: "The prior leader sends a TimeoutNow request to the target server. This
+    request has the same effect as the target server's election timer firing: the target server
+    starts a new election (incrementing its term and becoming a candidate)." It skips the pre-vote,
+    and its vote requests carry the flag that lets voters disrupt the leader. A TimeoutNow of an old
+    term is ignored. Reference: thesis sections 3.10 and 4.2.3."""
+    m = await h.member(terms=[1], term=1)
+    await m.node.handle_append_entries(append(1, 2, 1, 1))
+
+    stale = await m.node.handle_timeout_now(raft_pb2.TimeoutNowRequest(term=0, requester_id=2))
+    assert stale.term == 1 and (m.node.role, m.node.current_term) == ("follower", 1)
+
+    reply = await m.node.handle_timeout_now(raft_pb2.TimeoutNowRequest(term=1, requester_id=2))
+
+    assert reply.term == 1
+    assert (m.node.role, m.node.current_term, m.node.voted_for) == ("candidate", 2, 1)
+    sent = await m.transport.wait_sent(VoteRequest, 2)
+    assert {(r.term, r.pre_vote, r.leadership_transfer) for r in sent} == {(2, False, True)}
+    # A voter that heard from leader 2 this instant still grants it.
+    voter = await h.member(node_id=3, terms=[1], term=1)
+    await voter.node.handle_append_entries(append(1, 2, 1, 1))
+    granted = await voter.node.handle_request_vote(sent[0])
+    assert (granted.term, granted.vote_granted) == (2, True)
+
+
+async def test_a_cut_off_node_does_not_raise_its_term_or_depose_the_leader_when_it_returns(
+    h: Harness,
+) -> None:
+    """The disruption pre-vote prevents.
+
+    Thesis section 9.6: a server that rejoins after being cut off would otherwise have been
+    "incrementing its term" with each timeout and, on return, force the leader to step down. With
+    pre-vote, "a candidate only increments its term if it first learns from a majority of the cluster
+    that they would be willing to grant the candidate their votes". Reference: thesis 9.6."""
+    net = InMemoryNetwork()
+    nodes, leader = await running_cluster(h, 3, net, SEDATE)
+    term = leader.current_term
+    cut = nodes[next(i for i in nodes if i != leader.node_id)]
+    rounds: list[int] = []
+    pre_vote_round = cut.start_pre_vote
+
+    def counted() -> None:
+        rounds.append(cut.current_term)
+        pre_vote_round()
+
+    cut.start_pre_vote = counted  # type: ignore[method-assign]
+    net.isolate(cut.node_id)
+    await leader.propose_mapping("while", "away")
+    await eventually(lambda: len(rounds) >= 3, "three election timeouts on the cut-off node")
+    assert cut.current_term == term and set(rounds) == {term}
+
+    net.heal()
+    await leader.propose_mapping("after", "return")
+    await net.wait_until(
+        lambda: cut.get_value("after") == "return", DEADLINE, "the returning node caught up"
+    )
+    # It never stood, so it could depose nobody: the leader leads on in its term.
+    assert not [
+        d
+        for d in net.deliveries
+        if isinstance(d.request, VoteRequest) and d.src == cut.node_id and not d.request.pre_vote
+    ]
+    assert (leader.role, leader.current_term) == ("leader", term)
+    assert cut.leader_id == leader.node_id and cut.current_term == term
+
+
+async def test_leadership_transfer_catches_the_target_up_then_hands_over_or_gives_up(
+    h: Harness,
+) -> None:
+    """Leadership transfer.
+
+    Thesis section 3.10: "1. The prior leader stops accepting new client requests. 2. The prior
+    leader fully updates the target server's log to match its own ... 3. The prior leader sends a
+    TimeoutNow request to the target server." And: "If the transfer does not complete after about
+    one election timeout, the prior leader aborts the transfer and resumes accepting client
+    requests." Reference: thesis section 3.10."""
+    net = InMemoryNetwork()
+    nodes, first = await running_cluster(h, 3, net, SEDATE)
+    lagging, other = (nodes[i] for i in sorted(nodes) if i != first.node_id)
+    net.disconnect(first.node_id, lagging.node_id)
+    await first.propose_mapping("k1", "v1")  # committed without the lagging node
+
+    # To a target it cannot reach: writes are refused (pointing at the target) until it gives up.
+    doomed = asyncio.create_task(first.transfer_leadership(lagging.node_id))
+    await asyncio.sleep(0)  # one turn of the loop: the transfer begins
+    with pytest.raises(NotLeaderError) as refused:
+        await first.propose_mapping("k2", "refused")
+    assert refused.value.leader_id == lagging.node_id
+    with pytest.raises(TransferFailedError):
+        await doomed
+    assert first.role == "leader"
+    await first.propose_mapping("k2", "v2")
+
+    # None: the most up-to-date other node.
+    assert await first.transfer_leadership(None) == other.node_id
+    assert (other.role, other.current_term) == ("leader", first.current_term)
+    assert first.role == "follower"
+    await net.wait_until(lambda: first.leader_id == other.node_id, DEADLINE, "old leader follows")
+
+    # To the lagging node, once it is reachable: first brought up to date, then it takes over.
+    net.heal()
+    await net.wait_until(
+        lambda: settled_leader(nodes, list(nodes)) is other, DEADLINE, "all follow the new leader"
+    )
+    net.disconnect(other.node_id, lagging.node_id)
+    await other.propose_mapping("k3", "v3")
+    behind = lagging.log.last_index
+    net.heal()
+    last = other.log.last_index
+    assert behind < last
+
+    assert await other.transfer_leadership(lagging.node_id) == lagging.node_id
+
+    asked = [
+        d.request
+        for d in net.deliveries
+        if isinstance(d.request, VoteRequest) and d.request.leadership_transfer
+    ]
+    assert asked and asked[-1].requester_id == lagging.node_id
+    assert asked[-1].last_log_index == last  # it held the whole log before it stood
+    assert lagging.role == "leader" and lagging.get_value("k3") is not None
+    await lagging.propose_mapping("k4", "v4")
+    for term, senders in senders_per_term(net).items():
+        assert len(senders) == 1, f"term {term} had leaders {sorted(senders)}"

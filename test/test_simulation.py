@@ -39,6 +39,8 @@ CATCHES = {
         "no errors logged by the nodes",
     },
     "stale-read": {"linearizability"},
+    "no-pre-vote": {"no disruptive elections"},
+    "no-check-quorum": {"check quorum"},
 }
 
 
