@@ -1,6 +1,6 @@
-"""The durable Raft log and hard state (current_term, voted_for), fsync'd with group commit.
-
-All filesystem access goes through the small `Disk` protocol: `RealDisk` (aiofiles) or `MemoryDisk`.
+"""The durable Raft log and hard state (current_term, voted_for), fsync'd with group commit; the log
+can be compacted behind a snapshot (snapshot.py). All filesystem access goes through the small `Disk`
+protocol: `RealDisk` (aiofiles) or `MemoryDisk`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import struct
 import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import aiofiles
 import aiofiles.os
@@ -20,11 +20,18 @@ from aiofiles.threadpool.binary import AsyncBufferedIOBase
 
 from rpc.raft_pb2 import LogEntry
 
+if TYPE_CHECKING:
+    from snapshot import LoadedSnapshot, SnapshotStore
+
 logger = logging.getLogger("raft.log")
 
 LOG_FILE = "log"
 STATE_FILE = "state"
 LOG_MAGIC = b"RAFTLOG1"
+# A compacted log starts with this magic and a header naming the entry just before its first one:
+# [u64 base index][u64 base term][u32 CRC32 of those 16 bytes].
+COMPACT_LOG_MAGIC = b"RAFTLOG2"
+_BASE_HEADER = struct.Struct(">QQI")
 STATE_MAGIC = b"RAFTSTA1"
 
 # A log record is [u32 payload length][u32 CRC32 of payload][payload], big-endian.
@@ -70,6 +77,9 @@ class Disk(Protocol):
 
     async def replace(self, src: str, dst: str) -> None: ...
     async def fsync_dir(self, path: str) -> None: ...
+    async def listdir(self, path: str) -> list[str]: ...
+    async def remove(self, path: str) -> None: ...
+    async def read_range(self, path: str, offset: int, size: int) -> bytes: ...
 
 
 def _fsync_dir_sync(path: str) -> None:
@@ -128,11 +138,23 @@ class RealDisk:
     async def fsync_dir(self, path: str) -> None:
         await _fsync_dir(path)
 
+    async def listdir(self, path: str) -> list[str]:
+        return await aiofiles.os.listdir(path)
+
+    async def remove(self, path: str) -> None:
+        await aiofiles.os.remove(path)
+
+    async def read_range(self, path: str, offset: int, size: int) -> bytes:
+        async with aiofiles.open(path, "rb") as f:
+            await f.seek(offset)
+            return await f.read(size)
+
 
 @dataclass(frozen=True)
 class DiskOp:
-    """One operation a MemoryDisk performed: kind is create, open, write, fsync, truncate, replace
-    or fsync_dir; size is the bytes written or the new length; dest is where a replace moved to."""
+    """One operation a MemoryDisk performed: kind is create, open, write, fsync, truncate, replace,
+    remove or fsync_dir; size is the bytes written or the new length; dest is where a replace moved to.
+    """
 
     kind: str
     path: str
@@ -295,6 +317,29 @@ class MemoryDisk:
                 self._durable_names[name] = inode
         self.ops.append(op)
 
+    async def listdir(self, path: str) -> list[str]:
+        path = self._norm(path)
+        if path not in self._dirs:
+            raise FileNotFoundError(f"no such directory: {path}")
+        names = [n for n in [*self._names, *self._dirs] if n != path and os.path.dirname(n) == path]
+        return sorted(os.path.basename(n) for n in names)
+
+    async def remove(self, path: str) -> None:
+        path = self._norm(path)
+        op = DiskOp("remove", path)
+        await self._before(op)
+        if path not in self._names:
+            raise FileNotFoundError(f"no such file: {path}")
+        # Like a rename, the removal itself survives a crash only once the directory is fsync'd.
+        del self._names[path]
+        self.ops.append(op)
+
+    async def read_range(self, path: str, offset: int, size: int) -> bytes:
+        path = self._norm(path)
+        if path not in self._names:
+            raise FileNotFoundError(f"no such file: {path}")
+        return bytes(self._names[path].data[offset : offset + size])
+
     def crash(self, torn_bytes: int = 0) -> None:
         """Lose everything not made durable; open handles become unusable.
 
@@ -348,15 +393,15 @@ class _Scan:
     entries: list[LogEntry]
     offsets: list[int]
     end: int
+    base_index: int = 0
+    base_term: int = 0
 
 
 def _scan_log(path: str, data: bytes) -> _Scan:
     """Parse a log file's bytes; `end` is where the good records stop (a torn tail follows)."""
-    if data[: len(LOG_MAGIC)] != LOG_MAGIC:
-        raise LogCorruptionError(path, 0, f"bad magic {data[:8]!r}, expected {LOG_MAGIC!r}")
+    base_index, base_term, pos = _read_log_header(path, data)
     entries: list[LogEntry] = []
     offsets: list[int] = []
-    pos = len(LOG_MAGIC)
     size = len(data)
     header = _RECORD_HEADER.size
     while pos < size:
@@ -381,7 +426,7 @@ def _scan_log(path: str, data: bytes) -> _Scan:
             entry = LogEntry.FromString(payload)
         except Exception as e:  # protobuf's DecodeError, whose module ships no type stubs
             raise LogCorruptionError(path, pos, f"record does not parse as a LogEntry: {e}") from e
-        expected = len(entries) + 1
+        expected = base_index + len(entries) + 1
         if entry.index != expected:
             raise LogCorruptionError(
                 path, pos, f"entry has index {entry.index}, expected {expected}"
@@ -389,14 +434,40 @@ def _scan_log(path: str, data: bytes) -> _Scan:
         entries.append(entry)
         offsets.append(pos)
         pos = end
-    return _Scan(entries, offsets, pos)
+    return _Scan(entries, offsets, pos, base_index, base_term)
+
+
+def _read_log_header(path: str, data: bytes) -> tuple[int, int, int]:
+    """(base index, base term, where the records start) of a log file."""
+    magic = data[: len(LOG_MAGIC)]
+    if magic == LOG_MAGIC:
+        return 0, 0, len(LOG_MAGIC)
+    if magic != COMPACT_LOG_MAGIC:
+        raise LogCorruptionError(path, 0, f"bad magic {magic!r}, expected {LOG_MAGIC!r}")
+    start = len(COMPACT_LOG_MAGIC)
+    if len(data) < start + _BASE_HEADER.size:
+        # A compacted log is renamed into place only once complete and fsync'd: never torn.
+        raise LogCorruptionError(path, start, "compacted log header is cut short")
+    base_index, base_term, crc = _BASE_HEADER.unpack_from(data, start)
+    if crc != zlib.crc32(data[start : start + 16]):
+        raise LogCorruptionError(path, start, "checksum mismatch in the compacted log header")
+    return base_index, base_term, start + _BASE_HEADER.size
+
+
+def _log_header(base_index: int, base_term: int) -> bytes:
+    if base_index == 0:
+        return LOG_MAGIC
+    fields = struct.pack(">QQ", base_index, base_term)
+    return COMPACT_LOG_MAGIC + fields + struct.pack(">I", zlib.crc32(fields))
 
 
 class RaftLog:
     """The log entries and hard state of one node (Raft paper, Figure 2, "persistent state").
 
     Changes apply in memory at once; `flush()` makes them durable. The log keeps the LogEntry
-    objects it is given and hands out the same objects: callers must not mutate them.
+    objects it is given and hands out the same objects: callers must not mutate them. Indices are
+    absolute: after compaction the log holds base_index + 1 .. last_index, and term_at(base_index)
+    is the term of the last entry a snapshot covers (thesis chapter 5).
     """
 
     def __init__(self, disk: Disk, data_dir: str, log_file: DiskFile, size: int) -> None:
@@ -408,7 +479,15 @@ class RaftLog:
         self._current_term = 0
         self._voted_for: int | None = None
         self._entries: list[LogEntry] = []
-        self._offsets: list[int] = []  # byte offset of each entry's record; entry i at [i - 1]
+        # Byte offset of each entry's record; entry i at [i - base_index - 1].
+        self._offsets: list[int] = []
+        self._base_index = 0
+        self._base_term = 0
+        # Set by compact() and reset(): the next write replaces the file with the entries kept.
+        self._rewrite = False
+        self.snapshots: SnapshotStore | None = None
+        # The snapshot the log was opened with, for the node to restore its state machine from.
+        self.restored: LoadedSnapshot | None = None
         self._end = size  # byte length of the log file once everything pending is written
         self._durable_index = 0
         # Pending log changes, always reduced to: cut the file to _pending_cut, then append.
@@ -427,7 +506,11 @@ class RaftLog:
 
     @classmethod
     async def open(cls, data_dir: str | os.PathLike[str], disk: Disk | None = None) -> RaftLog:
-        """Create data_dir if needed, load hard state and entries, and repair a torn tail."""
+        """Create data_dir if needed, load hard state, the newest valid snapshot and the entries
+        after it, and repair a torn tail. LogCorruptionError if no valid snapshot covers what the
+        log has discarded."""
+        from snapshot import SnapshotStore
+
         disk = disk if disk is not None else RealDisk()
         directory, parent = _directory_and_parent(data_dir)
         if not await disk.exists(directory):
@@ -481,8 +564,35 @@ class RaftLog:
         log._voted_for = voted_for
         log._entries = scan.entries
         log._offsets = scan.offsets
-        log._durable_index = len(scan.entries)
-        log._low_water = len(scan.entries)
+        log._base_index = scan.base_index
+        log._base_term = scan.base_term
+        log._durable_index = log.last_index
+        log._low_water = log.last_index
+        try:
+            store = await SnapshotStore.open(directory, disk)
+            loaded = await store.load_latest()
+            if scan.base_index > 0 and (loaded is None or loaded.index < scan.base_index):
+                newest = f"newest valid snapshot ends at {loaded.index}" if loaded else "none"
+                raise LogCorruptionError(
+                    log_path,
+                    0,
+                    f"the log starts after entry {scan.base_index} but no valid snapshot covers "
+                    f"the entries before it ({newest}); refusing to start without them",
+                )
+            log.snapshots = store
+            log.restored = loaded
+            if (
+                loaded is not None
+                and loaded.index >= log.base_index
+                and not log.holds(loaded.index, loaded.term)
+            ):
+                # A snapshot installed from a leader, or taken ahead of this log's fsync: the
+                # log's entries do not continue it, so they go (thesis Figure 13, rule 7).
+                log.reset(loaded.index, loaded.term)
+                await log.flush()
+        except BaseException:
+            await f.close()
+            raise
         return log
 
     # -- hard state ---------------------------------------------------------------------------
@@ -531,11 +641,24 @@ class RaftLog:
 
     @property
     def last_index(self) -> int:
-        return len(self._entries)
+        return self._base_index + len(self._entries)
 
     @property
     def last_term(self) -> int:
-        return self._entries[-1].term if self._entries else 0
+        return self._entries[-1].term if self._entries else self._base_term
+
+    @property
+    def base_index(self) -> int:
+        """The last index a snapshot covers and the log no longer holds (0: nothing compacted)."""
+        return self._base_index
+
+    @property
+    def base_term(self) -> int:
+        return self._base_term
+
+    def holds(self, index: int, term: int) -> bool:
+        """Whether the log has (or its base is) the entry at index with that term."""
+        return self._base_index <= index <= self.last_index and self.term_at(index) == term
 
     @property
     def durable_index(self) -> int:
@@ -543,30 +666,44 @@ class RaftLog:
         return self._durable_index
 
     def term_at(self, index: int) -> int:
-        if index == 0:
-            return 0
-        if index < 0 or index > len(self._entries):
-            raise IndexError(f"no entry at index {index} (last index is {len(self._entries)})")
-        return self._entries[index - 1].term
+        base = self._base_index
+        if index == base:
+            return self._base_term
+        if index < base or index > self.last_index:
+            raise IndexError(
+                f"no entry at index {index} (the log holds {base + 1}..{self.last_index})"
+            )
+        return self._entries[index - base - 1].term
 
     def entry(self, index: int) -> LogEntry:
-        if index < 1 or index > len(self._entries):
-            raise IndexError(f"no entry at index {index} (last index is {len(self._entries)})")
-        return self._entries[index - 1]
+        base = self._base_index
+        if index <= base or index > self.last_index:
+            raise IndexError(
+                f"no entry at index {index} (the log holds {base + 1}..{self.last_index})"
+            )
+        return self._entries[index - base - 1]
 
     def _payload_size(self, index: int) -> int:
-        start = self._offsets[index - 1]
-        end = self._offsets[index] if index < len(self._offsets) else self._end
+        i = index - self._base_index - 1
+        start = self._offsets[i]
+        end = self._offsets[i + 1] if i + 1 < len(self._offsets) else self._end
         return end - start - _RECORD_HEADER.size
+
+    def bytes_after(self, index: int) -> int:
+        """About how many bytes the records after `index` take in the log file."""
+        if index >= self.last_index:
+            return 0
+        i = max(index - self._base_index, 0)
+        return self._end - self._offsets[i]
 
     def entries(self, start: int, max_count: int, max_bytes: int) -> list[LogEntry]:
         """Entries from start on: at most max_count, within max_bytes of serialized size, but at
         least one when start <= last_index."""
-        if start < 1:
-            raise IndexError(f"entries start at index 1, not {start}")
+        if start <= self._base_index:
+            raise IndexError(f"entries start at index {self._base_index + 1}, not {start}")
         if max_count < 1:
             raise ValueError(f"max_count must be at least 1, not {max_count}")
-        last = min(len(self._entries), start + max_count - 1)
+        last = min(self.last_index, start + max_count - 1)
         if start > last:
             return []
         stop = start + 1
@@ -576,7 +713,8 @@ class RaftLog:
             if total > max_bytes:
                 break
             stop += 1
-        return self._entries[start - 1 : stop - 1]
+        base = self._base_index
+        return self._entries[start - base - 1 : stop - base - 1]
 
     def append(self, entries: Sequence[LogEntry]) -> None:
         """Add entries at the end (in memory now, durable after the next flush()).
@@ -586,7 +724,7 @@ class RaftLog:
         self._check_open()
         if not entries:
             return
-        first = len(self._entries) + 1
+        first = self.last_index + 1
         for i, e in enumerate(entries):
             if e.index != first + i:
                 raise ValueError(
@@ -613,14 +751,18 @@ class RaftLog:
     def truncate_from(self, index: int) -> None:
         """Drop the entries index..last_index; the next flush() shrinks the file to match."""
         self._check_open()
-        last = len(self._entries)
-        if index < 1 or index > last + 1:
-            raise ValueError(f"cannot truncate from index {index}: must be within 1..{last + 1}")
+        last = self.last_index
+        first = self._base_index + 1
+        if index < first or index > last + 1:
+            raise ValueError(
+                f"cannot truncate from index {index}: must be within {first}..{last + 1}"
+            )
         if index == last + 1:
             return
-        size = self._offsets[index - 1]
-        del self._entries[index - 1 :]
-        del self._offsets[index - 1 :]
+        i = index - first
+        size = self._offsets[i]
+        del self._entries[i:]
+        del self._offsets[i:]
         self._end = size
         base = self._pending_cut if self._pending_cut is not None else self._disk_size
         if size >= base:
@@ -631,6 +773,72 @@ class RaftLog:
         self._durable_index = min(self._durable_index, index - 1)
         self._low_water = min(self._low_water, index - 1)
         self._change_seq += 1
+
+    # -- compaction (thesis chapter 5) --------------------------------------------------------
+
+    def compact(self, index: int) -> None:
+        """Discard the entries up to `index`, which a durable snapshot must already cover; the
+        next flush() replaces the file with one holding only the rest."""
+        self._check_open()
+        if index <= self._base_index:
+            return
+        if index > self.last_index:
+            raise ValueError(f"cannot compact up to {index}: the last index is {self.last_index}")
+        term = self.term_at(index)
+        drop = index - self._base_index
+        del self._entries[:drop]
+        del self._offsets[:drop]
+        self._base_index, self._base_term = index, term
+        self._schedule_rewrite()
+
+    def reset(self, index: int, term: int) -> None:
+        """Make the log empty after a snapshot ending at (index, term): the entries that continue
+        it are kept (thesis Figure 13, rule 6), every other entry goes (rule 7)."""
+        self._check_open()
+        if self.holds(index, term):
+            self.compact(index)
+            return
+        self._entries.clear()
+        self._offsets.clear()
+        self._base_index, self._base_term = index, term
+        self._durable_index = min(self._durable_index, index)
+        self._low_water = min(self._low_water, index)
+        self._schedule_rewrite()
+
+    def _schedule_rewrite(self) -> None:
+        self._rewrite = True
+        self._durable_index = max(self._durable_index, self._base_index)
+        self._durable_index = min(self._durable_index, self.last_index)
+        self._change_seq += 1
+
+    def _encode_all(self) -> bytes:
+        """The whole file as it should be now; offsets and sizes follow the new layout."""
+        out = bytearray(_log_header(self._base_index, self._base_term))
+        offsets = []
+        pack = _RECORD_HEADER.pack
+        for e in self._entries:
+            payload = e.SerializeToString()
+            offsets.append(len(out))
+            out += pack(len(payload), zlib.crc32(payload))
+            out += payload
+        self._offsets = offsets
+        self._end = len(out)
+        return bytes(out)
+
+    async def _rewrite_file(self, data: bytes) -> None:
+        # The old file stays whole until the new one is durable under its name: a crash at any
+        # point leaves one or the other, and a snapshot covers what either lacks.
+        tmp = self._log_path + ".tmp"
+        f = await self._disk.open_append(tmp, truncate=True)
+        try:
+            await f.write(data)
+            await f.fsync()
+        finally:
+            await f.close()
+        await self._disk.replace(tmp, self._log_path)
+        await self._disk.fsync_dir(self._data_dir)
+        old, self._file = self._file, await self._disk.open_append(self._log_path)
+        await old.close()
 
     # -- durability ---------------------------------------------------------------------------
 
@@ -661,14 +869,23 @@ class RaftLog:
     async def _write_pending(self) -> None:
         # Take everything pending now; changes made while this write runs wait for the next one.
         seq = self._change_seq
-        cut, buf = self._pending_cut, self._pending_buf
+        rewrite: bytes | None = None
+        if self._rewrite:
+            self._rewrite = False
+            rewrite = self._encode_all()
+            cut, buf = None, bytearray()
+            self._disk_size = len(rewrite)
+        else:
+            cut, buf = self._pending_cut, self._pending_buf
+            self._disk_size = (cut if cut is not None else self._disk_size) + len(buf)
         self._pending_cut = None
         self._pending_buf = bytearray()
-        self._disk_size = (cut if cut is not None else self._disk_size) + len(buf)
-        self._low_water = len(self._entries)
+        self._low_water = self.last_index
         hard_state = (self._current_term, self._voted_for) if self._hard_state_dirty else None
         self._hard_state_dirty = False
         try:
+            if rewrite is not None:
+                await self._rewrite_file(rewrite)
             if cut is not None:
                 await self._file.truncate(cut)
                 # The cut must be durable before new records land where the old ones were: else a

@@ -72,6 +72,14 @@ class GrpcTransport:
         )
         return reply
 
+    async def install_snapshot(
+        self, peer_id: int, request: raft_pb2.InstallSnapshotRequest, timeout: float
+    ) -> raft_pb2.InstallSnapshotResponse:
+        reply: raft_pb2.InstallSnapshotResponse = await self._call(
+            self._stub(peer_id).InstallSnapshot, request, timeout
+        )
+        return reply
+
     @staticmethod
     async def _call(method: Any, request: Message, timeout: float) -> Any:
         try:

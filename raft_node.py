@@ -23,7 +23,8 @@ from typing import Any, NoReturn, Protocol
 from cluster_config import ClusterConfig, ConfigError, NodeAddress
 from log import LogCorruptionError, RaftLog
 from rpc import raft_pb2, raft_pb2_grpc
-from state_machine import ApplyResult, KeyValueStateMachine, SessionExpired
+from snapshot import Incoming, LoadedSnapshot, SnapshotError, SnapshotMeta
+from state_machine import ApplyResult, KeyValueStateMachine, SessionExpired, SnapshotState
 from task_scheduler import BackgroundTasks
 
 # Terms and indices travel as int64; refusing anything this large keeps `term + 1` from overflowing
@@ -34,6 +35,8 @@ HANDOVER_TIMEOUTS = 2
 # How much one AppendEntries may carry; values are at most 1 MiB, so one entry always fits.
 MAX_ENTRIES_PER_MESSAGE = 1024
 MAX_BYTES_PER_MESSAGE = 4 * 1024 * 1024
+# InstallSnapshot sends one chunk of this size at a time per follower (stop-and-wait flow control).
+SNAPSHOT_CHUNK_BYTES = 1024 * 1024
 
 
 class Role(enum.Enum):
@@ -120,7 +123,31 @@ class Transport(Protocol):
         self, peer_id: int, request: raft_pb2.TimeoutNowRequest, timeout: float
     ) -> raft_pb2.TimeoutNowResponse: ...
 
+    async def install_snapshot(
+        self, peer_id: int, request: raft_pb2.InstallSnapshotRequest, timeout: float
+    ) -> raft_pb2.InstallSnapshotResponse: ...
+
     async def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class SnapshotPolicy:
+    """When a node snapshots its state and compacts its log (thesis section 5.1)."""
+
+    # Snapshot once this many entries, or this many bytes of log records, follow the last snapshot.
+    entries: int = 10_000
+    bytes: int = 64 * 1024 * 1024
+    # Entries kept behind the snapshot point, so a follower a little behind catches up from the log
+    # instead of needing the whole snapshot.
+    keep_entries: int = 1_000
+    # InstallSnapshot sends the file in chunks of this size, one in flight per follower.
+    chunk_bytes: int = SNAPSHOT_CHUNK_BYTES
+
+    def __post_init__(self) -> None:
+        if self.entries < 1 or self.bytes < 1 or self.chunk_bytes < 1:
+            raise ConfigError("the snapshot thresholds must be positive")
+        if self.keep_entries < 0:
+            raise ConfigError("the entries kept behind a snapshot cannot be negative")
 
 
 @dataclass(frozen=True)
@@ -163,6 +190,11 @@ class Progress:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     # Check quorum: when the newest request this follower answered in our term left this node.
     heard_at: float = float("-inf")
+    # The snapshot being sent to this follower (it needs entries compacted away), and where next.
+    snapshot: SnapshotMeta | None = None
+    snapshot_offset: int = 0
+    # When this follower last answered a chunk of that snapshot (or the transfer began).
+    snapshot_heard: float = float("-inf")
 
 
 @dataclass
@@ -200,8 +232,10 @@ class RaftNode:
         rng: random.Random | None = None,
         clock: Clock | None = None,
         wall_clock: Callable[[], float] | None = None,
+        snapshot_policy: SnapshotPolicy | None = None,
     ) -> None:
         self.node_id = node_id
+        self.cluster = cluster
         self.me: NodeAddress = cluster.node(node_id)
         self.peers: dict[int, NodeAddress] = {p.id: p for p in cluster.peers_of(node_id)}
         self.log = log
@@ -213,6 +247,11 @@ class RaftNode:
         self.wall_clock: Callable[[], float] = wall_clock or time.time
         self.state_machine = KeyValueStateMachine()
         self.narrate = _Narrator(self)
+        # None: this node never takes snapshots of its own (it still installs a leader's).
+        self.snapshot_policy = snapshot_policy
+        self._snapshotting = False
+        self._incoming: Incoming | None = None
+        self._install_lock = asyncio.Lock()
 
         self._role = Role.FOLLOWER
         self.leader_id: int | None = None
@@ -283,8 +322,24 @@ class RaftNode:
 
     # ---- lifecycle -------------------------------------------------------------------------
 
+    def start_from_snapshot(self) -> None:
+        """Restore the state machine from the snapshot the log was opened with, if any (once);
+        SnapshotError or ValueError if its state does not decode."""
+        restored = self.log.restored
+        if restored is None:
+            return
+        self.log.restored = None
+        self._restore(restored)
+        self.narrate.info(
+            "restored state from snapshot up to index %d (term %d, %s)",
+            restored.index,
+            restored.term,
+            _size(restored.meta.size),
+        )
+
     def start(self) -> None:
         """Begin as a follower (section 5.2) and wait for a leader or an election timeout."""
+        self.start_from_snapshot()
         self.narrate.info(
             "starting as follower with %d log entries (last term %d); voted for %s",
             self.log.last_index,
@@ -692,6 +747,17 @@ class RaftNode:
         self._heard_from_leader()
 
         prev = request.prev_log_index
+        prev_term = request.prev_log_term
+        entries = list(request.log_entries)
+        base = self.log.base_index
+        if prev < base:
+            # Entries up to the snapshot point are committed, so they match the leader's (Log
+            # Matching); only the ones after it need checking.
+            entries = [e for e in entries if e.index > base]
+            skipped = len(request.log_entries) - len(entries)
+            if prev + skipped < base:
+                return await self._append_reply(True, prev + len(request.log_entries), request)
+            prev, prev_term = base, self.log.base_term
         if prev > self.log.last_index:
             reply = raft_pb2.AppendEntriesResponse(
                 term=term, success=False, conflict_term=0, conflict_index=self.log.last_index + 1
@@ -702,10 +768,10 @@ class RaftNode:
             await self.log.flush()
             reply.term = self.current_term
             return reply
-        if self.log.term_at(prev) != request.prev_log_term:
+        if self.log.term_at(prev) != prev_term:
             conflict_term = self.log.term_at(prev)
             first = prev
-            while first > 1 and self.log.term_at(first - 1) == conflict_term:
+            while first - 1 > self.log.base_index and self.log.term_at(first - 1) == conflict_term:
                 first -= 1
             self.narrate.debug(
                 "log mismatch at %d (mine has term %d); asking from %d", prev, conflict_term, first
@@ -718,7 +784,6 @@ class RaftNode:
                 conflict_index=first,
             )
 
-        entries = request.log_entries
         for offset, entry in enumerate(entries):
             index = entry.index
             if index <= self.log.last_index:
@@ -737,7 +802,11 @@ class RaftNode:
                 self.log.truncate_from(index)
             self.log.append(entries[offset:])
             break
-        match_index = prev + len(entries)
+        return await self._append_reply(True, prev + len(entries), request)
+
+    async def _append_reply(
+        self, success: bool, match_index: int, request: raft_pb2.AppendEntriesRequest
+    ) -> raft_pb2.AppendEntriesResponse:
         if request.leader_commit > self.commit_index:
             # Only entries known to match the leader's log may be committed here (Figure 2: min).
             new_commit = min(request.leader_commit, match_index)
@@ -749,7 +818,7 @@ class RaftNode:
         # The term as it is now: if a newer leader appeared while the entries were being written,
         # the old leader learns of it here instead of counting this reply (section 5.1).
         return raft_pb2.AppendEntriesResponse(
-            term=self.current_term, success=True, match_index=match_index
+            term=self.current_term, success=success, match_index=match_index
         )
 
     def _check_peer_message(self, requester_id: int, *numbers: int) -> None:
@@ -847,6 +916,8 @@ class RaftNode:
         for task in self._leader_tasks:
             task.cancel()
         self._leader_tasks = []
+        for progress in self.progress.values():
+            self._end_snapshot_transfer(progress)
         self.progress = {}
         self._fail_waiters("leadership was lost before the write committed")
 
@@ -861,7 +932,10 @@ class RaftNode:
         entry.index = self.log.last_index + 1
         # Log time (sessions expire by it) never goes backwards, even if this clock is behind the
         # previous leader's.
-        previous = self.log.entry(entry.index - 1).leader_time_ms if entry.index > 1 else 0
+        if entry.index - 1 > self.log.base_index:
+            previous = self.log.entry(entry.index - 1).leader_time_ms
+        else:
+            previous = self.state_machine.log_time_ms if entry.index > 1 else 0
         entry.leader_time_ms = max(int(self.wall_clock() * 1000), previous)
         self.log.append([entry])
         self._flush_own_log()
@@ -969,6 +1043,9 @@ class RaftNode:
 
     async def _send_append(self, peer_id: int, term: int, progress: Progress) -> None:
         prev = progress.next_index - 1
+        if prev < self.log.base_index:
+            await self._send_snapshot_chunk(peer_id, term, progress)
+            return
         entries = self.log.entries(
             progress.next_index, MAX_ENTRIES_PER_MESSAGE, MAX_BYTES_PER_MESSAGE
         )
@@ -1029,7 +1106,8 @@ class RaftNode:
         # optimized"): to after our last entry of that term, or to the follower's first entry of it.
         next_index = reply.conflict_index
         if reply.conflict_term > 0:
-            for index in range(min(request.prev_log_index, self.log.last_index), 0, -1):
+            lowest = self.log.base_index
+            for index in range(min(request.prev_log_index, self.log.last_index), lowest, -1):
                 t = self.log.term_at(index)
                 if t == reply.conflict_term:
                     next_index = index + 1
@@ -1329,6 +1407,11 @@ class RaftNode:
     def _apply_committed(self) -> None:
         """Apply every committed entry not yet applied, exactly once and in index order."""
         self._notify()
+        if self.last_applied < self.commit_index:
+            self._apply_entries()
+            self._maybe_snapshot()
+
+    def _apply_entries(self) -> None:
         while self.last_applied < self.commit_index:
             entry = self.log.entry(self.last_applied + 1)
             result = self.state_machine.apply(entry)
@@ -1342,6 +1425,268 @@ class RaftNode:
                         future.set_exception(
                             CommitUnknownError("another leader's entry took this index")
                         )
+
+    # ---- snapshots and log compaction (thesis chapter 5) -----------------------------------
+
+    def _members(self) -> dict[int, tuple[str, str]]:
+        return {n.id: (n.raft_address, n.client_address) for n in self.cluster.nodes.values()}
+
+    def _restore(self, loaded: LoadedSnapshot) -> None:
+        """Replace the state machine with a snapshot's; the log already starts after it."""
+        self.state_machine.restore(loaded.state)
+        if self.state_machine.last_applied != loaded.index:
+            raise SnapshotError(
+                f"{loaded.meta.path}: its state was taken at index "
+                f"{self.state_machine.last_applied}, not {loaded.index}"
+            )
+        self.commit_index = max(self.commit_index, loaded.index)
+
+    def _maybe_snapshot(self) -> None:
+        """Snapshot once the log has grown past the policy's thresholds since the last snapshot."""
+        policy = self.snapshot_policy
+        if policy is None or self._snapshotting or self._stopped or self.log.snapshots is None:
+            return
+        latest = self.log.snapshots.latest
+        since = latest.index if latest is not None else 0
+        index = self.last_applied
+        if index - since < policy.entries and self.log.bytes_after(since) < policy.bytes:
+            return
+        self._snapshotting = True
+        # Copying the state is quick; encoding and writing it happen while the node goes on.
+        state = self.state_machine.snapshot()
+        term = self.log.term_at(index)
+        if self._spawn(self._write_snapshot(state, index, term), name="snapshot") is None:
+            self._snapshotting = False
+
+    async def _write_snapshot(self, state: SnapshotState, index: int, term: int) -> None:
+        store = self.log.snapshots
+        assert store is not None and self.snapshot_policy is not None
+        try:
+            encoded = await _encode_state(state)
+            meta = await store.write(index, term, self._members(), encoded)
+            self.narrate.info(
+                "took a snapshot up to index %d (term %d, %s)", index, term, _size(meta.size)
+            )
+            # Followers being sent a snapshot still need the entries after it (else each install
+            # would be followed by another: the snapshot install loop).
+            point = index - self.snapshot_policy.keep_entries
+            for progress in self.progress.values():
+                if progress.snapshot is not None:
+                    point = min(point, progress.snapshot.index)
+            point = min(point, self.last_applied, self.log.last_index)
+            if point > self.log.base_index:
+                self.log.compact(point)
+                await self.log.flush()
+                self.narrate.info("discarded the log up to index %d", point)
+        except OSError as e:
+            self.narrate.error("could not write a snapshot up to index %d: %s", index, e)
+        finally:
+            self._snapshotting = False
+
+    async def _send_snapshot_chunk(self, peer_id: int, term: int, progress: Progress) -> None:
+        """Send a follower whose next entry is compacted away one chunk of the newest snapshot;
+        one chunk in flight per follower, the next once it answers (thesis section 5.3)."""
+        store = self.log.snapshots
+        latest = store.latest if store is not None else None
+        if store is None or latest is None:
+            self.narrate.error("%d needs entries I no longer have, and I have no snapshot", peer_id)
+            progress.retry_at = self.clock.now() + self.timing.heartbeat_interval
+            return
+        meta = progress.snapshot
+        if meta is None:
+            # The file stays until this transfer ends, even if newer snapshots are taken meanwhile.
+            meta = progress.snapshot = latest
+            store.pin(meta)
+            progress.snapshot_offset = 0
+            progress.snapshot_heard = self.clock.now()
+            self.narrate.info(
+                "sending snapshot up to index %d (%s) to %d", meta.index, _size(meta.size), peer_id
+            )
+        offset = progress.snapshot_offset
+        policy = self.snapshot_policy
+        chunk = policy.chunk_bytes if policy is not None else SNAPSHOT_CHUNK_BYTES
+        try:
+            data = await store.read_chunk(meta, offset, chunk)
+        except OSError as e:
+            self.narrate.error("could not read the snapshot for %d: %s", peer_id, e)
+            self._end_snapshot_transfer(progress)
+            progress.retry_at = self.clock.now() + self.timing.heartbeat_interval
+            return
+        request = raft_pb2.InstallSnapshotRequest(
+            term=term,
+            requester_id=self.node_id,
+            last_included_index=meta.index,
+            last_included_term=meta.term,
+            offset=offset,
+            total_size=meta.size,
+            data=data,
+            done=offset + len(data) >= meta.size,
+            checksum=meta.checksum,
+        )
+        sent_at = progress.last_sent = self.clock.now()
+        read_round = progress.sent_round = self._read_round
+        try:
+            reply = await self.transport.install_snapshot(
+                peer_id, request, timeout=self.timing.append_timeout
+            )
+        except PeerUnreachableError as e:
+            self.narrate.debug("snapshot chunk to %d failed: %s", peer_id, e)
+            now = self.clock.now()
+            progress.retry_at = now + self.timing.heartbeat_interval
+            if progress.snapshot is meta and now - progress.snapshot_heard > (
+                self.timing.election_timeout_max
+            ):
+                # A follower that stays away must not keep the log and this file from being
+                # compacted; the transfer starts afresh, with the newest snapshot, once it answers.
+                self.narrate.info("stopped sending a snapshot to %d: it does not answer", peer_id)
+                self._end_snapshot_transfer(progress)
+            return
+        if self._step_down_if_newer(reply.term, f"{peer_id}'s snapshot reply"):
+            return
+        if self._role is not Role.LEADER or self.current_term != term or reply.term != term:
+            return
+        progress.heard_at = max(progress.heard_at, sent_at)
+        if read_round > progress.acked_round:
+            progress.acked_round = read_round
+            self._notify()
+        if progress.snapshot is not meta:
+            return
+        progress.snapshot_heard = self.clock.now()
+        if reply.installed:
+            self._end_snapshot_transfer(progress)
+            progress.match_index = max(progress.match_index, meta.index)
+            progress.next_index = max(progress.next_index, meta.index + 1)
+            self.narrate.info("%d installed my snapshot up to index %d", peer_id, meta.index)
+            self._advance_commit()
+            if self._transfer is not None and self._transfer.target == peer_id:
+                self._notify()
+            return
+        progress.snapshot_offset = reply.next_offset if 0 <= reply.next_offset < meta.size else 0
+
+    def _end_snapshot_transfer(self, progress: Progress) -> None:
+        if progress.snapshot is not None and self.log.snapshots is not None:
+            self.log.snapshots.unpin(progress.snapshot)
+        progress.snapshot = None
+
+    async def handle_install_snapshot(
+        self, request: raft_pb2.InstallSnapshotRequest
+    ) -> raft_pb2.InstallSnapshotResponse:
+        """InstallSnapshot receiver rules (thesis Figure 5.3, paper Figure 13): chunks are written
+        in order to a temporary file; after the last, the snapshot is verified and installed."""
+        self._check_peer_message(
+            request.requester_id,
+            request.term,
+            request.last_included_index,
+            request.last_included_term,
+            request.offset,
+            request.total_size,
+        )
+        leader = request.requester_id
+        if request.term < self.current_term:
+            # Rule 1: reply immediately if term < currentTerm.
+            return raft_pb2.InstallSnapshotResponse(term=self.current_term)
+        if request.term > self.current_term or self._role is Role.CANDIDATE:
+            self._become_follower(request.term, leader, f"{leader} leads term {request.term}")
+        elif self._role is Role.LEADER:
+            self.narrate.error("refused a snapshot from %d: I lead this term myself", leader)
+            return raft_pb2.InstallSnapshotResponse(term=self.current_term)
+        self._set_leader(leader)
+        self._heard_from_leader()
+        async with self._install_lock:
+            reply = await self._receive_chunk(request)
+        await self.log.flush()
+        reply.term = self.current_term
+        return reply
+
+    async def _receive_chunk(
+        self, request: raft_pb2.InstallSnapshotRequest
+    ) -> raft_pb2.InstallSnapshotResponse:
+        index, term = request.last_included_index, request.last_included_term
+        total, checksum = request.total_size, request.checksum
+        store = self.log.snapshots
+        if store is None:
+            raise InvalidRequestError("this node keeps no snapshots")
+        if index <= self.commit_index:
+            # Everything the snapshot holds is committed here already; the log goes on after it.
+            return raft_pb2.InstallSnapshotResponse(next_offset=total, installed=True)
+        incoming = self._incoming
+        if request.offset == 0 and (
+            incoming is None or not incoming.same(index, term, total, checksum) or incoming.offset
+        ):
+            # Rule 2: create a new snapshot file if first chunk (offset is 0).
+            if incoming is not None:
+                await store.abort_incoming(incoming)
+            if incoming is None or not incoming.same(index, term, total, checksum):
+                self.narrate.info(
+                    "receiving a snapshot up to index %d (term %d, %s) from %d",
+                    index,
+                    term,
+                    _size(total),
+                    request.requester_id,
+                )
+            self._incoming = incoming = await store.begin_incoming(index, term, total, checksum)
+        if incoming is None or not incoming.same(index, term, total, checksum):
+            # A chunk of a snapshot this node is not receiving (it restarted, or the leader moved
+            # on to a newer one): ask for that snapshot from the start.
+            return raft_pb2.InstallSnapshotResponse(next_offset=0)
+        if request.offset != incoming.offset:
+            return raft_pb2.InstallSnapshotResponse(next_offset=incoming.offset)
+        # Rule 3: write data into the snapshot file at the given offset.
+        await incoming.file.write(request.data)
+        incoming.offset += len(request.data)
+        if incoming.offset > total or (request.done and incoming.offset != total):
+            self.narrate.warning("snapshot transfer from %d went wrong; restarting it", index)
+            await store.abort_incoming(incoming)
+            self._incoming = None
+            return raft_pb2.InstallSnapshotResponse(next_offset=0)
+        if not request.done:
+            # Rule 4: reply and wait for more data chunks if done is false.
+            return raft_pb2.InstallSnapshotResponse(next_offset=incoming.offset)
+        self._incoming = None
+        try:
+            loaded = await store.finish_incoming(incoming)
+        except SnapshotError as e:
+            self.narrate.warning("%s; asking for it again", e)
+            return raft_pb2.InstallSnapshotResponse(next_offset=0)
+        if loaded.index <= self.commit_index:
+            return raft_pb2.InstallSnapshotResponse(next_offset=total, installed=True)
+        # Rules 6 and 7: keep the entries that follow the snapshot if the log has its last entry,
+        # else discard the whole log; then reset the state machine from the snapshot.
+        kept = self.log.holds(loaded.index, loaded.term)
+        self.log.reset(loaded.index, loaded.term)
+        self._restore(loaded)
+        self.narrate.info(
+            "installed snapshot up to index %d (term %d, %s); %s",
+            loaded.index,
+            loaded.term,
+            _size(loaded.meta.size),
+            (
+                f"kept my entries after it (up to {self.log.last_index})"
+                if kept and self.log.last_index > loaded.index
+                else "my log now starts after it"
+            ),
+        )
+        self._notify()
+        self._apply_committed()
+        return raft_pb2.InstallSnapshotResponse(next_offset=total, installed=True)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n} bytes"
+
+
+async def _encode_state(state: SnapshotState) -> bytes:
+    """Encode a state machine's snapshot a few keys at a time, letting the node serve in between
+    (a thread would not help: encoding holds the interpreter's lock)."""
+    pieces = []
+    size = 0
+    for piece in state.encode_pieces():
+        pieces.append(piece)
+        size += len(piece)
+        if size >= 1 << 20:
+            size = 0
+            await asyncio.sleep(0)
+    return b"".join(pieces)
 
 
 # ---- the daemon --------------------------------------------------------------------------------
@@ -1413,6 +1758,27 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=5000,
         help="how long a leader waits for a write to commit before answering UNAVAILABLE (5000)",
     )
+    parser.add_argument(
+        "--snapshot-entries",
+        type=int,
+        default=SnapshotPolicy.entries,
+        help="take a snapshot and compact the log once this many entries follow the last "
+        f"snapshot ({SnapshotPolicy.entries})",
+    )
+    parser.add_argument(
+        "--snapshot-bytes",
+        type=int,
+        default=SnapshotPolicy.bytes,
+        help="... or once the log after the last snapshot takes this many bytes "
+        f"({SnapshotPolicy.bytes})",
+    )
+    parser.add_argument(
+        "--snapshot-keep-entries",
+        type=int,
+        default=SnapshotPolicy.keep_entries,
+        help="entries kept in the log behind a snapshot, so a follower a little behind catches "
+        f"up without a snapshot transfer ({SnapshotPolicy.keep_entries})",
+    )
     args = parser.parse_args(argv)
     if args.id is not None and args.cluster is None:
         parser.error("--id needs --cluster FILE")
@@ -1439,7 +1805,11 @@ def _setup_logging(level: str) -> None:
 
 
 async def _serve(
-    args: argparse.Namespace, cluster: ClusterConfig, node_id: int, timing: Timing
+    args: argparse.Namespace,
+    cluster: ClusterConfig,
+    node_id: int,
+    timing: Timing,
+    policy: SnapshotPolicy,
 ) -> int:
     import grpc
 
@@ -1455,7 +1825,12 @@ async def _serve(
     except LogCorruptionError as e:
         _fail(1, str(e))
     transport = GrpcTransport({p.id: p.raft_address for p in cluster.peers_of(node_id)})
-    node = RaftNode(node_id, cluster, log, transport, timing)
+    node = RaftNode(node_id, cluster, log, transport, timing, snapshot_policy=policy)
+    try:
+        node.start_from_snapshot()
+    except (SnapshotError, ValueError) as e:
+        await log.close()
+        _fail(1, str(e))
 
     servers: list[grpc.aio.Server] = []
     try:
@@ -1619,12 +1994,17 @@ def main(argv: list[str] | None = None) -> int:
             election_timeout_max=args.election_timeout_max_ms / 1000,
             proposal_timeout=args.proposal_timeout_ms / 1000,
         )
+        policy = SnapshotPolicy(
+            entries=args.snapshot_entries,
+            bytes=args.snapshot_bytes,
+            keep_entries=args.snapshot_keep_entries,
+        )
     except ConfigError as e:
         _fail(2, str(e))
     _setup_logging(args.log_level)
     import uvloop
 
-    return uvloop.run(_serve(args, cluster, node_id, timing))
+    return uvloop.run(_serve(args, cluster, node_id, timing, policy))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The `Raft` gRPC service: hands peers' RequestVote and AppendEntries to the node, maps refusals to codes."""
+"""The `Raft` gRPC service: hands peers' messages (votes, entries, read index, timeout now, snapshot
+chunks) to the node, maps refusals to codes."""
 
 from __future__ import annotations
 
@@ -48,6 +49,17 @@ class RaftServicer(raft_pb2_grpc.RaftServicer):
     ) -> raft_pb2.TimeoutNowResponse:
         try:
             return await self._node.handle_timeout_now(request)
+        except InvalidRequestError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            raise
+
+    async def InstallSnapshot(
+        self,
+        request: raft_pb2.InstallSnapshotRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> raft_pb2.InstallSnapshotResponse:
+        try:
+            return await self._node.handle_install_snapshot(request)
         except InvalidRequestError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             raise

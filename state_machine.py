@@ -3,9 +3,11 @@ with client sessions (thesis section 6.3) that make writes exactly-once."""
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import NamedTuple, TypeAlias
+from typing import Any, NamedTuple, TypeAlias
 
 from rpc import raft_pb2
 
@@ -162,6 +164,45 @@ class KeyValueStateMachine:
                 return
             del self._sessions[client_id]
 
+    # ---- snapshots (thesis chapter 5) -------------------------------------------------------
+
+    @property
+    def log_time_ms(self) -> int:
+        """The log time of the last entry applied (the newest leader clock stamped so far)."""
+        return self._log_time_ms
+
+    def snapshot(self) -> SnapshotState:
+        """A copy of the whole state, cheap enough to take between two applies; encoding it
+        (`SnapshotState.encode`) can then run elsewhere while this state machine moves on."""
+        sessions = [
+            (cid, s.last_used_ms, s.discarded_below, list(s.replies.items()))
+            for cid, s in self._sessions.items()
+        ]
+        return SnapshotState(dict(self._data), sessions, self._log_time_ms, self.last_applied)
+
+    def restore(self, data: bytes) -> None:
+        """Replace the whole state with an encoded snapshot; ValueError if it does not decode."""
+        try:
+            doc = json.loads(data)
+            values = doc["data"]
+            sessions: OrderedDict[int, _Session] = OrderedDict()
+            for cid, last_used, discarded_below, replies in doc["sessions"]:
+                sessions[int(cid)] = _Session(
+                    int(last_used),
+                    {int(seq): _decode_result(r) for seq, r in replies},
+                    int(discarded_below),
+                )
+            log_time = int(doc["log_time_ms"])
+            last_applied = int(doc["last_applied"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"snapshot state does not decode: {e}") from e
+        if not isinstance(values, dict):
+            raise ValueError("snapshot state does not decode: data is not a mapping")
+        self._data = values
+        self._sessions = sessions
+        self._log_time_ms = log_time
+        self.last_applied = last_applied
+
     @staticmethod
     def _discard_below(session: _Session, first_kept: int) -> None:
         if first_kept <= session.discarded_below:
@@ -169,3 +210,74 @@ class KeyValueStateMachine:
         session.discarded_below = first_kept
         for sequence in [s for s in session.replies if s < first_kept]:
             del session.replies[sequence]
+
+
+@dataclass
+class SnapshotState:
+    """The state machine's content at one applied index, detached from it."""
+
+    data: dict[str, str]
+    sessions: list[tuple[int, int, int, list[tuple[int, ApplyResult]]]]
+    log_time_ms: int
+    last_applied: int
+
+    def encode(self) -> bytes:
+        return b"".join(self.encode_pieces())
+
+    def encode_pieces(
+        self, keys_per_piece: int = 1000, bytes_per_piece: int = 256 * 1024
+    ) -> Iterator[bytes]:
+        """The encoding in pieces of a few keys each, so that a caller can let other work run
+        between them (one call to json.dumps on a large state would hold the interpreter)."""
+        head = {
+            "last_applied": self.last_applied,
+            "log_time_ms": self.log_time_ms,
+            "sessions": [
+                [cid, last_used, below, [[seq, _encode_result(r)] for seq, r in replies]]
+                for cid, last_used, below, replies in self.sessions
+            ],
+        }
+        yield _dumps(head)[:-1] + b',"data":{'
+        first = True
+        piece: dict[str, str] = {}
+        size = 0
+        for key, value in self.data.items():
+            piece[key] = value
+            size += len(key) + len(value)
+            if len(piece) >= keys_per_piece or size >= bytes_per_piece:
+                yield _dumps(piece)[1:-1] if first else b"," + _dumps(piece)[1:-1]
+                first = False
+                piece, size = {}, 0
+        if piece:
+            yield _dumps(piece)[1:-1] if first else b"," + _dumps(piece)[1:-1]
+        yield b"}}"
+
+
+def _dumps(doc: Any) -> bytes:
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _encode_result(result: ApplyResult) -> Any:
+    # bool before int: a bool is an int in Python, and a delete's reply must stay a bool.
+    if result is None:
+        return None
+    if isinstance(result, bool):
+        return {"b": result}
+    if isinstance(result, int):
+        return {"i": result}
+    if isinstance(result, CasResult):
+        return {"cas": [result.swapped, result.value]}
+    return {"x": result.reason}
+
+
+def _decode_result(doc: Any) -> ApplyResult:
+    if doc is None:
+        return None
+    if "b" in doc:
+        return bool(doc["b"])
+    if "i" in doc:
+        return int(doc["i"])
+    if "cas" in doc:
+        swapped, value = doc["cas"]
+        return CasResult(bool(swapped), value)
+    return SessionExpired(str(doc["x"]))

@@ -281,3 +281,35 @@ class LeaderResponse(_message.Message):
     leader_id: int
     leader_address: str
     def __init__(self, node_id: _Optional[int] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., leader_id: _Optional[int] = ..., leader_address: _Optional[str] = ...) -> None: ...
+
+class InstallSnapshotRequest(_message.Message):
+    __slots__ = ("term", "requester_id", "last_included_index", "last_included_term", "offset", "total_size", "data", "done", "checksum")
+    TERM_FIELD_NUMBER: _ClassVar[int]
+    REQUESTER_ID_FIELD_NUMBER: _ClassVar[int]
+    LAST_INCLUDED_INDEX_FIELD_NUMBER: _ClassVar[int]
+    LAST_INCLUDED_TERM_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    term: int
+    requester_id: int
+    last_included_index: int
+    last_included_term: int
+    offset: int
+    total_size: int
+    data: bytes
+    done: bool
+    checksum: int
+    def __init__(self, term: _Optional[int] = ..., requester_id: _Optional[int] = ..., last_included_index: _Optional[int] = ..., last_included_term: _Optional[int] = ..., offset: _Optional[int] = ..., total_size: _Optional[int] = ..., data: _Optional[bytes] = ..., done: _Optional[bool] = ..., checksum: _Optional[int] = ...) -> None: ...
+
+class InstallSnapshotResponse(_message.Message):
+    __slots__ = ("term", "next_offset", "installed")
+    TERM_FIELD_NUMBER: _ClassVar[int]
+    NEXT_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    INSTALLED_FIELD_NUMBER: _ClassVar[int]
+    term: int
+    next_offset: int
+    installed: bool
+    def __init__(self, term: _Optional[int] = ..., next_offset: _Optional[int] = ..., installed: _Optional[bool] = ...) -> None: ...

@@ -55,6 +55,11 @@ class RaftStub:
                 request_serializer=rpc_dot_raft__pb2.TimeoutNowRequest.SerializeToString,
                 response_deserializer=rpc_dot_raft__pb2.TimeoutNowResponse.FromString,
                 _registered_method=True)
+        self.InstallSnapshot = channel.unary_unary(
+                '/Raft/InstallSnapshot',
+                request_serializer=rpc_dot_raft__pb2.InstallSnapshotRequest.SerializeToString,
+                response_deserializer=rpc_dot_raft__pb2.InstallSnapshotResponse.FromString,
+                _registered_method=True)
 
 
 class RaftServicer:
@@ -89,6 +94,15 @@ class RaftServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def InstallSnapshot(self, request, context):
+        """Added by raft-demo: the leader sends a follower whose next entry it has
+        compacted away a snapshot of its state, one chunk per call, in order
+        (thesis chapter 5).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RaftServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +125,11 @@ def add_RaftServicer_to_server(servicer, server):
                     servicer.TimeoutNow,
                     request_deserializer=rpc_dot_raft__pb2.TimeoutNowRequest.FromString,
                     response_serializer=rpc_dot_raft__pb2.TimeoutNowResponse.SerializeToString,
+            ),
+            'InstallSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.InstallSnapshot,
+                    request_deserializer=rpc_dot_raft__pb2.InstallSnapshotRequest.FromString,
+                    response_serializer=rpc_dot_raft__pb2.InstallSnapshotResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +241,33 @@ class Raft:
             '/Raft/TimeoutNow',
             rpc_dot_raft__pb2.TimeoutNowRequest.SerializeToString,
             rpc_dot_raft__pb2.TimeoutNowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InstallSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/Raft/InstallSnapshot',
+            rpc_dot_raft__pb2.InstallSnapshotRequest.SerializeToString,
+            rpc_dot_raft__pb2.InstallSnapshotResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -18,12 +18,14 @@ Request = (
     | raft_pb2.AppendEntriesRequest
     | raft_pb2.ReadIndexRequest
     | raft_pb2.TimeoutNowRequest
+    | raft_pb2.InstallSnapshotRequest
 )
 Reply = (
     raft_pb2.RequestVoteResponse
     | raft_pb2.AppendEntriesResponse
     | raft_pb2.ReadIndexResponse
     | raft_pb2.TimeoutNowResponse
+    | raft_pb2.InstallSnapshotResponse
 )
 # A scripted reply policy: a reply to send at once, None to let the test answer, or raise
 # PeerUnreachableError to drop the message.
@@ -35,6 +37,7 @@ _R = TypeVar(
     raft_pb2.AppendEntriesRequest,
     raft_pb2.ReadIndexRequest,
     raft_pb2.TimeoutNowRequest,
+    raft_pb2.InstallSnapshotRequest,
 )
 _M = TypeVar("_M", bound=Message)
 _Answer = TypeVar(
@@ -43,6 +46,7 @@ _Answer = TypeVar(
     raft_pb2.AppendEntriesResponse,
     raft_pb2.ReadIndexResponse,
     raft_pb2.TimeoutNowResponse,
+    raft_pb2.InstallSnapshotResponse,
 )
 
 _REPLY_TYPE: dict[type[Request], type[Reply]] = {
@@ -50,6 +54,7 @@ _REPLY_TYPE: dict[type[Request], type[Reply]] = {
     raft_pb2.AppendEntriesRequest: raft_pb2.AppendEntriesResponse,
     raft_pb2.ReadIndexRequest: raft_pb2.ReadIndexResponse,
     raft_pb2.TimeoutNowRequest: raft_pb2.TimeoutNowResponse,
+    raft_pb2.InstallSnapshotRequest: raft_pb2.InstallSnapshotResponse,
 }
 
 
@@ -92,6 +97,11 @@ class CallTransport:
         self, peer_id: int, request: raft_pb2.TimeoutNowRequest, timeout: float
     ) -> raft_pb2.TimeoutNowResponse:
         return await self._typed(peer_id, request, timeout, raft_pb2.TimeoutNowResponse)
+
+    async def install_snapshot(
+        self, peer_id: int, request: raft_pb2.InstallSnapshotRequest, timeout: float
+    ) -> raft_pb2.InstallSnapshotResponse:
+        return await self._typed(peer_id, request, timeout, raft_pb2.InstallSnapshotResponse)
 
     async def close(self) -> None:
         pass
@@ -310,6 +320,8 @@ class InMemoryNetwork(_Waitable):
             call = receiver.handle_read_index(request)
         elif isinstance(request, raft_pb2.TimeoutNowRequest):
             call = receiver.handle_timeout_now(request)
+        elif isinstance(request, raft_pb2.InstallSnapshotRequest):
+            call = receiver.handle_install_snapshot(request)
         else:
             call = receiver.handle_append_entries(request)
         try:

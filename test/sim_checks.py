@@ -13,7 +13,8 @@ from google.protobuf import text_format
 from log import RaftLog
 from raft_node import RaftNode
 from rpc import raft_pb2
-from state_machine import ApplyResult, KeyValueStateMachine
+from snapshot import LoadedSnapshot
+from state_machine import ApplyResult, KeyValueStateMachine, SnapshotState
 
 # What identifies an entry's command: (kind, key, value).
 Command = tuple[int, str, str]
@@ -38,11 +39,11 @@ class LogView:
         return index <= self.length and self.term_at(index) == term
 
 
-def views_of(log: RaftLog) -> list[LogView]:
+def views_of(log: ObservedRaftLog) -> list[LogView]:
     """A running node's possible logs: all of it, or (after a crash now) its durable prefix."""
     return [
-        LogView("in memory", log.last_index, log.term_at),
-        LogView("durable", log.durable_index, log.term_at),
+        LogView("in memory", log.last_index, log.known_term),
+        LogView("durable", log.durable_index, log.known_term),
     ]
 
 
@@ -112,8 +113,8 @@ class Invariants:
             return
         log = node.log
         for index, (entry_term, command) in self.committed.items():
-            if self.commit_term[index] >= term:
-                continue
+            if self.commit_term[index] >= term or index < log.base_index:
+                continue  # entries a snapshot holds are present with their committed content
             if index > log.last_index or log.term_at(index) != entry_term:
                 held = (
                     f"its log ends at index {log.last_index}"
@@ -130,7 +131,7 @@ class Invariants:
 
     def check_log(self, node_id: int, log: ObservedRaftLog) -> None:
         """Check the entries added to `log` since it was last checked."""
-        for index in range(log.verified + 1, log.last_index + 1):
+        for index in range(max(log.verified, log.base_index) + 1, log.last_index + 1):
             entry = log.entry(index)
             seen = (log.term_at(index - 1), _command(entry))
             key = (index, entry.term)
@@ -229,7 +230,8 @@ class Invariants:
                     f"leader {leader_id} has {leader_log.last_index} and {leader_commit}",
                 )
                 return
-            for index in range(1, log.last_index + 1):
+            first = max(log.base_index, leader_log.base_index) + 1
+            for index in range(first, log.last_index + 1):
                 if log.entry(index) != leader_log.entry(index):
                     self._fail(
                         "log matching",
@@ -239,6 +241,12 @@ class Invariants:
                     return
         final: dict[str, int] = {}
         for index in range(1, leader_commit + 1):
+            if index <= leader_log.base_index:
+                # In the leader's snapshot: the entry some node applied at that index.
+                kind, _, value = self.committed[index][1]
+                if kind == raft_pb2.ENTRY_KIND_MAPPING:
+                    final[value] = index
+                continue
             entry = leader_log.entry(index)
             if entry.kind == raft_pb2.ENTRY_KIND_MAPPING:
                 final[entry.value] = index
@@ -279,6 +287,19 @@ class ObservedRaftLog(RaftLog):
             self.invariants.truncating(self.owner, self.node_id, index)
         super().truncate_from(index)
         self.verified = min(self.verified, index - 1)
+
+    def reset(self, index: int, term: int) -> None:
+        if not self.holds(index, term) and index < self.last_index:
+            if self.invariants is not None:
+                self.invariants.truncating(self.owner, self.node_id, self.base_index + 1)
+        super().reset(index, term)
+        self.verified = min(self.verified, index)
+
+    def known_term(self, index: int) -> int:
+        """The term at index; below the snapshot point, the term of the entry committed there."""
+        if index >= self.base_index or self.invariants is None:
+            return self.term_at(index)
+        return self.invariants.committed[index][0]
 
 
 class RecordingStateMachine(KeyValueStateMachine):
@@ -376,6 +397,25 @@ class ObservedRaftNode(RaftNode):
     invariants: Invariants | None = None
     leadership: LeadershipChecks | None = None
     on_elected: Callable[[RaftNode], None] | None = None
+    stats: Counter[str] | None = None
+    _at_start = False
+
+    def start_from_snapshot(self) -> None:
+        self._at_start = True
+        try:
+            super().start_from_snapshot()
+        finally:
+            self._at_start = False
+
+    def _restore(self, loaded: LoadedSnapshot) -> None:
+        super()._restore(loaded)
+        if self.stats is not None:
+            self.stats["snapshot restores" if self._at_start else "snapshots installed"] += 1
+
+    async def _write_snapshot(self, state: SnapshotState, index: int, term: int) -> None:
+        if self.stats is not None:
+            self.stats["snapshots taken"] += 1
+        await super()._write_snapshot(state, index, term)
 
     def _become_candidate(self, transfer: bool) -> int | None:
         term = super()._become_candidate(transfer)

@@ -110,6 +110,15 @@ def describe(message: Request | Reply) -> str:
         return (
             f"{kind}? t{message.term} last {message.last_log_index}/t{message.last_log_term}{flag}"
         )
+    if isinstance(message, raft_pb2.InstallSnapshotRequest):
+        done = " done" if message.done else ""
+        return (
+            f"snapshot t{message.term} upto {message.last_included_index}/"
+            f"t{message.last_included_term} at {message.offset}/{message.total_size}{done}"
+        )
+    if isinstance(message, raft_pb2.InstallSnapshotResponse):
+        installed = " installed" if message.installed else ""
+        return f"snapshot ack t{message.term} next {message.next_offset}{installed}"
     if isinstance(message, raft_pb2.TimeoutNowRequest):
         return f"timeout now! t{message.term}"
     if isinstance(message, raft_pb2.TimeoutNowResponse):
@@ -301,6 +310,10 @@ class Network:
                 reply = await node.handle_read_index(raft_pb2.ReadIndexRequest.FromString(data))
             elif kind is raft_pb2.TimeoutNowRequest:
                 reply = await node.handle_timeout_now(raft_pb2.TimeoutNowRequest.FromString(data))
+            elif kind is raft_pb2.InstallSnapshotRequest:
+                reply = await node.handle_install_snapshot(
+                    raft_pb2.InstallSnapshotRequest.FromString(data)
+                )
             else:
                 reply = await node.handle_append_entries(
                     raft_pb2.AppendEntriesRequest.FromString(data)

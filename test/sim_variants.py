@@ -144,6 +144,18 @@ def _no_check_quorum(stack: ExitStack) -> None:
     stack.enter_context(mock.patch.object(RaftNode, "_check_quorum", check_quorum))
 
 
+def _compact_past_the_snapshot(stack: ExitStack) -> None:
+    """(8) Compaction discards the whole log, also the entries after the snapshot point that no
+    snapshot holds (not yet applied, or not even committed), instead of only what the snapshot
+    covers (thesis chapter 5)."""
+    compact = RaftLog.compact
+
+    def compact_everything(self: RaftLog, index: int) -> None:
+        compact(self, max(index, self.last_index))
+
+    stack.enter_context(mock.patch.object(RaftLog, "compact", compact_everything))
+
+
 VARIANTS: dict[str, Callable[[ExitStack], None]] = {
     "forget-vote": _forget_vote_on_restart,
     "commit-earlier-term": _commit_earlier_terms_by_counting,
@@ -152,6 +164,7 @@ VARIANTS: dict[str, Callable[[ExitStack], None]] = {
     "stale-read": _read_without_confirmation,
     "no-pre-vote": _no_pre_vote,
     "no-check-quorum": _no_check_quorum,
+    "compact-past-snapshot": _compact_past_the_snapshot,
 }
 
 

@@ -12,7 +12,8 @@ from typing import Any
 
 from cluster_config import ClusterConfig, NodeAddress
 from log import LOG_FILE, DiskOp, LogCorruptionError, MemoryDisk, _scan_log
-from raft_node import PeerUnreachableError, RaftNode, Timing
+from raft_node import PeerUnreachableError, RaftNode, SnapshotPolicy, Timing
+from snapshot import SNAPSHOT_PREFIX, SnapshotError, decode_snapshot
 from test.memory_transport import CallTransport, Reply, Request
 from test.sim_checks import (
     Invariants,
@@ -39,6 +40,22 @@ def random_timing(rng: random.Random) -> Timing:
         # Shorter than the daemon's 5 s, so clients see more definite outcomes before giving up.
         proposal_timeout=2.5,
         append_timeout=1.0,
+    )
+
+
+# This share of runs takes no snapshots (the log grows); the others snapshot every few dozen
+# entries and send snapshots in small chunks, so compaction and InstallSnapshot happen often.
+NO_SNAPSHOT_SHARE = 0.1
+
+
+def random_snapshot_policy(rng: random.Random) -> SnapshotPolicy | None:
+    if rng.random() < NO_SNAPSHOT_SHARE:
+        return None
+    return SnapshotPolicy(
+        entries=rng.randint(8, 40),
+        bytes=1 << 30,
+        keep_entries=rng.randint(0, 6),
+        chunk_bytes=rng.randint(64, 512),
     )
 
 
@@ -212,9 +229,32 @@ class Host:
             return []
         try:
             # The same parse a restart does (it also drops a torn tail).
-            return [e.term for e in _scan_log(path, data).entries]
+            scan = _scan_log(path, data)
         except LogCorruptionError:
             return []
+        # Entries a snapshot covers count as present with the content that was committed there.
+        committed = self.world.invariants.committed
+        terms = [committed.get(i, (0,))[0] for i in range(1, scan.base_index + 1)]
+        terms += [e.term for e in scan.entries]
+        newest = self._newest_snapshot()
+        if newest is not None:
+            index, term = newest
+            if index > len(terms) or terms[index - 1] != term:
+                # A restart resets such a log to the snapshot (Figure 13, rule 7).
+                terms = [committed.get(i, (0,))[0] for i in range(1, index + 1)]
+        return terms
+
+    def _newest_snapshot(self) -> tuple[int, int] | None:
+        found: list[tuple[int, int]] = []
+        prefix = f"{self.data_dir}/{SNAPSHOT_PREFIX}"
+        for name in list(self.disk._names):
+            if name.startswith(prefix) and name[len(prefix) :].replace("-", "").isdigit():
+                try:
+                    loaded = decode_snapshot(name, self.disk.file_bytes(name))
+                except SnapshotError:
+                    continue
+                found.append((loaded.index, loaded.term))
+        return max(found) if found else None
 
     @property
     def up(self) -> bool:
@@ -262,7 +302,9 @@ class Host:
             random.Random(world.node_seed_rng.getrandbits(64)),
             process.clock,
             wall_clock=lambda: WALL_CLOCK_START + world.loop.time(),
+            snapshot_policy=world.snapshot_policy,
         )
+        node.stats = world.network.stats
         node.invariants = world.invariants
         node.leadership = world.leadership
         node.on_elected = world.elected
@@ -284,7 +326,10 @@ class Host:
         process.alive = False
         log = process.log
         # Until the disk has lost power (below), what it will keep is at least the durable prefix.
-        self.disk_terms = [log.term_at(i) for i in range(1, log.durable_index + 1)]
+        self.disk_terms = [log.known_term(i) for i in range(1, log.durable_index + 1)]
+        node = process.node
+        if node._incoming is not None or any(p.snapshot for p in node.progress.values()):
+            self.world.network.stats["crashes mid-transfer"] += 1
         self.paused = False
         self.held.clear()
         for task in list(process.tasks):
@@ -341,6 +386,7 @@ class World:
             }
         )
         self.timing = random_timing(random.Random(master.getrandbits(64)))
+        self.snapshot_policy = random_snapshot_policy(random.Random(master.getrandbits(64)))
         # Told of elections and votes, to crash nodes at those moments (the fault injector).
         self.on_elected: Callable[[int], None] | None = None
         self.on_voted: Callable[[int], None] | None = None

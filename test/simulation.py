@@ -668,6 +668,9 @@ def summarize(results: Sequence[RunResult], wall: float, jobs: int) -> str:
         f"elections: {network['elections']} after a pre-vote, {network['elections by transfer']} "
         f"by transfer; leadership transfers: {network['transfers asked']} asked, "
         f"{network['transfers done']} moved leadership",
+        f"snapshots: {network['snapshots taken']} taken, {network['snapshots installed']} "
+        f"installed from a leader, {network['snapshot restores']} restored at a restart, "
+        f"{network['crashes mid-transfer']} crashes in the middle of a transfer",
         f"messages: {network['messages']} ({network['dropped']} dropped, "
         f"{network['lost to partitions']} cut by partitions, {network['duplicated']} duplicated, "
         f"{network['reordered']} reordered, {network['lost to crashed nodes']} to crashed nodes)",

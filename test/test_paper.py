@@ -14,11 +14,13 @@ import dataclasses
 import logging
 import os
 import random
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import pytest
 
+import raft_node
 from cluster_config import ClusterConfig, NodeAddress
 from log import LOG_FILE, DiskOp, MemoryDisk, RaftLog
 from raft_node import (
@@ -27,6 +29,7 @@ from raft_node import (
     NotLeaderError,
     PeerUnreachableError,
     RaftNode,
+    SnapshotPolicy,
     Timing,
     TransferFailedError,
     UnavailableError,
@@ -35,10 +38,13 @@ from rpc import raft_pb2
 from rpc.raft_pb2 import (
     AppendEntriesRequest,
     AppendEntriesResponse,
+    InstallSnapshotRequest,
+    InstallSnapshotResponse,
     LogEntry,
     RequestVoteResponse,
     VoteRequest,
 )
+from snapshot import encode_snapshot
 from state_machine import KeyValueStateMachine
 from test.memory_transport import InMemoryNetwork, ScriptedTransport
 
@@ -1492,3 +1498,224 @@ async def test_leadership_transfer_catches_the_target_up_then_hands_over_or_give
     await lagging.propose_mapping("k4", "v4")
     for term, senders in senders_per_term(net).items():
         assert len(senders) == 1, f"term {term} had leaders {sorted(senders)}"
+
+
+# ---- thesis chapter 5: snapshots and InstallSnapshot ---------------------------------------------
+
+
+def snapshot_bytes(index: int, term: int, key: str = "snap") -> bytes:
+    """A leader's snapshot file for a log whose entries 1..index each set k<i>; `key` holds index."""
+    machine = KeyValueStateMachine()
+    for i in range(1, index + 1):
+        machine.apply(entry(i, 1))
+    machine._data[key] = str(index)
+    members = {n.id: (n.raft_address, n.client_address) for n in CLUSTER3.nodes.values()}
+    return encode_snapshot(index, term, members, machine.snapshot().encode())
+
+
+def install(
+    term: int, leader: int, index: int, last_term: int, data: bytes, offset: int, size: int
+) -> InstallSnapshotRequest:
+    whole = snapshot_bytes(index, last_term)
+    return InstallSnapshotRequest(
+        term=term,
+        requester_id=leader,
+        last_included_index=index,
+        last_included_term=last_term,
+        offset=offset,
+        total_size=len(whole),
+        data=data[offset : offset + size],
+        done=offset + size >= len(whole),
+        checksum=zlib.crc32(whole),
+    )
+
+
+async def test_install_snapshot_with_a_stale_term_is_refused_at_once(h: Harness) -> None:
+    """Thesis Figure 5.3, InstallSnapshot receiver: "1. Reply immediately if term < currentTerm".
+    Reference: thesis chapter 5."""
+    m = await h.member(terms=[1, 1], term=3)
+    data = snapshot_bytes(10, 2)
+
+    reply = await m.node.handle_install_snapshot(install(2, 2, 10, 2, data, 0, len(data)))
+
+    assert (reply.term, reply.installed, reply.next_offset) == (3, False, 0)
+    assert log_terms(m.log) == [1, 1] and m.node.commit_index == 0
+    assert m.node.leader_id is None
+
+
+async def test_install_snapshot_chunks_are_written_in_order_then_the_snapshot_replaces_the_log(
+    h: Harness,
+) -> None:
+    """Thesis Figure 5.3: "2. Create new snapshot file if first chunk (offset is 0) 3. Write data
+    into snapshot file at given offset 4. Reply and wait for more data chunks if done is false
+    5. Save snapshot file, discard any existing or partial snapshot with a smaller index ...
+    7. Discard the entire log 8. Reset state machine using snapshot contents". A chunk out of order
+    is answered with the offset the follower wants, so a lost chunk resumes where it was.
+    Reference: thesis chapter 5."""
+    m = await h.member(terms=[1, 1, 1], term=2)
+    data = snapshot_bytes(10, 2)
+    third = len(data) // 3
+
+    first = await m.node.handle_install_snapshot(install(2, 2, 10, 2, data, 0, third))
+    skipped = await m.node.handle_install_snapshot(install(2, 2, 10, 2, data, 2 * third, 1 << 20))
+    second = await m.node.handle_install_snapshot(install(2, 2, 10, 2, data, third, third))
+    assert (first.next_offset, first.installed) == (third, False)
+    assert (skipped.next_offset, skipped.installed) == (third, False)
+    assert (second.next_offset, second.installed) == (2 * third, False)
+    assert log_terms(m.log) == [1, 1, 1] and m.node.get_value("snap") is None
+
+    last = await m.node.handle_install_snapshot(install(2, 2, 10, 2, data, 2 * third, 1 << 20))
+
+    assert (last.term, last.installed, last.next_offset) == (2, True, len(data))
+    assert (m.log.base_index, m.log.base_term, m.log.last_index) == (10, 2, 10)
+    assert m.node.commit_index == m.node.last_applied == 10
+    assert m.node.get_value("snap") == "10" and m.node.get_value("k7") == "v7-t1"
+    # Installed durably: a restart starts from it.
+    restarted = await h.restart(m)
+    restarted.node.start_from_snapshot()
+    assert (restarted.log.base_index, restarted.log.last_index) == (10, 10)
+    assert restarted.node.get_value("snap") == "10"
+    # Replication goes on after the snapshot.
+    reply = await restarted.node.handle_append_entries(append(2, 2, 10, 2, [entry(11, 2)], 11))
+    assert (reply.success, restarted.node.last_applied) == (True, 11)
+
+
+async def test_a_snapshot_whose_last_entry_the_log_holds_keeps_the_entries_after_it(
+    h: Harness,
+) -> None:
+    """Thesis Figure 5.3: "6. If existing log entry has same index and term as snapshot's last
+    included entry, retain log entries following it and reply". Reference: thesis chapter 5."""
+    m = await h.member(terms=[1, 1, 1, 2, 2, 2], term=2)
+    data = snapshot_bytes(4, 2)
+
+    reply = await m.node.handle_install_snapshot(install(2, 2, 4, 2, data, 0, len(data)))
+
+    assert reply.installed
+    assert (m.log.base_index, m.log.last_index) == (4, 6)
+    assert [m.log.term_at(i) for i in (4, 5, 6)] == [2, 2, 2]
+    assert m.node.commit_index == 4
+
+
+async def test_a_snapshot_that_fails_its_checksum_is_not_installed_and_is_asked_for_again(
+    h: Harness,
+) -> None:
+    """Thesis chapter 5: the follower installs the snapshot only once it has the whole file; one
+    that does not match the checksum the leader announced is discarded, and the transfer restarts
+    from offset 0. Reference: thesis chapter 5."""
+    m = await h.member(terms=[1, 1], term=2)
+    data = bytearray(snapshot_bytes(10, 2))
+    data[len(data) // 2] ^= 0xFF
+
+    reply = await m.node.handle_install_snapshot(install(2, 2, 10, 2, bytes(data), 0, len(data)))
+
+    assert (reply.installed, reply.next_offset) == (False, 0)
+    assert log_terms(m.log) == [1, 1] and m.node.commit_index == 0
+
+
+async def test_a_leader_sends_its_snapshot_in_chunks_to_a_follower_whose_next_entry_it_compacted(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Thesis section 5.1: "the leader must occasionally send snapshots to followers that lag
+    behind ... when it has already discarded the next log entry that it needs to send to a
+    follower". One chunk at a time; the offset the follower answers is where the next starts (so
+    a follower that restarted mid-transfer gets it again from 0); once installed, replication
+    resumes after the snapshot. Reference: thesis chapter 5."""
+    monkeypatch.setattr(raft_node, "SNAPSHOT_CHUNK_BYTES", 200)
+    m = await h.member(terms=[1] * 12, term=1)
+    assert m.log.snapshots is not None
+    meta = await m.log.snapshots.write(10, 1, {}, snapshot_state(m, 10))
+    m.log.compact(10)
+    await m.log.flush()
+    await into_role(m, "leader")
+    append_to_2 = (await m.transport.wait_sent(AppendEntriesRequest, 1, peer=2))[0]
+    m.transport.answer(
+        2,
+        AppendEntriesResponse(
+            term=append_to_2.term, success=False, conflict_term=0, conflict_index=3
+        ),
+    )
+
+    chunk = (await m.transport.wait_sent(InstallSnapshotRequest, 1, peer=2))[0]
+    assert (chunk.last_included_index, chunk.offset, len(chunk.data)) == (10, 0, 200)
+    assert (chunk.total_size, chunk.checksum) == (meta.size, meta.checksum)
+    m.transport.answer(2, InstallSnapshotResponse(term=chunk.term, next_offset=200))
+    chunk = (await m.transport.wait_sent(InstallSnapshotRequest, 2, peer=2))[-1]
+    assert chunk.offset == 200
+    # The follower restarted and lost what it had: it asks for offset 0.
+    m.transport.answer(2, InstallSnapshotResponse(term=chunk.term, next_offset=0))
+    chunk = (await m.transport.wait_sent(InstallSnapshotRequest, 3, peer=2))[-1]
+    assert chunk.offset == 0
+    offset = 0
+    while True:
+        offset += len(chunk.data)
+        done = offset >= meta.size
+        assert chunk.done == done
+        m.transport.answer(
+            2, InstallSnapshotResponse(term=chunk.term, next_offset=offset, installed=done)
+        )
+        if done:
+            break
+        sent = len(m.transport.requests(InstallSnapshotRequest, 2))
+        chunk = (await m.transport.wait_sent(InstallSnapshotRequest, sent + 1, peer=2))[-1]
+        assert chunk.offset == offset
+
+    await eventually(
+        lambda: any(r.prev_log_index == 10 for r in m.transport.requests(AppendEntriesRequest, 2)),
+        "the leader replicates the entries after the snapshot",
+    )
+    assert m.node.progress[2].match_index >= 10
+
+
+def snapshot_state(m: Member, index: int) -> bytes:
+    machine = KeyValueStateMachine()
+    for i in range(1, index + 1):
+        machine.apply(m.log.entry(i))
+    return machine.snapshot().encode()
+
+
+async def test_a_follower_cut_off_while_the_leader_compacted_catches_up_by_snapshot(
+    h: Harness,
+) -> None:
+    """Thesis chapter 5, end to end in a cluster: a follower that missed entries the leader has
+    since compacted away receives the snapshot, installs it, and then holds every write; the leader
+    never discards the entries after a snapshot it is sending, so the follower does not need
+    another one right after (no install loop). Reference: thesis chapter 5."""
+    net = InMemoryNetwork()
+    ids = [1, 2, 3]
+    cluster = cluster_of(3)
+    policy = SnapshotPolicy(entries=15, bytes=1 << 30, keep_entries=3)
+    nodes = {}
+    for i in ids:
+        log = await h.open_log(MemoryDisk(), i)
+        node = RaftNode(
+            i, cluster, log, net.transport(i), SEDATE, random.Random(i), snapshot_policy=policy
+        )
+        net.attach(node)
+        h.nodes.append(node)
+        nodes[i] = node
+        node.start()
+    await net.wait_until(lambda: settled_leader(nodes, ids) is not None, DEADLINE, "a leader")
+    leader = settled_leader(nodes, ids)
+    assert leader is not None
+    lagging = next(n for n in nodes.values() if n is not leader)
+    net.isolate(lagging.node_id)
+    for i in range(60):
+        await leader.propose_mapping(f"key{i}", f"value{i}")
+    await eventually(lambda: leader.log.base_index > lagging.log.last_index, "compaction")
+
+    net.heal()
+    await net.wait_until(
+        lambda: lagging.get_value("key59") == "value59", DEADLINE, "the follower caught up"
+    )
+    assert all(lagging.get_value(f"key{i}") == f"value{i}" for i in range(60))
+    replies = [
+        d.reply
+        for d in net.deliveries
+        if isinstance(d.request, InstallSnapshotRequest) and d.dst == lagging.node_id
+    ]
+    installed = [r for r in replies if isinstance(r, InstallSnapshotResponse) and r.installed]
+    assert len(installed) == 1 and replies[-1] is installed[0]
+    await leader.propose_mapping("after", "install")
+    await net.wait_until(
+        lambda: lagging.get_value("after") == "install", DEADLINE, "replication resumed"
+    )

@@ -41,6 +41,8 @@ CATCHES = {
     "stale-read": {"linearizability"},
     "no-pre-vote": {"no disruptive elections"},
     "no-check-quorum": {"check quorum"},
+    "compact-past-snapshot": _LOST_COMMITS
+    | {"no unexpected errors", "crash recovery", "convergence", "liveness"},
 }
 
 

@@ -1,0 +1,136 @@
+"""The benchmark's quickest run against this project and the do-nothing server produces a readable
+table, well-formed JSON and PNG charts; a missing system is skipped with how to install it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test.bench_report import Cell, markdown_table, percentile
+from test.bench_systems import cpu_seconds, rss_bytes
+
+REPO = Path(__file__).resolve().parent.parent
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def run_benchmark(
+    *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "test.benchmark", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+
+
+@pytest.fixture(scope="module")
+def quick_run(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[subprocess.CompletedProcess[str], Path]:
+    out = tmp_path_factory.mktemp("bench")
+    result = run_benchmark("--quick", "--clients", "1,4", "--duration", "1", "--out", str(out))
+    return result, out
+
+
+def test_quick_run_writes_json_with_a_measured_cell_per_system_workload_and_concurrency(
+    quick_run: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
+    result, out = quick_run
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "results.json").read_text())
+    cells = {(c["system"], c["workload"], c["clients"]): c for c in report["cells"]}
+    expected = {(s, w, n) for s in ("raft-demo", "null") for w in ("write", "read") for n in (1, 4)}
+    assert set(cells) == expected
+    for key, cell in cells.items():
+        assert cell["note"] == "", key
+        assert cell["ops"] > 0 and cell["errors"] == 0, key
+        assert cell["nodes"] == 3 and cell["value_size"] == 64, key
+        assert 0 < cell["p50_ms"] <= cell["p99_ms"] <= cell["p999_ms"], key
+        # The CPU figure is read from the node processes, so it is there and positive.
+        assert cell["cpu_s_per_1000_ops"] is not None and cell["cpu_s_per_1000_ops"] > 0, key
+    assert report["machine"] and report["command"].startswith("python -m test.benchmark")
+
+
+def test_quick_run_prints_the_table_and_draws_one_png_per_workload(
+    quick_run: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
+    result, out = quick_run
+    assert "ops/s" in result.stdout and "cpu s/1k ops" in result.stdout
+    table_rows = [
+        line
+        for line in result.stdout.splitlines()
+        if line.split()[:2] in (["raft-demo", "write"], ["null", "read"])
+    ]
+    assert len(table_rows) >= 4  # two client counts each, as measured and in the final table
+    charts = sorted(p.name for p in out.glob("*.png"))
+    assert charts == ["read-3nodes-64B.png", "write-3nodes-64B.png"]
+    for name in charts:
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+    markdown = (out / "results.md").read_text()
+    headline, full = markdown.split("\n\n")
+    assert headline.startswith("| system (3 nodes, 64 B) |")
+    assert [row.split(" | ")[0] for row in headline.splitlines()[2:]] == ["| raft-demo", "| null"]
+    assert full.startswith("| system |") and len(full.splitlines()) == 2 + 8
+
+
+def test_a_saved_run_is_drawn_again_without_measuring(
+    quick_run: tuple[subprocess.CompletedProcess[str], Path], tmp_path: Path
+) -> None:
+    _, out = quick_run
+    result = run_benchmark("--from-json", str(out / "results.json"), "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(
+        p.name for p in out.glob("*.png")
+    )
+    assert json.loads((tmp_path / "results.json").read_text()) == json.loads(
+        (out / "results.json").read_text()
+    )
+
+
+def test_a_system_that_is_not_installed_is_skipped_with_how_to_install_it(
+    tmp_path: Path,
+) -> None:
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    env = dict(os.environ, PATH=str(empty))
+    result = run_benchmark(
+        "--systems", "etcd,null", "--workloads", "write", "--clients", "1", "--value-sizes", "64",
+        "--nodes", "1", "--duration", "0.3", "--no-charts", "--out", str(tmp_path / "out"), env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "skipping etcd: etcd is not installed: apt-get install etcd-server" in result.stdout
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert "etcd" in report["skipped"]
+    assert {c["system"] for c in report["cells"]} == {"null"}
+
+
+def test_a_bad_flag_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    result = run_benchmark("--clients", "0", "--out", str(tmp_path))
+    assert result.returncode == 2
+    assert "expected positive numbers" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_process_figures_come_from_proc() -> None:
+    me = os.getpid()
+    assert cpu_seconds(me) > 0 and rss_bytes(me) > 0
+    # Above the kernel's largest pid: a process that is gone reads as nothing used, not an error.
+    assert cpu_seconds(2**22 + 1) == 0.0 and rss_bytes(2**22 + 1) == 0
+
+
+def test_percentiles_and_markdown_rows() -> None:
+    values = [float(v) for v in range(1, 1001)]
+    assert percentile(values, 0.5) == 500 and percentile(values, 0.999) == 999
+    assert percentile([], 0.5) == 0
+    cell = Cell("etcd", "write", 5, 64, 64, ops=10, ops_per_s=1234.4, cpu_s_per_1000_ops=0.5)
+    skipped = Cell("pysyncobj", "-", 5, 0, 0, note="could not be measured")
+    rows = markdown_table([cell, skipped]).splitlines()
+    assert len(rows) == 3 and rows[2].startswith("| etcd | write | 5 | 64 | 64 | 1,234 |")
