@@ -82,6 +82,21 @@ class Disk(Protocol):
     async def read_range(self, path: str, offset: int, size: int) -> bytes: ...
 
 
+async def replace_file(disk: Disk, path: str, data: bytes) -> None:
+    """Make `data` the content of `path` atomically and durably: written to a temporary file and
+    fsync'd, renamed over `path`, then the directory fsync'd. A crash at any point leaves either
+    the old file whole or the new one."""
+    tmp = path + ".tmp"
+    f = await disk.open_append(tmp, truncate=True)
+    try:
+        await f.write(data)
+        await f.fsync()
+    finally:
+        await f.close()
+    await disk.replace(tmp, path)
+    await disk.fsync_dir(os.path.dirname(path))
+
+
 def _fsync_dir_sync(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
@@ -828,15 +843,7 @@ class RaftLog:
     async def _rewrite_file(self, data: bytes) -> None:
         # The old file stays whole until the new one is durable under its name: a crash at any
         # point leaves one or the other, and a snapshot covers what either lacks.
-        tmp = self._log_path + ".tmp"
-        f = await self._disk.open_append(tmp, truncate=True)
-        try:
-            await f.write(data)
-            await f.fsync()
-        finally:
-            await f.close()
-        await self._disk.replace(tmp, self._log_path)
-        await self._disk.fsync_dir(self._data_dir)
+        await replace_file(self._disk, self._log_path, data)
         old, self._file = self._file, await self._disk.open_append(self._log_path)
         await old.close()
 
@@ -905,15 +912,7 @@ class RaftLog:
             self._flush_task = None
 
     async def _write_state(self, current_term: int, voted_for: int | None) -> None:
-        tmp = self._state_path + ".tmp"
-        f = await self._disk.open_append(tmp, truncate=True)
-        try:
-            await f.write(_encode_state(current_term, voted_for))
-            await f.fsync()
-        finally:
-            await f.close()
-        await self._disk.replace(tmp, self._state_path)
-        await self._disk.fsync_dir(self._data_dir)
+        await replace_file(self._disk, self._state_path, _encode_state(current_term, voted_for))
 
     async def close(self) -> None:
         """Finish every pending write and close the files. Safe to call more than once."""

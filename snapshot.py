@@ -13,7 +13,7 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass
 
-from log import Disk, DiskFile, RealDisk
+from log import Disk, DiskFile, RealDisk, replace_file
 
 logger = logging.getLogger("raft.snapshot")
 
@@ -203,15 +203,7 @@ class SnapshotStore:
         else:
             data, checksum = _encode_and_sum(index, term, members, state)
         path = os.path.join(self.directory, _name(index, term))
-        tmp = path + ".tmp"
-        f = await self.disk.open_append(tmp, truncate=True)
-        try:
-            await f.write(data)
-            await f.fsync()
-        finally:
-            await f.close()
-        await self.disk.replace(tmp, path)
-        await self.disk.fsync_dir(self.directory)
+        await replace_file(self.disk, path, data)
         meta = SnapshotMeta(index, term, len(data), checksum, path)
         if self.latest is None or index >= self.latest.index:
             self.latest = meta
