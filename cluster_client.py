@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import random
 import sys
 from collections import deque
@@ -25,6 +26,7 @@ from cluster_config import (
     NodeAddress,
     parse_host_port,
 )
+from membership import MAX_NODE_ID, MembershipError, check_new_member
 from rpc import raft_pb2, raft_pb2_grpc
 
 PROG = "cluster_client.py"
@@ -34,11 +36,19 @@ DEFAULT_DEADLINE = 10.0
 # (5 s by default), so one attempt waits a little longer than that rather than abandon a commit.
 DEFAULT_ATTEMPT_TIMEOUT = 6.0
 DEFAULT_READ_ATTEMPT_TIMEOUT = 1.0
+# Adding a member may wait for the new node to catch up (by snapshot if it is far behind) and be
+# promoted to voter, which can take tens of seconds: add_member has its own, longer timeout.
+DEFAULT_ADD_MEMBER_TIMEOUT = 120.0
 BACKOFF_MIN = 0.02
 BACKOFF_MAX = 1.0
+# A membership change refused because another one is not yet committed is asked again this many
+# times, after pauses from CHANGE_BUSY_BACKOFF seconds doubling, before the refusal is raised.
+CHANGE_BUSY_RETRIES = 4
+CHANGE_BUSY_BACKOFF = 0.1
 
 EXIT_OK = 0
 EXIT_MISSING_KEY = 1
+EXIT_REFUSED = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
 EXIT_NOT_SWAPPED = 4
@@ -76,10 +86,59 @@ class RequestRejectedError(ClientError):
     certainly not applied."""
 
 
+class MembershipRefusedError(RequestRejectedError):
+    """The cluster refused a membership change (an id that was removed or is taken, an address
+    in use, the last voter, ...); nothing changed."""
+
+
+class MembershipBusyError(MembershipRefusedError):
+    """Another membership change was still uncommitted after several tries (the cluster makes
+    one at a time); nothing changed, and the same request may succeed a little later."""
+
+
 class SessionExpiredError(ClientError):
     """The cluster no longer knows this client's session (it expired or was evicted), so it cannot
     tell whether an earlier attempt of the write was applied: the outcome is unknown. The client
     registers a new session for its next write."""
+
+
+@dataclass(frozen=True)
+class Member:
+    """One member of the cluster: where peers and clients reach it, and whether it votes (a
+    learner receives the log but neither votes nor counts toward a majority)."""
+
+    id: int
+    raft_address: str
+    client_address: str
+    voter: bool
+
+
+@dataclass(frozen=True)
+class MemberList:
+    """A cluster configuration as one node reported it."""
+
+    # By id.
+    members: list[Member]
+    # Ids removed from the cluster; none of them may join again.
+    removed: list[int]
+    # The log index of this configuration's entry (0: the one the cluster was started with).
+    config_index: int
+    # Whether that entry is known to be committed (a configuration is in use before it is).
+    committed: bool
+    # The leader as the answering node knows it, if it knows one.
+    leader_id: int | None
+
+    @property
+    def voters(self) -> list[Member]:
+        return [m for m in self.members if m.voter]
+
+    @property
+    def learners(self) -> list[Member]:
+        return [m for m in self.members if not m.voter]
+
+    def member(self, node_id: int) -> Member | None:
+        """The member with this id, or None if it is not one."""
+        return next((m for m in self.members if m.id == node_id), None)
 
 
 @dataclass(frozen=True)
@@ -356,6 +415,79 @@ class Client:
         what = "transfer leadership" + (f" to {target_id}" if target_id else "")
         return await self._retry(what, self._attempt_timeout, attempt)
 
+    async def members(self, stale: bool = False) -> MemberList:
+        """The cluster's members as the leader knows them (its latest configuration, committed
+        or not). With `stale=True` the first node that answers gives its own view, which may lag."""
+
+        async def call(
+            stub: raft_pb2_grpc.ClusterStub, seconds: float
+        ) -> raft_pb2.MembershipResponse:
+            response: raft_pb2.MembershipResponse = await stub.ListMembers(
+                raft_pb2.ListMembersRequest(allow_stale=stale), timeout=seconds
+            )
+            return response
+
+        return await self._membership_call(
+            "list the members", call, self._read_attempt_timeout, self._deadline, leads=not stale
+        )
+
+    async def add_member(
+        self,
+        node_id: int,
+        raft_address: str,
+        client_address: str,
+        wait_until_voter: bool = True,
+        *,
+        timeout: float = DEFAULT_ADD_MEMBER_TIMEOUT,
+    ) -> MemberList:
+        """Add node `node_id` (started with `raft_node.py --join`) as a learner; the leader
+        promotes it to voter once its log has caught up. Returns the configuration once the
+        learner is committed, or with `wait_until_voter` once the promotion is (or the leader
+        stopped waiting: the node is then still a learner in the result and is promoted later).
+
+        Gives up after `timeout` seconds (not the client's deadline: catching up can take long).
+        Adding the same node again changes nothing. Raises `MembershipRefusedError` when the
+        cluster refuses (the id was removed or is taken, an address is in use) and
+        `MembershipBusyError` when another change stays uncommitted.
+        """
+        if not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, not {timeout}")
+        request = raft_pb2.AddMemberRequest(
+            id=node_id,
+            raft_address=raft_address,
+            client_address=client_address,
+            wait_until_voter=wait_until_voter,
+        )
+
+        async def call(
+            stub: raft_pb2_grpc.ClusterStub, seconds: float
+        ) -> raft_pb2.MembershipResponse:
+            response: raft_pb2.MembershipResponse = await stub.AddMember(request, timeout=seconds)
+            return response
+
+        # One attempt may take all of the timeout: the leader answers only once it is done.
+        return await self._membership_call(
+            f"add member {node_id}", call, timeout, timeout, leads=True
+        )
+
+    async def remove_member(self, node_id: int) -> MemberList:
+        """Remove node `node_id` for good (its id is never reused); returns the configuration
+        once the removal has committed. Removing a node already removed changes nothing. Raises
+        `MembershipRefusedError` for an id that is not a member or the last voter."""
+        request = raft_pb2.RemoveMemberRequest(id=node_id)
+
+        async def call(
+            stub: raft_pb2_grpc.ClusterStub, seconds: float
+        ) -> raft_pb2.MembershipResponse:
+            response: raft_pb2.MembershipResponse = await stub.RemoveMember(
+                request, timeout=seconds
+            )
+            return response
+
+        return await self._membership_call(
+            f"remove member {node_id}", call, self._attempt_timeout, self._deadline, leads=True
+        )
+
     async def leader(self) -> tuple[int, str]:
         """The leader's id and client address, as confirmed by the leader itself."""
 
@@ -479,6 +611,52 @@ class Client:
             # Answered or abandoned: this sequence number is never sent again.
             self._outstanding.discard(sequence)
 
+    async def _membership_call(
+        self,
+        what: str,
+        call: Callable[[raft_pb2_grpc.ClusterStub, float], Awaitable[raft_pb2.MembershipResponse]],
+        attempt_seconds: float,
+        deadline: float,
+        *,
+        leads: bool,
+    ) -> MemberList:
+        """One membership call, sent to the leader through redirects and retried like a write.
+        `leads`: only the leader answers it with success (so the answering node leads)."""
+
+        async def attempt(
+            address: str, stub: raft_pb2_grpc.ClusterStub, seconds: float
+        ) -> _Done[MemberList] | _Next:
+            response = await call(stub, seconds)
+            leader_id = response.current_leader if response.HasField("current_leader") else None
+            if not response.success:
+                return self._redirect(address, leader_id, response.leader_address)
+            if leads:
+                self._leader = address
+            members = [
+                Member(m.id, m.raft_address, m.client_address, m.voter)
+                for m in response.config.members
+            ]
+            # Members added since this client was made can now be found by id in a redirect.
+            self._address_of.update((m.id, m.client_address) for m in members)
+            return _Done(
+                MemberList(
+                    members=members,
+                    removed=list(response.config.removed_ids),
+                    config_index=response.config_index,
+                    committed=response.committed,
+                    leader_id=leader_id,
+                )
+            )
+
+        return await self._retry(
+            what,
+            attempt_seconds,
+            attempt,
+            deadline=deadline,
+            refused=MembershipRefusedError,
+            busy_retries=CHANGE_BUSY_RETRIES,
+        )
+
     def _stub(self, address: str) -> raft_pb2_grpc.ClusterStub:
         stub = self._stubs.get(address)
         if stub is None:
@@ -493,15 +671,30 @@ class Client:
         return [self._leader] + [a for a in self._addresses if a != self._leader]
 
     async def _retry(
-        self, what: str, seconds: float, attempt: _Attempt[_T], only: list[str] | None = None
+        self,
+        what: str,
+        seconds: float,
+        attempt: _Attempt[_T],
+        only: list[str] | None = None,
+        *,
+        deadline: float | None = None,
+        refused: Callable[[str], ClientError] = SessionExpiredError,
+        busy_retries: int = 0,
     ) -> _T:
         """Run `attempt` against one node after another, following redirects, until one
         completes it. Between rounds that fail everywhere, wait with exponential backoff and
-        full jitter, so a cluster in the middle of an election is not flooded."""
+        full jitter, so a cluster in the middle of an election is not flooded.
+
+        Gives up after `deadline` seconds (default: the client's). FAILED_PRECONDITION raises
+        `refused`. With `busy_retries`, ABORTED (a membership change already in progress) asks
+        the same node again that many times after short pauses, then raises MembershipBusyError.
+        """
         loop = asyncio.get_running_loop()
-        deadline_at = loop.time() + self._deadline
+        overall = self._deadline if deadline is None else deadline
+        deadline_at = loop.time() + overall
         backoff = BACKOFF_MIN
         attempts = 0
+        busy = 0
         last = "no node was tried"
         while True:
             queue = deque(self._round() if only is None else only)
@@ -523,8 +716,22 @@ class Client:
                     if code in _REJECTED:
                         raise RequestRejectedError(details or code.name) from None
                     if code == grpc.StatusCode.FAILED_PRECONDITION:
-                        raise SessionExpiredError(details or code.name) from None
+                        raise refused(details or code.name) from None
                     last = f"{address} answered {code.name}: {details}"
+                    if code == grpc.StatusCode.ABORTED and busy_retries:
+                        if busy == busy_retries:
+                            raise MembershipBusyError(
+                                f"{details or code.name} (still so after {busy + 1} tries)"
+                            ) from None
+                        busy += 1
+                        pause = min(
+                            CHANGE_BUSY_BACKOFF * 2 ** (busy - 1), deadline_at - loop.time()
+                        )
+                        await asyncio.sleep(random.uniform(pause / 2, pause) if pause > 0 else 0)
+                        # This node leads and answered: it is the one to ask again.
+                        tried.discard(address)
+                        queue.appendleft(address)
+                        continue
                     if self._leader == address:
                         self._leader = None
                     continue
@@ -539,7 +746,7 @@ class Client:
             if remaining <= 0:
                 plural = "" if attempts == 1 else "s"
                 raise ClusterUnavailableError(
-                    f"could not {what} within {self._deadline:g} s "
+                    f"could not {what} within {overall:g} s "
                     f"({attempts} attempt{plural}); last: {last}"
                 )
             await asyncio.sleep(random.uniform(0, min(backoff, remaining)))
@@ -554,7 +761,8 @@ Writes are exactly-once: a retry after a lost reply never applies a write twice.
 
 exit codes:
   {EXIT_OK}  success
-  {EXIT_MISSING_KEY}  get: the key is not set; delete: the key was not set (nothing removed)
+  {EXIT_MISSING_KEY}  get: the key is not set; delete: the key was not set (nothing removed);
+     member add/remove: the cluster refused the change (nothing changed)
   {EXIT_USAGE}  bad command line or cluster description, or the cluster rejected the request
   {EXIT_UNAVAILABLE}  the cluster did not complete the request before --timeout
      (after a failed write, the write may or may not have been applied)
@@ -601,9 +809,9 @@ def _build_parser() -> _Parser:
     parser.add_argument(
         "--timeout",
         type=_positive_seconds,
-        default=DEFAULT_DEADLINE,
         metavar="S",
-        help=f"give up after S seconds (default {DEFAULT_DEADLINE:g})",
+        help=f"give up after S seconds (default {DEFAULT_DEADLINE:g}; "
+        f"{DEFAULT_ADD_MEMBER_TIMEOUT:g} for member add)",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     put = commands.add_parser(
@@ -644,6 +852,45 @@ def _build_parser() -> _Parser:
     commands.add_parser(
         "leader", help='print the leader\'s id and client address: "<id> <host:port>"'
     )
+    member = commands.add_parser(
+        "member",
+        help="list, add or remove the cluster's members (one change at a time)",
+        description="List, add or remove the cluster's members.",
+    )
+    actions = member.add_subparsers(dest="action", required=True, metavar="ACTION")
+    member_list = actions.add_parser(
+        "list",
+        help="print one line per member: id, voter or learner, Raft and client addresses, "
+        "and which leads",
+    )
+    member_list.add_argument(
+        "--json",
+        action="store_true",
+        help="print the configuration as JSON (with removed ids, its log index, whether committed)",
+    )
+    member_list.add_argument(
+        "--stale",
+        action="store_true",
+        help="answer from the first node's own configuration; it may lag or be uncommitted",
+    )
+    add = actions.add_parser(
+        "add",
+        help="add node ID (started with raft_node.py --join) as a learner; it is promoted to "
+        f"voter once caught up. Waits for that (at most --timeout, default "
+        f"{DEFAULT_ADD_MEMBER_TIMEOUT:g} s)",
+    )
+    add.add_argument("node_id", type=int, metavar="ID")
+    add.add_argument("raft_address", metavar="RAFT_ADDR", help="where peers reach it, host:port")
+    add.add_argument(
+        "client_address", metavar="CLIENT_ADDR", help="where clients reach it, host:port"
+    )
+    add.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="return once it is a learner; the leader still promotes it once it has caught up",
+    )
+    remove = actions.add_parser("remove", help="remove node ID for good (its id is never reused)")
+    remove.add_argument("node_id", type=int, metavar="ID")
     return parser
 
 
@@ -652,14 +899,15 @@ def _client_from_args(parser: _Parser, args: argparse.Namespace) -> Client:
     forms = [seed_form, args.cluster is not None, args.endpoints is not None]
     if sum(forms) > 1:
         parser.error("give only one of --first-port/--nodes, --cluster or --endpoints")
+    deadline = DEFAULT_DEADLINE if args.timeout is None else args.timeout
     if args.cluster is not None:
-        return Client.from_cluster_file(args.cluster, deadline=args.timeout)
+        return Client.from_cluster_file(args.cluster, deadline=deadline)
     if args.endpoints is not None:
-        return Client.from_endpoints(args.endpoints, deadline=args.timeout)
+        return Client.from_endpoints(args.endpoints, deadline=deadline)
     return Client.seed_scheme(
         DEFAULT_FIRST_PORT if args.first_port is None else args.first_port,
         DEFAULT_NODES if args.nodes is None else args.nodes,
-        deadline=args.timeout,
+        deadline=deadline,
     )
 
 
@@ -682,8 +930,19 @@ def _check_operands(parser: _Parser, args: argparse.Namespace) -> None:
                 parser.error(f"put-many: key {key!r} is given twice")
             mappings[key] = value
         args.mappings = mappings
-    elif args.command == "transfer-leader" and args.target < 0:
+    elif args.command == "transfer-leader" and not 0 <= args.target < MAX_NODE_ID:
         parser.error("transfer-leader takes a node id, or 0 for any node")
+    elif args.command == "member" and args.action == "add":
+        try:
+            check_new_member(NodeAddress(args.node_id, args.raft_address, args.client_address))
+        except MembershipError as e:
+            parser.error(f"member add: {e}")
+    elif (
+        args.command == "member" and args.action == "remove" and not 0 < args.node_id < MAX_NODE_ID
+    ):
+        parser.error(
+            f"member remove: node id must be a positive integer below 2^62, not {args.node_id}"
+        )
 
 
 async def _run_command(client: Client, args: argparse.Namespace) -> int:
@@ -719,9 +978,83 @@ async def _run_command(client: Client, args: argparse.Namespace) -> int:
         if args.command == "transfer-leader":
             print(await client.transfer_leadership(args.target))
             return EXIT_OK
+        if args.command == "member":
+            return await _run_member_command(client, args)
         leader_id, address = await client.leader()
         print(f"{leader_id} {address}")
         return EXIT_OK
+
+
+def _describe_members(members: MemberList) -> list[str]:
+    """`member list`: one aligned line per member, the leader marked."""
+    width = max((len(str(m.id)) for m in members.members), default=0)
+    raft_width = max((len(m.raft_address) for m in members.members), default=0)
+    lines = []
+    for m in members.members:
+        line = (
+            f"{m.id:<{width}}  {'voter' if m.voter else 'learner':<7}  "
+            f"raft {m.raft_address:<{raft_width}}  client {m.client_address}"
+        )
+        if m.id == members.leader_id:
+            line += "  (leader)"
+        lines.append(line)
+    return lines
+
+
+def _members_json(members: MemberList) -> str:
+    return json.dumps(
+        {
+            "members": [
+                {
+                    "id": m.id,
+                    "voter": m.voter,
+                    "raft_address": m.raft_address,
+                    "client_address": m.client_address,
+                }
+                for m in members.members
+            ],
+            "removed": members.removed,
+            "config_index": members.config_index,
+            "committed": members.committed,
+            "leader": members.leader_id,
+        }
+    )
+
+
+async def _run_member_command(client: Client, args: argparse.Namespace) -> int:
+    if args.action == "list":
+        members = await client.members(stale=args.stale)
+        print(_members_json(members) if args.json else "\n".join(_describe_members(members)))
+        return EXIT_OK
+    if args.action == "remove":
+        after = await client.remove_member(args.node_id)
+        print(f"removed {args.node_id} at index {after.config_index}")
+        return EXIT_OK
+    timeout = DEFAULT_ADD_MEMBER_TIMEOUT if args.timeout is None else args.timeout
+    wait = not args.no_wait
+    after = await client.add_member(
+        args.node_id, args.raft_address, args.client_address, wait, timeout=timeout
+    )
+    added = f"added {args.node_id} ({args.raft_address}, client {args.client_address})"
+    member = after.member(args.node_id)
+    if member is None:
+        # Removed again by a concurrent change before this reply was made.
+        print(
+            f"{PROG}: {args.node_id} is not a member of the configuration at index "
+            f"{after.config_index}",
+            file=sys.stderr,
+        )
+        return EXIT_REFUSED
+    if member.voter:
+        print(f"{added} as a learner; promoted to voter at index {after.config_index}")
+    elif wait:
+        print(f"{added} as a learner; still catching up (promoted to voter once it has)")
+    else:
+        print(
+            f"{added} as a learner at index {after.config_index}; "
+            "promoted to voter once it has caught up"
+        )
+    return EXIT_OK
 
 
 def _run_coroutine(coroutine: Coroutine[Any, Any, _T]) -> _T:
@@ -744,6 +1077,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return _run_coroutine(_run_command(client, args))
+    except MembershipRefusedError as e:
+        print(f"{PROG}: refused: {e}", file=sys.stderr)
+        return EXIT_REFUSED
     except RequestRejectedError as e:
         print(f"{PROG}: rejected: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -3,10 +3,19 @@ node's answer (or refusal) into the reply and status code the client expects."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Protocol, TypeVar
 
 import grpc
 
+from cluster_config import NodeAddress
+from membership import (
+    MAX_NODE_ID,
+    ChangeInProgressError,
+    Membership,
+    MembershipError,
+    check_new_member,
+)
 from raft_node import (
     MAX_WIRE_NUMBER,
     CommitUnknownError,
@@ -31,6 +40,7 @@ _WriteReply = TypeVar(
     raft_pb2.DeleteResponse,
     raft_pb2.CompareAndSwapResponse,
     raft_pb2.RegisterClientResponse,
+    raft_pb2.MembershipResponse,
 )
 
 
@@ -59,6 +69,17 @@ class ClusterNode(Protocol):
     async def linearizable_read(self, key: str) -> str | None: ...
 
     async def transfer_leadership(self, target_id: int | None = None) -> int: ...
+
+    # Each membership call answers (configuration, the log index it came from, committed).
+    def membership(self) -> tuple[Membership, int, bool]: ...
+
+    async def list_members(self) -> tuple[Membership, int, bool]: ...
+
+    async def add_member(
+        self, node: NodeAddress, wait_until_voter: bool
+    ) -> tuple[Membership, int, bool]: ...
+
+    async def remove_member(self, node_id: int) -> tuple[Membership, int, bool]: ...
 
 
 def key_problem(key: str) -> str | None:
@@ -126,7 +147,8 @@ def _redirect(response: _WriteReply, e: NotLeaderError) -> _WriteReply:
 
 
 class ClusterServicer(raft_pb2_grpc.ClusterServicer):
-    """Serves the key-value operations, client registration and GetLeader for one node."""
+    """Serves the key-value operations, client registration, GetLeader and the admin calls
+    (leadership transfer, membership) for one node."""
 
     def __init__(self, node: ClusterNode) -> None:
         self._node = node
@@ -175,10 +197,13 @@ class ClusterServicer(raft_pb2_grpc.ClusterServicer):
         self, request: raft_pb2.MappingBatch, context: grpc.aio.ServicerContext
     ) -> raft_pb2.ProposeMappingResponse:
         await self._check(context, batch_problem(request), session_problem(request.session))
-        batch = raft_pb2.MappingBatch(
-            mappings=[raft_pb2.Mapping(key=m.key, value=m.value) for m in request.mappings],
-            session=request.session,
-        )
+        batch = request
+        if any(m.HasField("session") for m in request.mappings):
+            # A mapping's own session means nothing in a batch; it is not worth a place in the log.
+            batch = raft_pb2.MappingBatch(
+                mappings=[raft_pb2.Mapping(key=m.key, value=m.value) for m in request.mappings],
+                session=request.session,
+            )
         try:
             await self._propose(raft_pb2.Command(put=batch), context)
         except NotLeaderError as e:
@@ -287,3 +312,77 @@ class ClusterServicer(raft_pb2_grpc.ClusterServicer):
         if leader_address:
             response.leader_address = leader_address
         return response
+
+    # ---- membership (thesis chapter 4) ----------------------------------------------------------
+
+    def _membership_reply(
+        self, answer: tuple[Membership, int, bool]
+    ) -> raft_pb2.MembershipResponse:
+        membership, index, committed = answer
+        response = raft_pb2.MembershipResponse(
+            success=True, config=membership.to_proto(), config_index=index, committed=committed
+        )
+        # Tells the client which member leads (as this node knows it), for `member list`.
+        leader_id, leader_address = self._node.leader()
+        if leader_id is not None:
+            response.current_leader = leader_id
+        if leader_address:
+            response.leader_address = leader_address
+        return response
+
+    async def _change(
+        self,
+        change: Awaitable[tuple[Membership, int, bool]],
+        context: grpc.aio.ServicerContext,
+    ) -> raft_pb2.MembershipResponse:
+        """Run a membership change on the node and turn its refusals into status codes."""
+        try:
+            answer = await change
+        except NotLeaderError as e:
+            return _redirect(raft_pb2.MembershipResponse(), e)
+        except MembershipError as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        except ChangeInProgressError as e:
+            # Nothing was appended; the same request succeeds once the other change commits.
+            await context.abort(grpc.StatusCode.ABORTED, str(e))
+        except CommitUnknownError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        return self._membership_reply(answer)
+
+    async def ListMembers(
+        self, request: raft_pb2.ListMembersRequest, context: grpc.aio.ServicerContext
+    ) -> raft_pb2.MembershipResponse:
+        """Admin: the leader's latest configuration (a redirect elsewhere); with allow_stale,
+        this node's own, which may lag or not be committed yet."""
+        if request.allow_stale:
+            return self._membership_reply(self._node.membership())
+        try:
+            answer = await self._node.list_members()
+        except NotLeaderError as e:
+            return _redirect(raft_pb2.MembershipResponse(), e)
+        except UnavailableError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        return self._membership_reply(answer)
+
+    async def AddMember(
+        self, request: raft_pb2.AddMemberRequest, context: grpc.aio.ServicerContext
+    ) -> raft_pb2.MembershipResponse:
+        """Admin: add a node as a learner (promoted to voter once caught up). Answers once the
+        learner, or with wait_until_voter its promotion, has committed."""
+        node = NodeAddress(request.id, request.raft_address, request.client_address)
+        try:
+            check_new_member(node)
+        except MembershipError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return await self._change(self._node.add_member(node, request.wait_until_voter), context)
+
+    async def RemoveMember(
+        self, request: raft_pb2.RemoveMemberRequest, context: grpc.aio.ServicerContext
+    ) -> raft_pb2.MembershipResponse:
+        """Admin: remove a voter or learner for good; answers once the change has committed."""
+        if not 0 < request.id < MAX_NODE_ID:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"node id must be a positive integer below 2^62, not {request.id}",
+            )
+        return await self._change(self._node.remove_member(request.id), context)

@@ -1,6 +1,6 @@
 """The durable Raft log and hard state (current_term, voted_for), fsync'd with group commit; the log
 can be compacted behind a snapshot (snapshot.py). All filesystem access goes through the small `Disk`
-protocol: `RealDisk` (aiofiles) or `MemoryDisk`.
+protocol: `RealDisk` (the filesystem, off the event loop) or `MemoryDisk`.
 """
 
 from __future__ import annotations
@@ -8,15 +8,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import queue
 import struct
+import threading
 import zlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import aiofiles
 import aiofiles.os
-from aiofiles.threadpool.binary import AsyncBufferedIOBase
 
 from rpc.raft_pb2 import LogEntry
 
@@ -61,6 +62,10 @@ class DiskFile(Protocol):
 
     async def write(self, data: bytes | bytearray) -> None: ...
     async def fsync(self) -> None: ...
+    async def write_and_fsync(self, data: bytes | bytearray) -> None:
+        """`write` then `fsync`, as one trip off the event loop where the disk can do that."""
+        ...
+
     async def truncate(self, size: int) -> None: ...
     async def close(self) -> None: ...
 
@@ -82,14 +87,25 @@ class Disk(Protocol):
     async def read_range(self, path: str, offset: int, size: int) -> bytes: ...
 
 
-async def replace_file(disk: Disk, path: str, data: bytes) -> None:
-    """Make `data` the content of `path` atomically and durably: written to a temporary file and
-    fsync'd, renamed over `path`, then the directory fsync'd. A crash at any point leaves either
-    the old file whole or the new one."""
+# A large file being written is fsync'd every this many bytes: one fsync of a whole large file
+# holds up every other fsync on the disk (the log's, so every write) until it is done.
+SYNC_EVERY_BYTES = 8 << 20
+
+
+async def replace_file(disk: Disk, path: str, data: bytes | Iterable[bytes]) -> None:
+    """Make `data` (bytes, or pieces written one after another) the content of `path` atomically
+    and durably: written to a temporary file and fsync'd, renamed over `path`, then the directory
+    fsync'd. A crash at any point leaves either the old file whole or the new one."""
     tmp = path + ".tmp"
     f = await disk.open_append(tmp, truncate=True)
     try:
-        await f.write(data)
+        unsynced = 0
+        for piece in (data,) if isinstance(data, bytes) else data:
+            await f.write(piece)
+            unsynced += len(piece)
+            if unsynced >= SYNC_EVERY_BYTES:
+                await f.fsync()
+                unsynced = 0
         await f.fsync()
     finally:
         await f.close()
@@ -105,30 +121,108 @@ def _fsync_dir_sync(path: str) -> None:
         os.close(fd)
 
 
-_fsync = aiofiles.os.wrap(os.fsync)
 _fsync_dir = aiofiles.os.wrap(_fsync_dir_sync)
 
 
-class _RealFile:
-    def __init__(self, f: AsyncBufferedIOBase) -> None:
-        self._f = f
+def _write_all(fd: int, data: bytes | bytearray) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
+
+def _write_and_fsync(fd: int, data: bytes | bytearray) -> None:
+    _write_all(fd, data)
+    os.fsync(fd)
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():
+        return  # its waiter was cancelled; the write itself went ahead
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+
+
+_Job = tuple[Callable[[], None], "asyncio.Future[None]", asyncio.AbstractEventLoop]
+
+
+class _Writer:
+    """A thread of its own that performs one file's appends and fsyncs in order. Cheaper per group
+    commit than the loop's executor (a C queue instead of a pool's locks and chained futures), and
+    a large snapshot write elsewhere never queues in front of it."""
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+        self._thread.start()
+
+    def run(self, job: Callable[[], None]) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._jobs.put((job, future, loop))
+        return future
+
+    def _work(self) -> None:
+        while (item := self._jobs.get()) is not None:
+            job, future, loop = item
+            error: BaseException | None = None
+            try:
+                job()
+            except BaseException as e:  # handed to the waiter, as an executor would
+                error = e
+            try:
+                loop.call_soon_threadsafe(_settle, future, error)
+            except RuntimeError:
+                pass  # the loop is closed: nobody waits any more
+
+    def stop(self) -> None:
+        """End the thread once the jobs already queued are done."""
+        self._jobs.put(None)
+
+
+class _RealFile:
+    """An unbuffered file descriptor opened with O_APPEND. Appends with fsync (the log's group
+    commit) go to a writer thread of this file's own: one thread hop per commit, not one per step;
+    the rarer operations run in the loop's executor."""
+
+    def __init__(self, fd: int, name: str) -> None:
+        self._fd = fd
+        self._name = name
+        self._writer: _Writer | None = None
+
+    async def _run(self, fn: Callable[..., None], *args: object) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, fn, self._fd, *args)
+
+    # The caller leaves `data` alone until the write returns (the log hands over its buffer).
     async def write(self, data: bytes | bytearray) -> None:
-        await self._f.write(data)
-        await self._f.flush()
+        await self._run(_write_all, data)
 
     async def fsync(self) -> None:
-        await _fsync(self._f.fileno())
+        await self._run(os.fsync)
+
+    async def write_and_fsync(self, data: bytes | bytearray) -> None:
+        if self._writer is None:
+            self._writer = _Writer(f"writer {self._name}")
+        fd = self._fd
+        await self._writer.run(lambda: _write_and_fsync(fd, data))
 
     async def truncate(self, size: int) -> None:
-        await self._f.truncate(size)
+        await self._run(os.ftruncate, size)
 
     async def close(self) -> None:
-        await self._f.close()
+        # Every write was awaited before close, so no job of the writer still uses the descriptor.
+        if self._writer is not None:
+            self._writer.stop()
+            self._writer = None
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
 
 
 class RealDisk:
-    """The real filesystem, through aiofiles (each call runs in the event loop's executor)."""
+    """The real filesystem; each call runs in the event loop's executor (through aiofiles, or
+    directly for an open log file)."""
 
     async def exists(self, path: str) -> bool:
         return await aiofiles.os.path.exists(path)
@@ -141,11 +235,12 @@ class RealDisk:
             return await f.read()
 
     async def open_append(self, path: str, *, truncate: bool = False) -> DiskFile:
-        # Always "ab": O_APPEND makes every write land at the end, also after a truncate.
-        f = await aiofiles.open(path, "ab")
+        # O_APPEND makes every write land at the end, also after a truncate.
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
         if truncate:
-            await f.truncate(0)
-        return _RealFile(f)
+            flags |= os.O_TRUNC
+        fd = await asyncio.get_running_loop().run_in_executor(None, os.open, path, flags, 0o644)
+        return _RealFile(fd, os.path.basename(path))
 
     async def replace(self, src: str, dst: str) -> None:
         await aiofiles.os.replace(src, dst)
@@ -218,6 +313,11 @@ class _MemoryFile:
         if last is not None and last[0] is self._inode:
             self._disk._last_unsynced = None
         self._disk.ops.append(op)
+
+    async def write_and_fsync(self, data: bytes | bytearray) -> None:
+        # Two operations, as on a real disk: a crash can come between the write and the fsync.
+        await self.write(data)
+        await self.fsync()
 
     async def truncate(self, size: int) -> None:
         op = DiskOp("truncate", self._path, size)
@@ -474,6 +574,22 @@ def _log_header(base_index: int, base_term: int) -> bytes:
         return LOG_MAGIC
     fields = struct.pack(">QQ", base_index, base_term)
     return COMPACT_LOG_MAGIC + fields + struct.pack(">I", zlib.crc32(fields))
+
+
+def _encode_records(header: bytes, entries: list[LogEntry]) -> list[bytes]:
+    """A log file's bytes: the header, then one record per entry, in pieces of about 1 MB."""
+    pieces = []
+    out = bytearray(header)
+    pack = _RECORD_HEADER.pack
+    for e in entries:
+        payload = e.SerializeToString()
+        out += pack(len(payload), zlib.crc32(payload))
+        out += payload
+        if len(out) >= 1 << 20:
+            pieces.append(bytes(out))
+            out.clear()
+    pieces.append(bytes(out))
+    return pieces
 
 
 class RaftLog:
@@ -826,24 +942,29 @@ class RaftLog:
         self._durable_index = min(self._durable_index, self.last_index)
         self._change_seq += 1
 
-    def _encode_all(self) -> bytes:
-        """The whole file as it should be now; offsets and sizes follow the new layout."""
-        out = bytearray(_log_header(self._base_index, self._base_term))
-        offsets = []
-        pack = _RECORD_HEADER.pack
-        for e in self._entries:
-            payload = e.SerializeToString()
-            offsets.append(len(out))
-            out += pack(len(payload), zlib.crc32(payload))
-            out += payload
-        self._offsets = offsets
-        self._end = len(out)
-        return bytes(out)
+    def _plan_rewrite(self) -> tuple[bytes, list[LogEntry]]:
+        """Lay the file out afresh: the header, then the records of the entries kept, each as
+        long as before (so offsets only shift). Returns the header and those entries, to be
+        encoded by `_encode_records`."""
+        header = _log_header(self._base_index, self._base_term)
+        shift = len(header) - (self._offsets[0] if self._offsets else self._end)
+        self._offsets = [offset + shift for offset in self._offsets]
+        self._end += shift
+        return header, list(self._entries)
 
-    async def _rewrite_file(self, data: bytes) -> None:
+    async def _rewrite_file(self, header: bytes, kept: list[LogEntry], size: int) -> None:
+        if isinstance(self._disk, RealDisk) and size > 1 << 20:
+            # Encoding many entries takes a while: in a thread, which shares the interpreter with
+            # the event loop in short turns (no single step of it is long).
+            pieces = await asyncio.to_thread(_encode_records, header, kept)
+        else:
+            pieces = _encode_records(header, kept)
+        written = sum(len(piece) for piece in pieces)
+        if written != size:
+            raise RuntimeError(f"{self._log_path}: rewriting {written} bytes, not {size}")
         # The old file stays whole until the new one is durable under its name: a crash at any
         # point leaves one or the other, and a snapshot covers what either lacks.
-        await replace_file(self._disk, self._log_path, data)
+        await replace_file(self._disk, self._log_path, pieces)
         old, self._file = self._file, await self._disk.open_append(self._log_path)
         await old.close()
 
@@ -876,12 +997,12 @@ class RaftLog:
     async def _write_pending(self) -> None:
         # Take everything pending now; changes made while this write runs wait for the next one.
         seq = self._change_seq
-        rewrite: bytes | None = None
+        rewrite: tuple[bytes, list[LogEntry], int] | None = None
         if self._rewrite:
             self._rewrite = False
-            rewrite = self._encode_all()
+            rewrite = (*self._plan_rewrite(), self._end)
             cut, buf = None, bytearray()
-            self._disk_size = len(rewrite)
+            self._disk_size = self._end
         else:
             cut, buf = self._pending_cut, self._pending_buf
             self._disk_size = (cut if cut is not None else self._disk_size) + len(buf)
@@ -892,15 +1013,14 @@ class RaftLog:
         self._hard_state_dirty = False
         try:
             if rewrite is not None:
-                await self._rewrite_file(rewrite)
+                await self._rewrite_file(*rewrite)
             if cut is not None:
                 await self._file.truncate(cut)
                 # The cut must be durable before new records land where the old ones were: else a
                 # crash can keep the new record and lose the truncate, leaving a stale suffix.
                 await self._file.fsync()
             if buf:
-                await self._file.write(buf)
-                await self._file.fsync()
+                await self._file.write_and_fsync(buf)
             self._durable_index = self._low_water
             if hard_state is not None:
                 await self._write_state(*hard_state)

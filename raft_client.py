@@ -1,7 +1,9 @@
-"""Reaching peers' `Raft` service over gRPC: one channel per peer, timeouts, fast reconnects."""
+"""Reaching peers' `Raft` service over gRPC: one channel per peer, AppendEntries on one long-lived
+stream per follower, timeouts, fast reconnects."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import grpc
@@ -20,6 +22,21 @@ _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
 ]
 
+# A follower that answers a stream with UNIMPLEMENTED (a node of an older version) is sent unary
+# AppendEntries calls; the stream is tried again after this long, in case it has been upgraded.
+_STREAM_RETRY_AFTER = 60.0
+
+
+class _AppendStream:
+    """One open AppendStream call. One request is on it at a time: the reply read next is always
+    the answer to the request written last, and a stream that fails mid-exchange is discarded."""
+
+    __slots__ = ("call", "busy")
+
+    def __init__(self, call: grpc.aio.StreamStreamCall[bytes, raft_pb2.AppendEntriesResponse]):
+        self.call = call
+        self.busy = False
+
 
 class GrpcTransport:
     """The daemon's `Transport`: a lazily opened channel and stub per peer id."""
@@ -28,6 +45,30 @@ class GrpcTransport:
         self._addresses = dict(peer_addresses)
         self._channels: dict[int, grpc.aio.Channel] = {}
         self._stubs: dict[int, raft_pb2_grpc.RaftStub] = {}
+        self._retired: list[grpc.aio.Channel] = []
+        # AppendEntries takes the request already encoded, so that one message sent to several
+        # followers is encoded once.
+        self._appends: dict[int, grpc.aio.UnaryUnaryMultiCallable] = {}
+        self._stream_methods: dict[int, grpc.aio.StreamStreamMultiCallable] = {}
+        self._streams: dict[int, _AppendStream] = {}
+        self._unary_until: dict[int, float] = {}
+        self._encoded_request: raft_pb2.AppendEntriesRequest | None = None
+        self._encoded = b""
+
+    def update_peers(self, addresses: dict[int, str]) -> None:
+        """Learn new peers and changed addresses. A peer that left stays reachable: a leader keeps
+        telling a removed follower until it learns that its removal committed."""
+        for peer_id, address in addresses.items():
+            if self._addresses.get(peer_id) != address:
+                self._addresses[peer_id] = address
+                self._stubs.pop(peer_id, None)
+                self._appends.pop(peer_id, None)
+                self._stream_methods.pop(peer_id, None)
+                self._unary_until.pop(peer_id, None)
+                self._drop_stream(peer_id)
+                channel = self._channels.pop(peer_id, None)
+                if channel is not None:
+                    self._retired.append(channel)  # closed with the others, never mid-call
 
     def _stub(self, peer_id: int) -> raft_pb2_grpc.RaftStub:
         stub = self._stubs.get(peer_id)
@@ -38,6 +79,16 @@ class GrpcTransport:
             channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
             self._channels[peer_id] = channel
             stub = self._stubs[peer_id] = raft_pb2_grpc.RaftStub(channel)
+            self._appends[peer_id] = channel.unary_unary(
+                "/Raft/AppendEntries",
+                request_serializer=None,
+                response_deserializer=raft_pb2.AppendEntriesResponse.FromString,
+            )
+            self._stream_methods[peer_id] = channel.stream_stream(
+                "/Raft/AppendStream",
+                request_serializer=None,
+                response_deserializer=raft_pb2.AppendEntriesResponse.FromString,
+            )
         return stub
 
     async def request_vote(
@@ -51,10 +102,87 @@ class GrpcTransport:
     async def append_entries(
         self, peer_id: int, request: raft_pb2.AppendEntriesRequest, timeout: float
     ) -> raft_pb2.AppendEntriesResponse:
+        self._stub(peer_id)
+        # Held, not just compared by id: the request stays alive, so the match cannot be a reuse.
+        if request is not self._encoded_request:
+            self._encoded = request.SerializeToString()
+            self._encoded_request = request
+        encoded = self._encoded
+        stream = self._streams.get(peer_id)
+        if stream is not None and stream.call.done():
+            self._drop_stream(peer_id)  # broken since its last exchange: reopen it now
+            stream = None
+        if stream is None:
+            if asyncio.get_running_loop().time() < self._unary_until.get(peer_id, 0.0):
+                return await self._append_unary(peer_id, encoded, timeout)
+            stream = self._streams[peer_id] = _AppendStream(self._stream_methods[peer_id]())
+        elif stream.busy:
+            # Only when two senders to one follower overlap (at a change of term): the other
+            # request keeps the stream, this one goes alone.
+            return await self._append_unary(peer_id, encoded, timeout)
+        return await self._exchange(peer_id, stream, encoded, timeout)
+
+    async def _exchange(
+        self, peer_id: int, stream: _AppendStream, encoded: bytes, timeout: float
+    ) -> raft_pb2.AppendEntriesResponse:
+        stream.busy = True
+        loop = asyncio.get_running_loop()
+        # A timer that cancels the call is cheaper than a timeout context around two awaits.
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            stream.call.cancel()
+
+        timer = loop.call_at(loop.time() + timeout, expire)
+        try:
+            await stream.call.write(encoded)
+            reply = await stream.call.read()
+        except asyncio.CancelledError:
+            self._drop_stream(peer_id, stream)
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # our caller is being cancelled, not the call
+            if expired:
+                raise PeerUnreachableError(f"no append reply within {timeout:g} s") from None
+            raise PeerUnreachableError("the append stream was closed") from None
+        except grpc.aio.AioRpcError as e:
+            self._drop_stream(peer_id, stream)
+            if e.code() is grpc.StatusCode.UNIMPLEMENTED:
+                # Nothing was handled: the follower refused the method before reading a request.
+                self._unary_until[peer_id] = loop.time() + _STREAM_RETRY_AFTER
+                return await self._append_unary(peer_id, encoded, timeout)
+            raise PeerUnreachableError(f"{e.code().name}: {e.details()}") from None
+        except asyncio.InvalidStateError as e:
+            self._drop_stream(peer_id, stream)
+            raise PeerUnreachableError(f"the append stream ended: {e}") from None
+        finally:
+            timer.cancel()
+        if reply is grpc.aio.EOF:
+            self._drop_stream(peer_id, stream)
+            raise PeerUnreachableError("the follower ended the append stream")
+        stream.busy = False
+        result: raft_pb2.AppendEntriesResponse = reply
+        return result
+
+    async def _append_unary(
+        self, peer_id: int, encoded: bytes, timeout: float
+    ) -> raft_pb2.AppendEntriesResponse:
         reply: raft_pb2.AppendEntriesResponse = await self._call(
-            self._stub(peer_id).AppendEntries, request, timeout
+            self._appends[peer_id], encoded, timeout
         )
         return reply
+
+    def _drop_stream(self, peer_id: int, stream: _AppendStream | None = None) -> None:
+        """Forget (and cancel) the peer's stream; with `stream`, only if it is still that one."""
+        current = self._streams.get(peer_id)
+        if current is not None and (stream is None or current is stream):
+            del self._streams[peer_id]
+        if stream is None:
+            stream = current
+        if stream is not None:
+            stream.call.cancel()
 
     async def read_index(
         self, peer_id: int, request: raft_pb2.ReadIndexRequest, timeout: float
@@ -81,7 +209,7 @@ class GrpcTransport:
         return reply
 
     @staticmethod
-    async def _call(method: Any, request: Message, timeout: float) -> Any:
+    async def _call(method: Any, request: Message | bytes, timeout: float) -> Any:
         try:
             return await method(request, timeout=timeout)
         except grpc.aio.AioRpcError as e:
@@ -89,5 +217,11 @@ class GrpcTransport:
 
     async def close(self) -> None:
         channels, self._channels, self._stubs = self._channels, {}, {}
-        for channel in channels.values():
+        self._appends = {}
+        self._stream_methods = {}
+        streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            stream.call.cancel()
+        retired, self._retired = self._retired, []
+        for channel in [*channels.values(), *retired]:
             await channel.close()

@@ -20,11 +20,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn, Protocol
 
-from cluster_config import ClusterConfig, ConfigError, NodeAddress
+from cluster_config import ClusterConfig, ConfigError, NodeAddress, parse_host_port
 from log import LogCorruptionError, RaftLog
+from membership import (
+    ChangeInProgressError,
+    ConfigHistory,
+    Membership,
+    MembershipError,
+    check_new_member,
+)
 from rpc import raft_pb2, raft_pb2_grpc
 from snapshot import Incoming, LoadedSnapshot, SnapshotError, SnapshotMeta
-from state_machine import ApplyResult, KeyValueStateMachine, SessionExpired, SnapshotState
+from state_machine import (
+    ApplyResult,
+    KeyValueStateMachine,
+    SessionExpired,
+    SnapshotState,
+    decode_state,
+)
 from task_scheduler import BackgroundTasks
 
 # Terms and indices travel as int64; refusing anything this large keeps `term + 1` from overflowing
@@ -37,6 +50,8 @@ MAX_ENTRIES_PER_MESSAGE = 1024
 MAX_BYTES_PER_MESSAGE = 4 * 1024 * 1024
 # InstallSnapshot sends one chunk of this size at a time per follower (stop-and-wait flow control).
 SNAPSHOT_CHUNK_BYTES = 1024 * 1024
+# An admin call adding a node waits at most this long for it to catch up and become a voter.
+PROMOTION_WAIT = 60.0
 
 
 class Role(enum.Enum):
@@ -127,6 +142,10 @@ class Transport(Protocol):
         self, peer_id: int, request: raft_pb2.InstallSnapshotRequest, timeout: float
     ) -> raft_pb2.InstallSnapshotResponse: ...
 
+    def update_peers(self, addresses: dict[int, str]) -> None:
+        """Learn (or change) the Raft addresses of peers; called when the membership changes."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -161,6 +180,10 @@ class Timing:
     election_timeout_max: float = 1.6
     proposal_timeout: float = 5.0
     append_timeout: float = 2.0
+    # A new commit index rides the next AppendEntries; only when none has gone out this long after
+    # the commit does the leader send one just to tell it. Under a steady stream of writes that
+    # halves the messages per write; followers' stale reads may lag by this much more.
+    commit_notice_delay: float = 0.01
 
     def __post_init__(self) -> None:
         if self.heartbeat_interval <= 0:
@@ -171,6 +194,8 @@ class Timing:
             raise ConfigError("the heartbeat interval must be shorter than the election timeout")
         if self.proposal_timeout <= 0:
             raise ConfigError("the proposal timeout must be positive")
+        if self.commit_notice_delay < 0:
+            raise ConfigError("the commit notice delay cannot be negative")
 
 
 @dataclass
@@ -233,11 +258,15 @@ class RaftNode:
         clock: Clock | None = None,
         wall_clock: Callable[[], float] | None = None,
         snapshot_policy: SnapshotPolicy | None = None,
+        join: bool = False,
     ) -> None:
+        """`cluster` is the configuration a fresh cluster starts with; once the log or a snapshot
+        holds a configuration, that one is used instead (thesis section 4.1). With `join`, the
+        node starts knowing no members and waits for a leader to replicate the cluster's log to it.
+        """
         self.node_id = node_id
         self.cluster = cluster
         self.me: NodeAddress = cluster.node(node_id)
-        self.peers: dict[int, NodeAddress] = {p.id: p for p in cluster.peers_of(node_id)}
         self.log = log
         self.transport = transport
         self.timing = timing or Timing()
@@ -263,6 +292,16 @@ class RaftNode:
         self.progress: dict[int, Progress] = {}
         self._waiters: dict[int, tuple[int, asyncio.Future[ApplyResult]]] = {}
         self._read_round = 0
+        # The commit index followers are now due to be told, even by a message of its own; it
+        # catches up with commit_index a commit_notice_delay after each advance.
+        self._announced_commit = 0
+        self._commit_notice: Timer | None = None
+        self._last_append: (
+            tuple[tuple[int, int, int, int], raft_pb2.AppendEntriesRequest] | None
+        ) = None
+        # A follower's reads waiting for the next ReadIndex request, and whether one is out.
+        self._next_read_index: asyncio.Future[int] | None = None
+        self._read_index_sending = False
         # Set (and replaced) whenever commit, apply or read confirmations move; readers wait on it.
         self._changed = asyncio.Event()
 
@@ -280,6 +319,26 @@ class RaftNode:
         self._timer_armed_at = 0.0
         self._self_flush_running = False
         self._stopped = False
+
+        # Membership (thesis chapter 4): the configurations in the log, the latest in use.
+        self._bootstrap = Membership.empty() if join else Membership.bootstrap(cluster)
+        self.configs = ConfigHistory(self._bootstrap)
+        # The other members (voters and learners) of the configuration in use.
+        self.peers: dict[int, NodeAddress] = {}
+        # Leader: replication tasks by follower; followers a configuration removed, kept until
+        # they learn that their removal committed (by the index of the removing configuration).
+        self._replicators: dict[int, asyncio.Task[Any]] = {}
+        self._departing: dict[int, int] = {}
+        self._leaving = False
+        self._unlisted_leader_noted: tuple[int, int] | None = None
+        self._quorum_wake = asyncio.Event()
+        # Set once this node learns that the configuration removing it committed.
+        self.removed = asyncio.Event()
+        restored = log.restored
+        if restored is not None:
+            self._rebuild_configs(restored.members, restored.index)
+        else:
+            self._rebuild_configs(self._bootstrap, 0)
 
     # ---- small read-only views -------------------------------------------------------------
 
@@ -300,12 +359,22 @@ class RaftNode:
         return self.state_machine.last_applied
 
     @property
+    def config(self) -> Membership:
+        """The configuration in use: the latest in the log, committed or not (thesis 4.1)."""
+        return self.configs.latest
+
+    @property
     def cluster_size(self) -> int:
-        return len(self.peers) + 1
+        """The number of voters."""
+        return len(self.configs.latest.voters)
 
     @property
     def quorum(self) -> int:
-        return self.cluster_size // 2 + 1
+        return self.configs.latest.quorum
+
+    @property
+    def is_voter(self) -> bool:
+        return self.configs.latest.is_voter(self.node_id)
 
     def leader(self) -> tuple[int | None, str | None]:
         """The leader this node knows of in its current term, and the leader's client address."""
@@ -313,8 +382,14 @@ class RaftNode:
             return None, None
         if self.leader_id == self.node_id:
             return self.node_id, self.me.client_address
-        peer = self.peers.get(self.leader_id)
+        peer = self.configs.latest.address(self.leader_id)
         return self.leader_id, peer.client_address if peer else None
+
+    def membership(self) -> tuple[Membership, int, bool]:
+        """The configuration in use, the log index it came from (0: the one the cluster started
+        with) and whether this node knows it is committed."""
+        index = self.configs.latest_index
+        return self.configs.latest, index, index <= self.commit_index
 
     def get_value(self, key: str) -> str | None:
         """The seed's read: this node's applied state, which may lag the leader's."""
@@ -368,8 +443,8 @@ class RaftNode:
     def _reset_election_timer(self) -> None:
         """Arm the election timer with a fresh random timeout (section 5.2: randomized per wait)."""
         self._cancel_election_timer()
-        if self._stopped or self._role is Role.LEADER:
-            return
+        if self._stopped or self._role is Role.LEADER or not self.is_voter:
+            return  # a learner or a removed node never stands for election
         timeout = self.rng.uniform(
             self.timing.election_timeout_min, self.timing.election_timeout_max
         )
@@ -385,7 +460,7 @@ class RaftNode:
 
     def _on_election_timeout(self) -> None:
         self._election_timer = None
-        if self._stopped or self._role is Role.LEADER:
+        if self._stopped or self._role is Role.LEADER or not self.is_voter:
             return
         waited = self.clock.now() - self._timer_armed_at
         self.narrate.info(
@@ -455,7 +530,7 @@ class RaftNode:
     def start_pre_vote(self) -> None:
         """Ask every peer whether it would vote for this node in the next term (thesis section 9.6),
         changing nothing here: only with a majority of yeses does the real election start."""
-        if self._stopped or self._role is Role.LEADER:
+        if self._stopped or self._role is Role.LEADER or not self.is_voter:
             return
         term = self.current_term + 1
         self._pre_vote_term = term
@@ -472,7 +547,7 @@ class RaftNode:
             last_log_term=self.log.last_term,
             pre_vote=True,
         )
-        for peer_id in self.peers:
+        for peer_id in self._other_voters():
             self._spawn(self._ask_for_vote(peer_id, request), name=f"pre-vote-{peer_id}")
 
     def handle_pre_vote_reply(
@@ -491,17 +566,18 @@ class RaftNode:
             self._role is Role.LEADER
             or self._pre_vote_term != request.term
             or self.current_term + 1 != request.term
+            or not self.config.is_voter(peer_id)
         ):
-            return  # a reply to a pre-vote that is over
+            return  # a reply to a pre-vote that is over, or from a node that does not vote
         self._pre_votes.add(peer_id)
         self.narrate.info(
             "%d would vote for me in term %d (%d of %d needed)",
             peer_id,
             request.term,
-            len(self._pre_votes),
+            self._count_voters(self._pre_votes),
             self.quorum,
         )
-        if len(self._pre_votes) >= self.quorum:
+        if self._count_voters(self._pre_votes) >= self.quorum:
             self._win_pre_vote(request.term)
 
     def _win_pre_vote(self, term: int) -> None:
@@ -527,7 +603,7 @@ class RaftNode:
     def _become_candidate(self, transfer: bool) -> int | None:
         """Take the next term and vote for itself, at once (so nothing can come in between the
         decision to stand and the new term); None if this node may not stand now."""
-        if self._stopped or self._role is Role.LEADER:
+        if self._stopped or self._role is Role.LEADER or not self.is_voter:
             return None
         self._pre_vote_term = None
         self._role = Role.CANDIDATE
@@ -543,7 +619,7 @@ class RaftNode:
         await self.log.flush()
         if self._role is not Role.CANDIDATE or self.current_term != term:
             return
-        if len(self._votes) >= self.quorum:
+        if self._count_voters(self._votes) >= self.quorum:
             self._become_leader()
             return
         request = raft_pb2.VoteRequest(
@@ -559,7 +635,7 @@ class RaftNode:
             request.last_log_term,
             request.last_log_index,
         )
-        for peer_id in self.peers:
+        for peer_id in self._other_voters():
             self._spawn(self._ask_for_vote(peer_id, request), name=f"vote-{peer_id}")
 
     async def _ask_for_vote(self, peer_id: int, request: raft_pb2.VoteRequest) -> None:
@@ -587,11 +663,12 @@ class RaftNode:
         if not reply.vote_granted:
             self.narrate.info("%d refused its vote", peer_id)
             return
+        if not self.config.is_voter(peer_id):
+            return  # only the votes of this node's configuration count (thesis section 4.1)
         self._votes.add(peer_id)
-        self.narrate.info(
-            "%d granted its vote (%d of %d needed)", peer_id, len(self._votes), self.quorum
-        )
-        if len(self._votes) >= self.quorum:
+        votes = self._count_voters(self._votes)
+        self.narrate.info("%d granted its vote (%d of %d needed)", peer_id, votes, self.quorum)
+        if votes >= self.quorum:
             self._become_leader()
 
     async def handle_request_vote(
@@ -609,6 +686,7 @@ class RaftNode:
             request.last_log_index,
             request.last_log_term,
         )
+        self._check_member(request.requester_id, "vote request")
         if request.pre_vote:
             return await self._handle_pre_vote(request)
         candidate = request.requester_id
@@ -722,6 +800,7 @@ class RaftNode:
             request.leader_commit,
         )
         self._check_entries(request)
+        self._check_unlisted_leader(request.requester_id)
         leader = request.requester_id
         self.narrate.debug(
             "append from %d: term %d, prev (index %d, term %d), %d entries, leader commit %d",
@@ -799,8 +878,8 @@ class RaftNode:
                 self.narrate.info(
                     "truncating my log from index %d: it conflicts with the leader's", index
                 )
-                self.log.truncate_from(index)
-            self.log.append(entries[offset:])
+                self._truncate_log(index)
+            self._append_to_log(entries[offset:])
             break
         return await self._append_reply(True, prev + len(entries), request)
 
@@ -822,16 +901,55 @@ class RaftNode:
         )
 
     def _check_peer_message(self, requester_id: int, *numbers: int) -> None:
-        if requester_id not in self.peers:
+        """Refuse a message from this node's own id, from a removed node, or with numbers out of
+        range. Entries from a leader this node's configuration does not list are accepted: the
+        entry adding it may be among those this node has yet to receive (thesis section 4.1)."""
+        if requester_id == self.node_id or requester_id <= 0:
+            self.narrate.warning("refused a message claiming to come from %d", requester_id)
+            raise InvalidRequestError(f"{requester_id} is not another member's id")
+        if requester_id in self.config.removed:
             self.narrate.warning(
-                "refused a message from %d: not a member of this cluster", requester_id
+                "refused a message from %d: it was removed from this cluster", requester_id
             )
-            raise InvalidRequestError(f"{requester_id} is not a member of this cluster")
+            raise InvalidRequestError(f"{requester_id} was removed from this cluster")
         if any(n < 0 or n >= MAX_WIRE_NUMBER for n in numbers):
             self.narrate.warning(
                 "refused a message from %d: a term or index is out of range", requester_id
             )
             raise InvalidRequestError("a term or index is negative or absurdly large")
+
+    def _check_unlisted_leader(self, leader: int) -> None:
+        """Entries from a leader this node's configuration does not list are accepted only while
+        this node has no recent leader of its own: the entry adding that leader may be among those
+        this node has yet to receive (thesis section 4.1), and refusing would leave it behind for
+        good; but while a known leader speaks, such a message can only disrupt (as a vote request
+        would, thesis section 4.2.3). A node that knows no members yet (joining) accepts any."""
+        config = self.config
+        if config.is_member(leader) or not config.members:
+            return
+        if self._leader_is_recent():
+            self.narrate.warning(
+                "refused entries from %d: it is not a member, and %s",
+                leader,
+                self._why_leader_is_recent(),
+            )
+            raise InvalidRequestError(f"{leader} is not a member of this cluster")
+        if self._unlisted_leader_noted != (leader, self.current_term):
+            self._unlisted_leader_noted = (leader, self.current_term)
+            self.narrate.info(
+                "accepting entries from %d, which my configuration does not list: an entry I have "
+                "not received yet must add it",
+                leader,
+            )
+
+    def _check_member(self, requester_id: int, what: str) -> None:
+        """Votes, read index and TimeoutNow requests come only from members of this node's
+        configuration."""
+        if not self.config.is_member(requester_id):
+            self.narrate.warning(
+                "refused a %s from %d: not a member of this cluster", what, requester_id
+            )
+            raise InvalidRequestError(f"{requester_id} is not a member of this cluster")
 
     def _check_entries(self, request: raft_pb2.AppendEntriesRequest) -> None:
         expected_index = request.prev_log_index + 1
@@ -848,6 +966,16 @@ class RaftNode:
                 )
             expected_index += 1
             previous_term = entry.term
+            if entry.kind == raft_pb2.ENTRY_KIND_CONFIG:
+                try:
+                    Membership.from_proto(entry.config)
+                except MembershipError as e:
+                    self.narrate.warning(
+                        "refused append from %d: a malformed configuration: %s",
+                        request.requester_id,
+                        e,
+                    )
+                    raise InvalidRequestError(f"entry {entry.index}: {e}") from None
         if request.prev_log_term > request.term:
             raise InvalidRequestError("prev_log_term is newer than the leader's term")
 
@@ -863,19 +991,40 @@ class RaftNode:
             ", ".join(str(v) for v in sorted(self._votes)),
         )
         self._votes.clear()
-        now = self.clock.now()
-        # The votes just won count as hearing from a majority, for check quorum.
-        self.progress = {
-            p: Progress(next_index=self.log.last_index + 1, heard_at=now) for p in self.peers
-        }
+        self.progress = {}
+        self._departing = {}
+        self._leaving = False
+        self._sync_progress()
         # Section 8: a no-op of the new term lets entries of earlier terms commit without a new write.
         self._append_as_leader(raft_pb2.LogEntry(kind=raft_pb2.ENTRY_KIND_NOOP))
-        tasks = [
-            self._spawn(self._replicate(peer_id, term), name=f"replicate-{peer_id}")
-            for peer_id in self.peers
-        ]
-        tasks.append(self._spawn(self._check_quorum(term), name="check-quorum"))
-        self._leader_tasks = [t for t in tasks if t is not None]
+        task = self._spawn(self._check_quorum(term), name="check-quorum")
+        self._leader_tasks = [task] if task is not None else []
+
+    def _sync_progress(self) -> None:
+        """Leader: replicate to every other member of the configuration in use; keep sending to a
+        removed follower until it has been told its removal committed."""
+        term = self.current_term
+        now = self.clock.now()
+        for peer_id in self.peers:
+            self._departing.pop(peer_id, None)
+            if peer_id not in self.progress:
+                # A new follower, or the votes just won: count as heard from, for check quorum.
+                self.progress[peer_id] = Progress(next_index=self.log.last_index + 1, heard_at=now)
+                task = self._spawn(self._replicate(peer_id, term), name=f"replicate-{peer_id}")
+                if task is not None:
+                    self._replicators[peer_id] = task
+        for peer_id in list(self.progress):
+            if peer_id not in self.peers and peer_id not in self._departing:
+                self._departing[peer_id] = self.configs.latest_index
+
+    def _stop_replicating(self, peer_id: int) -> None:
+        progress = self.progress.pop(peer_id, None)
+        self._departing.pop(peer_id, None)
+        if progress is not None:
+            self._end_snapshot_transfer(progress)
+        task = self._replicators.pop(peer_id, None)
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
 
     async def _check_quorum(self, term: int) -> None:
         """Step down once a majority (counting this node) has not answered for an election timeout,
@@ -886,8 +1035,8 @@ class RaftNode:
             # One expression for the test and the timer, so a timer firing on time is never early.
             deadline = heard + window
             if self.clock.now() >= deadline:
-                answered = 1 + sum(
-                    1 for p in self.progress.values() if p.heard_at > self.clock.now() - window
+                answered = int(self.is_voter) + sum(
+                    1 for p in self._voter_progress() if p.heard_at > self.clock.now() - window
                 )
                 self._become_follower(
                     term,
@@ -896,7 +1045,8 @@ class RaftNode:
                     f"last {window * 1000:.0f} ms; I may be cut off from the majority (check quorum)",
                 )
                 return
-            wake = asyncio.Event()
+            # A new configuration has another majority: the loop looks again at once.
+            wake = self._quorum_wake = asyncio.Event()
             timer = self.clock.call_at(deadline, wake.set)
             try:
                 await wake.wait()
@@ -904,21 +1054,28 @@ class RaftNode:
                 timer.cancel()
 
     def _majority_heard_at(self) -> float:
-        """The latest time by which a majority, counting this node, had answered us."""
-        heard = sorted(
-            [self.clock.now()] + [p.heard_at for p in self.progress.values()], reverse=True
-        )
-        return heard[self.quorum - 1]
+        """The latest time by which a majority of the voters, counting this node if it votes, had
+        answered us."""
+        heard = [p.heard_at for p in self._voter_progress()]
+        if self.is_voter:
+            heard.append(self.clock.now())
+        heard.sort(reverse=True)
+        return heard[self.quorum - 1] if len(heard) >= self.quorum else float("-inf")
 
     def _stop_leading(self) -> None:
         self._transfer = None
+        if self._commit_notice is not None:
+            self._commit_notice.cancel()
+            self._commit_notice = None
         self._notify()
-        for task in self._leader_tasks:
+        for task in self._leader_tasks + list(self._replicators.values()):
             task.cancel()
         self._leader_tasks = []
+        self._replicators = {}
         for progress in self.progress.values():
             self._end_snapshot_transfer(progress)
         self.progress = {}
+        self._departing = {}
         self._fail_waiters("leadership was lost before the write committed")
 
     def _fail_waiters(self, why: str) -> None:
@@ -937,7 +1094,7 @@ class RaftNode:
         else:
             previous = self.state_machine.log_time_ms if entry.index > 1 else 0
         entry.leader_time_ms = max(int(self.wall_clock() * 1000), previous)
-        self.log.append([entry])
+        self._append_to_log([entry])
         self._flush_own_log()
         for progress in self.progress.values():
             progress.wake.set()
@@ -1004,25 +1161,41 @@ class RaftNode:
         index = self._append_as_leader(entry)
         future: asyncio.Future[ApplyResult] = asyncio.get_running_loop().create_future()
         self._waiters[index] = (self.current_term, future)
+        # One timer per write, not a timeout context and a shield (each a few objects and
+        # callbacks more). A caller that is cancelled cancels the future, which apply then skips.
+        timer = self.clock.call_at(
+            self.clock.now() + self.timing.proposal_timeout,
+            lambda: self._expire_proposal(index, future),
+        )
         try:
-            async with asyncio.timeout(self.timing.proposal_timeout):
-                return await asyncio.shield(future)
-        except TimeoutError:
-            raise CommitUnknownError(
-                f"entry {index} did not commit within {self.timing.proposal_timeout:g} s; "
-                "it may or may not be applied"
-            ) from None
+            return await future
         finally:
+            timer.cancel()
             if self._waiters.get(index, (0, None))[1] is future:
                 del self._waiters[index]
+
+    def _expire_proposal(self, index: int, future: asyncio.Future[ApplyResult]) -> None:
+        if not future.done():
+            future.set_exception(
+                CommitUnknownError(
+                    f"entry {index} did not commit within {self.timing.proposal_timeout:g} s; "
+                    "it may or may not be applied"
+                )
+            )
 
     async def _replicate(self, peer_id: int, term: int) -> None:
         """Keep one follower's log in step with ours: entries when it lacks them, else heartbeats."""
         progress = self.progress[peer_id]
-        while self._role is Role.LEADER and self.current_term == term:
+        while (
+            self._role is Role.LEADER
+            and self.current_term == term
+            and self.progress.get(peer_id) is progress
+        ):
             now = self.clock.now()
+            if peer_id in self._departing and self._gave_up_on_departing(peer_id, progress, now):
+                return
             has_entries = progress.next_index <= self.log.last_index
-            commit_news = min(self.commit_index, progress.match_index) > progress.told_commit
+            commit_news = min(self._announced_commit, progress.match_index) > progress.told_commit
             commit_news = commit_news or progress.sent_round < self._read_round
             # One expression for both the test and the timer: with `now - last_sent >= interval`
             # rounding could call a timer that fired exactly on time early, and the task would
@@ -1049,14 +1222,21 @@ class RaftNode:
         entries = self.log.entries(
             progress.next_index, MAX_ENTRIES_PER_MESSAGE, MAX_BYTES_PER_MESSAGE
         )
-        request = raft_pb2.AppendEntriesRequest(
-            term=term,
-            requester_id=self.node_id,
-            prev_log_index=prev,
-            prev_log_term=self.log.term_at(prev),
-            leader_commit=self.commit_index,
-            log_entries=entries,
-        )
+        # Followers in step get the same message: built (and, by the transport, encoded) once.
+        # Within a term the leader's log only grows, so these numbers determine its content.
+        key = (term, prev, entries[-1].index if entries else prev, self.commit_index)
+        if self._last_append is not None and self._last_append[0] == key:
+            request = self._last_append[1]
+        else:
+            request = raft_pb2.AppendEntriesRequest(
+                term=term,
+                requester_id=self.node_id,
+                prev_log_index=prev,
+                prev_log_term=self.log.term_at(prev),
+                leader_commit=self.commit_index,
+                log_entries=entries,
+            )
+            self._last_append = (key, request)
         sent_at = progress.last_sent = self.clock.now()
         read_round = progress.sent_round = self._read_round
         if entries:
@@ -1088,7 +1268,9 @@ class RaftNode:
             return
         if self._role is not Role.LEADER or self.current_term != request.term:
             return
-        progress = self.progress[peer_id]
+        progress = self.progress.get(peer_id)
+        if progress is None:
+            return  # no longer a member
         if reply.success:
             # What we sent, not what the reply claims, bounds what the follower holds.
             match = request.prev_log_index + len(request.log_entries)
@@ -1099,8 +1281,7 @@ class RaftNode:
                 progress.told_commit, min(request.leader_commit, progress.match_index)
             )
             self._advance_commit()
-            if self._transfer is not None and self._transfer.target == peer_id:
-                self._notify()  # the transfer waits for its target to catch up
+            self._after_follower_progress(peer_id, progress)
             return
         # Back up past the whole conflicting term at once (section 5.3, "the protocol can be
         # optimized"): to after our last entry of that term, or to the follower's first entry of it.
@@ -1126,11 +1307,16 @@ class RaftNode:
         progress.next_index = next_index
 
     def _advance_commit(self) -> None:
-        """Commit the highest index durable on a majority, if it is from this term (section 5.4.2)."""
-        matches = sorted(
-            [self.log.durable_index] + [p.match_index for p in self.progress.values()],
-            reverse=True,
-        )
+        """Commit the highest index durable on a majority, if it is from this term (section 5.4.2).
+
+        The majority is of the voters of the configuration in use; a leader that is removing
+        itself does not count itself (thesis section 4.2.2)."""
+        matches = [p.match_index for p in self._voter_progress()]
+        if self.is_voter:
+            matches.append(self.log.durable_index)
+        if len(matches) < self.quorum:
+            return
+        matches.sort(reverse=True)
         candidate = matches[self.quorum - 1]
         if candidate <= self.commit_index or self.log.term_at(candidate) != self.current_term:
             return
@@ -1142,6 +1328,18 @@ class RaftNode:
             self.cluster_size,
         )
         self._apply_committed()
+        if self._commit_notice is None:
+            self._commit_notice = self.clock.call_at(
+                self.clock.now() + self.timing.commit_notice_delay, self._announce_commit
+            )
+        self._after_leader_commit()
+
+    def _announce_commit(self) -> None:
+        """Followers not told the new commit index by now get a message that says it."""
+        self._commit_notice = None
+        if self._role is not Role.LEADER or self._stopped:
+            return
+        self._announced_commit = self.commit_index
         for progress in self.progress.values():
             progress.wake.set()
 
@@ -1162,12 +1360,15 @@ class RaftNode:
             raise NotLeaderError(*self.leader())
         if target_id == self.node_id:
             return self.node_id
-        if target_id and target_id not in self.peers:
+        voters = self._other_voters()
+        if target_id and target_id not in voters:
+            if self.config.is_member(target_id):
+                raise ValueError(f"{target_id} is a learner, not a voting member")
             raise ValueError(f"{target_id} is not a member of this cluster")
         if self._transfer is not None:
             raise TransferFailedError(f"already handing leadership to {self._transfer.target}")
-        if not self.peers:
-            raise TransferFailedError("there is no other node to hand leadership to")
+        if not voters:
+            raise TransferFailedError("there is no other voter to hand leadership to")
         term = self.current_term
         window = self.timing.election_timeout_max
         recent = self.clock.now() - window
@@ -1177,7 +1378,7 @@ class RaftNode:
             progress = self.progress[peer]
             return (progress.heard_at > recent, progress.match_index, -peer)
 
-        target = target_id or max(self.peers, key=readiness)
+        target = target_id or max(voters, key=readiness)
         transfer = self._transfer = _Transfer(target, term)
         self.narrate.info(
             "handing leadership to %d: refusing new writes until it takes over (its log matches "
@@ -1225,7 +1426,9 @@ class RaftNode:
         target, term = transfer.target, transfer.term
 
         def leading() -> bool:
-            return self._role is Role.LEADER and self.current_term == term
+            return (
+                self._role is Role.LEADER and self.current_term == term and target in self.progress
+            )
 
         while leading() and self.progress[target].match_index < self.log.last_index:
             self.progress[target].wake.set()
@@ -1260,7 +1463,8 @@ class RaftNode:
         transfer = self._transfer
         if transfer is not None:
             self.narrate.info("turning a client away: handing leadership to %d", transfer.target)
-            raise NotLeaderError(transfer.target, self.peers[transfer.target].client_address)
+            target = self.config.address(transfer.target)
+            raise NotLeaderError(transfer.target, target.client_address if target else None)
 
     async def handle_timeout_now(
         self, request: raft_pb2.TimeoutNowRequest
@@ -1268,6 +1472,7 @@ class RaftNode:
         """The leader hands leadership over: start an election at once, without a pre-vote, with
         vote requests that voters grant despite having just heard from that leader."""
         self._check_peer_message(request.requester_id, request.term)
+        self._check_member(request.requester_id, "TimeoutNow")
         leader = request.requester_id
         self._step_down_if_newer(request.term, f"TimeoutNow from {leader}")
         reply = raft_pb2.TimeoutNowResponse(term=self.current_term)
@@ -1324,27 +1529,72 @@ class RaftNode:
         if leader_id is None or leader_id == self.node_id:
             raise UnavailableError("no leader known to confirm the read")
         timeout = self.timing.proposal_timeout
-        request = raft_pb2.ReadIndexRequest(term=self.current_term, requester_id=self.node_id)
         try:
             async with asyncio.timeout(timeout):
-                try:
-                    reply = await self.transport.read_index(leader_id, request, timeout)
-                except PeerUnreachableError as e:
-                    raise UnavailableError(f"leader {leader_id} is unreachable: {e}") from None
-                self._step_down_if_newer(reply.term, f"{leader_id}'s read index reply")
-                if not reply.success:
-                    raise UnavailableError(f"{leader_id} could not confirm it leads")
-                read_index = reply.read_index
+                read_index = await self._read_index_from_leader()
                 while self.last_applied < read_index:
                     await self._changed.wait()
         except TimeoutError:
             raise UnavailableError(
                 f"could not apply up to the leader's read index within {timeout:g} s"
             ) from None
-        self.narrate.debug(
-            "served a linearizable read at read index %d from leader %d", read_index, leader_id
-        )
+        self.narrate.debug("served a linearizable read at read index %d", read_index)
         return self.state_machine.get(key)
+
+    async def _read_index_from_leader(self) -> int:
+        """The leader's read index, from a request sent after this call began (so it covers
+        every write acknowledged before the read arrived). Reads that arrive while a request is
+        out share the next one: one request in flight per follower, however many reads."""
+        batch = self._next_read_index
+        if batch is None:
+            batch = self._next_read_index = asyncio.get_running_loop().create_future()
+            # Every read sharing it may have given up by the time it fails.
+            batch.add_done_callback(_retrieve_exception)
+            if not self._read_index_sending:
+                self._read_index_sending = True
+                if self._spawn(self._send_read_index_requests(), name="read-index") is None:
+                    self._read_index_sending = False
+                    self._next_read_index = None
+                    raise UnavailableError("the node is shutting down")
+        # Shielded: one read giving up must not fail the others sharing the request.
+        return await asyncio.shield(batch)
+
+    async def _send_read_index_requests(self) -> None:
+        batch: asyncio.Future[int] | None = None
+        try:
+            while (batch := self._next_read_index) is not None:
+                self._next_read_index = None
+                try:
+                    read_index = await self._ask_leader_for_read_index()
+                except UnavailableError as e:
+                    if not batch.done():
+                        batch.set_exception(e)
+                else:
+                    if not batch.done():
+                        batch.set_result(read_index)
+        finally:
+            # Only when the node stops does this end with reads still waiting.
+            self._read_index_sending = False
+            for waiting in (batch, self._next_read_index):
+                if waiting is not None and not waiting.done():
+                    waiting.set_exception(UnavailableError("the node is shutting down"))
+            self._next_read_index = None
+
+    async def _ask_leader_for_read_index(self) -> int:
+        leader_id = self.leader_id
+        if leader_id is None or leader_id == self.node_id or self._role is Role.LEADER:
+            raise UnavailableError("no leader known to confirm the read")
+        request = raft_pb2.ReadIndexRequest(term=self.current_term, requester_id=self.node_id)
+        try:
+            reply = await self.transport.read_index(
+                leader_id, request, self.timing.proposal_timeout
+            )
+        except PeerUnreachableError as e:
+            raise UnavailableError(f"leader {leader_id} is unreachable: {e}") from None
+        self._step_down_if_newer(reply.term, f"{leader_id}'s read index reply")
+        if not reply.success:
+            raise UnavailableError(f"{leader_id} could not confirm it leads")
+        return reply.read_index
 
     async def handle_read_index(
         self, request: raft_pb2.ReadIndexRequest
@@ -1352,6 +1602,7 @@ class RaftNode:
         """A follower asks for a read index (thesis section 6.4.1): the leader confirms it still
         leads, as for its own reads, and gives its commit index as of the request."""
         self._check_peer_message(request.requester_id, request.term)
+        self._check_member(request.requester_id, "read index request")
         self._step_down_if_newer(request.term, f"read index request from {request.requester_id}")
         term = self.current_term
         refused = raft_pb2.ReadIndexResponse(term=term, success=False)
@@ -1385,7 +1636,9 @@ class RaftNode:
         return read_index
 
     def _confirmed(self, read_round: int) -> bool:
-        acks = 1 + sum(1 for p in self.progress.values() if p.acked_round >= read_round)
+        acks = int(self.is_voter) + sum(
+            1 for p in self._voter_progress() if p.acked_round >= read_round
+        )
         return acks >= self.quorum
 
     def _check_still_leader(self, term: int) -> None:
@@ -1410,6 +1663,7 @@ class RaftNode:
         if self.last_applied < self.commit_index:
             self._apply_entries()
             self._maybe_snapshot()
+            self._check_removed()
 
     def _apply_entries(self) -> None:
         while self.last_applied < self.commit_index:
@@ -1426,19 +1680,269 @@ class RaftNode:
                             CommitUnknownError("another leader's entry took this index")
                         )
 
-    # ---- snapshots and log compaction (thesis chapter 5) -----------------------------------
+    # ---- membership (thesis chapter 4, one server at a time) -------------------------------
 
-    def _members(self) -> dict[int, tuple[str, str]]:
-        return {n.id: (n.raft_address, n.client_address) for n in self.cluster.nodes.values()}
+    def _other_voters(self) -> list[int]:
+        return [i for i in self.configs.latest.voters if i != self.node_id]
+
+    def _voter_progress(self) -> list[Progress]:
+        voters = self.configs.latest.voters
+        return [p for i, p in self.progress.items() if i in voters]
+
+    def _count_voters(self, ids: set[int]) -> int:
+        voters = self.configs.latest.voters
+        return sum(1 for i in ids if i in voters)
+
+    def _append_to_log(self, entries: list[raft_pb2.LogEntry]) -> None:
+        """Append to the log; a configuration among the entries is in use from now on (4.1)."""
+        self.log.append(entries)
+        before = self.configs.latest
+        for entry in entries:
+            if entry.kind == raft_pb2.ENTRY_KIND_CONFIG:
+                self.configs.append(entry.index, Membership.from_proto(entry.config))
+        if self.configs.latest is not before:
+            self._config_changed(before)
+
+    def _truncate_log(self, index: int) -> None:
+        """Drop entries from `index` on; a configuration among them is no longer in use."""
+        self.log.truncate_from(index)
+        before = self.configs.latest
+        self.configs.truncate_from(index)
+        if self.configs.latest is not before:
+            self._config_changed(before)
+
+    def _rebuild_configs(self, base: Membership, base_index: int) -> None:
+        """Recompute the configurations from a snapshot's (or the bootstrap one) and the log."""
+        before = self.configs.latest
+        self.configs.reset(base, base_index)
+        for index in range(max(base_index, self.log.base_index) + 1, self.log.last_index + 1):
+            entry = self.log.entry(index)
+            if entry.kind == raft_pb2.ENTRY_KIND_CONFIG:
+                self.configs.append(index, Membership.from_proto(entry.config))
+        self._config_changed(before)
+
+    def _config_changed(self, before: Membership) -> None:
+        config = self.configs.latest
+        self.peers = {i: n for i, n in config.members.items() if i != self.node_id}
+        self.transport.update_peers({i: n.raft_address for i, n in self.peers.items()})
+        if config is before:
+            return
+        index = self.configs.latest_index
+        self.narrate.info(
+            "configuration now: %s (from index %d%s)",
+            config.describe(),
+            index,
+            ", not yet committed" if index > self.commit_index else "",
+        )
+        if self._role is Role.LEADER:
+            self._sync_progress()
+            self._quorum_wake.set()
+        elif not config.is_voter(self.node_id):
+            if self._role is Role.CANDIDATE:
+                self._become_follower(self.current_term, None, "I no longer vote")
+            self._cancel_election_timer()
+        elif self._election_timer is None and self._timer_armed_at and not self._stopped:
+            # Promoted to voter (after start): from now on this node may stand for election.
+            self._reset_election_timer()
+
+    def _after_follower_progress(self, peer_id: int, progress: Progress) -> None:
+        """Leader: a follower holds more of the log than before."""
+        if self._transfer is not None and self._transfer.target == peer_id:
+            self._notify()  # the transfer waits for its target to catch up
+        removal = self._departing.get(peer_id)
+        if removal is not None and progress.told_commit >= removal:
+            self.narrate.info("%d knows its removal committed: no longer sending to it", peer_id)
+            self._stop_replicating(peer_id)
+            return
+        if peer_id in self.configs.latest.learners:
+            self._maybe_promote(peer_id)
+
+    def _gave_up_on_departing(self, peer_id: int, progress: Progress, now: float) -> bool:
+        """Stop telling a removed follower about its removal once that has committed, if it would
+        need a whole snapshot to learn it or has not answered for an election timeout: it must
+        not hold back log compaction or cost the leader work for good."""
+        if self._departing[peer_id] > self.commit_index:
+            return False
+        needs_snapshot = progress.next_index - 1 < self.log.base_index
+        silent = now - progress.heard_at > self.timing.election_timeout_max
+        if not (needs_snapshot or silent):
+            return False
+        self.narrate.info(
+            "stopped sending to removed node %d: %s",
+            peer_id,
+            "it would need a snapshot" if needs_snapshot else "it does not answer",
+        )
+        self._stop_replicating(peer_id)
+        return True
+
+    def _maybe_promote(self, peer_id: int) -> None:
+        """Make a learner a voter once its log has caught up, so adding it never leaves the new
+        majority waiting for a node that is far behind (thesis section 4.2.1)."""
+        if self._role is not Role.LEADER or self._leaving or self._transfer is not None:
+            return
+        if self.configs.latest_index > self.commit_index:
+            return  # one change at a time
+        if self.log.term_at(self.commit_index) != self.current_term:
+            return  # not before this leader has committed an entry of its own term
+        progress = self.progress.get(peer_id)
+        if progress is None or progress.snapshot is not None:
+            return
+        # It must hold the configuration that added it (so it has answered us), and be within one
+        # message of the end of the log.
+        behind = self.log.last_index - progress.match_index
+        if progress.match_index < self.configs.latest_index or behind > MAX_ENTRIES_PER_MESSAGE:
+            return
+        self.narrate.info(
+            "learner %d has caught up (%d entries behind me): promoting it to voter",
+            peer_id,
+            behind,
+        )
+        promoted = self.configs.latest.with_voter(peer_id)
+        self._append_as_leader(
+            raft_pb2.LogEntry(kind=raft_pb2.ENTRY_KIND_CONFIG, config=promoted.to_proto())
+        )
+
+    def _after_leader_commit(self) -> None:
+        """Leader: a new commit may complete a change: promote the next learner, or leave."""
+        if self._leaving or self.configs.latest_index > self.commit_index:
+            return
+        if not self.configs.latest.is_member(self.node_id):
+            self._leaving = True
+            self._spawn(self._leave_after_removal(self.current_term), name="leave")
+            return
+        for learner in list(self.configs.latest.learners):
+            self._maybe_promote(learner)
+
+    async def _leave_after_removal(self, term: int) -> None:
+        """The configuration removing this leader committed: hand leadership to the most
+        up-to-date voter, so the others need not wait out an election timeout, then step down
+        (thesis section 4.2.2)."""
+        self.narrate.info(
+            "the configuration without me committed at index %d: handing over and stepping down",
+            self.configs.latest_index,
+        )
+        voters = self._other_voters()
+        if voters and self._role is Role.LEADER and self.current_term == term:
+            target = max(voters, key=lambda p: (self.progress[p].match_index, -p))
+            transfer = self._transfer = _Transfer(target, term)
+            try:
+                async with asyncio.timeout(self.timing.election_timeout_min):
+                    await self._send_timeout_now(transfer)
+            except TimeoutError:
+                pass
+            finally:
+                if self._transfer is transfer:
+                    self._transfer = None
+        if self._role is Role.LEADER and self.current_term == term:
+            self._become_follower(term, None, "I am no longer a member of this cluster")
+        self._check_removed()
+
+    def _check_removed(self) -> None:
+        """A node learns it was removed once the configuration removing it is committed."""
+        if self.removed.is_set() or self._role is Role.LEADER:
+            return
+        if self.node_id not in self.configs.at(self.commit_index).removed:
+            return
+        self.narrate.info(
+            "removed from the cluster (the change committed by index %d): no longer taking part",
+            self.commit_index,
+        )
+        self._cancel_election_timer()
+        self.removed.set()
+
+    def _require_leader(self) -> None:
+        if self._role is not Role.LEADER:
+            raise NotLeaderError(*self.leader())
+        self._refuse_while_transferring()
+
+    async def list_members(self) -> tuple[Membership, int, bool]:
+        """The leader's configuration in use; NotLeaderError elsewhere."""
+        if self._role is not Role.LEADER:
+            raise NotLeaderError(*self.leader())
+        return self.membership()
+
+    async def add_member(
+        self, node: NodeAddress, wait_until_voter: bool = True
+    ) -> tuple[Membership, int, bool]:
+        """Add `node` as a learner and return once that has committed; the leader promotes it to
+        voter once it has caught up (with `wait_until_voter`, this waits for that too, at most
+        PROMOTION_WAIT seconds). Adding a member that is already there with the same addresses
+        changes nothing. Raises NotLeaderError, MembershipError, ChangeInProgressError or
+        CommitUnknownError."""
+        self._require_leader()
+        existing = self.configs.latest.address(node.id)
+        if existing is not None and existing != node:
+            raise MembershipError(
+                f"{node.id} is already a member, at {existing.raft_address} "
+                f"(client {existing.client_address})"
+            )
+        if existing is None:
+            await self._change_config(
+                lambda config: config.with_learner(node),
+                f"adding {node.id} (Raft {node.raft_address}, clients {node.client_address}) as "
+                "a learner",
+            )
+        await self._wait_for(
+            lambda: self.configs.latest_index <= self.commit_index, self.timing.proposal_timeout
+        )
+        if wait_until_voter:
+            await self._wait_for(
+                lambda: not self.configs.latest.learners.get(node.id)
+                and self.configs.latest_index <= self.commit_index,
+                PROMOTION_WAIT,
+            )
+        return self.membership()
+
+    async def remove_member(self, node_id: int) -> tuple[Membership, int, bool]:
+        """Remove a member for good and return once that has committed; its id is never used
+        again. A leader removing itself steps down once the change commits. Raises
+        NotLeaderError, MembershipError, ChangeInProgressError or CommitUnknownError."""
+        self._require_leader()
+        config = self.configs.latest
+        if node_id not in config.removed or config.is_member(node_id):
+            await self._change_config(lambda c: c.without(node_id), f"removing {node_id}")
+        return self.membership()
+
+    async def _change_config(
+        self, change: Callable[[Membership], Membership], what: str
+    ) -> ApplyResult:
+        """Append the configuration `change` makes of the one in use, once this leader has
+        committed an entry of its own term and no other change is pending; wait for its commit."""
+        term = self.current_term
+        try:
+            async with asyncio.timeout(self.timing.proposal_timeout):
+                await self._wait_until(lambda: self.log.term_at(self.commit_index) == term, term)
+        except TimeoutError:
+            raise ChangeInProgressError(
+                "this leader has not yet committed an entry of its own term; try again"
+            ) from None
+        pending = self.configs.latest_index
+        if pending > self.commit_index or self._leaving:
+            raise ChangeInProgressError(
+                f"the membership change at index {pending} has not committed yet; "
+                "one change at a time"
+            )
+        new = change(self.configs.latest)
+        self.narrate.info("%s", what)
+        return await self._propose_entry(
+            raft_pb2.LogEntry(kind=raft_pb2.ENTRY_KIND_CONFIG, config=new.to_proto())
+        )
+
+    async def _wait_for(self, condition: Callable[[], bool], timeout: float) -> None:
+        """Leader: wait until `condition` holds, at most `timeout` seconds; NotLeaderError if
+        leadership is lost meanwhile."""
+        term = self.current_term
+        try:
+            async with asyncio.timeout(timeout):
+                await self._wait_until(condition, term)
+        except TimeoutError:
+            return
+
+    # ---- snapshots and log compaction (thesis chapter 5) -----------------------------------
 
     def _restore(self, loaded: LoadedSnapshot) -> None:
         """Replace the state machine with a snapshot's; the log already starts after it."""
-        self.state_machine.restore(loaded.state)
-        if self.state_machine.last_applied != loaded.index:
-            raise SnapshotError(
-                f"{loaded.meta.path}: its state was taken at index "
-                f"{self.state_machine.last_applied}, not {loaded.index}"
-            )
+        self.state_machine.install(_state_of(loaded))
         self.commit_index = max(self.commit_index, loaded.index)
 
     def _maybe_snapshot(self) -> None:
@@ -1455,15 +1959,19 @@ class RaftNode:
         # Copying the state is quick; encoding and writing it happen while the node goes on.
         state = self.state_machine.snapshot()
         term = self.log.term_at(index)
-        if self._spawn(self._write_snapshot(state, index, term), name="snapshot") is None:
+        members = self.configs.at(index)
+        if self._spawn(self._write_snapshot(state, members, index, term), name="snapshot") is None:
             self._snapshotting = False
 
-    async def _write_snapshot(self, state: SnapshotState, index: int, term: int) -> None:
+    async def _write_snapshot(
+        self, state: SnapshotState, members: Membership, index: int, term: int
+    ) -> None:
         store = self.log.snapshots
         assert store is not None and self.snapshot_policy is not None
+        started = self.clock.now()
         try:
-            encoded = await _encode_state(state)
-            meta = await store.write(index, term, self._members(), encoded)
+            pieces = await _encode_state(state)
+            meta = await store.write(index, term, members, pieces)
             self.narrate.info(
                 "took a snapshot up to index %d (term %d, %s)", index, term, _size(meta.size)
             )
@@ -1476,12 +1984,23 @@ class RaftNode:
             point = min(point, self.last_applied, self.log.last_index)
             if point > self.log.base_index:
                 self.log.compact(point)
+                self.configs.compact(point)
                 await self.log.flush()
                 self.narrate.info("discarded the log up to index %d", point)
         except OSError as e:
             self.narrate.error("could not write a snapshot up to index %d: %s", index, e)
         finally:
-            self._snapshotting = False
+            # The next snapshot waits a few times as long as this one took: snapshotting a large
+            # state then takes only a share of the node's time, the rest is left for serving.
+            rest = _SNAPSHOT_REST * (self.clock.now() - started)
+            if rest > 0 and not self._stopped:
+                self.clock.call_at(self.clock.now() + rest, self._end_snapshot_rest)
+            else:
+                self._snapshotting = False
+
+    def _end_snapshot_rest(self) -> None:
+        self._snapshotting = False
+        self._maybe_snapshot()
 
     async def _send_snapshot_chunk(self, peer_id: int, term: int, progress: Progress) -> None:
         """Send a follower whose next entry is compacted away one chunk of the newest snapshot;
@@ -1558,8 +2077,7 @@ class RaftNode:
             progress.next_index = max(progress.next_index, meta.index + 1)
             self.narrate.info("%d installed my snapshot up to index %d", peer_id, meta.index)
             self._advance_commit()
-            if self._transfer is not None and self._transfer.target == peer_id:
-                self._notify()
+            self._after_follower_progress(peer_id, progress)
             return
         progress.snapshot_offset = reply.next_offset if 0 <= reply.next_offset < meta.size else 0
 
@@ -1581,6 +2099,7 @@ class RaftNode:
             request.offset,
             request.total_size,
         )
+        self._check_unlisted_leader(request.requester_id)
         leader = request.requester_id
         if request.term < self.current_term:
             # Rule 1: reply immediately if term < currentTerm.
@@ -1632,8 +2151,7 @@ class RaftNode:
         if request.offset != incoming.offset:
             return raft_pb2.InstallSnapshotResponse(next_offset=incoming.offset)
         # Rule 3: write data into the snapshot file at the given offset.
-        await incoming.file.write(request.data)
-        incoming.offset += len(request.data)
+        await incoming.write(request.data)
         if incoming.offset > total or (request.done and incoming.offset != total):
             self.narrate.warning("snapshot transfer from %d went wrong; restarting it", index)
             await store.abort_incoming(incoming)
@@ -1644,8 +2162,14 @@ class RaftNode:
             return raft_pb2.InstallSnapshotResponse(next_offset=incoming.offset)
         self._incoming = None
         try:
-            loaded = await store.finish_incoming(incoming)
-        except SnapshotError as e:
+            # Its state was decoded chunk by chunk as it came: checked, kept, then installed
+            # together with the log's reset, no step of it long.
+            loaded = await store.check_incoming(incoming)
+            _state_of(loaded)
+            if loaded.index <= self.commit_index:
+                return raft_pb2.InstallSnapshotResponse(next_offset=total, installed=True)
+            loaded = await store.keep_incoming(loaded)
+        except (SnapshotError, ValueError) as e:
             self.narrate.warning("%s; asking for it again", e)
             return raft_pb2.InstallSnapshotResponse(next_offset=0)
         if loaded.index <= self.commit_index:
@@ -1654,6 +2178,7 @@ class RaftNode:
         # else discard the whole log; then reset the state machine from the snapshot.
         kept = self.log.holds(loaded.index, loaded.term)
         self.log.reset(loaded.index, loaded.term)
+        self._rebuild_configs(loaded.members, loaded.index)
         self._restore(loaded)
         self.narrate.info(
             "installed snapshot up to index %d (term %d, %s); %s",
@@ -1671,22 +2196,48 @@ class RaftNode:
         return raft_pb2.InstallSnapshotResponse(next_offset=total, installed=True)
 
 
+def _retrieve_exception(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 def _size(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n} bytes"
 
 
-async def _encode_state(state: SnapshotState) -> bytes:
+# How much encoding of a snapshot's state runs between two turns of the event loop.
+_STATE_BYTES_PER_TURN = 256 * 1024
+# After a snapshot, a node takes no other for this many times as long as it took.
+_SNAPSHOT_REST = 4
+
+
+async def _encode_state(state: SnapshotState) -> list[bytes]:
     """Encode a state machine's snapshot a few keys at a time, letting the node serve in between
-    (a thread would not help: encoding holds the interpreter's lock)."""
+    (a thread would not help: encoding holds the interpreter's lock). The pieces are not joined:
+    that would copy the whole state once more."""
     pieces = []
     size = 0
     for piece in state.encode_pieces():
         pieces.append(piece)
         size += len(piece)
-        if size >= 1 << 20:
+        if size >= _STATE_BYTES_PER_TURN:
             size = 0
             await asyncio.sleep(0)
-    return b"".join(pieces)
+    return pieces
+
+
+def _state_of(loaded: LoadedSnapshot) -> SnapshotState:
+    """A snapshot's state, decoded (unless it already is), once known to be the state at the
+    snapshot's index; SnapshotError or ValueError if it is not."""
+    state = loaded.state
+    if not isinstance(state, SnapshotState):
+        state = decode_state(state)
+    if state.last_applied != loaded.index:
+        raise SnapshotError(
+            f"{loaded.meta.path}: its state was taken at index {state.last_applied}, "
+            f"not {loaded.index}"
+        )
+    return state
 
 
 # ---- the daemon --------------------------------------------------------------------------------
@@ -1706,8 +2257,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog=(
             "Examples: `python raft_node.py --port 12345` (the seed's scheme: five nodes on "
             "127.0.0.1, Raft ports 12345-12349, client ports 12350-12354); "
-            "`python raft_node.py --id 2 --cluster cluster.toml` (any hosts). "
-            "Exit codes: 0 clean stop, 1 damaged data directory, 2 bad arguments or address in use."
+            "`python raft_node.py --id 2 --cluster cluster.toml` (any hosts); "
+            "`python raft_node.py --id 6 --join 127.0.0.1:12350 --raft-address 127.0.0.1:12360 "
+            "--client-address 127.0.0.1:12361` (a new node joins a running cluster). "
+            "Exit codes: 0 clean stop or removed from the cluster, 1 damaged data directory, "
+            "2 bad arguments, address in use, or the cluster refused to add this node."
         ),
     )
     who = parser.add_mutually_exclusive_group(required=True)
@@ -1728,6 +2282,18 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--cluster",
         metavar="FILE",
         help="TOML file with a [[node]] table per member: id, raft = 'host:port', client = 'host:port'",
+    )
+    parser.add_argument(
+        "--join",
+        metavar="ADDR",
+        help="join a running cluster: ask the member whose client address is ADDR to add this "
+        "node (--id, --raft-address, --client-address) as a learner; it votes once caught up",
+    )
+    parser.add_argument(
+        "--raft-address", metavar="HOST:PORT", help="with --join: this node's Raft address"
+    )
+    parser.add_argument(
+        "--client-address", metavar="HOST:PORT", help="with --join: this node's client address"
     )
     parser.add_argument(
         "--host",
@@ -1780,8 +2346,18 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         f"up without a snapshot transfer ({SnapshotPolicy.keep_entries})",
     )
     args = parser.parse_args(argv)
-    if args.id is not None and args.cluster is None:
-        parser.error("--id needs --cluster FILE")
+    if args.join is not None:
+        if args.id is None or args.raft_address is None or args.client_address is None:
+            parser.error("--join needs --id, --raft-address and --client-address")
+        if args.cluster is not None:
+            parser.error(
+                "--join and --cluster exclude each other: a joining node learns the "
+                "members from the cluster"
+            )
+    elif args.raft_address is not None or args.client_address is not None:
+        parser.error("--raft-address and --client-address go with --join")
+    elif args.id is not None and args.cluster is None:
+        parser.error("--id needs --cluster FILE (or --join ADDR)")
     if args.port is not None and args.cluster is not None:
         parser.error("--port uses the seed's port scheme; use --id with --cluster")
     return args
@@ -1825,21 +2401,30 @@ async def _serve(
     except LogCorruptionError as e:
         _fail(1, str(e))
     transport = GrpcTransport({p.id: p.raft_address for p in cluster.peers_of(node_id)})
-    node = RaftNode(node_id, cluster, log, transport, timing, snapshot_policy=policy)
+    joining = args.join is not None
+    node = RaftNode(node_id, cluster, log, transport, timing, snapshot_policy=policy, join=joining)
     try:
         node.start_from_snapshot()
     except (SnapshotError, ValueError) as e:
         await log.close()
         _fail(1, str(e))
+    if node.configs.recorded:
+        flags = Membership.bootstrap(cluster)
+        if not joining and node.config.members != flags.members:
+            # The log wins over the start flags (thesis 4.1); say so, so nobody is surprised.
+            node.narrate.info(
+                "using the membership in my log (%s); the start flags only describe a new cluster",
+                node.config.describe(),
+            )
 
     servers: list[grpc.aio.Server] = []
+    raft_servicer = raft_server.RaftServicer(node)
+    exit_code = 0
     try:
         services: list[tuple[str, Callable[[grpc.aio.Server], None], int]] = [
             (
                 me.raft_address,
-                lambda s: raft_pb2_grpc.add_RaftServicer_to_server(
-                    raft_server.RaftServicer(node), s
-                ),
+                lambda s: raft_pb2_grpc.add_RaftServicer_to_server(raft_servicer, s),
                 64 * 1024 * 1024,
             ),
             (
@@ -1891,17 +2476,83 @@ async def _serve(
             data_dir,
         )
         node.start()
-        await stop.wait()
-        await _hand_over(node, HANDOVER_TIMEOUTS * timing.election_timeout_max, hurry)
+        refused: list[str] = []
+        if joining and not node.config.is_member(node_id):
+            joined = asyncio.ensure_future(_join(node, args.join, refused, stop))
+        else:
+            joined = None
+        removed = asyncio.ensure_future(node.removed.wait())
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({removed, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            removed.cancel()
+            stopping.cancel()
+            if joined is not None:
+                joined.cancel()
+        if refused:
+            node.narrate.error("the cluster refused to add me: %s", refused[0])
+            exit_code = 2
+        elif node.removed.is_set():
+            node.narrate.info("stopping: this node is no longer a member of the cluster")
+        else:
+            await _hand_over(node, HANDOVER_TIMEOUTS * timing.election_timeout_max, hurry)
         node.narrate.info("stopping: finishing disk writes")
     finally:
         await node.stop()
+        # A leader's open AppendStream would otherwise hold the server for its whole grace period.
+        raft_servicer.end_streams()
         for server in servers:
             await server.stop(grace=0.5)
         await transport.close()
         await log.close()
         lock.close()
-    return 0
+    return exit_code
+
+
+async def _join(node: RaftNode, address: str, refused: list[str], stop: asyncio.Event) -> None:
+    """Ask the cluster at `address` to add this node as a learner, until it agrees or refuses."""
+    from cluster_client import (
+        Client,
+        ClientError,
+        ClusterUnavailableError,
+        MembershipBusyError,
+        MembershipRefusedError,
+    )
+
+    me = node.me
+    node.narrate.info(
+        "asking the cluster at %s to add me (Raft %s, clients %s) as a learner",
+        address,
+        me.raft_address,
+        me.client_address,
+    )
+    async with Client.from_endpoints([address]) as client:
+        while not node.config.is_member(node.node_id):
+            try:
+                added = await client.add_member(
+                    node.node_id, me.raft_address, me.client_address, wait_until_voter=False
+                )
+            except MembershipBusyError as e:
+                node.narrate.info("the cluster is busy with another change (%s); asking again", e)
+            except MembershipRefusedError as e:
+                refused.append(str(e))
+                stop.set()
+                return
+            except (ClusterUnavailableError, ClientError) as e:
+                node.narrate.info("could not reach the cluster to join it (%s); trying again", e)
+            else:
+                node.narrate.info(
+                    "the cluster added me as a learner (configuration at index %d); catching up",
+                    added.config_index,
+                )
+                return
+            woken = asyncio.Event()
+            timer = node.clock.call_at(node.clock.now() + 1.0, woken.set)
+            try:
+                await woken.wait()
+            finally:
+                timer.cancel()
 
 
 async def _hand_over(node: RaftNode, timeout: float, hurry: asyncio.Event) -> None:
@@ -1932,8 +2583,6 @@ async def _hand_over(node: RaftNode, timeout: float, hurry: asyncio.Event) -> No
 
 
 def _bind_address(address: str, host: str | None) -> str:
-    from cluster_config import parse_host_port
-
     own_host, port = parse_host_port(address)
     host = host or own_host
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -1942,8 +2591,6 @@ def _bind_address(address: str, host: str | None) -> str:
 def _cannot_bind(bind: str) -> str | None:
     """Why `bind` cannot be listened on, checked with a plain socket so the user gets one clear line."""
     import socket
-
-    from cluster_config import parse_host_port
 
     host, port = parse_host_port(bind)
     try:
@@ -1984,6 +2631,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.port is not None:
             cluster = ClusterConfig.seed_scheme(args.first_port, args.nodes)
             node_id = args.port
+        elif args.join is not None:
+            node_id = args.id
+            me = NodeAddress(node_id, args.raft_address, args.client_address)
+            try:
+                check_new_member(me)
+                parse_host_port(args.join)
+            except MembershipError as e:
+                raise ConfigError(str(e)) from None
+            cluster = ClusterConfig({node_id: me})
         else:
             cluster = ClusterConfig.from_toml(args.cluster)
             node_id = args.id

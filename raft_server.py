@@ -3,6 +3,8 @@ chunks) to the node, maps refusals to codes."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -16,6 +18,17 @@ class RaftServicer(raft_pb2_grpc.RaftServicer):
 
     def __init__(self, node: RaftNode) -> None:
         self._node = node
+        # AppendStream handlers waiting for their next request, so that shutting down need not wait
+        # out the server's grace period for streams that never end by themselves.
+        self._idle_streams: set[asyncio.Task[Any]] = set()
+        self._ending = False
+
+    def end_streams(self) -> None:
+        """End every AppendStream once its current request is answered; call before stopping the
+        server. The leader sees the stream end, as if this node had gone."""
+        self._ending = True
+        for task in self._idle_streams:
+            task.cancel()
 
     async def RequestVote(
         self, request: raft_pb2.VoteRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -34,6 +47,36 @@ class RaftServicer(raft_pb2_grpc.RaftServicer):
         except InvalidRequestError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             raise
+
+    async def AppendStream(
+        self,
+        request_iterator: AsyncIterator[raft_pb2.AppendEntriesRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
+        # One request at a time, answered before the next is read: replies leave in request order,
+        # each only once its entries are durable, exactly as the unary call's would.
+        task = asyncio.current_task()
+        assert task is not None
+        while not self._ending:
+            self._idle_streams.add(task)
+            try:
+                request = await context.read()
+            except asyncio.CancelledError:
+                if self._ending:
+                    # Ended normally, so that the server finishes the call instead of waiting for it.
+                    task.uncancel()
+                    return
+                raise
+            finally:
+                self._idle_streams.discard(task)
+            if request is grpc.aio.EOF:
+                return
+            try:
+                reply = await self._node.handle_append_entries(request)
+            except InvalidRequestError as e:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+                raise
+            await context.write(reply)
 
     async def ReadIndex(
         self, request: raft_pb2.ReadIndexRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -4,16 +4,17 @@ atomically with a checksum, the newest valid one loaded at start, and snapshots 
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 import os
 import struct
 import zlib
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
 
-from log import Disk, DiskFile, RealDisk, replace_file
+from log import SYNC_EVERY_BYTES, Disk, DiskFile, replace_file
+from membership import Membership
+from state_machine import SnapshotState, StateDecoder
 
 logger = logging.getLogger("raft.snapshot")
 
@@ -47,11 +48,12 @@ class SnapshotMeta:
 
 @dataclass(frozen=True)
 class LoadedSnapshot:
-    """A snapshot read back and verified."""
+    """A snapshot read back and verified. `state` is the state machine's content: encoded (a view
+    of the file's bytes, not a copy) or, for a snapshot decoded as it was received, decoded."""
 
     meta: SnapshotMeta
-    members: dict[int, tuple[str, str]]
-    state: bytes
+    members: Membership
+    state: bytes | memoryview | SnapshotState
 
     @property
     def index(self) -> int:
@@ -62,53 +64,90 @@ class LoadedSnapshot:
         return self.meta.term
 
 
-def encode_snapshot(
-    index: int, term: int, members: dict[int, tuple[str, str]], state: bytes
-) -> bytes:
-    member_doc = json.dumps({str(k): list(v) for k, v in sorted(members.items())}).encode()
-    body = (
-        _HEADER.pack(SNAPSHOT_MAGIC, index, term, len(member_doc), len(state)) + member_doc + state
-    )
-    return body + _TRAILER.pack(zlib.crc32(body))
+# Writes of a snapshot file go to the disk in pieces of about this size: each is checksummed on
+# the way, and no copy of the whole file is ever made.
+_WRITE_BYTES = 1 << 20
+
+
+class _SnapshotFile:
+    """A snapshot file's bytes as an iterable of pieces; once iterated, `checksum` is the CRC32
+    of the whole file and `size` its length."""
+
+    def __init__(
+        self,
+        index: int,
+        term: int,
+        members: Membership,
+        state: Sequence[bytes],
+    ) -> None:
+        member_doc = members.to_json()
+        state_len = sum(len(piece) for piece in state)
+        self._header = (
+            _HEADER.pack(SNAPSHOT_MAGIC, index, term, len(member_doc), state_len) + member_doc
+        )
+        self._state = state
+        self.size = len(self._header) + state_len + _TRAILER.size
+        self.checksum = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        crc = zlib.crc32(self._header)
+        batch = [self._header]
+        batched = len(self._header)
+        for piece in self._state:
+            if batched >= _WRITE_BYTES:
+                yield _joined(batch)
+                batch, batched = [], 0
+            crc = zlib.crc32(piece, crc)
+            batch.append(piece)
+            batched += len(piece)
+        trailer = _TRAILER.pack(crc)
+        self.checksum = zlib.crc32(trailer, crc)
+        batch.append(trailer)
+        yield _joined(batch)
+
+
+def _joined(batch: list[bytes]) -> bytes:
+    return batch[0] if len(batch) == 1 else b"".join(batch)
+
+
+def encode_snapshot(index: int, term: int, members: Membership, state: bytes) -> bytes:
+    return b"".join(_SnapshotFile(index, term, members, [state]))
 
 
 def decode_snapshot(path: str, data: bytes) -> LoadedSnapshot:
     """Verify and parse a snapshot file's bytes; SnapshotError says what is wrong."""
     if len(data) < _HEADER.size + _TRAILER.size:
         raise SnapshotError(f"{path}: damaged snapshot: only {len(data)} bytes")
+    index, term, members_len = _read_header(path, data, len(data))
+    view = memoryview(data)
+    body = len(data) - _TRAILER.size
+    crc = zlib.crc32(view[:body])
+    if crc != _TRAILER.unpack_from(data, body)[0]:
+        raise SnapshotError(f"{path}: damaged snapshot: checksum mismatch")
+    start = _HEADER.size + members_len
+    members = _read_members(path, view[_HEADER.size : start])
+    meta = SnapshotMeta(index, term, len(data), zlib.crc32(view[body:], crc), path)
+    return LoadedSnapshot(meta, members, view[start:body])
+
+
+def _read_header(path: str, data: bytes | bytearray, total_size: int) -> tuple[int, int, int]:
+    """A snapshot file's index, term and members length, from its first bytes."""
     magic, index, term, members_len, state_len = _HEADER.unpack_from(data, 0)
     if magic != SNAPSHOT_MAGIC:
         raise SnapshotError(f"{path}: damaged snapshot: bad magic {magic!r}")
-    if _HEADER.size + members_len + state_len + _TRAILER.size != len(data):
+    if _HEADER.size + members_len + state_len + _TRAILER.size != total_size:
         raise SnapshotError(
-            f"{path}: damaged snapshot: {len(data)} bytes, the header says "
+            f"{path}: damaged snapshot: {total_size} bytes, the header says "
             f"{_HEADER.size + members_len + state_len + _TRAILER.size}"
         )
-    (crc,) = _TRAILER.unpack_from(data, len(data) - _TRAILER.size)
-    if crc != zlib.crc32(memoryview(data)[: len(data) - _TRAILER.size]):
-        raise SnapshotError(f"{path}: damaged snapshot: checksum mismatch")
-    start = _HEADER.size
+    return index, term, members_len
+
+
+def _read_members(path: str, data: memoryview) -> Membership:
     try:
-        doc = json.loads(data[start : start + members_len])
-        members = {int(k): (str(v[0]), str(v[1])) for k, v in doc.items()}
+        return Membership.from_json(data.tobytes())
     except (ValueError, TypeError, IndexError, AttributeError) as e:
         raise SnapshotError(f"{path}: damaged snapshot: members do not parse: {e}") from e
-    state = data[start + members_len : start + members_len + state_len]
-    meta = SnapshotMeta(index, term, len(data), zlib.crc32(data), path)
-    return LoadedSnapshot(meta, members, state)
-
-
-def _encode_and_sum(
-    index: int, term: int, members: dict[int, tuple[str, str]], state: bytes
-) -> tuple[bytes, int]:
-    data = encode_snapshot(index, term, members, state)
-    return data, zlib.crc32(data)
-
-
-def _check_and_decode(path: str, data: bytes, checksum: int) -> LoadedSnapshot:
-    if zlib.crc32(data) != checksum:
-        raise SnapshotError(f"{path}: received snapshot fails its checksum")
-    return decode_snapshot(path, data)
 
 
 def _name(index: int, term: int) -> str:
@@ -126,14 +165,28 @@ def _parse_name(name: str) -> tuple[int, int] | None:
 
 @dataclass
 class Incoming:
-    """A snapshot being received from a leader, chunk by chunk, into a temporary file."""
+    """A snapshot being received from a leader, chunk by chunk, into a temporary file. Its
+    checksums are computed and its state decoded as the chunks arrive, so that once the last one
+    is in, checking and installing it takes no long step."""
 
     index: int
     term: int
     total_size: int
     checksum: int
     file: DiskFile
+    path: str
     offset: int = 0
+    # The CRC32 of every byte received, and of the file's body (all but its trailer).
+    crc: int = 0
+    body_crc: int = 0
+    # The header and the members, until all of them are in; then where the state starts.
+    head: bytearray = field(default_factory=bytearray)
+    state_start: int | None = None
+    trailer: bytearray = field(default_factory=bytearray)
+    decoder: StateDecoder = field(default_factory=StateDecoder)
+    # Why the bytes received cannot be a snapshot, once that is known.
+    problem: SnapshotError | ValueError | None = None
+    unsynced: int = 0
 
     def same(self, index: int, term: int, total_size: int, checksum: int) -> bool:
         return (self.index, self.term, self.total_size, self.checksum) == (
@@ -142,6 +195,63 @@ class Incoming:
             total_size,
             checksum,
         )
+
+    async def write(self, data: bytes) -> None:
+        """Append the next chunk to the file; checksum and decode it."""
+        await self.file.write(data)
+        self.unsynced += len(data)
+        if self.unsynced >= SYNC_EVERY_BYTES:
+            await self.file.fsync()
+            self.unsynced = 0
+        position, self.offset = self.offset, self.offset + len(data)
+        self.crc = zlib.crc32(data, self.crc)
+        split = max(0, self.total_size - _TRAILER.size - position)
+        view = memoryview(data)
+        self.body_crc = zlib.crc32(view[:split], self.body_crc)
+        self.trailer += view[split:]
+        if self.problem is None:
+            try:
+                self._take(view[:split])
+            except (SnapshotError, ValueError) as e:
+                self.problem = e
+
+    def _take(self, body: memoryview) -> None:
+        if self.state_start is None:
+            # The header and the members are small: gathered whole, then what follows is state.
+            self.head += body
+            if len(self.head) < _HEADER.size:
+                return
+            _, _, members_len = _read_header(self.path, self.head, self.total_size)
+            if len(self.head) < _HEADER.size + members_len:
+                return
+            self.state_start = _HEADER.size + members_len
+            body = memoryview(bytes(self.head[self.state_start :]))
+            del self.head[self.state_start :]
+        self.decoder.feed(body)
+
+    def received(self) -> LoadedSnapshot:
+        """The snapshot, once every byte is in; SnapshotError if it is damaged or not the one
+        announced, ValueError if its state does not decode."""
+        path = self.path
+        if self.offset != self.total_size or self.crc != self.checksum:
+            raise SnapshotError(f"{path}: received snapshot fails its checksum")
+        if isinstance(self.problem, SnapshotError):
+            raise self.problem
+        if self.problem is not None:
+            raise ValueError(f"{path}: {self.problem}")
+        if self.state_start is None or len(self.trailer) != _TRAILER.size:
+            raise SnapshotError(f"{path}: damaged snapshot: only {self.total_size} bytes")
+        if _TRAILER.unpack(self.trailer)[0] != self.body_crc:
+            raise SnapshotError(f"{path}: damaged snapshot: checksum mismatch")
+        index, term, _ = _read_header(path, self.head, self.total_size)
+        if (index, term) != (self.index, self.term):
+            raise SnapshotError(
+                f"{path}: received snapshot covers index {index} term {term}, not "
+                f"{self.index} term {self.term} as announced"
+            )
+        members = _read_members(path, memoryview(self.head)[_HEADER.size :])
+        meta = SnapshotMeta(index, term, self.total_size, self.crc, path)
+        return LoadedSnapshot(meta, members, self.decoder.result())
 
 
 class SnapshotStore:
@@ -193,18 +303,20 @@ class SnapshotStore:
         return None
 
     async def write(
-        self, index: int, term: int, members: dict[int, tuple[str, str]], state: bytes
+        self,
+        index: int,
+        term: int,
+        members: Membership,
+        state: bytes | Sequence[bytes],
     ) -> SnapshotMeta:
         """Write a snapshot atomically (temporary file, fsync, rename, directory fsync); then
-        remove all but the newest KEEP_SNAPSHOTS."""
-        if isinstance(self.disk, RealDisk) and len(state) > 1 << 20:
-            # Copying and checksumming a large state takes a while: not on the event loop.
-            data, checksum = await asyncio.to_thread(_encode_and_sum, index, term, members, state)
-        else:
-            data, checksum = _encode_and_sum(index, term, members, state)
+        remove all but the newest KEEP_SNAPSHOTS. The state may come as a list of pieces, which
+        are written one after another (a large state is never copied into one buffer)."""
+        pieces = [state] if isinstance(state, bytes) else state
         path = os.path.join(self.directory, _name(index, term))
-        await replace_file(self.disk, path, data)
-        meta = SnapshotMeta(index, term, len(data), checksum, path)
+        snapshot = _SnapshotFile(index, term, members, pieces)
+        await replace_file(self.disk, path, snapshot)
+        meta = SnapshotMeta(index, term, snapshot.size, snapshot.checksum, path)
         if self.latest is None or index >= self.latest.index:
             self.latest = meta
         await self._prune()
@@ -229,40 +341,35 @@ class SnapshotStore:
     async def begin_incoming(
         self, index: int, term: int, total_size: int, checksum: int
     ) -> Incoming:
-        f = await self.disk.open_append(os.path.join(self.directory, INCOMING_FILE), truncate=True)
-        return Incoming(index, term, total_size, checksum, f)
+        path = os.path.join(self.directory, INCOMING_FILE)
+        f = await self.disk.open_append(path, truncate=True)
+        return Incoming(index, term, total_size, checksum, f, path)
 
     async def abort_incoming(self, incoming: Incoming) -> None:
         await incoming.file.close()
 
-    async def finish_incoming(self, incoming: Incoming) -> LoadedSnapshot:
-        """Verify a fully received snapshot and make it this node's newest; SnapshotError if it
-        does not match what the leader announced."""
-        incoming_path = os.path.join(self.directory, INCOMING_FILE)
+    async def check_incoming(self, incoming: Incoming) -> LoadedSnapshot:
+        """Make a fully received snapshot durable in its temporary file and verify it (it was
+        checksummed and decoded as it arrived); SnapshotError if it is damaged or not what the
+        leader announced, ValueError if its state does not decode. It becomes this node's
+        snapshot only by `keep_incoming`."""
         try:
             await incoming.file.fsync()
         finally:
             await incoming.file.close()
-        data = await self.disk.read_all(incoming_path)
-        if isinstance(self.disk, RealDisk) and len(data) > 1 << 20:
-            loaded = await asyncio.to_thread(
-                _check_and_decode, incoming_path, data, incoming.checksum
-            )
-        else:
-            loaded = _check_and_decode(incoming_path, data, incoming.checksum)
-        if (loaded.index, loaded.term) != (incoming.index, incoming.term):
-            raise SnapshotError(
-                f"{incoming_path}: received snapshot covers index {loaded.index} term "
-                f"{loaded.term}, not {incoming.index} term {incoming.term} as announced"
-            )
+        return incoming.received()
+
+    async def keep_incoming(self, loaded: LoadedSnapshot) -> LoadedSnapshot:
+        """Make a snapshot that `check_incoming` verified this node's newest, durably."""
+        incoming_path = os.path.join(self.directory, INCOMING_FILE)
         path = os.path.join(self.directory, _name(loaded.index, loaded.term))
         await self.disk.replace(incoming_path, path)
         await self.disk.fsync_dir(self.directory)
-        meta = SnapshotMeta(loaded.index, loaded.term, len(data), loaded.meta.checksum, path)
+        meta = replace(loaded.meta, path=path)
         if self.latest is None or meta.index >= self.latest.index:
             self.latest = meta
         await self._prune()
-        return LoadedSnapshot(meta, loaded.members, loaded.state)
+        return replace(loaded, meta=meta)
 
 
 __all__ = (

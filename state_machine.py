@@ -4,6 +4,7 @@ with client sessions (thesis section 6.3) that make writes exactly-once."""
 from __future__ import annotations
 
 import json
+import re
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -178,30 +179,24 @@ class KeyValueStateMachine:
             (cid, s.last_used_ms, s.discarded_below, list(s.replies.items()))
             for cid, s in self._sessions.items()
         ]
-        return SnapshotState(dict(self._data), sessions, self._log_time_ms, self.last_applied)
+        # copy(), not dict(): dict() of a dict that has had deletions takes the slow path.
+        return SnapshotState(self._data.copy(), sessions, self._log_time_ms, self.last_applied)
 
-    def restore(self, data: bytes) -> None:
-        """Replace the whole state with an encoded snapshot; ValueError if it does not decode."""
-        try:
-            doc = json.loads(data)
-            values = doc["data"]
-            sessions: OrderedDict[int, _Session] = OrderedDict()
-            for cid, last_used, discarded_below, replies in doc["sessions"]:
-                sessions[int(cid)] = _Session(
-                    int(last_used),
-                    {int(seq): _decode_result(r) for seq, r in replies},
-                    int(discarded_below),
-                )
-            log_time = int(doc["log_time_ms"])
-            last_applied = int(doc["last_applied"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"snapshot state does not decode: {e}") from e
-        if not isinstance(values, dict):
-            raise ValueError("snapshot state does not decode: data is not a mapping")
-        self._data = values
-        self._sessions = sessions
-        self._log_time_ms = log_time
-        self.last_applied = last_applied
+    def restore(self, data: bytes | bytearray | memoryview | SnapshotState) -> None:
+        """Replace the whole state with a snapshot's, encoded or already decoded; ValueError if
+        it does not decode."""
+        self.install(data if isinstance(data, SnapshotState) else decode_state(data))
+
+    def install(self, state: SnapshotState) -> None:
+        """Replace the whole state with a decoded snapshot's (which this state machine then owns);
+        quick, so a large state can be decoded in small steps first (`StateDecoder`)."""
+        self._data = state.data
+        self._sessions = OrderedDict(
+            (cid, _Session(last_used, dict(replies), below))
+            for cid, last_used, below, replies in state.sessions
+        )
+        self._log_time_ms = state.log_time_ms
+        self.last_applied = state.last_applied
 
     @staticmethod
     def _discard_below(session: _Session, first_kept: int) -> None:
@@ -224,33 +219,120 @@ class SnapshotState:
     def encode(self) -> bytes:
         return b"".join(self.encode_pieces())
 
+    # The encoding is lines of JSON objects (JSON escapes every newline inside a string, so a
+    # newline only ever ends a line). The first line holds last_applied, log_time_ms, sessions
+    # and data; each further line adds more sessions or more data. A state encoded as one JSON
+    # document is the one-line case.
     def encode_pieces(
         self, keys_per_piece: int = 1000, bytes_per_piece: int = 256 * 1024
     ) -> Iterator[bytes]:
-        """The encoding in pieces of a few keys each, so that a caller can let other work run
+        """The encoding in lines of a few keys each, so that a caller can let other work run
         between them (one call to json.dumps on a large state would hold the interpreter)."""
-        head = {
-            "last_applied": self.last_applied,
-            "log_time_ms": self.log_time_ms,
-            "sessions": [
-                [cid, last_used, below, [[seq, _encode_result(r)] for seq, r in replies]]
-                for cid, last_used, below, replies in self.sessions
-            ],
-        }
-        yield _dumps(head)[:-1] + b',"data":{'
-        first = True
+        yield _line(
+            {
+                "last_applied": self.last_applied,
+                "log_time_ms": self.log_time_ms,
+                "sessions": [],
+                "data": {},
+            }
+        )
+        sessions: list[Any] = []
+        count = 0
+        for cid, last_used, below, replies in self.sessions:
+            sessions.append([cid, last_used, below, [[s, _encode_result(r)] for s, r in replies]])
+            count += len(replies) + 1
+            if count >= keys_per_piece:
+                yield _line({"sessions": sessions})
+                sessions, count = [], 0
+        if sessions:
+            yield _line({"sessions": sessions})
         piece: dict[str, str] = {}
         size = 0
         for key, value in self.data.items():
             piece[key] = value
             size += len(key) + len(value)
             if len(piece) >= keys_per_piece or size >= bytes_per_piece:
-                yield _dumps(piece)[1:-1] if first else b"," + _dumps(piece)[1:-1]
-                first = False
+                yield _line({"data": piece})
                 piece, size = {}, 0
         if piece:
-            yield _dumps(piece)[1:-1] if first else b"," + _dumps(piece)[1:-1]
-        yield b"}}"
+            yield _line({"data": piece})
+
+
+class StateDecoder:
+    """Decodes an encoded state as its bytes arrive, a line at a time (`feed`), so that a large
+    state is decoded in small steps while it is received; `result()` once every byte has come."""
+
+    def __init__(self) -> None:
+        self._state: SnapshotState | None = None
+        self._partial = bytearray()  # the start of a line whose end has not arrived yet
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Decode every line `data` completes; ValueError if one does not decode."""
+        view = memoryview(data).cast("B")
+        start = 0
+        while (found := _NEWLINE.search(view, start)) is not None:
+            if self._partial:
+                self._partial += view[start : found.start()]
+                line = bytes(self._partial)
+                self._partial.clear()
+            else:
+                line = bytes(view[start : found.start()])
+            self._decode(line)
+            start = found.end()
+        self._partial += view[start:]
+
+    def result(self) -> SnapshotState:
+        """The state, once all of it was fed; ValueError if it is incomplete or does not decode."""
+        if self._partial:
+            # A state encoded as one JSON document has no newline at its end.
+            line = bytes(self._partial)
+            self._partial.clear()
+            self._decode(line)
+        if self._state is None:
+            raise ValueError("snapshot state does not decode: it is empty")
+        return self._state
+
+    def _decode(self, line: bytes) -> None:
+        try:
+            doc = json.loads(line)
+            if not isinstance(doc, dict):
+                raise ValueError("a line is not a JSON object")
+            if self._state is None:
+                for name in ("last_applied", "log_time_ms", "sessions", "data"):
+                    if name not in doc:
+                        raise ValueError(f"its first line has no {name}")
+                self._state = SnapshotState(
+                    {}, [], int(doc["log_time_ms"]), int(doc["last_applied"])
+                )
+            values = doc.get("data", {})
+            if not isinstance(values, dict):
+                raise ValueError("data is not a mapping")
+            self._state.data.update(values)
+            for cid, last_used, below, replies in doc.get("sessions", ()):
+                self._state.sessions.append(
+                    (
+                        int(cid),
+                        int(last_used),
+                        int(below),
+                        [(int(seq), _decode_result(r)) for seq, r in replies],
+                    )
+                )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"snapshot state does not decode: {e}") from e
+
+
+_NEWLINE = re.compile(b"\n")
+
+
+def decode_state(data: bytes | bytearray | memoryview) -> SnapshotState:
+    """Decode an encoded state at once; ValueError if it does not decode."""
+    decoder = StateDecoder()
+    decoder.feed(data)
+    return decoder.result()
+
+
+def _line(doc: Any) -> bytes:
+    return _dumps(doc) + b"\n"
 
 
 def _dumps(doc: Any) -> bytes:

@@ -12,9 +12,11 @@ class EntryKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ENTRY_KIND_MAPPING: _ClassVar[EntryKind]
     ENTRY_KIND_NOOP: _ClassVar[EntryKind]
     ENTRY_KIND_COMMAND: _ClassVar[EntryKind]
+    ENTRY_KIND_CONFIG: _ClassVar[EntryKind]
 ENTRY_KIND_MAPPING: EntryKind
 ENTRY_KIND_NOOP: EntryKind
 ENTRY_KIND_COMMAND: EntryKind
+ENTRY_KIND_CONFIG: EntryKind
 
 class VoteRequest(_message.Message):
     __slots__ = ("term", "requester_id", "last_log_index", "last_log_term", "pre_vote", "leadership_transfer")
@@ -41,7 +43,7 @@ class RequestVoteResponse(_message.Message):
     def __init__(self, term: _Optional[int] = ..., vote_granted: _Optional[bool] = ...) -> None: ...
 
 class LogEntry(_message.Message):
-    __slots__ = ("term", "index", "key", "value", "kind", "command", "leader_time_ms")
+    __slots__ = ("term", "index", "key", "value", "kind", "command", "leader_time_ms", "config")
     TERM_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     KEY_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +51,7 @@ class LogEntry(_message.Message):
     KIND_FIELD_NUMBER: _ClassVar[int]
     COMMAND_FIELD_NUMBER: _ClassVar[int]
     LEADER_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
     term: int
     index: int
     key: str
@@ -56,7 +59,68 @@ class LogEntry(_message.Message):
     kind: EntryKind
     command: Command
     leader_time_ms: int
-    def __init__(self, term: _Optional[int] = ..., index: _Optional[int] = ..., key: _Optional[str] = ..., value: _Optional[str] = ..., kind: _Optional[_Union[EntryKind, str]] = ..., command: _Optional[_Union[Command, _Mapping]] = ..., leader_time_ms: _Optional[int] = ...) -> None: ...
+    config: Configuration
+    def __init__(self, term: _Optional[int] = ..., index: _Optional[int] = ..., key: _Optional[str] = ..., value: _Optional[str] = ..., kind: _Optional[_Union[EntryKind, str]] = ..., command: _Optional[_Union[Command, _Mapping]] = ..., leader_time_ms: _Optional[int] = ..., config: _Optional[_Union[Configuration, _Mapping]] = ...) -> None: ...
+
+class Member(_message.Message):
+    __slots__ = ("id", "raft_address", "client_address", "voter")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    RAFT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    VOTER_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    raft_address: str
+    client_address: str
+    voter: bool
+    def __init__(self, id: _Optional[int] = ..., raft_address: _Optional[str] = ..., client_address: _Optional[str] = ..., voter: _Optional[bool] = ...) -> None: ...
+
+class Configuration(_message.Message):
+    __slots__ = ("members", "removed_ids")
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_IDS_FIELD_NUMBER: _ClassVar[int]
+    members: _containers.RepeatedCompositeFieldContainer[Member]
+    removed_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., removed_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ListMembersRequest(_message.Message):
+    __slots__ = ("allow_stale",)
+    ALLOW_STALE_FIELD_NUMBER: _ClassVar[int]
+    allow_stale: bool
+    def __init__(self, allow_stale: _Optional[bool] = ...) -> None: ...
+
+class AddMemberRequest(_message.Message):
+    __slots__ = ("id", "raft_address", "client_address", "wait_until_voter")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    RAFT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    WAIT_UNTIL_VOTER_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    raft_address: str
+    client_address: str
+    wait_until_voter: bool
+    def __init__(self, id: _Optional[int] = ..., raft_address: _Optional[str] = ..., client_address: _Optional[str] = ..., wait_until_voter: _Optional[bool] = ...) -> None: ...
+
+class RemoveMemberRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    def __init__(self, id: _Optional[int] = ...) -> None: ...
+
+class MembershipResponse(_message.Message):
+    __slots__ = ("success", "current_leader", "leader_address", "config", "config_index", "committed")
+    SUCCESS_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_LEADER_FIELD_NUMBER: _ClassVar[int]
+    LEADER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_INDEX_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    success: bool
+    current_leader: int
+    leader_address: str
+    config: Configuration
+    config_index: int
+    committed: bool
+    def __init__(self, success: _Optional[bool] = ..., current_leader: _Optional[int] = ..., leader_address: _Optional[str] = ..., config: _Optional[_Union[Configuration, _Mapping]] = ..., config_index: _Optional[int] = ..., committed: _Optional[bool] = ...) -> None: ...
 
 class Command(_message.Message):
     __slots__ = ("put", "delete", "compare_and_swap", "register_client")

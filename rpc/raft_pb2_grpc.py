@@ -60,6 +60,11 @@ class RaftStub:
                 request_serializer=rpc_dot_raft__pb2.InstallSnapshotRequest.SerializeToString,
                 response_deserializer=rpc_dot_raft__pb2.InstallSnapshotResponse.FromString,
                 _registered_method=True)
+        self.AppendStream = channel.stream_stream(
+                '/Raft/AppendStream',
+                request_serializer=rpc_dot_raft__pb2.AppendEntriesRequest.SerializeToString,
+                response_deserializer=rpc_dot_raft__pb2.AppendEntriesResponse.FromString,
+                _registered_method=True)
 
 
 class RaftServicer:
@@ -103,6 +108,16 @@ class RaftServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AppendStream(self, request_iterator, context):
+        """Added by raft-demo: AppendEntries on one long-lived stream per leader and follower,
+        sparing the cost of a call per message. The follower handles the requests in the
+        order they arrive and answers each, in the same order, once its entries are durable.
+        A node that lacks it is reached with the unary AppendEntries above.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RaftServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -130,6 +145,11 @@ def add_RaftServicer_to_server(servicer, server):
                     servicer.InstallSnapshot,
                     request_deserializer=rpc_dot_raft__pb2.InstallSnapshotRequest.FromString,
                     response_serializer=rpc_dot_raft__pb2.InstallSnapshotResponse.SerializeToString,
+            ),
+            'AppendStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.AppendStream,
+                    request_deserializer=rpc_dot_raft__pb2.AppendEntriesRequest.FromString,
+                    response_serializer=rpc_dot_raft__pb2.AppendEntriesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -278,6 +298,33 @@ class Raft:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def AppendStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/Raft/AppendStream',
+            rpc_dot_raft__pb2.AppendEntriesRequest.SerializeToString,
+            rpc_dot_raft__pb2.AppendEntriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class ClusterStub:
     """Service for clients of the key-value store.
@@ -328,6 +375,21 @@ class ClusterStub:
                 '/Cluster/TransferLeadership',
                 request_serializer=rpc_dot_raft__pb2.TransferLeadershipRequest.SerializeToString,
                 response_deserializer=rpc_dot_raft__pb2.TransferLeadershipResponse.FromString,
+                _registered_method=True)
+        self.ListMembers = channel.unary_unary(
+                '/Cluster/ListMembers',
+                request_serializer=rpc_dot_raft__pb2.ListMembersRequest.SerializeToString,
+                response_deserializer=rpc_dot_raft__pb2.MembershipResponse.FromString,
+                _registered_method=True)
+        self.AddMember = channel.unary_unary(
+                '/Cluster/AddMember',
+                request_serializer=rpc_dot_raft__pb2.AddMemberRequest.SerializeToString,
+                response_deserializer=rpc_dot_raft__pb2.MembershipResponse.FromString,
+                _registered_method=True)
+        self.RemoveMember = channel.unary_unary(
+                '/Cluster/RemoveMember',
+                request_serializer=rpc_dot_raft__pb2.RemoveMemberRequest.SerializeToString,
+                response_deserializer=rpc_dot_raft__pb2.MembershipResponse.FromString,
                 _registered_method=True)
 
 
@@ -390,6 +452,29 @@ class ClusterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListMembers(self, request, context):
+        """Admin: the cluster's members (thesis chapter 4). Answered by the leader unless
+        allow_stale, when any node answers from its own latest configuration.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddMember(self, request, context):
+        """Admin: add a node as a non-voting learner; the leader promotes it to voter once
+        its log has caught up. One change at a time; ids are never reused.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveMember(self, request, context):
+        """Admin: remove a node (a leader removing itself steps down once that commits).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClusterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -432,6 +517,21 @@ def add_ClusterServicer_to_server(servicer, server):
                     servicer.TransferLeadership,
                     request_deserializer=rpc_dot_raft__pb2.TransferLeadershipRequest.FromString,
                     response_serializer=rpc_dot_raft__pb2.TransferLeadershipResponse.SerializeToString,
+            ),
+            'ListMembers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListMembers,
+                    request_deserializer=rpc_dot_raft__pb2.ListMembersRequest.FromString,
+                    response_serializer=rpc_dot_raft__pb2.MembershipResponse.SerializeToString,
+            ),
+            'AddMember': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddMember,
+                    request_deserializer=rpc_dot_raft__pb2.AddMemberRequest.FromString,
+                    response_serializer=rpc_dot_raft__pb2.MembershipResponse.SerializeToString,
+            ),
+            'RemoveMember': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveMember,
+                    request_deserializer=rpc_dot_raft__pb2.RemoveMemberRequest.FromString,
+                    response_serializer=rpc_dot_raft__pb2.MembershipResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -651,6 +751,87 @@ class Cluster:
             '/Cluster/TransferLeadership',
             rpc_dot_raft__pb2.TransferLeadershipRequest.SerializeToString,
             rpc_dot_raft__pb2.TransferLeadershipResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListMembers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/Cluster/ListMembers',
+            rpc_dot_raft__pb2.ListMembersRequest.SerializeToString,
+            rpc_dot_raft__pb2.MembershipResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddMember(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/Cluster/AddMember',
+            rpc_dot_raft__pb2.AddMemberRequest.SerializeToString,
+            rpc_dot_raft__pb2.MembershipResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveMember(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/Cluster/RemoveMember',
+            rpc_dot_raft__pb2.RemoveMemberRequest.SerializeToString,
+            rpc_dot_raft__pb2.MembershipResponse.FromString,
             options,
             channel_credentials,
             insecure,

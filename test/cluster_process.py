@@ -1,5 +1,7 @@
 """Start, stop, kill and query real `raft_node.py` processes on localhost, for tests and tools.
 
+A cluster also follows membership changes: fresh nodes started with `--join` (new id, own ports and
+data directory), removed nodes forgotten, and clients that always know the current members.
 Every process started here is ended on every exit path: `stop()`, the context manager, atexit, and
 SIGTERM/SIGHUP to this process (which, like SIGINT, then unwinds as KeyboardInterrupt).
 """
@@ -15,11 +17,13 @@ import random
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import zlib
 from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -32,7 +36,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import grpc  # noqa: E402
 
-from cluster_config import ClusterConfig  # noqa: E402
+from cluster_config import ClusterConfig, NodeAddress  # noqa: E402
 from rpc import raft_pb2, raft_pb2_grpc  # noqa: E402
 
 if TYPE_CHECKING:
@@ -50,6 +54,14 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 500),
 ]
+
+
+# A node's `log` file (see "On disk" in the README): a magic header, for a compacted log followed by
+# [u64 base index][u64 base term][u32 CRC32]; then records [u32 length][u32 CRC32][entry].
+_LOG_MAGIC = b"RAFTLOG1"
+_COMPACT_LOG_MAGIC = b"RAFTLOG2"
+_LOG_BASE = struct.Struct(">QQI")
+_LOG_RECORD = struct.Struct(">II")
 
 
 class PortBusyError(RuntimeError):
@@ -173,6 +185,11 @@ class LocalCluster:
     Ids are the Raft ports `first_port .. first_port+nodes-1`; each client port is its Raft port
     plus `nodes`. Each node keeps its data in `<data_dir>/<id>` and writes its stdout and stderr
     to `<log_dir>/<id>.log` (appended across restarts, with a marker line per start and exit).
+
+    Membership: `node_ids` and `config` are the members as this object knows them (bootstrap
+    nodes, then those `join_node` starts, minus those `forget_node` drops after their removal).
+    A node added later gets an id that was never used (here: its Raft port), free ports and its
+    own data directory, and is started (and restarted) with `--join`.
     """
 
     def __init__(
@@ -199,11 +216,25 @@ class LocalCluster:
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
         self._logs: dict[int, IO[bytes]] = {}
         self._stopped = False
+        # Every node this cluster ever had, removed ones included (their logs and exits stay
+        # inspectable); `node_ids`/`config` are only the current members.
+        self._known: dict[int, NodeAddress] = dict(self.config.nodes)
+        # Nodes started with --join, and the client address each was told to join through.
+        self._joined: dict[int, str] = {}
+        self.removed: list[int] = []
+        self._exit_marked: set[int] = set()
 
     # -- addresses and paths ------------------------------------------------------------------
 
+    def address(self, node_id: int) -> NodeAddress:
+        """Where the node lives (current, removed or planned); ValueError for an unknown id."""
+        try:
+            return self._known[node_id]
+        except KeyError:
+            raise ValueError(f"node {node_id} is not known to this cluster") from None
+
     def client_address(self, node_id: int) -> str:
-        return self.config.node(node_id).client_address
+        return self.address(node_id).client_address
 
     @property
     def client_addresses(self) -> list[str]:
@@ -217,6 +248,12 @@ class LocalCluster:
 
     def command(self, node_id: int) -> list[str]:
         """The command line that starts this node (run with the repository root as cwd)."""
+        if node_id in self._joined:
+            return self.join_command(node_id)
+        return self.bootstrap_command(node_id)
+
+    def bootstrap_command(self, node_id: int) -> list[str]:
+        """The command line of a node the cluster was started with."""
         return [
             sys.executable,
             "raft_node.py",
@@ -230,6 +267,121 @@ class LocalCluster:
             str(self.node_data_dir(node_id)),
             *self.extra_args,
         ]
+
+    def join_command(self, node_id: int) -> list[str]:
+        """The command line of a node that joins a running cluster (also used for its restarts:
+        its data directory then holds the configuration and --join changes nothing)."""
+        address = self.address(node_id)
+        return [
+            *self.command_prefix(node_id),
+            sys.executable,
+            "raft_node.py",
+            "--id",
+            str(node_id),
+            "--join",
+            self._joined[node_id],
+            "--raft-address",
+            address.raft_address,
+            "--client-address",
+            address.client_address,
+            "--data-dir",
+            str(self.node_data_dir(node_id)),
+            *self.extra_args,
+        ]
+
+    def command_prefix(self, node_id: int) -> list[str]:
+        """What runs the node's command (e.g. on another host); nothing here."""
+        return []
+
+    # -- membership ---------------------------------------------------------------------------
+
+    def next_node_id(self) -> int:
+        """An id for a new node that no node of this cluster ever had."""
+        return max(self._known) + 1
+
+    def place_node(self, node_id: int | None = None) -> NodeAddress:
+        """Choose where a new node will live (an unused id, free ports) and remember it; the node
+        is neither started nor a member yet. ValueError for an id this cluster already used."""
+        address = self._place(node_id)
+        if address.id in self._known:
+            raise ValueError(
+                f"id {address.id} was already used in this cluster; ids are never reused"
+            )
+        self._known[address.id] = address
+        return address
+
+    def _place(self, node_id: int | None) -> NodeAddress:
+        # Two consecutive free ports; the id is the Raft port, as for the seed scheme's nodes.
+        first = find_free_port_block(2)
+        return NodeAddress(
+            first if node_id is None else node_id, f"{HOST}:{first}", f"{HOST}:{first + 1}"
+        )
+
+    def join_node(self, node_id: int, via: int | None = None) -> None:
+        """Start a placed node with `--join`, asking the member `via` (default: the lowest id) to
+        add it, and count it as a member from now on; RuntimeError if it is already running."""
+        if node_id not in self._known or node_id in self.removed:
+            raise ValueError(f"node {node_id} was not placed, or was removed")
+        members = [n for n in self.node_ids if n != node_id]
+        if via is None and not members:
+            raise RuntimeError("a node can only join a cluster that has members")
+        self._joined[node_id] = self.client_address(min(members) if via is None else via)
+        self._set_members([*self.node_ids, node_id])
+        self.start_node(node_id)
+
+    def join_address(self, node_id: int) -> str | None:
+        """The client address a node started with --join was told to join through."""
+        return self._joined.get(node_id)
+
+    def forget_node(self, node_id: int) -> None:
+        """Stop counting a node as a member (after its removal committed); its process, if still
+        running, is left alone and ended with the cluster."""
+        if node_id not in self.node_ids:
+            raise ValueError(f"node {node_id} is not a member")
+        self._set_members([n for n in self.node_ids if n != node_id])
+        self.removed.append(node_id)
+
+    def _set_members(self, node_ids: Collection[int]) -> None:
+        # `nodes` stays the bootstrap size: the seed scheme's nodes are restarted with it.
+        self.node_ids = sorted(set(node_ids))
+        if self.node_ids:
+            self.config = ClusterConfig({n: self._known[n] for n in self.node_ids})
+
+    def wipe_node(self, node_id: int) -> None:
+        """Delete a stopped node's data directory, as a lost disk would; RuntimeError if running."""
+        if self.is_running(node_id):
+            raise RuntimeError(f"node {node_id} is running; stop it before wiping its data")
+        shutil.rmtree(self.node_data_dir(node_id), ignore_errors=True)
+
+    def log_bounds(self, node_id: int, whole: bool = True) -> tuple[int, int]:
+        """(the index the node's log file starts after, the index of its last whole entry), read
+        from the file; (0, 0) when there is none. Without `whole`, only the header is read and the
+        second number is the first. Meant for a stopped node, or a running node's header (the file
+        is replaced whole when compacted)."""
+        path = self.node_data_dir(node_id) / "log"
+        try:
+            with open(path, "rb") as f:
+                data = f.read() if whole else f.read(len(_COMPACT_LOG_MAGIC) + _LOG_BASE.size)
+        except FileNotFoundError:
+            return 0, 0
+        base, pos = 0, len(_LOG_MAGIC)
+        if data.startswith(_COMPACT_LOG_MAGIC) and len(data) >= pos + _LOG_BASE.size:
+            base = _LOG_BASE.unpack_from(data, pos)[0]
+            pos += _LOG_BASE.size
+        elif not data.startswith(_LOG_MAGIC):
+            raise ValueError(f"{path} does not start like a log file")
+        if not whole:
+            return base, base
+        count = 0
+        while pos + _LOG_RECORD.size <= len(data):
+            length, crc = _LOG_RECORD.unpack_from(data, pos)
+            end = pos + _LOG_RECORD.size + length
+            # A record cut short or garbled at the end is a torn write the node will discard.
+            if length == 0 or end > len(data) or zlib.crc32(data[end - length : end]) != crc:
+                break
+            count += 1
+            pos = end
+        return base, base + count
 
     # -- process control ----------------------------------------------------------------------
 
@@ -249,7 +401,7 @@ class LocalCluster:
 
     def start_node(self, node_id: int) -> None:
         """Start one node; RuntimeError if it is already running."""
-        self.config.node(node_id)
+        self.address(node_id)
         if self.is_running(node_id):
             raise RuntimeError(f"node {node_id} is already running (pid {self.pid(node_id)})")
         self._stopped = False
@@ -335,6 +487,22 @@ class LocalCluster:
 
     def running_nodes(self) -> list[int]:
         return [n for n in self.node_ids if self.is_running(n)]
+
+    async def wait_exit(self, node_id: int, timeout: float) -> int | None:
+        """The code the node's process exits with, once it does within `timeout` s; else None
+        (it is left running)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            code = self.exit_code(node_id)
+            if code is not None:
+                proc = self._procs[node_id]
+                if proc.pid not in self._exit_marked:
+                    self._reap(node_id, proc, timeout=0)
+                return code
+            if loop.time() >= deadline:
+                return None
+            await asyncio.sleep(0.05)
 
     def stop(self) -> None:
         """SIGKILL every node still running, reap it, and remove a temporary data dir; idempotent."""
@@ -422,15 +590,30 @@ class LocalCluster:
         return "; ".join(parts)
 
     def client(self, **kwargs: Any) -> cluster_client.Client:
-        """A cluster_client.Client that knows every node of this cluster."""
-        import cluster_client
-
-        return cluster_client.Client.seed_scheme(self.first_port, self.nodes, **kwargs)
+        """A cluster_client.Client that knows every node of this cluster, and keeps knowing the
+        current members when they change (the seed scheme's addresses until then)."""
+        return following_client(lambda: self.config, **kwargs)
 
     def node_log(self, node_id: int) -> str:
         """Everything the node wrote so far (all its runs), or "" when there is no log yet."""
         try:
             return self.log_path(node_id).read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_size(self, node_id: int) -> int:
+        """How many bytes the node's log file holds now (0 before it exists)."""
+        try:
+            return self.log_path(node_id).stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def node_log_since(self, node_id: int, offset: int) -> str:
+        """What the node wrote after the first `offset` bytes of its log file."""
+        try:
+            with open(self.log_path(node_id), "rb") as f:
+                f.seek(offset)
+                return f.read().decode("utf-8", errors="replace")
         except FileNotFoundError:
             return ""
 
@@ -452,7 +635,8 @@ class LocalCluster:
             _signal_group(proc, signal.SIGKILL)
             proc.wait()
         log = self._logs.get(node_id)
-        if log is not None and not log.closed:
+        if log is not None and not log.closed and proc.pid not in self._exit_marked:
+            self._exit_marked.add(proc.pid)
             self._mark(log, f"node {node_id} (pid {proc.pid}) {_describe_exit(proc.returncode)}")
 
     def _close_log(self, node_id: int) -> None:
@@ -490,11 +674,56 @@ class HostCluster(LocalCluster):
         self._ports_were_picked = True
         self.config = config
         self.node_ids = sorted(config.nodes)
+        self._known = dict(config.nodes)
         self.cluster_files = dict(cluster_files)
         self.prefixes = dict(prefixes or {})
         self.cleanups: list[Callable[[], None]] = []
+        # Where a node added later lives and what its command runs through (e.g. a new network
+        # namespace); by default free ports on this host.
+        self.placer: Callable[[int], tuple[NodeAddress, list[str]]] | None = None
 
-    def command(self, node_id: int) -> list[str]:
+    @classmethod
+    def on_localhost(
+        cls,
+        nodes: int,
+        data_dir: str | Path,
+        extra_args: Sequence[str] = (),
+        log_dir: str | Path | None = None,
+    ) -> HostCluster:
+        """Nodes 1..`nodes` on free ports of 127.0.0.1, bootstrapped from one cluster file
+        written into `data_dir`."""
+        directory = Path(data_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        first = find_free_port_block(2 * nodes)
+        config = ClusterConfig(
+            {
+                i: NodeAddress(i, f"{HOST}:{first + 2 * (i - 1)}", f"{HOST}:{first + 2 * i - 1}")
+                for i in range(1, nodes + 1)
+            }
+        )
+        path = directory / "cluster.toml"
+        path.write_text(
+            "".join(
+                f'[[node]]\nid = {n.id}\nraft = "{n.raft_address}"\nclient = "{n.client_address}"\n\n'
+                for n in config.nodes.values()
+            ),
+            encoding="utf-8",
+        )
+        return cls(config, {i: path for i in config.nodes}, None, directory, extra_args, log_dir)
+
+    def command_prefix(self, node_id: int) -> list[str]:
+        return list(self.prefixes.get(node_id, []))
+
+    def _place(self, node_id: int | None) -> NodeAddress:
+        new_id = self.next_node_id() if node_id is None else node_id
+        if self.placer is None:
+            first = find_free_port_block(2)
+            return NodeAddress(new_id, f"{HOST}:{first}", f"{HOST}:{first + 1}")
+        address, prefix = self.placer(new_id)
+        self.prefixes[new_id] = prefix
+        return address
+
+    def bootstrap_command(self, node_id: int) -> list[str]:
         return [
             *self.prefixes.get(node_id, []),
             sys.executable,
@@ -508,17 +737,37 @@ class HostCluster(LocalCluster):
             *self.extra_args,
         ]
 
-    def client(self, **kwargs: Any) -> cluster_client.Client:
-        import cluster_client
-
-        return cluster_client.Client(config=self.config, **kwargs)
-
     def stop(self) -> None:
         try:
             super().stop()
         finally:
             while self.cleanups:
                 self.cleanups.pop()()
+
+
+_following_class: Callable[..., cluster_client.Client] | None = None
+
+
+def following_client(members: Callable[[], ClusterConfig], **kwargs: Any) -> cluster_client.Client:
+    """A cluster_client.Client whose every round of attempts goes to the members `members()`
+    names at that moment, so one client (and its session) outlives any membership change."""
+    global _following_class
+    if _following_class is None:
+        import cluster_client
+
+        class FollowingClient(cluster_client.Client):
+            def __init__(self, source: Callable[[], ClusterConfig], **options: Any) -> None:
+                super().__init__(config=source(), **options)
+                self._members_source = source
+
+            def _round(self) -> list[str]:
+                config = self._members_source()
+                self._addresses = config.client_addresses
+                self._address_of.update((i, n.client_address) for i, n in config.nodes.items())
+                return super()._round()
+
+        _following_class = FollowingClient
+    return _following_class(members, **kwargs)
 
 
 def _describe_exit(code: int | None) -> str:

@@ -2,7 +2,9 @@
 compare-and-swap and delete; the recorded history must be linearizable and lose no acknowledged write.
 
 `run_suite(SuiteOptions(...))` runs it and returns a `SuiteResult` whose `report` is printed by
-`python -m test.test_harness faults --duration S --seed N` and used by test/test_faults.py.
+`python -m test.test_harness faults --duration S --seed N` and used by test/test_faults.py; with
+`membership=True` (`faults --membership`) the nemesis also grows, shrinks and replaces members.
+`RecordedLoad` is the same workload and checks without a nemesis, for the membership scenarios.
 """
 
 from __future__ import annotations
@@ -29,9 +31,18 @@ from cluster_client import (
     SessionExpiredError,
 )
 from test import linearizability
-from test.cluster_process import HostCluster
+from test.cluster_process import HostCluster, LocalCluster
 from test.linearizability import CheckResult, History, Operation
-from test.nemesis import FAULT_KINDS, Fault, Nemesis, NemesisTiming, make_network
+from test.nemesis import (
+    FAULT_KINDS,
+    MEMBERSHIP_KINDS,
+    Fault,
+    MembershipChanges,
+    Nemesis,
+    NemesisTiming,
+    NetworkError,
+    make_network,
+)
 
 _T = TypeVar("_T")
 
@@ -43,6 +54,10 @@ CONVERGE_TIMEOUT = 20.0
 # The search bound per key; a search that needs more yields an "inconclusive" verdict.
 CHECK_MAX_STEPS = 5_000_000
 FINAL_CLIENT = "final"
+# With membership changes: snapshots often enough that a follower kept down for a few seconds
+# needs one, and joining nodes receive one.
+MEMBERSHIP_NODE_FLAGS = ["--snapshot-entries", "200", "--snapshot-keep-entries", "50"]
+WRITE_KINDS = ("put", "cas", "delete")
 
 
 @dataclass
@@ -64,6 +79,9 @@ class SuiteOptions:
     timing: NemesisTiming = field(default_factory=NemesisTiming)
     # How often a network fault also has a node killed or paused for part of it.
     overlap: float = 0.3
+    # Also grow, shrink and replace members and bring back a follower by snapshot (needs each
+    # node on its own host: namespaces).
+    membership: bool = False
     work_dir: Path | None = None
     history_dir: Path | None = None
     say: Callable[[str], None] = print
@@ -86,10 +104,18 @@ class SuiteResult:
     stale_reads: int = 0
     # Nodes that, once healed and idle, still did not serve the final values.
     diverged: list[str] = field(default_factory=list)
+    # Membership changes that did not go as promised (a removed node that did not exit, ...).
+    membership_problems: list[str] = field(default_factory=list)
+    members: list[int] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return self.check.ok and not self.lost_writes and not self.diverged
+        return (
+            self.check.ok
+            and not self.lost_writes
+            and not self.diverged
+            and not self.membership_problems
+        )
 
 
 # -- the workload ----------------------------------------------------------------------------------
@@ -102,7 +128,7 @@ class _Workload:
 
     history: History
     keys: list[str]
-    nemesis: Nemesis
+    nemesis: Nemesis | None
     options: SuiteOptions
     rng: random.Random
     latencies: list[float] = field(default_factory=list)
@@ -140,7 +166,11 @@ class _Workload:
         self.latencies.append(op.complete - op.invoke)
 
     async def _get(self, index: int, client: Client, key: str, seen: dict[str, str | None]) -> None:
-        target = self.nemesis.stale_target if self.options.stale_reads else None
+        target = (
+            self.nemesis.stale_target
+            if self.options.stale_reads and self.nemesis is not None
+            else None
+        )
         op_id = self.history.invoke(index, "get", key)
         try:
             if target is not None:
@@ -346,11 +376,186 @@ def load_history(path: Path) -> History:
     return history
 
 
+# -- the workload without a nemesis -----------------------------------------------------------------
+
+
+@dataclass
+class LoadVerdict:
+    """What `RecordedLoad.verdict` found, checked as the suite checks its runs."""
+
+    operations: int
+    check: CheckResult
+    # Keys whose final value shows an acknowledged write lost (or that could not be read).
+    lost_writes: list[str]
+    # Acknowledged fresh writes that some member does not serve, one line per member.
+    unreadable: list[str]
+    fresh_writes: int
+
+    @property
+    def ok(self) -> bool:
+        return self.check.ok and not self.lost_writes and not self.unreadable
+
+    def lines(self) -> list[str]:
+        lines = [f"history: {self.operations} operations; {self.check.report()}"]
+        if self.lost_writes:
+            lines.append(f"LOST acknowledged writes (or unreadable keys): {len(self.lost_writes)}")
+            lines.extend(f"  {problem}" for problem in self.lost_writes)
+        else:
+            lines.append("every key holds its last acknowledged value or a later one")
+        if self.unreadable:
+            lines.extend(self.unreadable)
+        else:
+            lines.append(
+                f"every member serves all {self.fresh_writes} acknowledged writes of fresh keys"
+            )
+        return lines
+
+
+class RecordedLoad:
+    """The suite's workload with no nemesis, for runs that change the cluster in other ways (the
+    membership scenarios): `clients` clients with the suite's operation mix on `keys` keys, and
+    `fresh_writers` clients that write fresh keys one after another, all recorded in one History
+    on the caller's `clock`. Clients follow the cluster's members as they change."""
+
+    def __init__(
+        self,
+        cluster: LocalCluster,
+        clock: Callable[[], float],
+        *,
+        clients: int = 4,
+        keys: int = 6,
+        fresh_writers: int = 2,
+        seed: int = 0,
+        op_deadline: float = 4.0,
+    ) -> None:
+        self.cluster = cluster
+        self.clock = clock
+        self.history = History(clock=clock)
+        self.keys = [f"k{i}" for i in range(keys)]
+        # Acknowledged writes of fresh keys: each must be readable on every member at the end.
+        self.fresh: dict[str, str] = {}
+        self._clients = clients
+        self._fresh_writers = fresh_writers
+        self._options = SuiteOptions(op_deadline=op_deadline, clients=clients, keys=keys)
+        self._workload = _Workload(
+            self.history, self.keys, None, self._options, random.Random(seed)
+        )
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._open: list[Client] = []
+
+    def start(self) -> None:
+        for i in range(self._clients + self._fresh_writers):
+            client = self.cluster.client(deadline=self._options.op_deadline)
+            self._open.append(client)
+            if i < self._clients:
+                work = self._workload.client_loop(i, client, self._stop)
+            else:
+                work = self._fresh_loop(i - self._clients, client)
+            self._tasks.append(asyncio.create_task(work))
+
+    async def _fresh_loop(self, writer: int, client: Client) -> None:
+        serial = 0
+        while not self._stop.is_set():
+            serial += 1
+            key, value = f"fresh-{writer}-{serial}", f"w{writer}-{serial}"
+            op_id = self.history.invoke(f"fresh{writer}", "put", key, value)
+            done, _ = await self._workload._write(op_id, client.propose_mapping(key, value))
+            if done:
+                self._workload._ok(op_id)
+                self.fresh[key] = value
+
+    def failed(self) -> str | None:
+        """Why a client task ended early (an unexpected error), or None while all run."""
+        for task in self._tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                return repr(task.exception())
+        return None
+
+    async def stop(self) -> None:
+        """Stop every client; what is still running after its deadline stays unknown."""
+        self._stop.set()
+        try:
+            if self._tasks:
+                _, pending = await asyncio.wait(self._tasks, timeout=self._options.op_deadline + 5)
+                for task in pending:
+                    task.cancel()
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+        finally:
+            for client in self._open:
+                await client.close()
+            self._open.clear()
+
+    def writes(self, start: float, end: float) -> tuple[int, int]:
+        """(writes acknowledged between `start` and `end`, writes invoked then that did not
+        succeed: unknown, because the cluster did not answer in time, or failed)."""
+        acked = sum(
+            1
+            for op in self.history.operations
+            if op.kind in WRITE_KINDS
+            and op.client != FINAL_CLIENT
+            and op.outcome == "ok"
+            and op.complete is not None
+            and start <= op.complete <= end
+        )
+        return acked, len(self.unsuccessful_writes(start, end))
+
+    def unsuccessful_writes(self, start: float, end: float) -> list[Operation]:
+        """Writes invoked between `start` and `end` that did not succeed (those still under way
+        are not counted: ask once the load has stopped)."""
+        pending = set(self.history.pending)
+        return [
+            op
+            for op in self.history.operations
+            if op.kind in WRITE_KINDS
+            and op.client != FINAL_CLIENT
+            and op.outcome != "ok"
+            and op.id not in pending
+            and start <= op.invoke <= end
+        ]
+
+    @property
+    def client_errors(self) -> list[str]:
+        """Errors other than the cluster not answering in time (a bug's symptom, not a fault's)."""
+        return list(self._workload.client_errors)
+
+    async def verdict(
+        self, also_written: dict[str, str] | None = None, timeout: float = CONVERGE_TIMEOUT
+    ) -> LoadVerdict:
+        """After `stop`: every key of the mix read once more (recorded), the history checked for
+        linearizability and lost writes, and every member asked (a linearizable read on that
+        node) for every acknowledged fresh write and `also_written`, until `timeout`."""
+        final, unreadable = await _final_reads(self.cluster, self.history, self.keys, self.clock)
+        verdict = linearizability.check(self.history, max_steps=CHECK_MAX_STEPS)
+        lost = unreadable + lost_writes(self.history, final)
+        expected = {**self.fresh, **(also_written or {})}
+        missing: list[str] = []
+        loop = asyncio.get_running_loop()
+        async with self.cluster.probe(rpc_timeout=3.0) as probe:
+            for node_id in self.cluster.node_ids:
+                deadline = loop.time() + timeout
+                remaining = dict(expected)
+                while remaining:
+                    wrong = await probe.mismatches(node_id, remaining)
+                    remaining = {k: expected[k] for k in wrong}
+                    if remaining and loop.time() >= deadline:
+                        key = next(iter(remaining))
+                        missing.append(
+                            f"node {node_id} does not serve {len(remaining)} of {len(expected)} "
+                            f"acknowledged fresh writes after {timeout:g} s, e.g. {key!r}: "
+                            f"expected {expected[key]!r}, got {wrong[key]!r}"
+                        )
+                        break
+                    if remaining:
+                        await asyncio.sleep(0.2)
+        return LoadVerdict(len(self.history), verdict, lost, missing, len(expected))
+
+
 # -- running ----------------------------------------------------------------------------------------
 
 
 async def _final_reads(
-    cluster: HostCluster, history: History, keys: Sequence[str], clock: Callable[[], float]
+    cluster: LocalCluster, history: History, keys: Sequence[str], clock: Callable[[], float]
 ) -> tuple[dict[str, str | None], list[str]]:
     """Every key read once more, linearizably, after everything is healed; recorded too."""
     values: dict[str, str | None] = {}
@@ -430,10 +635,15 @@ async def run_suite(options: SuiteOptions) -> SuiteResult:
         return time.monotonic() - started
 
     rng = random.Random(options.seed)
-    owns_work_dir = options.work_dir is None
-    work_dir = _make_dir(options.work_dir)
     node_ids = list(range(1, 6))
     network = make_network(node_ids, options.network)
+    if options.membership and network.kind != "namespaces":
+        network.close()
+        raise NetworkError(
+            "membership changes need every node on its own host: run as root with `ip netns`"
+        )
+    owns_work_dir = options.work_dir is None
+    work_dir = _make_dir(options.work_dir)
     cluster: HostCluster | None = None
     clients: list[Client] = []
     try:
@@ -442,8 +652,13 @@ async def run_suite(options: SuiteOptions) -> SuiteResult:
             network.cluster_files(work_dir),
             network.prefixes(),
             data_dir=work_dir / "nodes",
-            extra_args=["--log-level", "INFO"],
+            extra_args=[
+                "--log-level",
+                "INFO",
+                *(MEMBERSHIP_NODE_FLAGS if options.membership else []),
+            ],
         )
+        cluster.placer = network.add_node
         cluster.cleanups.append(network.close)
         say(f"network: {network.describe()}")
         cluster.start()
@@ -451,23 +666,34 @@ async def run_suite(options: SuiteOptions) -> SuiteResult:
         say(f"five nodes up, node {leader} leads; {options.clients} clients on {options.keys} keys")
         history = History(clock=clock)
         keys = [f"k{i}" for i in range(options.keys)]
+        changes = None
+        kinds = tuple(options.faults)
+        if options.membership:
+            admin = cluster.client(deadline=LEADER_TIMEOUT)
+            clients.append(admin)
+            changes = MembershipChanges(
+                cluster, admin, clock, say=lambda text: say(f"[{clock():6.1f}s]   {text}")
+            )
+            kinds += tuple(k for k in MEMBERSHIP_KINDS if k not in kinds)
         nemesis = Nemesis(
             cluster,
             network,
             random.Random(rng.random()),
             clock,
             say=lambda text: say(f"[{clock():6.1f}s] {text}"),
-            kinds=options.faults,
+            kinds=kinds,
             timing=options.timing,
             overlap=options.overlap,
+            changes=changes,
         )
         workload = _Workload(history, keys, nemesis, options, random.Random(rng.random()))
-        clients = [cluster.client(deadline=options.op_deadline) for _ in range(options.clients)]
+        workers = [cluster.client(deadline=options.op_deadline) for _ in range(options.clients)]
+        clients.extend(workers)
         stop_clients, stop_faults = asyncio.Event(), asyncio.Event()
         work_started = clock()
         tasks = [
             asyncio.create_task(workload.client_loop(i, c, stop_clients))
-            for i, c in enumerate(clients)
+            for i, c in enumerate(workers)
         ]
         faults_task = asyncio.create_task(nemesis.run(stop_faults))
         try:
@@ -512,6 +738,8 @@ async def run_suite(options: SuiteOptions) -> SuiteResult:
             client_errors=workload.client_errors,
             stale_reads=workload.stale_reads,
             diverged=diverged,
+            membership_problems=list(nemesis.membership_problems),
+            members=list(cluster.node_ids),
         )
         if not result.ok:
             result.history_file = save_history(result)
@@ -587,6 +815,16 @@ def _report(result: SuiteResult, workload: _Workload, start: float, end: float) 
         lines.extend(f"  {problem}" for problem in result.diverged)
     else:
         lines.append("once healed, every node serves the final value of every key")
+    if options.membership:
+        lines.append(
+            f"members at the end: {', '.join(str(n) for n in result.members)}"
+            + (
+                ""
+                if not result.membership_problems
+                else f"; membership changes that went wrong: {len(result.membership_problems)}"
+            )
+        )
+        lines.extend(f"  {problem}" for problem in result.membership_problems)
     lines.append(f"history: {result.check.report()}")
     lines.append(f"verdict: {'PASS' if result.ok else 'FAIL'}")
     if result.history_file is not None:

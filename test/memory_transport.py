@@ -70,6 +70,9 @@ class CallTransport:
     async def _call(self, peer_id: int, request: Request, timeout: float) -> Reply:
         raise NotImplementedError
 
+    def update_peers(self, addresses: dict[int, str]) -> None:
+        """Messages here travel by node id; addresses do not matter."""
+
     async def _typed(
         self, peer_id: int, request: Request, timeout: float, kind: type[_Answer]
     ) -> _Answer:

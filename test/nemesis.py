@@ -1,5 +1,8 @@
 """Real faults for a cluster of node processes: each node on its own host (a network namespace) or
-behind per-link TCP proxies, and a seeded nemesis that kills, pauses and partitions them over time.
+behind per-link TCP proxies, and a seeded nemesis that kills, pauses and partitions them over time,
+and (on request) changes the cluster's membership under them: grow, shrink, replace a node whose disk
+was lost, and bring back a follower that needs a snapshot. `MembershipChanges` makes those changes
+for the nemesis, the harness and the tests alike.
 
 As root with `ip netns` working, every node runs in its own network namespace with its own address,
 joined by veth pairs to a bridge; a cut link is a blackhole route in the sender's namespace, so its
@@ -27,8 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import cluster_client
 from cluster_config import ClusterConfig, NodeAddress
-from test.cluster_process import HOST, HostCluster, find_free_port_block
+from test.cluster_process import HOST, HostCluster, LocalCluster, find_free_port_block
 
 # Names of everything a run creates start with this, then the creating process's pid (6 hex
 # digits) and a per-process sequence digit, so two runs never collide and a later run can tell
@@ -48,6 +52,8 @@ FAULT_KINDS: tuple[str, ...] = (
     "bridge",
     "one-way",
 )
+# Not among the default faults: `SuiteOptions(membership=True)` (`faults --membership`) adds them.
+MEMBERSHIP_KINDS: tuple[str, ...] = ("shrink", "grow", "replace", "snapshot-catch-up")
 
 
 class NetworkError(RuntimeError):
@@ -67,6 +73,8 @@ class Network(Protocol):
     def cut(self, src: int, dst: int) -> None: ...
 
     def heal(self) -> None: ...
+
+    def add_node(self, node_id: int) -> tuple[NodeAddress, list[str]]: ...
 
     def describe(self) -> str: ...
 
@@ -206,17 +214,37 @@ class NamespaceNetwork:
         self._made_links.append(self.bridge)
         _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
         _ip("link", "set", self.bridge, "up")
-        for node_id, i in self._index.items():
-            ns, outer, inner = self.namespace(node_id), f"{self.tag}h{i}", f"{self.tag}p{i}"
-            _ip("netns", "add", ns)
-            self._made_namespaces.append(ns)
-            _ip("link", "add", outer, "type", "veth", "peer", "name", inner)
-            self._made_links.append(outer)
-            _ip("link", "set", outer, "master", self.bridge, "up")
-            _ip("link", "set", inner, "netns", ns)
-            _ip("-n", ns, "addr", "add", f"{self.hosts[node_id]}/24", "dev", inner)
-            _ip("-n", ns, "link", "set", inner, "up")
-            _ip("-n", ns, "link", "set", "lo", "up")
+        for node_id in self.node_ids:
+            self._add_host(node_id)
+
+    def _add_host(self, node_id: int) -> None:
+        i = self._index[node_id]
+        ns, outer, inner = self.namespace(node_id), f"{self.tag}h{i}", f"{self.tag}p{i}"
+        _ip("netns", "add", ns)
+        self._made_namespaces.append(ns)
+        _ip("link", "add", outer, "type", "veth", "peer", "name", inner)
+        self._made_links.append(outer)
+        _ip("link", "set", outer, "master", self.bridge, "up")
+        _ip("link", "set", inner, "netns", ns)
+        _ip("-n", ns, "addr", "add", f"{self.hosts[node_id]}/24", "dev", inner)
+        _ip("-n", ns, "link", "set", inner, "up")
+        _ip("-n", ns, "link", "set", "lo", "up")
+
+    def add_node(self, node_id: int) -> tuple[NodeAddress, list[str]]:
+        """A new host (namespace, address on the bridge) for a node joining later: its
+        addresses and the prefix that runs its command there."""
+        if node_id in self._index:
+            raise ValueError(f"node {node_id} already has a host")
+        i = len(self._index)
+        if 10 + i > 254:
+            raise NetworkError(f"no address left on {SUBNET_PREFIX}.{self.subnet}.0/24")
+        self._index[node_id] = i
+        self.hosts[node_id] = f"{SUBNET_PREFIX}.{self.subnet}.{10 + i}"
+        self.node_ids.append(node_id)
+        self._add_host(node_id)
+        host = self.hosts[node_id]
+        address = NodeAddress(node_id, f"{host}:{RAFT_PORT}", f"{host}:{CLIENT_PORT}")
+        return address, ["ip", "netns", "exec", self.namespace(node_id)]
 
     def cluster_files(self, directory: Path) -> dict[int, Path]:
         path = directory / "cluster.toml"
@@ -376,6 +404,13 @@ class ProxyNetwork:
     def prefixes(self) -> dict[int, list[str]]:
         return {}
 
+    def add_node(self, node_id: int) -> tuple[NodeAddress, list[str]]:
+        # Each node here sees its peers at proxy addresses of its own, but a configuration entry
+        # in the log gives every member one address that all nodes use.
+        raise NetworkError(
+            "membership changes need every node on its own host: run as root with `ip netns`"
+        )
+
     def _set(self, link: tuple[int, int], is_open: bool) -> None:
         gate = self._gates[link].open
         self._loop.call_soon_threadsafe(gate.set if is_open else gate.clear)
@@ -432,6 +467,297 @@ def _close_all_networks() -> None:
 atexit.register(_close_all_networks)
 
 
+# -- membership changes ----------------------------------------------------------------------------
+
+# A joining node may have to receive a snapshot first, on a machine shared with other work.
+PROMOTION_TIMEOUT = 60.0
+# A removed node exits once it learns its removal committed: within heartbeats, normally.
+EXIT_TIMEOUT = 20.0
+SNAPSHOT_TIMEOUT = 30.0
+INSTALL_NARRATION = "installed snapshot up to index"
+REMOVED_NARRATION = "removed from the cluster"
+
+
+class MembershipChangeError(RuntimeError):
+    """A membership change did not complete as a user relies on; the message says how, in a line."""
+
+
+@dataclass
+class Change:
+    """One membership change as it happened: what, which nodes, when (the caller's clock), and
+    what was seen on the way."""
+
+    kind: str
+    description: str
+    started: float
+    ended: float | None = None
+    nodes: tuple[int, ...] = ()
+    # For a removal: how the removed node's process ended (None: it did not exit by itself).
+    exit_code: int | None = None
+    # For a snapshot catch-up: whether the others' logs were compacted past the node's last
+    # entry in time, and whether the node narrated installing a snapshot.
+    compacted_past: bool = False
+    snapshot_installed: bool = False
+    # Writes the change made itself (fresh keys), all acknowledged: they must stay readable.
+    written: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def took(self) -> float:
+        return (self.ended if self.ended is not None else self.started) - self.started
+
+
+class MembershipChanges:
+    """Membership changes made the way an operator makes them, on a running cluster: the admin
+    calls through `client` (`member add`/`member remove`) and nodes started with `--join`. Each
+    method waits until the change is done and returns a `Change`; `MembershipChangeError` when it
+    cannot be. `cluster.node_ids` follows the members throughout.
+    """
+
+    def __init__(
+        self,
+        cluster: LocalCluster,
+        client: cluster_client.Client,
+        clock: Callable[[], float],
+        say: Callable[[str], None] = print,
+    ) -> None:
+        self.cluster = cluster
+        self.client = client
+        self.clock = clock
+        self.say = say
+
+    async def members(self) -> cluster_client.MemberList:
+        """The configuration as the leader holds it."""
+        return await self.client.members()
+
+    async def voters(self) -> list[int]:
+        return sorted(m.id for m in (await self.members()).voters)
+
+    async def add(self, announce: bool = True) -> Change:
+        """Grow by one: a fresh node (new id, free addresses, empty data directory) is added as a
+        learner with `member add` (`announce`; otherwise it asks to be added itself through
+        `--join`), started with `--join`, and waited for until the leader has promoted it."""
+        address = self.cluster.place_node()
+        how = "member add, then --join" if announce else "--join alone"
+        change = self._begin("add", f"add node {address.id} ({how})", (address.id,))
+        await self._add(address, announce)
+        return self._end(change)
+
+    async def remove(self, node_id: int) -> Change:
+        """Shrink by one with `member remove`; then the node must say it was removed and exit
+        with code 0 (one that does not within EXIT_TIMEOUT is killed; `exit_code` is then None).
+        Removing the leader: it steps down once the removal commits, and another node leads."""
+        leader = await self._leader()
+        role = "the leader" if node_id == leader else "a follower"
+        change = self._begin("remove", f"remove node {node_id} ({role})", (node_id,))
+        await self._remove(node_id)
+        change.exit_code = await self.cluster.wait_exit(node_id, EXIT_TIMEOUT)
+        if change.exit_code is None:
+            change.notes.append(f"node {node_id} was still running {EXIT_TIMEOUT:g} s later")
+            self.say(
+                f"node {node_id} has not exited {EXIT_TIMEOUT:g} s after its removal; killing it"
+            )
+            self.cluster.kill_node(node_id)
+        else:
+            said = REMOVED_NARRATION in self.cluster.node_log(node_id)
+            self.say(
+                f"node {node_id} exited with code {change.exit_code}"
+                + (f' after narrating "{REMOVED_NARRATION}"' if said else "")
+            )
+            if not said:
+                change.notes.append(f'node {node_id} never narrated "{REMOVED_NARRATION}"')
+        if node_id == leader:
+            new_leader = await self.cluster.wait_for_leader(PROMOTION_TIMEOUT)
+            self.say(f"node {new_leader} now leads")
+        return self._end(change)
+
+    async def replace(self, victim: int) -> Change:
+        """A node loses its disk: it is killed and its data directory wiped; its id is removed and
+        a fresh node (new id, empty data directory) is added in its place."""
+        address = self.cluster.place_node()
+        change = self._begin(
+            "replace",
+            f"node {victim} loses its disk; node {address.id} replaces it",
+            (victim, address.id),
+        )
+        if self.cluster.is_running(victim):
+            self.cluster.kill_node(victim)
+        self.cluster.wipe_node(victim)
+        self.say(f"killed node {victim} (SIGKILL) and deleted its data directory")
+        await self._remove(victim)
+        await self._add(address, True)
+        return self._end(change)
+
+    async def snapshot_catch_up(self, victim: int, fill: bool = True) -> Change:
+        """A follower is down while the others compact their logs past its last entry; restarted,
+        it must catch up by InstallSnapshot. With `fill`, this writes fresh keys itself until the
+        logs are compacted far enough; otherwise it waits for the cluster's own writes to get
+        there. Either way it restarts the node after at most SNAPSHOT_TIMEOUT; `compacted_past`
+        says whether the logs got there (only then must the node narrate installing a snapshot)."""
+        change = self._begin(
+            "snapshot-catch-up", f"node {victim} is down until it needs a snapshot", (victim,)
+        )
+        others = [n for n in self.cluster.node_ids if n != victim]
+        self.cluster.kill_node(victim)
+        _, last = self.cluster.log_bounds(victim)
+        self.say(
+            f"killed node {victim} (SIGKILL) with its log ending at index {last}; waiting until "
+            "every other member's log starts after it"
+        )
+        reached = await self._compacted_past(others, last, change if fill else None)
+        change.compacted_past = reached
+        if not reached:
+            bases = ", ".join(f"{n}: {self.cluster.log_bounds(n, whole=False)[0]}" for n in others)
+            self.say(
+                f"the others' logs were not compacted past index {last} within "
+                f"{SNAPSHOT_TIMEOUT:g} s (they start after {bases}); it may catch up from them"
+            )
+        offset = self.cluster.log_size(victim)
+        self.cluster.start_node(victim)
+        self.say(f"restarted node {victim} on its old data directory")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + PROMOTION_TIMEOUT
+        while True:
+            narrated = self.cluster.node_log_since(victim, offset)
+            line = next((x for x in narrated.splitlines() if INSTALL_NARRATION in x), None)
+            if line is not None:
+                change.snapshot_installed = True
+                self.say(f"node {victim}: {line[line.index(INSTALL_NARRATION) :].strip()}")
+                break
+            if not reached or loop.time() >= deadline or not self.cluster.is_running(victim):
+                if reached:
+                    raise MembershipChangeError(
+                        f"node {victim} did not narrate installing a snapshot within "
+                        f"{PROMOTION_TIMEOUT:g} s of its restart"
+                        + ("" if self.cluster.is_running(victim) else " (it exited)")
+                    )
+                break
+            await asyncio.sleep(0.1)
+        return self._end(change)
+
+    # -- steps ----------------------------------------------------------------------------------
+
+    def _begin(self, kind: str, description: str, nodes: tuple[int, ...]) -> Change:
+        change = Change(kind, description, self.clock(), nodes=nodes)
+        self.say(f"membership: {description}")
+        return change
+
+    def _end(self, change: Change) -> Change:
+        change.ended = self.clock()
+        return change
+
+    async def _leader(self) -> int | None:
+        try:
+            return await self.cluster.wait_for_leader(PROMOTION_TIMEOUT)
+        except TimeoutError:
+            return None
+
+    async def _add(self, address: NodeAddress, announce: bool) -> None:
+        node_id = address.id
+        if announce:
+            self.say(
+                f"member add {node_id} {address.raft_address} {address.client_address} "
+                "(as a learner)"
+            )
+            listed = await self.client.add_member(
+                node_id, address.raft_address, address.client_address, wait_until_voter=False
+            )
+            if listed.member(node_id) is None:
+                raise MembershipChangeError(
+                    f"member add {node_id} returned a configuration without it"
+                )
+        self.cluster.join_node(node_id)
+        self.say(f"started node {node_id} with --join {self.cluster.join_address(node_id)}")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + PROMOTION_TIMEOUT
+        learner_seen = announce
+        while True:
+            if not self.cluster.is_running(node_id):
+                raise MembershipChangeError(
+                    f"node {node_id} exited with code {self.cluster.exit_code(node_id)} "
+                    "before it was promoted to voter"
+                )
+            now: cluster_client.MemberList | None = None
+            with contextlib.suppress(cluster_client.ClientError):
+                now = await self.members()
+            member = None if now is None else now.member(node_id)
+            if member is not None and not learner_seen:
+                learner_seen = True
+                if not member.voter:
+                    self.say(f"node {node_id} asked to join and is a learner")
+            if member is not None and member.voter and now is not None and now.committed:
+                self.say(f"node {node_id} was promoted to voter: {_describe(now)}")
+                return
+            if loop.time() >= deadline:
+                state = "not a member" if member is None else "still a learner"
+                raise MembershipChangeError(
+                    f"node {node_id} is {state} {PROMOTION_TIMEOUT:g} s after it was started"
+                )
+            await asyncio.sleep(0.2)
+
+    async def _remove(self, node_id: int) -> None:
+        self.say(f"member remove {node_id}")
+        listed = await self.client.remove_member(node_id)
+        if listed.member(node_id) is not None or node_id not in listed.removed:
+            raise MembershipChangeError(
+                f"member remove {node_id} returned a configuration that still lists it: "
+                f"{_describe(listed)}"
+            )
+        self.cluster.forget_node(node_id)
+        self.say(f"removal committed: {_describe(listed)}")
+
+    async def _compacted_past(self, nodes: list[int], index: int, change: Change | None) -> bool:
+        """Wait until the log of every node in `nodes` starts after entry `index`; with `change`,
+        write fresh keys meanwhile (recorded in `change.written`). False at SNAPSHOT_TIMEOUT."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SNAPSHOT_TIMEOUT
+        done = asyncio.Event()
+        written = 0
+
+        async def filler() -> None:
+            nonlocal written
+            assert change is not None
+            while not done.is_set():
+                written += 1
+                key, value = f"fill-{change.nodes[0]}-{written}", f"v{written}"
+                try:
+                    await self.client.propose_mapping(key, value)
+                except cluster_client.ClientError:
+                    continue
+                change.written[key] = value
+
+        workers = [] if change is None else [asyncio.create_task(filler()) for _ in range(8)]
+        try:
+            while True:
+                if min(self.cluster.log_bounds(n, whole=False)[0] for n in nodes) > index:
+                    return True
+                if loop.time() >= deadline:
+                    return False
+                for task in workers:
+                    if task.done():
+                        task.result()
+                await asyncio.sleep(0.1)
+        finally:
+            done.set()
+            await asyncio.gather(*workers, return_exceptions=True)
+            if change is not None:
+                self.say(f"wrote {len(change.written)} fresh keys while it was down")
+
+
+def _ids(ids: Iterable[int]) -> str:
+    return ", ".join(str(i) for i in sorted(ids))
+
+
+def _describe(listed: cluster_client.MemberList) -> str:
+    voters = ", ".join(str(m.id) for m in listed.voters) or "none"
+    text = f"voters {voters}"
+    if listed.learners:
+        text += "; learners " + ", ".join(str(m.id) for m in listed.learners)
+    if listed.removed:
+        text += "; removed " + ", ".join(str(i) for i in sorted(listed.removed))
+    return text
+
+
 # -- the nemesis ------------------------------------------------------------------------------------
 
 
@@ -466,7 +792,13 @@ class Nemesis:
     """Injects faults one after another, drawn from `kinds` by a seeded random.Random, until told
     to stop; every kind appears once before any appears again, and some network faults have a
     node crash or pause inside them. `stale_target` is the client address of a leader that is
-    isolated right now (for reads aimed at it)."""
+    isolated right now (for reads aimed at it).
+
+    Membership kinds need `changes`: "shrink" removes members down to `smaller` (a follower,
+    then the leader), "grow" adds fresh nodes up to `larger`, "replace" swaps a follower whose
+    disk was lost for a fresh node, "snapshot-catch-up" keeps a follower down until the others'
+    logs are compacted past it. What went wrong in them (a removed node that did not exit, ...)
+    is collected in `membership_problems`."""
 
     cluster: HostCluster
     network: Network
@@ -479,17 +811,24 @@ class Nemesis:
     stale_target: str | None = None
     # How often a network fault also has a node killed or paused for part of it.
     overlap: float = 0.3
+    changes: MembershipChanges | None = None
+    larger: int = 5
+    smaller: int = 3
+    membership_problems: list[str] = field(default_factory=list)
     _killed: set[int] = field(default_factory=set)
     _paused: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
-        unknown = [k for k in self.kinds if k not in FAULT_KINDS]
+        known = FAULT_KINDS + MEMBERSHIP_KINDS
+        unknown = [k for k in self.kinds if k not in known]
         if unknown or not self.kinds:
             raise ValueError(
-                f"unknown fault kind {unknown[0]!r}; choose from {', '.join(FAULT_KINDS)}"
+                f"unknown fault kind {unknown[0]!r}; choose from {', '.join(known)}"
                 if unknown
                 else "no fault kinds given"
             )
+        if self.changes is None and any(k in MEMBERSHIP_KINDS for k in self.kinds):
+            raise ValueError("membership kinds need a MembershipChanges (`changes`)")
 
     async def run(self, stop: asyncio.Event) -> None:
         """Inject faults until `stop` is set; the fault under way is healed before returning."""
@@ -499,11 +838,24 @@ class Nemesis:
                 if not deck:
                     deck = list(self.kinds)
                     self.rng.shuffle(deck)
-                kind = deck.pop()
+                kind = self._draw(deck)
+                if kind is None:
+                    continue
                 await self._inject(kind, stop)
                 await self._sleep(self.rng.uniform(*self.timing.quiet), stop)
         finally:
             self.heal_all()
+
+    def _draw(self, deck: list[str]) -> str | None:
+        """The next kind from the end of the deck that can be applied now (grow only below
+        `larger` members, shrink only above `smaller`); None, with the deck emptied, if none."""
+        size = len(self.cluster.node_ids)
+        for i in range(len(deck) - 1, -1, -1):
+            kind = deck[i]
+            if (kind != "grow" or size < self.larger) and (kind != "shrink" or size > self.smaller):
+                return deck.pop(i)
+        deck.clear()
+        return None
 
     async def _sleep(self, seconds: float, stop: asyncio.Event) -> None:
         with contextlib.suppress(TimeoutError):
@@ -526,6 +878,9 @@ class Nemesis:
         self.say(f"nemesis: healed {fault.kind}: {note}")
 
     async def _inject(self, kind: str, stop: asyncio.Event) -> None:
+        if kind in MEMBERSHIP_KINDS:
+            await self._change_membership(kind)
+            return
         ids = list(self.cluster.node_ids)
         leader = await self._leader() if kind in ("kill-leader", "isolate-leader") else None
         if kind in ("kill", "kill-leader"):
@@ -593,6 +948,52 @@ class Nemesis:
             self._resume_paused()
             self._end(fault, f"{'restarted' if kill else 'resumed'} node {victim}")
         await self._sleep(max(0.0, seconds - before - hold), stop)
+
+    async def _change_membership(self, kind: str) -> None:
+        """One membership kind, made like an operator would; it is itself recorded as a fault."""
+        changes = self.changes
+        assert changes is not None
+        leader = await self._leader()
+        followers = [n for n in self.cluster.node_ids if n != leader]
+        size = len(self.cluster.node_ids)
+        if kind == "grow":
+            fault = self._begin(kind, f"add fresh nodes until there are {self.larger}", [])
+        elif kind == "shrink":
+            fault = self._begin(kind, f"remove members down to {self.smaller}, leader last", [])
+        else:
+            victim = self.rng.choice(followers or self.cluster.node_ids)
+            what = "loses its disk and is replaced" if kind == "replace" else "needs a snapshot"
+            fault = self._begin(kind, f"node {victim} {what}", [victim])
+        done: list[Change] = []
+        try:
+            if kind == "grow":
+                while len(self.cluster.node_ids) < self.larger:
+                    done.append(await changes.add(announce=self.rng.random() < 0.5))
+            elif kind == "shrink":
+                while len(self.cluster.node_ids) > self.smaller:
+                    now = await self._leader()
+                    rest = [n for n in self.cluster.node_ids if n != now]
+                    last = len(self.cluster.node_ids) == self.smaller + 1
+                    target = now if last and now is not None else self.rng.choice(rest)
+                    done.append(await changes.remove(target))
+            elif kind == "replace":
+                done.append(await changes.replace(victim))
+            else:
+                done.append(await changes.snapshot_catch_up(victim, fill=False))
+        except (MembershipChangeError, cluster_client.ClientError, TimeoutError) as e:
+            self.membership_problems.append(f"{kind} at {fault.started:.1f} s: {e}")
+            self.say(f"nemesis: {kind} did not complete: {e}")
+        for change in done:
+            fault.nodes += change.nodes
+            if change.kind == "remove" and change.exit_code != 0:
+                how = "did not exit" if change.exit_code is None else f"exited {change.exit_code}"
+                self.membership_problems.append(f"removed node {change.nodes[0]} {how}")
+            self.membership_problems.extend(
+                f"{change.kind} of node {change.nodes[0]}: {note}" for note in change.notes
+            )
+        self._end(
+            fault, f"{size} -> {len(self.cluster.node_ids)} members ({_ids(self.cluster.node_ids)})"
+        )
 
     def _partition(
         self, kind: str, ids: list[int], leader: int | None

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from google.protobuf import text_format
 
 from log import RaftLog
+from membership import Membership
 from raft_node import RaftNode
 from rpc import raft_pb2
 from snapshot import LoadedSnapshot
@@ -412,10 +413,12 @@ class ObservedRaftNode(RaftNode):
         if self.stats is not None:
             self.stats["snapshot restores" if self._at_start else "snapshots installed"] += 1
 
-    async def _write_snapshot(self, state: SnapshotState, index: int, term: int) -> None:
+    async def _write_snapshot(
+        self, state: SnapshotState, members: Membership, index: int, term: int
+    ) -> None:
         if self.stats is not None:
             self.stats["snapshots taken"] += 1
-        await super()._write_snapshot(state, index, term)
+        await super()._write_snapshot(state, members, index, term)
 
     def _become_candidate(self, transfer: bool) -> int | None:
         term = super()._become_candidate(transfer)

@@ -5,7 +5,9 @@
 - restart: a node whose snapshot holds a million keys is started; how long until it serves reads.
 - transfer: a follower of a three-node cluster misses about 100 MB of writes, comes back and
   receives them as a snapshot; how long that takes, and the write latency the cluster's clients see
-  meanwhile. It prints figures; it does not pass or fail.
+  meanwhile (and while the other two nodes snapshot the state), with the elections and the stalls
+  of each node's event loop (test/loop_lag.py) in each phase. It prints figures; it does not pass
+  or fail.
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ import grpc
 from cluster_client import Client
 from cluster_config import ClusterConfig
 from log import RaftLog
+from membership import Membership
 from raft_node import RaftNode, SnapshotPolicy, Timing
 from rpc import raft_pb2, raft_pb2_grpc
 from state_machine import SnapshotState
+from test import loop_lag
 from test.cluster_process import LocalCluster, find_free_port_block
 from test.memory_transport import InMemoryNetwork
 
@@ -113,7 +117,8 @@ async def restart_time(keys: int) -> None:
         data = {f"key-{i:07d}": f"value-{i:07d}-{'x' * 20}" for i in range(keys)}
         state = SnapshotState(data, [], 0, 1).encode()
         assert log.snapshots is not None
-        meta = await log.snapshots.write(1, 1, {}, state)
+        members = Membership.bootstrap(ClusterConfig.seed_scheme(port, 1))
+        meta = await log.snapshots.write(1, 1, members, state)
         log.reset(1, 1)
         await log.flush()
         await log.close()
@@ -195,7 +200,63 @@ def stamp_of(text: str, marker: str) -> datetime | None:
     return None
 
 
-async def transfer(megabytes: int, verbose: bool) -> None:
+class _ProbedCluster(LocalCluster):
+    """Nodes run through test/loop_lag.py, so each logs the stalls of its event loop."""
+
+    def command(self, node_id: int) -> list[str]:
+        command = super().command(node_id)
+        return [command[0], "-m", "test.loop_lag", *command[2:]]
+
+
+def _latency_line(what: str, latencies: list[float]) -> str:
+    ordered = sorted(latencies)
+    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    return (
+        f"  {what}: {len(ordered)}, p50 {statistics.median(ordered) * 1000:.1f} ms, "
+        f"p99 {p99 * 1000:.1f} ms, max {ordered[-1] * 1000:.1f} ms"
+    )
+
+
+def _phase_report(
+    cluster: LocalCluster, roles: dict[int, str], start: datetime, end: datetime
+) -> list[str]:
+    lines = []
+    elections = 0
+    for node_id, role in roles.items():
+        text = cluster.node_log(node_id)
+        elections += len(_lines_between(text, "won the election", start, end))
+        found = loop_lag.stalls(text, start, end)
+        lag = "none over 50 ms"
+        if found:
+            longest = max(found, key=lambda s: s.ms)
+            busiest = max(found, key=lambda s: s.loop_cpu_ms)
+            lag = (
+                f"{len(found)} over 50 ms; longest {longest.ms:.0f} ms (its loop on the CPU "
+                f"{longest.loop_cpu_ms:.0f} ms, the process {longest.process_cpu_ms:.0f} ms); "
+                f"most work on the loop in one stall {busiest.loop_cpu_ms:.0f} ms"
+            )
+        lines.append(f"    event-loop stalls on {node_id} ({role}): {lag}")
+    lines.insert(0, f"    elections: {elections}")
+    return lines
+
+
+def _lines_between(text: str, marker: str, start: datetime, end: datetime) -> list[str]:
+    found = []
+    for line in text.splitlines():
+        stamp = _STAMP.match(line)
+        if marker in line and stamp:
+            at = datetime.strptime(stamp.group(1), "%H:%M:%S.%f")
+            if start <= at <= end:
+                found.append(line)
+    return found
+
+
+def _clock() -> datetime:
+    # The nodes stamp their lines with the time of day only.
+    return datetime.strptime(datetime.now().strftime("%H:%M:%S.%f")[:-3], "%H:%M:%S.%f")
+
+
+async def transfer(megabytes: int, verbose: bool, log_dir: str | None) -> None:
     # One snapshot once the large values are in (and the next a few hundred writes later).
     flags = [
         "--snapshot-entries",
@@ -205,72 +266,101 @@ async def transfer(megabytes: int, verbose: bool) -> None:
         "--snapshot-keep-entries",
         "0",
     ]
-    with LocalCluster(nodes=3, extra_args=flags) as cluster:
+    with _ProbedCluster(nodes=3, extra_args=flags, log_dir=log_dir) as cluster:
         cluster.start()
         leader = await cluster.wait_for_leader(timeout=20)
         follower = next(n for n in cluster.node_ids if n != leader)
         other = next(n for n in cluster.node_ids if n not in (leader, follower))
         big = "v" * (1024 * 1024 - 64)
+        stop = asyncio.Event()
+        latencies: list[float] = []
+
+        async def writer(client: Client) -> None:
+            i = 0
+            while not stop.is_set():
+                t = time.perf_counter()
+                await client.propose_mapping(f"during-{i % 100}", str(i))
+                latencies.append(time.perf_counter() - t)
+                i += 1
+
         async with Client.from_endpoints(cluster.client_addresses, deadline=60) as client:
             cluster.kill_node(follower)
             for i in range(megabytes):
                 await client.propose_mapping(f"big-{i:04d}", f"{i}-{big}")
-            for i in range(25):
-                await client.propose_mapping(f"small-{i}", str(i))
+            # The next writes pass the snapshot threshold: the two running nodes snapshot the
+            # large state while a writer goes on.
+            snapshotting_from = _clock()
+            started = time.perf_counter()
+            task = asyncio.create_task(writer(client))
+            while not all(
+                "took a snapshot" in cluster.node_log(n) for n in cluster.node_ids if n != follower
+            ):
+                if time.perf_counter() - started > 300:
+                    raise SystemExit("the nodes did not take a snapshot within 300 s")
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(1)
+            stop.set()
+            await task
+            snapshotting = latencies
+            snapshotting_to = _clock()
             before: list[float] = []
             for i in range(100):
                 t = time.perf_counter()
                 await client.propose_mapping(f"probe-{i}", str(i))
                 before.append(time.perf_counter() - t)
 
-            latencies: list[float] = []
-            stop = asyncio.Event()
-
-            async def writer() -> None:
-                i = 0
-                while not stop.is_set():
-                    t = time.perf_counter()
-                    await client.propose_mapping(f"during-{i % 100}", str(i))
-                    latencies.append(time.perf_counter() - t)
-                    i += 1
-
-            task = asyncio.create_task(writer())
+            # Leadership may have moved while the state was snapshotted.
+            first_leader, first_other = leader, other
+            leader = await cluster.wait_for_leader(timeout=20, exclude=[follower])
+            other = next(n for n in cluster.node_ids if n not in (leader, follower))
+            latencies = []
+            stop.clear()
+            task = asyncio.create_task(writer(client))
             started = time.perf_counter()
+            transfer_from = _clock()
             cluster.start_node(follower)
             while "installed snapshot up to index" not in cluster.node_log(follower):
                 if time.perf_counter() - started > 300:
                     raise SystemExit("the follower did not install the snapshot within 300 s")
                 await asyncio.sleep(0.05)
             installed = time.perf_counter() - started
+            # A little longer: the follower's first appends after its install count too.
+            await asyncio.sleep(1)
             stop.set()
             await task
+            transfer_to = _clock()
         sending = stamp_of(cluster.node_log(leader), "sending snapshot up to index")
         done = stamp_of(cluster.node_log(follower), "installed snapshot up to index")
         sizes = re.findall(
             r"sending snapshot up to index \d+ \(([\d.]+ MB)\) to " + str(follower),
             cluster.node_log(leader),
         )
+        roles = {leader: "leader", follower: "the follower", other: "the other follower"}
         print(
             f"transfer: a follower missed {megabytes} MB of writes (snapshot {sizes[-1] if sizes else '?'})"
         )
+        print(_latency_line("writes while two nodes snapshot the state", snapshotting))
+        for line in _phase_report(
+            cluster,
+            {first_leader: "leader at first", first_other: "follower at first"},
+            snapshotting_from,
+            snapshotting_to,
+        ):
+            print(line)
+        print(_latency_line("writes just before the transfer", before))
         if sending and done:
             print(
                 f"  first chunk sent to snapshot installed: {(done - sending).total_seconds():.2f} s"
             )
         print(f"  follower process start to snapshot installed: {installed:.2f} s")
-        print(
-            f"  writes meanwhile (node {leader} leads, {other} the other follower): {len(latencies)}, "
-            f"p50 {statistics.median(latencies) * 1000:.1f} ms, max {max(latencies) * 1000:.1f} ms"
-        )
+        print(_latency_line(f"writes meanwhile (node {leader} leads)", latencies))
+        for line in _phase_report(cluster, roles, transfer_from, transfer_to):
+            print(line)
         if verbose:
             for node_id in (leader, follower):
                 for line in cluster.node_log(node_id).splitlines():
-                    if "snapshot" in line or "discarded" in line:
+                    if "snapshot" in line or "discarded" in line or "stalled" in line:
                         print(f"    {line}")
-        print(
-            f"  writes just before: p50 {statistics.median(before) * 1000:.1f} ms, "
-            f"max {max(before) * 1000:.1f} ms"
-        )
 
 
 def main() -> None:
@@ -285,6 +375,9 @@ def main() -> None:
         "--verbose", action="store_true", help="transfer: print the nodes' snapshot narration"
     )
     parser.add_argument("--megabytes", type=int, default=100, help="transfer: state size in MB")
+    parser.add_argument(
+        "--log-dir", help="transfer: keep the nodes' logs in this directory (default: discarded)"
+    )
     args = parser.parse_args()
     chosen = args.what or ["disk", "restart", "transfer"]
     import uvloop
@@ -295,7 +388,7 @@ def main() -> None:
         elif what == "restart":
             uvloop.run(restart_time(args.keys))
         else:
-            uvloop.run(transfer(args.megabytes, args.verbose))
+            uvloop.run(transfer(args.megabytes, args.verbose, args.log_dir))
         sys.stdout.flush()
 
 

@@ -1,9 +1,11 @@
 """The client library and CLI against scripted Cluster servers on real sockets: finding the
-leader through redirects, riding out elections and dead nodes, giving up cleanly, exit codes."""
+leader through redirects, riding out elections and dead nodes, giving up cleanly, exit codes, and
+the membership commands."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -12,7 +14,16 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cluster_client import Client, ClusterUnavailableError, RequestRejectedError
+import cluster_client
+from cluster_client import (
+    CHANGE_BUSY_RETRIES,
+    Client,
+    ClusterUnavailableError,
+    Member,
+    MembershipBusyError,
+    MembershipRefusedError,
+    RequestRejectedError,
+)
 from cluster_config import ConfigError
 from rpc import raft_pb2, raft_pb2_grpc
 
@@ -32,6 +43,14 @@ class FakeNode(raft_pb2_grpc.ClusterServicer):
         self.aborts: list[tuple[grpc.StatusCode, str]] = []
         self.store: dict[str, str] = {}
         self.calls: list[str] = []
+        # Membership: this node's configuration and its log index; whether an added node is a
+        # voter by the time the reply is sent (if the request waits for that); how long a change
+        # takes to answer; and the change requests received.
+        self.config = raft_pb2.Configuration()
+        self.config_index = 0
+        self.promote = True
+        self.change_delay = 0.0
+        self.changes: list[raft_pb2.AddMemberRequest | raft_pb2.RemoveMemberRequest] = []
 
     async def _answer_abort(self, method: str, context: grpc.aio.ServicerContext) -> None:
         self.calls.append(method)
@@ -72,6 +91,82 @@ class FakeNode(raft_pb2_grpc.ClusterServicer):
             if self.tell_address:
                 response.leader_address = self.leader.address
         return response
+
+    def _membership(self) -> raft_pb2.MembershipResponse:
+        response = raft_pb2.MembershipResponse(
+            success=self.leader is self,
+            config=self.config,
+            config_index=self.config_index,
+            committed=True,
+        )
+        if self.leader is not None:
+            response.current_leader = self.leader.node_id
+            if self.tell_address:
+                response.leader_address = self.leader.address
+        return response
+
+    async def ListMembers(
+        self, request: raft_pb2.ListMembersRequest, context: grpc.aio.ServicerContext
+    ) -> raft_pb2.MembershipResponse:
+        await self._answer_abort("ListMembers", context)
+        response = self._membership()
+        if request.allow_stale:
+            response.success = True
+        return response
+
+    async def AddMember(
+        self, request: raft_pb2.AddMemberRequest, context: grpc.aio.ServicerContext
+    ) -> raft_pb2.MembershipResponse:
+        self.changes.append(request)
+        await asyncio.sleep(self.change_delay)
+        await self._answer_abort("AddMember", context)
+        if self.leader is self:
+            self.config.members.append(
+                raft_pb2.Member(
+                    id=request.id,
+                    raft_address=request.raft_address,
+                    client_address=request.client_address,
+                    voter=request.wait_until_voter and self.promote,
+                )
+            )
+            self.config_index += 1
+        return self._membership()
+
+    async def RemoveMember(
+        self, request: raft_pb2.RemoveMemberRequest, context: grpc.aio.ServicerContext
+    ) -> raft_pb2.MembershipResponse:
+        self.changes.append(request)
+        await self._answer_abort("RemoveMember", context)
+        if self.leader is self:
+            kept = [m for m in self.config.members if m.id != request.id]
+            del self.config.members[:]
+            self.config.members.extend(kept)
+            self.config.removed_ids.append(request.id)
+            self.config_index += 1
+        return self._membership()
+
+
+def configure(node: FakeNode, *members: FakeNode, learners: tuple[int, ...] = ()) -> None:
+    """Give `node` a configuration of `members` (voters, Raft address = client address with
+    the port minus 1000) plus `learners` (ids, addresses made up)."""
+    for member in members:
+        host, port = member.address.rsplit(":", 1)
+        node.config.members.append(
+            raft_pb2.Member(
+                id=member.node_id,
+                raft_address=f"{host}:{int(port) - 1000}",
+                client_address=member.address,
+                voter=True,
+            )
+        )
+    for learner in learners:
+        node.config.members.append(
+            raft_pb2.Member(
+                id=learner,
+                raft_address=f"10.0.0.{learner}:7000",
+                client_address=f"10.0.0.{learner}:7001",
+            )
+        )
 
 
 StartNode = Callable[[], Awaitable[FakeNode]]
@@ -549,3 +644,297 @@ async def test_cli_transfer_leader_cas_absent_and_delete(session_node: SessionNo
         "cluster_client.py: key 'k' is not set\n",
     )
     assert session_node.calls[-2:] == ["stale", "GetValue"]
+
+
+# --- membership ----------------------------------------------------------------------------
+
+
+def raft_address_of(node: FakeNode) -> str:
+    host, port = node.address.rsplit(":", 1)
+    return f"{host}:{int(port) - 1000}"
+
+
+async def test_members_come_from_the_leader_through_a_redirect(start_node: StartNode) -> None:
+    follower, leader = await start_node(), await start_node()
+    elect(leader, follower, leader)
+    configure(leader, follower, leader, learners=(6,))
+    leader.config.removed_ids.append(4)
+    leader.config_index = 17
+    async with Client.from_endpoints([follower.address]) as client:
+        members = await client.members()
+        assert client.known_leader == leader.address
+    assert members.members == [
+        Member(follower.node_id, raft_address_of(follower), follower.address, True),
+        Member(leader.node_id, raft_address_of(leader), leader.address, True),
+        Member(6, "10.0.0.6:7000", "10.0.0.6:7001", False),
+    ]
+    assert [m.id for m in members.voters] == [follower.node_id, leader.node_id]
+    assert [m.id for m in members.learners] == [6]
+    assert members.member(6) == Member(6, "10.0.0.6:7000", "10.0.0.6:7001", False)
+    assert members.member(5) is None
+    assert (members.removed, members.config_index, members.committed) == ([4], 17, True)
+    assert members.leader_id == leader.node_id
+    assert follower.calls == ["ListMembers"]
+
+
+async def test_stale_members_are_the_first_node_s_own_view(start_node: StartNode) -> None:
+    follower, leader = await start_node(), await start_node()
+    elect(leader, follower, leader)
+    configure(leader, follower, leader, learners=(6,))
+    leader.config_index = 17
+    # The follower has not heard of the learner yet.
+    configure(follower, follower, leader)
+    follower.config_index = 12
+    async with Client.from_endpoints([follower.address, leader.address]) as client:
+        members = await client.members(stale=True)
+    assert [m.id for m in members.members] == [follower.node_id, leader.node_id]
+    assert (members.config_index, members.leader_id) == (12, leader.node_id)
+    assert leader.calls == []
+
+
+async def test_members_listed_can_be_found_by_id_in_a_later_redirect(
+    start_node: StartNode,
+) -> None:
+    follower, leader = await start_node(), await start_node()
+    elect(leader, follower, leader)
+    follower.tell_address = False
+    configure(follower, follower, leader)
+    async with Client.from_endpoints([follower.address], deadline=2) as client:
+        await client.members(stale=True)
+        # The follower names the leader by id only: its address came from the member list.
+        await client.propose_mapping("k", "v")
+    assert leader.store == {"k": "v"}
+
+
+async def test_add_and_remove_member_send_the_change_to_the_leader_and_return_the_result(
+    start_node: StartNode,
+) -> None:
+    follower, leader = await start_node(), await start_node()
+    elect(leader, follower, leader)
+    configure(leader, follower, leader)
+    leader.config_index = 5
+    async with Client.from_endpoints([follower.address]) as client:
+        voter = await client.add_member(6, "10.0.0.6:7000", "10.0.0.6:7001")
+        leader.promote = False
+        learner = await client.add_member(
+            7, "10.0.0.7:7000", "10.0.0.7:7001", wait_until_voter=False
+        )
+        removed = await client.remove_member(follower.node_id)
+    assert voter.member(6) == Member(6, "10.0.0.6:7000", "10.0.0.6:7001", True)
+    assert voter.config_index == 6
+    assert learner.member(7) == Member(7, "10.0.0.7:7000", "10.0.0.7:7001", False)
+    assert removed.member(follower.node_id) is None
+    assert (removed.removed, removed.config_index) == ([follower.node_id], 8)
+    assert leader.changes == [
+        raft_pb2.AddMemberRequest(
+            id=6,
+            raft_address="10.0.0.6:7000",
+            client_address="10.0.0.6:7001",
+            wait_until_voter=True,
+        ),
+        raft_pb2.AddMemberRequest(
+            id=7, raft_address="10.0.0.7:7000", client_address="10.0.0.7:7001"
+        ),
+        raft_pb2.RemoveMemberRequest(id=follower.node_id),
+    ]
+    # Only the first change needed the redirect.
+    assert len(follower.changes) == 1
+
+
+async def test_a_change_in_progress_is_asked_again_of_the_leader_until_it_goes_through(
+    start_node: StartNode,
+) -> None:
+    leader, other = await start_node(), await start_node()
+    elect(leader, leader, other)
+    leader.aborts.extend([(grpc.StatusCode.ABORTED, "a change at index 9 is uncommitted")] * 2)
+    async with Client.from_endpoints([leader.address, other.address]) as client:
+        removed = await client.remove_member(3)
+    assert removed.removed == [3]
+    assert leader.calls == ["RemoveMember"] * 3
+    assert other.calls == []
+
+
+async def test_a_change_still_in_progress_after_a_few_tries_raises_busy(
+    start_node: StartNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cluster_client, "CHANGE_BUSY_BACKOFF", 0.001)
+    leader = await start_node()
+    elect(leader, leader)
+    leader.aborts.extend([(grpc.StatusCode.ABORTED, "a change at index 9 is uncommitted")] * 100)
+    async with Client.from_endpoints([leader.address]) as client:
+        with pytest.raises(MembershipBusyError, match="index 9 is uncommitted") as caught:
+            await client.add_member(6, "10.0.0.6:7000", "10.0.0.6:7001")
+    # Nothing was changed: the same kind of error as an invalid request.
+    assert isinstance(caught.value, RequestRejectedError)
+    assert leader.calls == ["AddMember"] * (CHANGE_BUSY_RETRIES + 1)
+
+
+async def test_a_refused_change_raises_at_once_and_is_not_retried(start_node: StartNode) -> None:
+    leader, other = await start_node(), await start_node()
+    elect(leader, leader, other)
+    leader.aborts.append((grpc.StatusCode.FAILED_PRECONDITION, "id 6 was removed"))
+    async with Client.from_endpoints([leader.address, other.address]) as client:
+        with pytest.raises(MembershipRefusedError, match="^id 6 was removed$"):
+            await client.add_member(6, "10.0.0.6:7000", "10.0.0.6:7001")
+    assert leader.calls == ["AddMember"]
+    assert other.calls == []
+
+
+async def test_an_unknown_change_outcome_is_retried(start_node: StartNode) -> None:
+    leader = await start_node()
+    elect(leader, leader)
+    leader.aborts.append((grpc.StatusCode.UNAVAILABLE, "lost leadership before it committed"))
+    async with Client.from_endpoints([leader.address], deadline=5) as client:
+        added = await client.add_member(6, "10.0.0.6:7000", "10.0.0.6:7001")
+    assert leader.calls == ["AddMember", "AddMember"]
+    assert added.member(6) is not None
+
+
+async def test_add_member_waits_past_the_client_deadline_up_to_its_own_timeout(
+    start_node: StartNode,
+) -> None:
+    leader = await start_node()
+    elect(leader, leader)
+    # Catching up takes longer than the client's deadline for other calls.
+    leader.change_delay = 1.0
+    async with Client.from_endpoints([leader.address], deadline=0.3) as client:
+        added = await client.add_member(6, "10.0.0.6:7000", "10.0.0.6:7001")
+        assert added.member(6) is not None
+        with pytest.raises(ClusterUnavailableError, match="could not add member 7 within 0.3 s"):
+            await client.add_member(7, "10.0.0.7:7000", "10.0.0.7:7001", timeout=0.3)
+
+
+async def test_cli_member_list_prints_one_line_per_member_and_marks_the_leader(
+    start_node: StartNode,
+) -> None:
+    leader = await start_node()
+    elect(leader, leader)
+    leader.node_id = 2
+    configure(leader, leader, learners=(16,))
+    leader.config.removed_ids.append(3)
+    leader.config_index = 40
+    where = ["--endpoints", leader.address, "--timeout", "5"]
+    code, out, err = await run_cli(*where, "member", "list")
+    assert (code, err) == (0, "")
+    raft = raft_address_of(leader)
+    assert out.splitlines() == [
+        f"2   voter    raft {raft}  client {leader.address}  (leader)",
+        f"16  learner  raft {'10.0.0.16:7000':<{len(raft)}}  client 10.0.0.16:7001",
+    ]
+    code, out, err = await run_cli(*where, "member", "list", "--json")
+    assert (code, err) == (0, "")
+    assert json.loads(out) == {
+        "members": [
+            {"id": 2, "voter": True, "raft_address": raft, "client_address": leader.address},
+            {
+                "id": 16,
+                "voter": False,
+                "raft_address": "10.0.0.16:7000",
+                "client_address": "10.0.0.16:7001",
+            },
+        ],
+        "removed": [3],
+        "config_index": 40,
+        "committed": True,
+        "leader": 2,
+    }
+
+
+async def test_cli_member_add_and_remove_say_what_happened(start_node: StartNode) -> None:
+    leader = await start_node()
+    elect(leader, leader)
+    configure(leader, leader)
+    leader.config_index = 122
+    where = ["--endpoints", leader.address, "--timeout", "5"]
+    assert await run_cli(*where, "member", "add", "6", "127.0.0.1:12360", "127.0.0.1:12361") == (
+        0,
+        "added 6 (127.0.0.1:12360, client 127.0.0.1:12361) as a learner; "
+        "promoted to voter at index 123\n",
+        "",
+    )
+    leader.promote = False
+    assert await run_cli(*where, "member", "add", "7", "h7:1", "h7:2") == (
+        0,
+        "added 7 (h7:1, client h7:2) as a learner; still catching up "
+        "(promoted to voter once it has)\n",
+        "",
+    )
+    assert await run_cli(*where, "member", "add", "--no-wait", "8", "h8:1", "h8:2") == (
+        0,
+        "added 8 (h8:1, client h8:2) as a learner at index 125; "
+        "promoted to voter once it has caught up\n",
+        "",
+    )
+    assert [(c.id, c.wait_until_voter) for c in leader.changes] == [  # type: ignore[union-attr]
+        (6, True),
+        (7, True),
+        (8, False),
+    ]
+    assert await run_cli(*where, "member", "remove", "7") == (0, "removed 7 at index 126\n", "")
+
+
+@pytest.mark.parametrize(
+    "aborts, exit_code",
+    [
+        ([(grpc.StatusCode.FAILED_PRECONDITION, "3 is the only voter; a cluster needs one")], 1),
+        ([(grpc.StatusCode.ABORTED, "a change at index 9 is uncommitted")] * 100, 1),
+        ([(grpc.StatusCode.INVALID_ARGUMENT, "node id must be a positive integer")], 2),
+    ],
+    ids=["refused", "change in progress", "invalid"],
+)
+async def test_cli_member_change_refused_exits_1_and_rejected_exits_2(
+    start_node: StartNode, aborts: list[tuple[grpc.StatusCode, str]], exit_code: int
+) -> None:
+    leader = await start_node()
+    elect(leader, leader)
+    leader.aborts.extend(aborts)
+    code, out, err = await run_cli("--endpoints", leader.address, "member", "remove", "3")
+    assert (code, out) == (exit_code, "")
+    assert_one_line(err)
+    assert aborts[0][1] in err
+    # Nothing was applied by the fake leader: every answer was a refusal.
+    assert leader.config_index == 0
+
+
+async def test_cli_member_list_without_a_cluster_exits_3() -> None:
+    code, out, err = await run_cli(
+        "--endpoints", dead_address(), "--timeout", "0.5", "member", "list"
+    )
+    assert (code, out) == (3, "")
+    assert_one_line(err)
+    assert "could not list the members within 0.5 s" in err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["member"],
+        ["member", "promote", "3"],
+        ["member", "list", "extra"],
+        ["member", "add", "6", "h:1"],
+        ["member", "add", "six", "h:1", "h:2"],
+        ["member", "add", "6", "no-port", "h:2"],
+        ["member", "add", "6", "h:1", "h:1"],
+        ["member", "add", "0", "h:1", "h:2"],
+        ["member", "remove", "0"],
+        ["member", "remove", str(2**64)],
+        ["transfer-leader", str(2**64)],
+    ],
+    ids=[
+        "no action",
+        "unknown action",
+        "extra operand",
+        "missing address",
+        "id not a number",
+        "bad address",
+        "same addresses",
+        "id 0",
+        "remove id 0",
+        "remove id too big",
+        "transfer to an id too big",
+    ],
+)
+async def test_cli_member_usage_errors_exit_2_with_one_line(args: list[str]) -> None:
+    code, out, err = await run_cli("--endpoints", dead_address(), *args)
+    assert (code, out) == (2, "")
+    assert_one_line(err)

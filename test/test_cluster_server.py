@@ -1,5 +1,6 @@
 """The Cluster service as a client sees it over a real gRPC connection: what it accepts, the
-status codes it answers with, and how it reports redirects, missing keys and the leader."""
+status codes it answers with, and how it reports redirects, missing keys, the leader and the
+cluster's members."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import dataclass, field
 import grpc
 import pytest
 
+from cluster_config import NodeAddress
 from cluster_server import (
     MAX_BATCH_BYTES,
     MAX_BATCH_MAPPINGS,
@@ -16,9 +18,16 @@ from cluster_server import (
     MAX_VALUE_BYTES,
     ClusterServicer,
 )
+from membership import ChangeInProgressError, Membership, MembershipError
 from raft_node import CommitUnknownError, NotLeaderError, UnavailableError
 from rpc import raft_pb2, raft_pb2_grpc
 from state_machine import ApplyResult, CasResult, SessionExpired
+
+
+def three_voters() -> Membership:
+    return Membership(
+        {i: NodeAddress(i, f"10.0.0.{i}:7000", f"10.0.0.{i}:7001") for i in (1, 2, 3)}
+    )
 
 
 @dataclass
@@ -37,6 +46,11 @@ class FakeNode:
     result_override: ApplyResult = None
     read_refusal: Exception | None = None
     linearizable_reads: int = 0
+    # Membership: the latest configuration (with its index and whether committed), what the
+    # membership calls raise instead of answering, and the calls that reached the node.
+    config: tuple[Membership, int, bool] = field(default_factory=lambda: (three_voters(), 0, True))
+    member_refusal: Exception | None = None
+    member_calls: list[tuple[object, ...]] = field(default_factory=list)
 
     def leader(self) -> tuple[int | None, str | None]:
         return self.known_leader
@@ -82,6 +96,36 @@ class FakeNode:
         if self.read_refusal is not None:
             raise self.read_refusal
         return self.store.get(key)
+
+    def membership(self) -> tuple[Membership, int, bool]:
+        return self.config
+
+    async def list_members(self) -> tuple[Membership, int, bool]:
+        self.member_calls.append(("list",))
+        if self.member_refusal is not None:
+            raise self.member_refusal
+        return self.config
+
+    async def add_member(
+        self, node: NodeAddress, wait_until_voter: bool
+    ) -> tuple[Membership, int, bool]:
+        self.member_calls.append(("add", node, wait_until_voter))
+        if self.member_refusal is not None:
+            raise self.member_refusal
+        membership, index, _ = self.config
+        membership = membership.with_learner(node)
+        if wait_until_voter:
+            membership = membership.with_voter(node.id)
+        self.config = (membership, index + 1, True)
+        return self.config
+
+    async def remove_member(self, node_id: int) -> tuple[Membership, int, bool]:
+        self.member_calls.append(("remove", node_id))
+        if self.member_refusal is not None:
+            raise self.member_refusal
+        membership, index, _ = self.config
+        self.config = (membership.without(node_id), index + 1, True)
+        return self.config
 
 
 @dataclass
@@ -364,3 +408,175 @@ async def test_a_read_that_cannot_be_confirmed_is_unavailable_not_stale(served: 
         await get(served, "k")
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "no leader known" in caught.value.details()
+
+
+# ---- membership: ListMembers, AddMember, RemoveMember -----------------------------------------
+
+
+def lead(node: FakeNode) -> None:
+    node.role = "leader"
+    node.known_leader = (node.node_id, "127.0.0.1:12351")
+
+
+async def test_list_members_gives_the_leader_s_configuration_and_marks_the_leader(
+    served: Served,
+) -> None:
+    lead(served.node)
+    learner = NodeAddress(6, "10.0.0.6:7000", "10.0.0.6:7001")
+    served.node.config = (three_voters().with_learner(learner).without(2), 42, False)
+    response = await served.stub.ListMembers(raft_pb2.ListMembersRequest(), timeout=5)
+    assert response.success
+    assert Membership.from_proto(response.config) == served.node.config[0]
+    assert [(m.id, m.voter) for m in response.config.members] == [(1, True), (3, True), (6, False)]
+    assert list(response.config.removed_ids) == [2]
+    assert (response.config_index, response.committed) == (42, False)
+    assert (response.current_leader, response.leader_address) == (12346, "127.0.0.1:12351")
+    assert served.node.member_calls == [("list",)]
+
+
+async def test_list_members_on_a_follower_redirects_unless_stale_is_allowed(
+    served: Served,
+) -> None:
+    served.node.known_leader = (12345, "127.0.0.1:12350")
+    served.node.member_refusal = NotLeaderError(12345, "127.0.0.1:12350")
+    redirect = await served.stub.ListMembers(raft_pb2.ListMembersRequest(), timeout=5)
+    assert not redirect.success
+    assert (redirect.current_leader, redirect.leader_address) == (12345, "127.0.0.1:12350")
+    assert not redirect.config.members
+
+    stale = await served.stub.ListMembers(raft_pb2.ListMembersRequest(allow_stale=True), timeout=5)
+    assert stale.success
+    assert Membership.from_proto(stale.config) == three_voters()
+    assert (stale.config_index, stale.committed) == (0, True)
+    # The follower's own view says whom it follows.
+    assert stale.current_leader == 12345
+    # Answered from the node's own configuration, never through the leader-only call.
+    assert served.node.member_calls == [("list",)]
+
+
+async def test_list_members_that_cannot_be_confirmed_is_unavailable(served: Served) -> None:
+    served.node.member_refusal = UnavailableError("leadership could not be confirmed")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await served.stub.ListMembers(raft_pb2.ListMembersRequest(), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def add_request(node: NodeAddress, wait_until_voter: bool) -> raft_pb2.AddMemberRequest:
+    return raft_pb2.AddMemberRequest(
+        id=node.id,
+        raft_address=node.raft_address,
+        client_address=node.client_address,
+        wait_until_voter=wait_until_voter,
+    )
+
+
+async def test_add_member_hands_the_node_and_wait_flag_over_and_returns_the_new_configuration(
+    served: Served,
+) -> None:
+    lead(served.node)
+    six = NodeAddress(6, "10.0.0.6:7000", "10.0.0.6:7001")
+    learner = await served.stub.AddMember(add_request(six, False), timeout=5)
+    assert served.node.member_calls == [("add", six, False)]
+    assert learner.success
+    assert Membership.from_proto(learner.config).learners == {6: six}
+    assert (learner.config_index, learner.committed) == (1, True)
+
+    seven = NodeAddress(7, "10.0.0.7:7000", "10.0.0.7:7001")
+    voter = await served.stub.AddMember(add_request(seven, True), timeout=5)
+    assert served.node.member_calls[-1] == ("add", seven, True)
+    assert Membership.from_proto(voter.config).is_voter(7)
+    assert voter.config_index == 2
+
+
+async def test_remove_member_returns_the_configuration_without_it(served: Served) -> None:
+    lead(served.node)
+    response = await served.stub.RemoveMember(raft_pb2.RemoveMemberRequest(id=3), timeout=5)
+    assert served.node.member_calls == [("remove", 3)]
+    assert response.success
+    removed = Membership.from_proto(response.config)
+    assert sorted(removed.voters) == [1, 2]
+    assert removed.removed == {3}
+    assert response.config_index == 1
+
+
+@pytest.mark.parametrize(
+    "node_id, raft_address, client_address, complaint",
+    [
+        (0, "10.0.0.6:7000", "10.0.0.6:7001", "positive integer"),
+        (-6, "10.0.0.6:7000", "10.0.0.6:7001", "positive integer"),
+        (2**62, "10.0.0.6:7000", "10.0.0.6:7001", "below 2^62"),
+        (6, "", "10.0.0.6:7001", "host:port"),
+        (6, "10.0.0.6:7000", "10.0.0.6", "host:port"),
+        (6, "10.0.0.6:70000", "10.0.0.6:7001", "outside 1-65535"),
+        (6, "10.0.0.6:7000", "10.0.0.6:7000", "must differ"),
+    ],
+    ids=["id 0", "negative id", "id too big", "no raft", "no port", "bad port", "same address"],
+)
+async def test_add_member_with_a_bad_id_or_address_is_invalid_argument_and_never_reaches_the_node(
+    served: Served, node_id: int, raft_address: str, client_address: str, complaint: str
+) -> None:
+    lead(served.node)
+    request = raft_pb2.AddMemberRequest(
+        id=node_id, raft_address=raft_address, client_address=client_address
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await served.stub.AddMember(request, timeout=5)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert complaint in caught.value.details()
+    assert served.node.member_calls == []
+
+
+@pytest.mark.parametrize("node_id", [0, -3, 2**62], ids=["0", "negative", "too big"])
+async def test_remove_member_with_a_bad_id_is_invalid_argument_and_never_reaches_the_node(
+    served: Served, node_id: int
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await served.stub.RemoveMember(raft_pb2.RemoveMemberRequest(id=node_id), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "node id" in caught.value.details()
+    assert served.node.member_calls == []
+
+
+ADD_SIX = add_request(NodeAddress(6, "10.0.0.6:7000", "10.0.0.6:7001"), True)
+
+
+async def call_change(served: Served, method: str) -> raft_pb2.MembershipResponse:
+    if method == "AddMember":
+        response: raft_pb2.MembershipResponse = await served.stub.AddMember(ADD_SIX, timeout=5)
+    else:
+        response = await served.stub.RemoveMember(raft_pb2.RemoveMemberRequest(id=3), timeout=5)
+    return response
+
+
+@pytest.mark.parametrize("method", ["AddMember", "RemoveMember"])
+@pytest.mark.parametrize(
+    "refusal, code",
+    [
+        (
+            MembershipError("id 6 was removed from this cluster"),
+            grpc.StatusCode.FAILED_PRECONDITION,
+        ),
+        (ChangeInProgressError("a change at index 9 is uncommitted"), grpc.StatusCode.ABORTED),
+        (CommitUnknownError("lost leadership before it committed"), grpc.StatusCode.UNAVAILABLE),
+    ],
+    ids=["refused", "change in progress", "outcome unknown"],
+)
+async def test_a_membership_change_the_node_refuses_answers_its_status_code_and_reason(
+    served: Served, method: str, refusal: Exception, code: grpc.StatusCode
+) -> None:
+    lead(served.node)
+    served.node.member_refusal = refusal
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call_change(served, method)
+    assert caught.value.code() == code
+    assert caught.value.details() == str(refusal)
+
+
+@pytest.mark.parametrize("method", ["AddMember", "RemoveMember"])
+async def test_a_membership_change_sent_to_a_follower_carries_the_redirect(
+    served: Served, method: str
+) -> None:
+    served.node.member_refusal = NotLeaderError(12345, "127.0.0.1:12350")
+    response = await call_change(served, method)
+    assert not response.success
+    assert (response.current_leader, response.leader_address) == (12345, "127.0.0.1:12350")

@@ -1,7 +1,8 @@
 """Run real node processes and check what a user relies on: `python -m test.test_harness [scenario]`.
 
 `python -m test.test_harness up` instead starts a cluster and keeps it running until Ctrl-C;
-`python -m test.test_harness faults --duration S --seed N` runs the fault suite (test/fault_suite.py).
+`python -m test.test_harness faults --duration S --seed N` runs the fault suite (test/fault_suite.py);
+`python -m test.test_harness membership` grows, shrinks and repairs a cluster under load.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import TYPE_CHECKING, NoReturn
 
 from test.cluster_process import (
     HOST,
+    REPO_ROOT,
+    HostCluster,
     LocalCluster,
     NodeProbe,
     PortBusyError,
@@ -30,6 +33,8 @@ from test.cluster_process import (
 
 if TYPE_CHECKING:
     import cluster_client
+    from test.fault_suite import RecordedLoad
+    from test.nemesis import Change
 
 LEADER_TIMEOUT = 15.0
 CATCH_UP_TIMEOUT = 30.0
@@ -54,11 +59,15 @@ class Scenario:
     started: float
     clients: list[cluster_client.Client] = field(default_factory=list)
 
-    def say(self, text: str) -> None:
-        print(f"    [{time.monotonic() - self.started:6.2f}s] {text}", flush=True)
+    def clock(self) -> float:
+        """Seconds since the scenario started, as its narration shows them."""
+        return time.monotonic() - self.started
 
-    def client(self) -> cluster_client.Client:
-        client = self.cluster.client()
+    def say(self, text: str) -> None:
+        print(f"    [{self.clock():6.2f}s] {text}", flush=True)
+
+    def client(self, **kwargs: float) -> cluster_client.Client:
+        client = self.cluster.client(**kwargs)
         self.clients.append(client)
         return client
 
@@ -306,11 +315,185 @@ async def scenario_follower_catch_up(s: Scenario) -> None:
     s.say(f"follower {follower} caught up in {took:.2f} s")
 
 
+# Snapshots every 100 entries, so that a follower down for a few seconds under load needs one.
+MEMBERSHIP_FLAGS = ["--snapshot-entries", "100", "--snapshot-keep-entries", "20"]
+CHANGE_TIMEOUT = 60.0
+
+
+async def scenario_membership(s: Scenario) -> None:
+    """Grow 3 -> 5, shrink 5 -> 3 (the leader last), replace a node whose disk was lost, and bring
+    back a follower that needs a snapshot, under a recorded client load."""
+    from test.fault_suite import RecordedLoad
+    from test.nemesis import MembershipChanges
+
+    cluster = s.cluster
+    loop = asyncio.get_running_loop()
+    leader = await cluster.wait_for_leader(LEADER_TIMEOUT)
+    s.say(
+        f"nodes {_ids(cluster.node_ids)} bootstrapped from one cluster file; node {leader} leads; "
+        f"they snapshot every {MEMBERSHIP_FLAGS[1]} entries"
+    )
+    load = RecordedLoad(cluster, s.clock, clients=4, keys=6, fresh_writers=2)
+    admin = s.client(deadline=CHANGE_TIMEOUT)
+    changes = MembershipChanges(cluster, admin, s.clock, say=lambda text: s.say(f"  {text}"))
+    done: list[Change] = []
+    written: dict[str, str] = {}
+
+    async def load_has(acked: int, what: str) -> None:
+        """Wait until `acked` more of the load's operations succeed (it keeps running)."""
+        target = sum(1 for op in load.history.operations if op.outcome == "ok") + acked
+        deadline = loop.time() + CHANGE_TIMEOUT
+        while sum(1 for op in load.history.operations if op.outcome == "ok") < target:
+            if load.failed():
+                raise ScenarioFailed(f"a client failed: {load.failed()}")
+            if loop.time() >= deadline:
+                raise ScenarioFailed(f"{what}: fewer than {acked} operations succeeded")
+            await asyncio.sleep(0.05)
+
+    async def expect_voters(expected: list[int]) -> None:
+        voters = await changes.voters()
+        if voters != sorted(expected):
+            raise ScenarioFailed(
+                f"member list names voters {_ids(voters)}, expected {_ids(expected)}", voters
+            )
+        s.say(f"member list: voters {_ids(voters)}")
+
+    async def removed_cleanly(change: Change) -> None:
+        node_id = change.nodes[0]
+        if change.exit_code != 0 or change.notes:
+            how = "did not exit" if change.exit_code is None else f"exited {change.exit_code}"
+            raise ScenarioFailed(
+                f"removed node {node_id} {how}; {'; '.join(change.notes)}".rstrip("; "), [node_id]
+            )
+
+    load.start()
+    s.say("load: 4 clients reading, writing, swapping and deleting 6 keys; 2 writing fresh keys")
+    try:
+        await load_has(200, "before any change")
+        first = sorted(cluster.node_ids)
+
+        s.say("-- grow 3 -> 5: member add, then start the node with --join; twice")
+        for _ in range(2):
+            done.append(await changes.add(announce=True))
+        grown = first + [c.nodes[0] for c in done]
+        await expect_voters(grown)
+
+        s.say("-- shrink 5 -> 3: remove a follower, then the leader")
+        leader = await cluster.wait_for_leader(LEADER_TIMEOUT)
+        follower = min(n for n in first if n != leader)
+        done.append(await changes.remove(follower))
+        await removed_cleanly(done[-1])
+        leader = await cluster.wait_for_leader(LEADER_TIMEOUT)
+        done.append(await changes.remove(leader))
+        await removed_cleanly(done[-1])
+        await expect_voters([n for n in grown if n not in (follower, leader)])
+
+        s.say("-- replace a node whose disk was lost: remove its id, add a fresh id")
+        leader = await cluster.wait_for_leader(LEADER_TIMEOUT)
+        followers = [n for n in cluster.node_ids if n != leader]
+        victim = min(followers, key=lambda n: (n not in first, n))
+        shrunk = list(cluster.node_ids)
+        done.append(await changes.replace(victim))
+        fresh_id = done[-1].nodes[1]
+        await expect_voters([n for n in shrunk if n != victim] + [fresh_id])
+        before = dict(load.fresh)
+        took = await wait_serves(s, fresh_id, before, CATCH_UP_TIMEOUT, "replacement")
+        s.say(f"node {fresh_id} serves all {len(before)} fresh keys written so far ({took:.2f} s)")
+
+        s.say("-- a follower down long enough to need a snapshot")
+        leader = await cluster.wait_for_leader(LEADER_TIMEOUT)
+        victim = min(n for n in cluster.node_ids if n != leader)
+        done.append(await changes.snapshot_catch_up(victim, fill=True))
+        if not done[-1].compacted_past:
+            others = [n for n in cluster.node_ids if n != victim]
+            raise ScenarioFailed(
+                f"the other members' logs were not compacted past node {victim}'s last entry "
+                "while it was down, so it needed no snapshot",
+                others,
+            )
+        written.update(done[-1].written)
+        expected = {**load.fresh, **written}
+        took = await wait_serves(s, victim, expected, CATCH_UP_TIMEOUT, "restarted follower")
+        s.say(f"node {victim} serves all {len(expected)} fresh keys ({took:.2f} s)")
+        await load_has(100, "after the last change")
+    finally:
+        await load.stop()
+
+    s.say("load stopped; reading every key once more and checking the history")
+    verdict = await load.verdict(written)
+    s.say(f"cluster now (python cluster_client.py member list): {await _member_list(cluster)}")
+    _print_figures(s, load, done)
+    for line in verdict.lines():
+        s.say(line)
+    if not verdict.ok:
+        raise ScenarioFailed("the history shows a lost or unreadable write, or is not linearizable")
+
+
+def _ids(ids: list[int]) -> str:
+    return ", ".join(str(i) for i in sorted(ids))
+
+
+async def _member_list(cluster: LocalCluster) -> str:
+    """What the CLI prints for `member list`, on one line."""
+    endpoints = ",".join(cluster.client_addresses)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "cluster_client.py",
+        "--endpoints",
+        endpoints,
+        "member",
+        "list",
+        cwd=REPO_ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    text = " | ".join(line.strip() for line in out.decode().splitlines() if line.strip())
+    if proc.returncode != 0:
+        raise ScenarioFailed(f"member list exited with code {proc.returncode}: {text}")
+    return text
+
+
+def _print_figures(s: Scenario, load: RecordedLoad, changes: list[Change]) -> None:
+    """Per change: how long it took, writes acknowledged per second meanwhile, and writes that
+    did not succeed (the cluster did not answer within the client's deadline)."""
+    rows = []
+    for change in changes:
+        end = change.ended if change.ended is not None else change.started
+        acked, failed = load.writes(change.started, end)
+        rate = acked / change.took if change.took > 0 else 0.0
+        rows.append((change.description, f"{change.took:.2f} s", f"{rate:.0f}/s", str(failed)))
+    ops = load.history.operations
+    start = min(op.invoke for op in ops)
+    end = max(op.complete for op in ops if op.complete is not None)
+    busy = sum(c.took for c in changes)
+    acked, failed = load.writes(start, end)
+    for change in changes:
+        during, lost = load.writes(change.started, change.ended or change.started)
+        acked -= during
+        failed -= lost
+    quiet = max(end - start - busy, 1e-9)
+    rows.append(("between changes", f"{quiet:.2f} s", f"{acked / quiet:.0f}/s", str(failed)))
+    width = max(len(r[0]) for r in rows)
+    s.say(f"{'change':<{width}}  {'took':>8}  {'writes/s':>8}  writes failed")
+    for name, took_text, rate_text, failed_text in rows:
+        s.say(f"{name:<{width}}  {took_text:>8}  {rate_text:>8}  {failed_text:>13}")
+
+
 SCENARIOS: dict[str, Callable[[Scenario], Awaitable[None]]] = {
     "basic": scenario_basic,
     "leader-dies": scenario_leader_dies,
     "full-restart": scenario_full_restart,
     "follower-catch-up": scenario_follower_catch_up,
+}
+# Run only when named: their own clusters, and longer.
+ON_DEMAND: dict[str, Callable[[Scenario], Awaitable[None]]] = {
+    "membership": scenario_membership,
 }
 
 
@@ -324,14 +507,16 @@ class Options:
     data_root: Path
     duration: float = 300.0
     seed: int = 0
+    membership: bool = False
 
 
 async def run_faults(options: Options) -> bool:
     """The fault suite: five nodes on their own hosts, a nemesis and concurrent clients."""
     from test.fault_suite import SuiteOptions, run_suite
 
+    changes = " and membership changes" if options.membership else ""
     print(
-        f"\n== faults: {options.duration:g} s of kills, pauses and partitions under "
+        f"\n== faults: {options.duration:g} s of kills, pauses and partitions{changes} under "
         f"concurrent clients (seed {options.seed})",
         flush=True,
     )
@@ -347,6 +532,7 @@ async def run_faults(options: Options) -> bool:
             work_dir=options.data_root / "faults",
             history_dir=options.data_root,
             say=say,
+            membership=options.membership,
         )
     )
     print(result.report, flush=True)
@@ -370,15 +556,22 @@ async def run_scenario(name: str, options: Options) -> bool:
         except Exception as e:  # noqa: BLE001 - reported as this scenario's failure
             print(f"FAIL faults: {type(e).__name__}: {e}", flush=True)
             return False
-    print(f"\n== {name}: {(SCENARIOS[name].__doc__ or '').strip()}", flush=True)
+    run = SCENARIOS.get(name) or ON_DEMAND[name]
+    doc = " ".join((run.__doc__ or "").split())
+    print(f"\n== {name}: {doc}", flush=True)
     started = time.monotonic()
-    cluster = LocalCluster(options.nodes, options.first_port, options.data_root / name)
+    cluster: LocalCluster
+    if name in ON_DEMAND:
+        # Ids 1, 2, 3 read better than ports in a story about ids; ports are picked free.
+        cluster = HostCluster.on_localhost(3, options.data_root / name, MEMBERSHIP_FLAGS)
+    else:
+        cluster = LocalCluster(options.nodes, options.first_port, options.data_root / name)
     try:
         cluster.start()
         scenario = Scenario(cluster, cluster.probe(), started)
-        scenario.say(f"started {options.nodes} nodes")
+        scenario.say(f"started {len(cluster.node_ids)} nodes")
         try:
-            await SCENARIOS[name](scenario)
+            await run(scenario)
         finally:
             await scenario.close()
     except Exception as e:  # noqa: BLE001 - any error fails this scenario, not the run
@@ -478,19 +671,27 @@ def main(argv: list[str] | None = None) -> int:
         "--seed", type=int, default=0, help="faults: the seed that decides every fault (default 0)"
     )
     parser.add_argument(
+        "--membership",
+        action="store_true",
+        help="faults: also grow, shrink and replace members and bring a follower back by "
+        "snapshot (needs root and `ip netns`)",
+    )
+    parser.add_argument(
         "scenarios",
         nargs="*",
         metavar="SCENARIO",
-        help=f"'up', 'faults' (the fault suite, run only when named), or scenarios to run "
-        f"(default all): {', '.join(SCENARIOS)}",
+        help=f"'up', 'faults' (the fault suite) or 'membership' (grow, shrink, replace, catch "
+        f"up by snapshot), run only when named, or scenarios to run (default all): "
+        f"{', '.join(SCENARIOS)}",
     )
     args = parser.parse_args(argv)
     names: list[str] = args.scenarios or list(SCENARIOS)
     up = names == ["up"]
-    unknown = [n for n in names if n not in SCENARIOS and n != "faults"]
+    unknown = [n for n in names if n not in SCENARIOS and n not in ON_DEMAND and n != "faults"]
     if not up and unknown:
         _fail(
-            f"unknown scenario {unknown[0]!r}; choose 'up', 'faults' or from: {', '.join(SCENARIOS)}"
+            f"unknown scenario {unknown[0]!r}; choose 'up', 'faults', "
+            f"{', '.join(repr(n) for n in ON_DEMAND)} or from: {', '.join(SCENARIOS)}"
         )
     if not args.duration > 0:
         _fail(f"--duration must be a positive number of seconds, not {args.duration:g}")
@@ -501,8 +702,10 @@ def main(argv: list[str] | None = None) -> int:
     first_port = args.first_port
     if first_port == 0:
         first_port = find_free_port_block(2 * args.nodes)
-    # The fault suite picks its own addresses; only the other scenarios use these ports.
-    busy = busy_ports(first_port, 2 * args.nodes) if set(names) != {"faults"} else []
+    # The fault suite and the membership scenario pick their own addresses; only the other
+    # scenarios use these ports.
+    own_addresses = {"faults", *ON_DEMAND}
+    busy = busy_ports(first_port, 2 * args.nodes) if not set(names) <= own_addresses else []
     if busy:
         _fail(
             f"port {busy[0]} on {HOST} is already in use (the cluster needs "
@@ -518,7 +721,7 @@ def main(argv: list[str] | None = None) -> int:
             _fail(f"cannot create data dir {root}: {e.strerror}")
     else:
         root = Path(tempfile.mkdtemp(prefix="raft-demo-harness-"))
-    options = Options(args.nodes, first_port, root, args.duration, args.seed)
+    options = Options(args.nodes, first_port, root, args.duration, args.seed, args.membership)
     # SIGTERM unwinds like Ctrl-C, so every node is stopped by the same finally blocks.
     signal.signal(signal.SIGTERM, _interrupt)
 
@@ -531,6 +734,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if set(names) == {"faults"}:
                 print(f"raft-demo harness: the fault suite; data in {root}")
+            elif set(names) <= own_addresses:
+                print(f"raft-demo harness: nodes on {HOST}, ports picked free; data in {root}")
             else:
                 print(
                     f"raft-demo harness: {args.nodes} nodes on {HOST}, Raft ports "

@@ -23,6 +23,7 @@ import pytest
 import raft_node
 from cluster_config import ClusterConfig, NodeAddress
 from log import LOG_FILE, DiskOp, MemoryDisk, RaftLog
+from membership import Membership
 from raft_node import (
     CommitUnknownError,
     InvalidRequestError,
@@ -1017,6 +1018,7 @@ ABSURD = 2**63 - 1
         pytest.param(vote(ABSURD, 3, 2, 2), id="vote-absurd-term"),
         pytest.param(vote(-4, 3, 2, 2), id="vote-negative-term"),
         pytest.param(append(4, 99, 2, 2), id="append-unknown-requester"),
+        pytest.param(append(4, 1, 2, 2), id="append-from-itself"),
         pytest.param(append(4, 3, -1, 0), id="append-negative-prev-index"),
         pytest.param(append(ABSURD, 3, 2, 2), id="append-absurd-term"),
         pytest.param(append(4, 3, 2, 2, commit=-5), id="append-negative-commit"),
@@ -1509,7 +1511,7 @@ def snapshot_bytes(index: int, term: int, key: str = "snap") -> bytes:
     for i in range(1, index + 1):
         machine.apply(entry(i, 1))
     machine._data[key] = str(index)
-    members = {n.id: (n.raft_address, n.client_address) for n in CLUSTER3.nodes.values()}
+    members = Membership.bootstrap(CLUSTER3)
     return encode_snapshot(index, term, members, machine.snapshot().encode())
 
 
@@ -1612,6 +1614,36 @@ async def test_a_snapshot_that_fails_its_checksum_is_not_installed_and_is_asked_
     assert log_terms(m.log) == [1, 1] and m.node.commit_index == 0
 
 
+async def test_a_snapshot_whose_state_does_not_decode_is_neither_kept_nor_installed(
+    h: Harness,
+) -> None:
+    """Thesis chapter 5: the follower resets its state machine from a snapshot it has whole; one
+    that matches its checksum but whose state does not decode is not kept (a restart must not
+    start from it), changes nothing, and is asked for again. Reference: thesis chapter 5."""
+    m = await h.member(terms=[1, 1], term=2)
+    members = Membership.bootstrap(CLUSTER3)
+    data = encode_snapshot(10, 2, members, b'{"last_applied":10}\n')
+    request = InstallSnapshotRequest(
+        term=2,
+        requester_id=2,
+        last_included_index=10,
+        last_included_term=2,
+        offset=0,
+        total_size=len(data),
+        data=data,
+        done=True,
+        checksum=zlib.crc32(data),
+    )
+
+    reply = await m.node.handle_install_snapshot(request)
+
+    assert (reply.installed, reply.next_offset) == (False, 0)
+    assert log_terms(m.log) == [1, 1] and m.node.commit_index == 0
+    restarted = await h.restart(m)
+    restarted.node.start_from_snapshot()
+    assert log_terms(restarted.log) == [1, 1] and restarted.log.restored is None
+
+
 async def test_a_leader_sends_its_snapshot_in_chunks_to_a_follower_whose_next_entry_it_compacted(
     h: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1623,7 +1655,7 @@ async def test_a_leader_sends_its_snapshot_in_chunks_to_a_follower_whose_next_en
     monkeypatch.setattr(raft_node, "SNAPSHOT_CHUNK_BYTES", 200)
     m = await h.member(terms=[1] * 12, term=1)
     assert m.log.snapshots is not None
-    meta = await m.log.snapshots.write(10, 1, {}, snapshot_state(m, 10))
+    meta = await m.log.snapshots.write(10, 1, m.node.config, snapshot_state(m, 10))
     m.log.compact(10)
     await m.log.flush()
     await into_role(m, "leader")

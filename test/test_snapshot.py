@@ -4,13 +4,18 @@ the state machine's snapshot (sessions included, so exactly-once survives a rest
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import json
 import logging
 import os
+import zlib
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
+from cluster_config import NodeAddress
 from log import (
     COMPACT_LOG_MAGIC,
     LOG_FILE,
@@ -20,13 +25,18 @@ from log import (
     RaftLog,
     _scan_log,
 )
+from membership import Membership
 from rpc import raft_pb2
 from rpc.raft_pb2 import LogEntry
-from snapshot import SnapshotStore, decode_snapshot, encode_snapshot
-from state_machine import CasResult, KeyValueStateMachine
+from snapshot import Incoming, SnapshotError, SnapshotStore, decode_snapshot, encode_snapshot
+from state_machine import CasResult, KeyValueStateMachine, StateDecoder
 
 DATA = "/data/node1"
-MEMBERS = {1: ("h1:7000", "h1:8000"), 2: ("h2:7000", "h2:8000"), 3: ("h3:7000", "h3:8000")}
+MEMBERS = Membership(
+    {i: NodeAddress(i, f"h{i}:7000", f"h{i}:8000") for i in (1, 2, 3)},
+    {4: NodeAddress(4, "h4:7000", "h4:8000")},
+    frozenset({5}),
+)
 
 
 def make(index: int, term: int = 1) -> LogEntry:
@@ -307,3 +317,171 @@ def test_sessions_survive_a_snapshot_so_a_retried_write_gets_its_original_reply(
 def test_a_state_that_does_not_decode_is_refused() -> None:
     with pytest.raises(ValueError, match="does not decode"):
         KeyValueStateMachine().restore(b"{not json")
+
+
+def busy_machine() -> KeyValueStateMachine:
+    """A state machine with sessions holding every kind of reply, deletions, and more keys and
+    bytes than one piece of the encoding holds."""
+    machine = KeyValueStateMachine()
+    register = raft_pb2.Command(register_client=raft_pb2.RegisterClientRequest())
+    index = 0
+
+    def apply(command: raft_pb2.Command) -> object:
+        nonlocal index
+        index += 1
+        return machine.apply(command_entry(index, command))
+
+    clients = [apply(register) for _ in range(3)]
+    for n, client in enumerate(clients):
+        assert isinstance(client, int)
+        session = raft_pb2.Session(client_id=client, sequence=1, first_outstanding=1)
+        apply(
+            raft_pb2.Command(
+                compare_and_swap=raft_pb2.CompareAndSwapRequest(
+                    key=f"lock-{n}", new_value="me", session=session
+                )
+            )
+        )
+        session = raft_pb2.Session(client_id=client, sequence=2, first_outstanding=1)
+        apply(raft_pb2.Command(delete=raft_pb2.DeleteRequest(key="nope", session=session)))
+    mappings = [raft_pb2.Mapping(key="big", value="é" * 700_000)]
+    mappings += [raft_pb2.Mapping(key=f"key-{i:05d}", value=f"value-{i}") for i in range(2500)]
+    apply(raft_pb2.Command(put=raft_pb2.MappingBatch(mappings=mappings)))
+    for i in range(0, 2500, 7):
+        apply(raft_pb2.Command(delete=raft_pb2.DeleteRequest(key=f"key-{i:05d}")))
+    return machine
+
+
+def test_a_state_decoded_as_its_bytes_arrive_is_the_state_encoded() -> None:
+    machine = busy_machine()
+    encoded = machine.snapshot().encode()
+    decoder = StateDecoder()
+    # Chunks that end anywhere: inside a line, a key, a multi-byte character.
+    for start in range(0, len(encoded), 65_537):
+        decoder.feed(memoryview(encoded)[start : start + 65_537])
+    restored = KeyValueStateMachine()
+    restored.install(decoder.result())
+    assert restored.snapshot() == machine.snapshot()
+    assert list(restored.snapshot().data) == list(machine.snapshot().data)
+    # Sessions came back whole: a retry gets its original reply without applying again.
+    session = raft_pb2.Session(client_id=1, sequence=1, first_outstanding=1)
+    retry = raft_pb2.Command(
+        compare_and_swap=raft_pb2.CompareAndSwapRequest(
+            key="lock-0", new_value="x", session=session
+        )
+    )
+    assert restored.apply(command_entry(restored.last_applied + 1, retry)) == CasResult(True, "me")
+
+
+def test_a_state_encoded_as_one_json_document_still_restores() -> None:
+    """The encoding of snapshots taken before states were written line by line."""
+    machine = busy_machine()
+    state = machine.snapshot()
+    lines = [json.loads(line) for line in state.encode().splitlines()]
+    document = lines[0]
+    for line in lines[1:]:
+        document["sessions"] += line.get("sessions", [])
+        document["data"].update(line.get("data", {}))
+    restored = KeyValueStateMachine()
+    restored.restore(json.dumps(document).encode())
+    assert restored.snapshot() == state
+
+
+@pytest.mark.parametrize(
+    "encoded",
+    [
+        b"",
+        b'{"last_applied":1,"log_time_ms":0,"sessions":[]}\n',
+        b'{"last_applied":1,"log_time_ms":0,"sessions":[],"data":[]}\n',
+        b'{"last_applied":1,"log_time_ms":0,"sessions":[],"data":{}}\n[1]\n',
+        b'{"last_applied":1,"log_time_ms":0,"sessions":[],"data":{}}\n{"data":{"k":"v"}\n',
+        b'{"last_applied":1,"log_time_ms":0,"sessions":[],"data":{}}\n{"sessions":[[1]]}\n',
+    ],
+)
+def test_a_state_with_a_damaged_line_is_refused(encoded: bytes) -> None:
+    with pytest.raises(ValueError, match="does not decode"):
+        KeyValueStateMachine().restore(encoded)
+
+
+async def test_a_snapshot_written_from_pieces_is_one_file_under_one_checksum() -> None:
+    """A large state is handed over in pieces and written in pieces, never joined into one
+    buffer; the file is byte for byte the one its whole state would make."""
+    pieces = list(busy_machine().snapshot().encode_pieces())
+    disk = MemoryDisk()
+    await disk.makedirs(DATA)
+    start = len(disk.ops)
+    meta = await SnapshotStore(DATA, disk).write(9, 2, MEMBERS, pieces)
+    whole = encode_snapshot(9, 2, MEMBERS, b"".join(pieces))
+    assert disk.file_bytes(meta.path) == whole
+    assert (meta.size, meta.checksum) == (len(whole), zlib.crc32(whole))
+    assert sum(1 for op in disk.ops[start:] if op.kind == "write") > 1
+    loaded = await SnapshotStore(DATA, disk).load_latest()
+    assert loaded is not None and (loaded.index, loaded.term, loaded.meta) == (9, 2, meta)
+
+
+async def test_a_received_snapshot_becomes_the_newest_only_once_verified_and_kept() -> None:
+    """Received in chunks of any size (the header split too), checksummed and decoded as they
+    arrive; a damaged one is refused, a good one is kept only when asked to."""
+    disk = MemoryDisk()
+    await disk.makedirs(DATA)
+    store = SnapshotStore(DATA, disk)
+    older = await store.write(5, 1, MEMBERS, state_at(5))
+    machine = busy_machine()
+    data = encode_snapshot(9, 2, MEMBERS, machine.snapshot().encode())
+
+    async def receive(data: bytes, announced: bytes = data) -> Incoming:
+        incoming = await store.begin_incoming(9, 2, len(announced), zlib.crc32(announced))
+        for size in (3, 30, 100, 1 << 16, 1 << 20, 1 << 20):
+            await incoming.write(data[incoming.offset : incoming.offset + size])
+        assert incoming.offset == len(data)
+        return incoming
+
+    damaged = bytearray(data)
+    damaged[len(data) // 2] ^= 0x01
+    with pytest.raises(SnapshotError, match="fails its checksum"):
+        await store.check_incoming(await receive(bytes(damaged)))
+    # Damaged at its leader, so the checksum the leader announced matches it.
+    with pytest.raises(SnapshotError, match="damaged snapshot: checksum mismatch"):
+        await store.check_incoming(await receive(bytes(damaged), bytes(damaged)))
+    loaded = await store.check_incoming(await receive(data))
+    assert loaded.state == machine.snapshot() and loaded.members == MEMBERS
+    # Verified, not yet kept: a restart would still start from the older snapshot.
+    assert store.latest == older
+    assert (await SnapshotStore(DATA, disk).load_latest()).index == 5  # type: ignore[union-attr]
+    kept = await store.keep_incoming(loaded)
+    disk.crash()
+    assert store.latest == kept.meta and kept.meta.checksum == zlib.crc32(data)
+    reopened = await SnapshotStore(DATA, disk).load_latest()
+    assert reopened is not None and (reopened.index, reopened.meta) == (9, kept.meta)
+    assert reopened.state == machine.snapshot().encode()
+
+
+async def test_a_compaction_keeping_megabytes_of_entries_reopens_to_the_same_entries(
+    tmp_path: Path,
+) -> None:
+    """On the real disk, with entries appended while the compacted file is being written."""
+    data_dir = tmp_path / "node"
+    log = await RaftLog.open(data_dir)
+    value = "v" * 100_000
+    log.append([LogEntry(term=1, index=i, key=f"k{i}", value=value) for i in range(1, 61)])
+    await log.flush()
+    assert log.snapshots is not None
+    await log.snapshots.write(20, 1, MEMBERS, state_at(20))
+    log.compact(20)
+    rewriting = asyncio.create_task(log.flush())
+    await asyncio.sleep(0)
+    log.append([make(61)])
+    log.truncate_from(61)
+    log.append([make(61, 2), make(62, 2)])
+    await rewriting
+    await log.flush()
+    # Cut where the rewritten file holds an entry kept: the cut lands on that entry's record.
+    log.truncate_from(50)
+    log.append([make(50, 3)])
+    await log.flush()
+    await log.close()
+    reopened = await RaftLog.open(data_dir)
+    assert (reopened.base_index, reopened.last_index) == (20, 50)
+    assert [reopened.entry(i).value for i in range(21, 50)] == [value] * 29
+    assert [reopened.term_at(i) for i in (49, 50)] == [1, 3]
+    await reopened.close()
