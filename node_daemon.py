@@ -1,0 +1,439 @@
+"""The process around one Raft node: `python raft_node.py`'s flags, its two gRPC servers, signals,
+joining a running cluster, and handing leadership over before it stops."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+from cluster_config import ClusterConfig, ConfigError, NodeAddress, parse_host_port
+from log import LogCorruptionError, RaftLog
+from membership import Membership, MembershipError, check_new_member
+from raft_node import HANDOVER_TIMEOUTS, RaftNode, SnapshotPolicy, Timing
+from rpc import raft_pb2_grpc
+from snapshot import SnapshotError
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = _OneLineParser(
+        prog="raft_node.py",
+        description="Run one node of a raft-demo cluster: a Raft-replicated key-value store.",
+        epilog=(
+            "Examples: `python raft_node.py --port 12345` (the seed's scheme: five nodes on "
+            "127.0.0.1, Raft ports 12345-12349, client ports 12350-12354); "
+            "`python raft_node.py --id 2 --cluster cluster.toml` (any hosts); "
+            "`python raft_node.py --id 6 --join 127.0.0.1:12350 --raft-address 127.0.0.1:12360 "
+            "--client-address 127.0.0.1:12361` (a new node joins a running cluster). "
+            "Exit codes: 0 clean stop or removed from the cluster, 1 damaged data directory, "
+            "2 bad arguments, address in use, or the cluster refused to add this node."
+        ),
+    )
+    who = parser.add_mutually_exclusive_group(required=True)
+    who.add_argument(
+        "--port", type=int, help="seed scheme: this node's Raft port, which is also its id"
+    )
+    who.add_argument("--id", type=int, help="this node's id in the --cluster file")
+    parser.add_argument(
+        "--first-port", type=int, default=12345, help="seed scheme: the first Raft port (12345)"
+    )
+    parser.add_argument(
+        "--nodes",
+        type=int,
+        default=5,
+        help="seed scheme: number of nodes (5); client port = Raft port + nodes",
+    )
+    parser.add_argument(
+        "--cluster",
+        metavar="FILE",
+        help="TOML file with a [[node]] table per member: id, raft = 'host:port', client = 'host:port'",
+    )
+    parser.add_argument(
+        "--join",
+        metavar="ADDR",
+        help="join a running cluster: ask the member whose client address is ADDR to add this "
+        "node (--id, --raft-address, --client-address) as a learner; it votes once caught up",
+    )
+    parser.add_argument(
+        "--raft-address", metavar="HOST:PORT", help="with --join: this node's Raft address"
+    )
+    parser.add_argument(
+        "--client-address", metavar="HOST:PORT", help="with --join: this node's client address"
+    )
+    parser.add_argument(
+        "--host",
+        help="address to bind both services to (default: the host in this node's own addresses)",
+    )
+    parser.add_argument("--data-dir", help="where the log and hard state live (default data/<id>)")
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="INFO narrates each event; DEBUG adds every message (INFO)",
+    )
+    parser.add_argument(
+        "--heartbeat-ms", type=int, default=200, help="leader heartbeat interval (200)"
+    )
+    parser.add_argument(
+        "--election-timeout-min-ms",
+        type=int,
+        default=800,
+        help="shortest election timeout; each wait draws afresh from [min, max] (800)",
+    )
+    parser.add_argument(
+        "--election-timeout-max-ms", type=int, default=1600, help="longest election timeout (1600)"
+    )
+    parser.add_argument(
+        "--proposal-timeout-ms",
+        type=int,
+        default=5000,
+        help="how long a leader waits for a write to commit before answering UNAVAILABLE (5000)",
+    )
+    parser.add_argument(
+        "--snapshot-entries",
+        type=int,
+        default=SnapshotPolicy.entries,
+        help="take a snapshot and compact the log once this many entries follow the last "
+        f"snapshot ({SnapshotPolicy.entries})",
+    )
+    parser.add_argument(
+        "--snapshot-bytes",
+        type=int,
+        default=SnapshotPolicy.bytes,
+        help="... or once the log after the last snapshot takes this many bytes "
+        f"({SnapshotPolicy.bytes})",
+    )
+    parser.add_argument(
+        "--snapshot-keep-entries",
+        type=int,
+        default=SnapshotPolicy.keep_entries,
+        help="entries kept in the log behind a snapshot, so a follower a little behind catches "
+        f"up without a snapshot transfer ({SnapshotPolicy.keep_entries})",
+    )
+    args = parser.parse_args(argv)
+    if args.join is not None:
+        if args.id is None or args.raft_address is None or args.client_address is None:
+            parser.error("--join needs --id, --raft-address and --client-address")
+        if args.cluster is not None:
+            parser.error(
+                "--join and --cluster exclude each other: a joining node learns the "
+                "members from the cluster"
+            )
+    elif args.raft_address is not None or args.client_address is not None:
+        parser.error("--raft-address and --client-address go with --join")
+    elif args.id is not None and args.cluster is None:
+        parser.error("--id needs --cluster FILE (or --join ADDR)")
+    if args.port is not None and args.cluster is not None:
+        parser.error("--port uses the seed's port scheme; use --id with --cluster")
+    return args
+
+
+def _fail(code: int, message: str) -> NoReturn:
+    print(f"raft_node.py: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def _setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s.%(msecs)03d %(levelname)-5s %(message)s", "%H:%M:%S")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # gRPC's own chatter stays out of the narration unless it is a real problem.
+    logging.getLogger("grpc").setLevel(logging.WARNING)
+
+
+async def _serve(
+    args: argparse.Namespace,
+    cluster: ClusterConfig,
+    node_id: int,
+    timing: Timing,
+    policy: SnapshotPolicy,
+) -> int:
+    import grpc
+
+    import cluster_server
+    import raft_server
+    from raft_client import GrpcTransport
+
+    me = cluster.node(node_id)
+    data_dir = Path(args.data_dir or Path("data") / str(node_id))
+    lock = _lock_data_dir(data_dir)
+    try:
+        log = await RaftLog.open(data_dir)
+    except LogCorruptionError as e:
+        _fail(1, str(e))
+    transport = GrpcTransport({p.id: p.raft_address for p in cluster.peers_of(node_id)})
+    joining = args.join is not None
+    node = RaftNode(node_id, cluster, log, transport, timing, snapshot_policy=policy, join=joining)
+    try:
+        node.start_from_snapshot()
+    except (SnapshotError, ValueError) as e:
+        await log.close()
+        _fail(1, str(e))
+    if node.configs.recorded:
+        flags = Membership.bootstrap(cluster)
+        if not joining and node.config.members != flags.members:
+            # The log wins over the start flags (thesis 4.1); say so, so nobody is surprised.
+            node.narrate.info(
+                "using the membership in my log (%s); the start flags only describe a new cluster",
+                node.config.describe(),
+            )
+
+    servers: list[grpc.aio.Server] = []
+    raft_servicer = raft_server.RaftServicer(node)
+    exit_code = 0
+    try:
+        services: list[tuple[str, Callable[[grpc.aio.Server], None], int]] = [
+            (
+                me.raft_address,
+                lambda s: raft_pb2_grpc.add_RaftServicer_to_server(raft_servicer, s),
+                64 * 1024 * 1024,
+            ),
+            (
+                me.client_address,
+                lambda s: raft_pb2_grpc.add_ClusterServicer_to_server(
+                    cluster_server.ClusterServicer(node), s
+                ),
+                4 * 1024 * 1024,
+            ),
+        ]
+        for address, add_services, limit in services:
+            server = grpc.aio.server(
+                options=[
+                    # Without this, gRPC lets a second process share a port that is in use.
+                    ("grpc.so_reuseport", 0),
+                    ("grpc.max_receive_message_length", limit),
+                    ("grpc.max_send_message_length", limit),
+                ]
+            )
+            add_services(server)
+            bind = _bind_address(address, args.host)
+            problem = _cannot_bind(bind)
+            if problem is None:
+                try:
+                    if server.add_insecure_port(bind) == 0:
+                        problem = "gRPC could not bind it"
+                except RuntimeError as e:
+                    problem = str(e)
+            if problem is not None:
+                _fail(2, f"cannot listen on {bind}: {problem}")
+            await server.start()
+            servers.append(server)
+
+        stop = asyncio.Event()
+        # A second signal while a leader hands over means: stop now.
+        hurry = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        import signal
+
+        def on_signal() -> None:
+            (hurry if stop.is_set() else stop).set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+        node.narrate.info(
+            "serving Raft on %s and clients on %s; data in %s",
+            me.raft_address,
+            me.client_address,
+            data_dir,
+        )
+        node.start()
+        refused: list[str] = []
+        if joining and not node.config.is_member(node_id):
+            joined = asyncio.ensure_future(_join(node, args.join, refused, stop))
+        else:
+            joined = None
+        removed = asyncio.ensure_future(node.removed.wait())
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({removed, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            removed.cancel()
+            stopping.cancel()
+            if joined is not None:
+                joined.cancel()
+        if refused:
+            node.narrate.error("the cluster refused to add me: %s", refused[0])
+            exit_code = 2
+        elif node.removed.is_set():
+            node.narrate.info("stopping: this node is no longer a member of the cluster")
+        else:
+            await _hand_over(node, HANDOVER_TIMEOUTS * timing.election_timeout_max, hurry)
+        node.narrate.info("stopping: finishing disk writes")
+    finally:
+        await node.stop()
+        # A leader's open AppendStream would otherwise hold the server for its whole grace period.
+        raft_servicer.end_streams()
+        for server in servers:
+            await server.stop(grace=0.5)
+        await transport.close()
+        await log.close()
+        lock.close()
+    return exit_code
+
+
+async def _join(node: RaftNode, address: str, refused: list[str], stop: asyncio.Event) -> None:
+    """Ask the cluster at `address` to add this node as a learner, until it agrees or refuses."""
+    from cluster_client import (
+        Client,
+        ClientError,
+        ClusterUnavailableError,
+        MembershipBusyError,
+        MembershipRefusedError,
+    )
+
+    me = node.me
+    node.narrate.info(
+        "asking the cluster at %s to add me (Raft %s, clients %s) as a learner",
+        address,
+        me.raft_address,
+        me.client_address,
+    )
+    async with Client.from_endpoints([address]) as client:
+        while not node.config.is_member(node.node_id):
+            try:
+                added = await client.add_member(
+                    node.node_id, me.raft_address, me.client_address, wait_until_voter=False
+                )
+            except MembershipBusyError as e:
+                node.narrate.info("the cluster is busy with another change (%s); asking again", e)
+            except MembershipRefusedError as e:
+                refused.append(str(e))
+                stop.set()
+                return
+            except (ClusterUnavailableError, ClientError) as e:
+                node.narrate.info("could not reach the cluster to join it (%s); trying again", e)
+            else:
+                node.narrate.info(
+                    "the cluster added me as a learner (configuration at index %d); catching up",
+                    added.config_index,
+                )
+                return
+            woken = asyncio.Event()
+            timer = node.clock.call_at(node.clock.now() + 1.0, woken.set)
+            try:
+                await woken.wait()
+            finally:
+                timer.cancel()
+
+
+async def _hand_over(node: RaftNode, timeout: float, hurry: asyncio.Event) -> None:
+    """A leader asked to stop first hands leadership to the most up-to-date other node, so the
+    cluster need not wait an election timeout for a successor (thesis section 3.10). Bounded: after
+    `timeout`, or a second signal, it stops anyway."""
+    if node.role != "leader":
+        return
+    node.narrate.info("stopping: handing leadership over first")
+    transfer = asyncio.ensure_future(node.transfer_leadership(None))
+    hurried = asyncio.ensure_future(hurry.wait())
+    try:
+        done, _ = await asyncio.wait(
+            {transfer, hurried}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        hurried.cancel()
+        if not transfer.done():
+            transfer.cancel()
+    if transfer not in done or transfer.cancelled():
+        node.narrate.info("stopping without handing leadership over: no successor in time")
+        return
+    error = transfer.exception()
+    if error is not None:
+        node.narrate.info("stopping without handing leadership over: %s", error)
+        return
+    node.narrate.info("handed leadership to %d", transfer.result())
+
+
+def _bind_address(address: str, host: str | None) -> str:
+    own_host, port = parse_host_port(address)
+    host = host or own_host
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _cannot_bind(bind: str) -> str | None:
+    """Why `bind` cannot be listened on, checked with a plain socket so the user gets one clear line."""
+    import socket
+
+    host, port = parse_host_port(bind)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        return e.strerror or str(e)
+    family, kind, proto, _, sockaddr = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        # Same reuse rule as the gRPC server: a port still in TIME_WAIT is fine, one in use is not.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(sockaddr)
+        except OSError as e:
+            return e.strerror or str(e)
+    return None
+
+
+def _lock_data_dir(data_dir: Path) -> Any:
+    """Hold an exclusive lock on the data directory so two nodes never share one."""
+    import fcntl
+
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(data_dir / "LOCK", "a")
+    except OSError as e:
+        _fail(2, f"cannot use data directory {data_dir}: {e.strerror}")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        _fail(2, f"data directory {data_dir} is in use by another node")
+    return lock
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    try:
+        if args.port is not None:
+            cluster = ClusterConfig.seed_scheme(args.first_port, args.nodes)
+            node_id = args.port
+        elif args.join is not None:
+            node_id = args.id
+            me = NodeAddress(node_id, args.raft_address, args.client_address)
+            try:
+                check_new_member(me)
+                parse_host_port(args.join)
+            except MembershipError as e:
+                raise ConfigError(str(e)) from None
+            cluster = ClusterConfig({node_id: me})
+        else:
+            cluster = ClusterConfig.from_toml(args.cluster)
+            node_id = args.id
+        cluster.node(node_id)
+        timing = Timing(
+            heartbeat_interval=args.heartbeat_ms / 1000,
+            election_timeout_min=args.election_timeout_min_ms / 1000,
+            election_timeout_max=args.election_timeout_max_ms / 1000,
+            proposal_timeout=args.proposal_timeout_ms / 1000,
+        )
+        policy = SnapshotPolicy(
+            entries=args.snapshot_entries,
+            bytes=args.snapshot_bytes,
+            keep_entries=args.snapshot_keep_entries,
+        )
+    except ConfigError as e:
+        _fail(2, str(e))
+    _setup_logging(args.log_level)
+    import uvloop
+
+    return uvloop.run(_serve(args, cluster, node_id, timing, policy))
