@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from cluster_config import ClusterConfig, ConfigError, NodeAddress, parse_host_port
+from cluster_identity import DEFAULT_TOKEN, ClusterIdentity, ClusterIdentityError, derive_cluster_id
 from log import LogCorruptionError, RaftLog
 from membership import Membership, MembershipError, check_new_member
-from raft_node import HANDOVER_TIMEOUTS, RaftNode, SnapshotPolicy, Timing
+from raft_node import HANDOVER_TIMEOUTS, RaftNode, SnapshotPolicy, Timing, wait_until_time
 from rpc import raft_pb2_grpc
 from snapshot import SnapshotError
 
@@ -76,6 +77,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="address to bind both services to (default: the host in this node's own addresses)",
     )
     parser.add_argument("--data-dir", help="where the log and hard state live (default data/<id>)")
+    parser.add_argument(
+        "--cluster-token",
+        default=DEFAULT_TOKEN,
+        metavar="TOKEN",
+        help="mixed into the cluster id a new cluster derives from its members (default "
+        f"{DEFAULT_TOKEN}): give two clusters with the same member addresses different tokens",
+    )
     parser.add_argument(
         "--log-level",
         default="INFO",
@@ -173,11 +181,16 @@ async def _serve(
     data_dir = Path(args.data_dir or Path("data") / str(node_id))
     lock = _lock_data_dir(data_dir)
     try:
+        identity = await ClusterIdentity.load(str(data_dir))
         log = await RaftLog.open(data_dir)
-    except LogCorruptionError as e:
+    except (LogCorruptionError, ClusterIdentityError) as e:
         _fail(1, str(e))
-    transport = GrpcTransport({p.id: p.raft_address for p in cluster.peers_of(node_id)})
     joining = args.join is not None
+    if identity.cluster_id is None and not joining:
+        # Every member bootstrapped from the same flags derives the same id (a joining node
+        # instead adopts its leader's). Kept from now on: later flags never change it.
+        await identity.keep(derive_cluster_id(cluster, args.cluster_token))
+    transport = GrpcTransport({p.id: p.raft_address for p in cluster.peers_of(node_id)}, identity)
     node = RaftNode(node_id, cluster, log, transport, timing, snapshot_policy=policy, join=joining)
     try:
         node.start_from_snapshot()
@@ -194,7 +207,7 @@ async def _serve(
             )
 
     servers: list[grpc.aio.Server] = []
-    raft_servicer = raft_server.RaftServicer(node)
+    raft_servicer = raft_server.RaftServicer(node, identity)
     exit_code = 0
     try:
         services: list[tuple[str, Callable[[grpc.aio.Server], None], int]] = [
@@ -246,10 +259,11 @@ async def _serve(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)
         node.narrate.info(
-            "serving Raft on %s and clients on %s; data in %s",
+            "serving Raft on %s and clients on %s; data in %s; cluster %s",
             me.raft_address,
             me.client_address,
             data_dir,
+            identity.cluster_id or "(learnt from its leader once joined)",
         )
         node.start()
         refused: list[str] = []
@@ -323,12 +337,7 @@ async def _join(node: RaftNode, address: str, refused: list[str], stop: asyncio.
                     added.config_index,
                 )
                 return
-            woken = asyncio.Event()
-            timer = node.clock.call_at(node.clock.now() + 1.0, woken.set)
-            try:
-                await woken.wait()
-            finally:
-                timer.cancel()
+            await wait_until_time(node.clock, asyncio.Event(), node.clock.now() + 1.0)
 
 
 async def _hand_over(node: RaftNode, timeout: float, hurry: asyncio.Event) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 
+from cluster_identity import ClusterIdentity
 from raft_node import PeerUnreachableError
 from rpc import raft_pb2, raft_pb2_grpc
 
@@ -39,9 +40,13 @@ class _AppendStream:
 
 
 class GrpcTransport:
-    """The daemon's `Transport`: a lazily opened channel and stub per peer id."""
+    """The daemon's `Transport`: a lazily opened channel and stub per peer id. Every call carries
+    this node's cluster id (`identity`), which peers of another cluster refuse."""
 
-    def __init__(self, peer_addresses: dict[int, str]) -> None:
+    def __init__(
+        self, peer_addresses: dict[int, str], identity: ClusterIdentity | None = None
+    ) -> None:
+        self._identity = identity
         self._addresses = dict(peer_addresses)
         self._channels: dict[int, grpc.aio.Channel] = {}
         self._stubs: dict[int, raft_pb2_grpc.RaftStub] = {}
@@ -115,7 +120,9 @@ class GrpcTransport:
         if stream is None:
             if asyncio.get_running_loop().time() < self._unary_until.get(peer_id, 0.0):
                 return await self._append_unary(peer_id, encoded, timeout)
-            stream = self._streams[peer_id] = _AppendStream(self._stream_methods[peer_id]())
+            stream = self._streams[peer_id] = _AppendStream(
+                self._stream_methods[peer_id](metadata=self._metadata())
+            )
         elif stream.busy:
             # Only when two senders to one follower overlap (at a change of term): the other
             # request keeps the stream, this one goes alone.
@@ -208,10 +215,12 @@ class GrpcTransport:
         )
         return reply
 
-    @staticmethod
-    async def _call(method: Any, request: Message | bytes, timeout: float) -> Any:
+    def _metadata(self) -> tuple[tuple[str, str], ...] | None:
+        return None if self._identity is None else self._identity.metadata()
+
+    async def _call(self, method: Any, request: Message | bytes, timeout: float) -> Any:
         try:
-            return await method(request, timeout=timeout)
+            return await method(request, timeout=timeout, metadata=self._metadata())
         except grpc.aio.AioRpcError as e:
             raise PeerUnreachableError(f"{e.code().name}: {e.details()}") from None
 

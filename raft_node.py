@@ -118,6 +118,17 @@ class LoopClock:
         return asyncio.get_running_loop().call_at(when, callback)
 
 
+async def wait_until_time(clock: Clock, event: asyncio.Event, when: float) -> None:
+    """Wait until `event` is set or `clock` reaches `when`, whichever comes first (and then the
+    event is set). A timer that sets the event is much cheaper than asyncio.wait_for's extra task.
+    """
+    timer = clock.call_at(when, event.set)
+    try:
+        await event.wait()
+    finally:
+        timer.cancel()
+
+
 class Transport(Protocol):
     """How the node reaches its peers (gRPC in the daemon, in-memory in tests)."""
 
@@ -375,6 +386,14 @@ class RaftNode:
     def is_voter(self) -> bool:
         return self.configs.latest.is_voter(self.node_id)
 
+    @property
+    def may_stand(self) -> bool:
+        """Whether this node may stand for election: a voter, or a voter of the committed
+        configuration that an uncommitted one removes. The latter's vote does not count, but it
+        may be the only node able to commit its own removal (thesis 4.2.2: a leader being removed
+        leads until then), so it must be able to lead."""
+        return self.is_voter or self.configs.at(self.commit_index).is_voter(self.node_id)
+
     def leader(self) -> tuple[int | None, str | None]:
         """The leader this node knows of in its current term, and the leader's client address."""
         if self.leader_id is None:
@@ -442,7 +461,7 @@ class RaftNode:
     def _reset_election_timer(self) -> None:
         """Arm the election timer with a fresh random timeout (section 5.2: randomized per wait)."""
         self._cancel_election_timer()
-        if self._stopped or self._role is Role.LEADER or not self.is_voter:
+        if self._stopped or self._role is Role.LEADER or not self.may_stand:
             return  # a learner or a removed node never stands for election
         timeout = self.rng.uniform(
             self.timing.election_timeout_min, self.timing.election_timeout_max
@@ -459,7 +478,7 @@ class RaftNode:
 
     def _on_election_timeout(self) -> None:
         self._election_timer = None
-        if self._stopped or self._role is Role.LEADER or not self.is_voter:
+        if self._stopped or self._role is Role.LEADER or not self.may_stand:
             return
         waited = self.clock.now() - self._timer_armed_at
         self.narrate.info(
@@ -529,7 +548,7 @@ class RaftNode:
     def start_pre_vote(self) -> None:
         """Ask every peer whether it would vote for this node in the next term (thesis section 9.6),
         changing nothing here: only with a majority of yeses does the real election start."""
-        if self._stopped or self._role is Role.LEADER or not self.is_voter:
+        if self._stopped or self._role is Role.LEADER or not self.may_stand:
             return
         term = self.current_term + 1
         self._pre_vote_term = term
@@ -602,7 +621,7 @@ class RaftNode:
     def _become_candidate(self, transfer: bool) -> int | None:
         """Take the next term and vote for itself, at once (so nothing can come in between the
         decision to stand and the new term); None if this node may not stand now."""
-        if self._stopped or self._role is Role.LEADER or not self.is_voter:
+        if self._stopped or self._role is Role.LEADER or not self.may_stand:
             return None
         self._pre_vote_term = None
         self._role = Role.CANDIDATE
@@ -685,7 +704,7 @@ class RaftNode:
             request.last_log_index,
             request.last_log_term,
         )
-        self._check_member(request.requester_id, "vote request")
+        self._check_candidate(request)
         if request.pre_vote:
             return await self._handle_pre_vote(request)
         candidate = request.requester_id
@@ -799,7 +818,7 @@ class RaftNode:
             request.leader_commit,
         )
         self._check_entries(request)
-        self._check_unlisted_leader(request.requester_id)
+        self._check_unlisted_leader(request.requester_id, request.term)
         leader = request.requester_id
         self.narrate.debug(
             "append from %d: term %d, prev (index %d, term %d), %d entries, leader commit %d",
@@ -900,13 +919,14 @@ class RaftNode:
         )
 
     def _check_peer_message(self, requester_id: int, *numbers: int) -> None:
-        """Refuse a message from this node's own id, from a removed node, or with numbers out of
-        range. Entries from a leader this node's configuration does not list are accepted: the
-        entry adding it may be among those this node has yet to receive (thesis section 4.1)."""
+        """Refuse a message from this node's own id, from a node whose removal this node knows
+        committed, or with numbers out of range. Until the removal commits, the removed node is
+        still a member of the committed configuration: a leader removing itself leads (and hands
+        over) until then (thesis 4.2.2)."""
         if requester_id == self.node_id or requester_id <= 0:
             self.narrate.warning("refused a message claiming to come from %d", requester_id)
             raise InvalidRequestError(f"{requester_id} is not another member's id")
-        if requester_id in self.config.removed:
+        if requester_id in self.configs.at(self.commit_index).removed:
             self.narrate.warning(
                 "refused a message from %d: it was removed from this cluster", requester_id
             )
@@ -917,14 +937,16 @@ class RaftNode:
             )
             raise InvalidRequestError("a term or index is negative or absurdly large")
 
-    def _check_unlisted_leader(self, leader: int) -> None:
+    def _check_unlisted_leader(self, leader: int, term: int) -> None:
         """Entries from a leader this node's configuration does not list are accepted only while
         this node has no recent leader of its own: the entry adding that leader may be among those
         this node has yet to receive (thesis section 4.1), and refusing would leave it behind for
         good; but while a known leader speaks, such a message can only disrupt (as a vote request
-        would, thesis section 4.2.3). A node that knows no members yet (joining) accepts any."""
+        would, thesis section 4.2.3). A node that knows no members yet (joining) accepts any, and
+        the leader this node follows in its term (one removing itself) is accepted until it steps
+        down."""
         config = self.config
-        if config.is_member(leader) or not config.members:
+        if config.is_member(leader) or not config.members or self._is_my_leader(leader, term):
             return
         if self._leader_is_recent():
             self.narrate.warning(
@@ -941,9 +963,34 @@ class RaftNode:
                 leader,
             )
 
-    def _check_member(self, requester_id: int, what: str) -> None:
-        """Votes, read index and TimeoutNow requests come only from members of this node's
-        configuration."""
+    def _is_my_leader(self, node_id: int, term: int) -> bool:
+        return term == self.current_term and self.leader_id == node_id
+
+    def _check_candidate(self, request: raft_pb2.VoteRequest) -> None:
+        """Votes and pre-votes go to members of this node's configuration; to a candidate it does
+        not list only while no leader is recent and the candidate's log is ahead of this node's.
+        That candidate may hold the entry adding it, which this node has yet to receive (thesis
+        4.1: refusing it could leave the cluster without a leader for good); while a leader
+        speaks, such a request can only disrupt (thesis 4.2.3)."""
+        candidate = request.requester_id
+        if self.config.is_member(candidate):
+            return
+        ahead = (request.last_log_term, request.last_log_index) > (
+            self.log.last_term,
+            self.log.last_index,
+        )
+        if ahead and not self._leader_is_recent():
+            return
+        self.narrate.warning(
+            "refused a vote request from %d: not a member of this cluster", candidate
+        )
+        raise InvalidRequestError(f"{candidate} is not a member of this cluster")
+
+    def _check_member(self, requester_id: int, what: str, term: int | None = None) -> None:
+        """Read index and TimeoutNow requests come only from members of this node's configuration,
+        or from the leader it follows in `term` (one removing itself hands over with TimeoutNow)."""
+        if term is not None and self._is_my_leader(requester_id, term):
+            return
         if not self.config.is_member(requester_id):
             self.narrate.warning(
                 "refused a %s from %d: not a member of this cluster", what, requester_id
@@ -1045,12 +1092,8 @@ class RaftNode:
                 )
                 return
             # A new configuration has another majority: the loop looks again at once.
-            wake = self._quorum_wake = asyncio.Event()
-            timer = self.clock.call_at(deadline, wake.set)
-            try:
-                await wake.wait()
-            finally:
-                timer.cancel()
+            self._quorum_wake = asyncio.Event()
+            await wait_until_time(self.clock, self._quorum_wake, deadline)
 
     def _majority_heard_at(self) -> float:
         """The latest time by which a majority of the voters, counting this node if it votes, had
@@ -1204,12 +1247,7 @@ class RaftNode:
             if now < progress.retry_at or not (has_entries or commit_news or heartbeat_due):
                 wait = max(progress.retry_at, next_heartbeat)
                 progress.wake.clear()
-                # A timer that sets the event is much cheaper than asyncio.wait_for's extra task.
-                timer = self.clock.call_at(wait, progress.wake.set)
-                try:
-                    await progress.wake.wait()
-                finally:
-                    timer.cancel()
+                await wait_until_time(self.clock, progress.wake, wait)
                 continue
             await self._send_append(peer_id, term, progress)
 
@@ -1445,14 +1483,9 @@ class RaftNode:
                 )
             except PeerUnreachableError as e:
                 self.narrate.debug("TimeoutNow to %d failed: %s", target, e)
-                woken = asyncio.Event()
-                timer = self.clock.call_at(
-                    self.clock.now() + self.timing.heartbeat_interval, woken.set
+                await wait_until_time(
+                    self.clock, asyncio.Event(), self.clock.now() + self.timing.heartbeat_interval
                 )
-                try:
-                    await woken.wait()
-                finally:
-                    timer.cancel()
                 continue
             self._step_down_if_newer(reply.term, f"{target}'s TimeoutNow reply")
             return
@@ -1471,7 +1504,7 @@ class RaftNode:
         """The leader hands leadership over: start an election at once, without a pre-vote, with
         vote requests that voters grant despite having just heard from that leader."""
         self._check_peer_message(request.requester_id, request.term)
-        self._check_member(request.requester_id, "TimeoutNow")
+        self._check_member(request.requester_id, "TimeoutNow", request.term)
         leader = request.requester_id
         self._step_down_if_newer(request.term, f"TimeoutNow from {leader}")
         reply = raft_pb2.TimeoutNowResponse(term=self.current_term)
@@ -1736,7 +1769,7 @@ class RaftNode:
         if self._role is Role.LEADER:
             self._sync_progress()
             self._quorum_wake.set()
-        elif not config.is_voter(self.node_id):
+        elif not self.may_stand:
             if self._role is Role.CANDIDATE:
                 self._become_follower(self.current_term, None, "I no longer vote")
             self._cancel_election_timer()
@@ -1900,6 +1933,10 @@ class RaftNode:
         config = self.configs.latest
         if node_id not in config.removed or config.is_member(node_id):
             await self._change_config(lambda c: c.without(node_id), f"removing {node_id}")
+        # Asked again while the removal is still uncommitted: answer once it has, as add does.
+        await self._wait_for(
+            lambda: self.configs.latest_index <= self.commit_index, self.timing.proposal_timeout
+        )
         return self.membership()
 
     async def _change_config(
@@ -1929,7 +1966,8 @@ class RaftNode:
 
     async def _wait_for(self, condition: Callable[[], bool], timeout: float) -> None:
         """Leader: wait until `condition` holds, at most `timeout` seconds; NotLeaderError if
-        leadership is lost meanwhile."""
+        leadership is lost meanwhile. After `timeout` it just returns: the admin calls then answer
+        with membership(), whose flag says whether the configuration has committed yet."""
         term = self.current_term
         try:
             async with asyncio.timeout(timeout):
@@ -2098,7 +2136,7 @@ class RaftNode:
             request.offset,
             request.total_size,
         )
-        self._check_unlisted_leader(request.requester_id)
+        self._check_unlisted_leader(request.requester_id, request.term)
         leader = request.requester_id
         if request.term < self.current_term:
             # Rule 1: reply immediately if term < currentTerm.

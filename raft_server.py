@@ -4,24 +4,73 @@ chunks) to the node, maps refusals to codes."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
+from cluster_identity import METADATA_KEY, ClusterIdentity
 from raft_node import InvalidRequestError, RaftNode
 from rpc import raft_pb2, raft_pb2_grpc
 
+# A node of another cluster calls again and again; say so once per this many seconds and caller.
+_WARN_EVERY = 10.0
+
 
 class RaftServicer(raft_pb2_grpc.RaftServicer):
-    """Thin translation layer; every decision is the node's."""
+    """Thin translation layer; every decision is the node's, except which cluster a caller is from:
+    a call without this node's cluster id is refused before the node sees it."""
 
-    def __init__(self, node: RaftNode) -> None:
+    def __init__(self, node: RaftNode, identity: ClusterIdentity | None = None) -> None:
         self._node = node
+        self._identity = identity
+        self._warned: dict[tuple[str, str], float] = {}
         # AppendStream handlers waiting for their next request, so that shutting down need not wait
         # out the server's grace period for streams that never end by themselves.
         self._idle_streams: set[asyncio.Task[Any]] = set()
         self._ending = False
+
+    async def _check_cluster(
+        self, context: grpc.aio.ServicerContext[Any, Any], what: str
+    ) -> str | None:
+        """Abort the call unless it comes from this node's cluster. Returns the caller's id when
+        this node has none yet (it is joining, and adopts its leader's once it accepts entries)."""
+        if self._identity is None:
+            return None
+        theirs = ""
+        for key, value in context.invocation_metadata() or ():
+            if key == METADATA_KEY:
+                theirs = value if isinstance(value, str) else value.decode("ascii", "replace")
+        mine = self._identity.cluster_id
+        if mine is None and theirs and what in ("AppendEntries", "InstallSnapshot"):
+            return theirs
+        if theirs == mine:
+            return None
+        if mine is None:
+            problem = "this node has not joined a cluster yet"
+        elif not theirs:
+            problem = f"the call carries no cluster id; this node belongs to cluster {mine}"
+        else:
+            problem = f"the caller belongs to cluster {theirs[:32]}, this node to cluster {mine}"
+        caller = context.peer() or "?"
+        now = time.monotonic()
+        if now - self._warned.get((caller, theirs), -_WARN_EVERY) >= _WARN_EVERY:
+            self._warned[(caller, theirs)] = now
+            if len(self._warned) > 1000:
+                self._warned.clear()  # bounded, whoever calls
+            self._node.narrate.warning("refused %s from %s: %s", what, caller, problem)
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, problem)
+        raise AssertionError("unreachable: abort raises")
+
+    async def _adopt(self, cluster_id: str | None) -> None:
+        """A joining node's first accepted entries come from its cluster's leader: keep its id."""
+        if cluster_id is None or self._identity is None or self._identity.cluster_id is not None:
+            return
+        await self._identity.keep(cluster_id)
+        self._node.narrate.info(
+            "joined cluster %s (its id is kept in my data directory)", cluster_id
+        )
 
     def end_streams(self) -> None:
         """End every AppendStream once its current request is answered; call before stopping the
@@ -33,6 +82,7 @@ class RaftServicer(raft_pb2_grpc.RaftServicer):
     async def RequestVote(
         self, request: raft_pb2.VoteRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> raft_pb2.RequestVoteResponse:
+        await self._check_cluster(context, "RequestVote")
         try:
             return await self._node.handle_request_vote(request)
         except InvalidRequestError as e:
@@ -42,11 +92,14 @@ class RaftServicer(raft_pb2_grpc.RaftServicer):
     async def AppendEntries(
         self, request: raft_pb2.AppendEntriesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> raft_pb2.AppendEntriesResponse:
+        joining = await self._check_cluster(context, "AppendEntries")
         try:
-            return await self._node.handle_append_entries(request)
+            reply = await self._node.handle_append_entries(request)
         except InvalidRequestError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             raise
+        await self._adopt(joining if reply.success else None)
+        return reply
 
     async def AppendStream(
         self,
@@ -55,6 +108,7 @@ class RaftServicer(raft_pb2_grpc.RaftServicer):
     ) -> None:
         # One request at a time, answered before the next is read: replies leave in request order,
         # each only once its entries are durable, exactly as the unary call's would.
+        joining = await self._check_cluster(context, "AppendEntries")
         task = asyncio.current_task()
         assert task is not None
         while not self._ending:
@@ -76,11 +130,15 @@ class RaftServicer(raft_pb2_grpc.RaftServicer):
             except InvalidRequestError as e:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
                 raise
+            if joining is not None and reply.success:
+                await self._adopt(joining)
+                joining = None
             await context.write(reply)
 
     async def ReadIndex(
         self, request: raft_pb2.ReadIndexRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> raft_pb2.ReadIndexResponse:
+        await self._check_cluster(context, "ReadIndex")
         try:
             return await self._node.handle_read_index(request)
         except InvalidRequestError as e:
@@ -90,6 +148,7 @@ class RaftServicer(raft_pb2_grpc.RaftServicer):
     async def TimeoutNow(
         self, request: raft_pb2.TimeoutNowRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> raft_pb2.TimeoutNowResponse:
+        await self._check_cluster(context, "TimeoutNow")
         try:
             return await self._node.handle_timeout_now(request)
         except InvalidRequestError as e:
@@ -101,8 +160,11 @@ class RaftServicer(raft_pb2_grpc.RaftServicer):
         request: raft_pb2.InstallSnapshotRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> raft_pb2.InstallSnapshotResponse:
+        joining = await self._check_cluster(context, "InstallSnapshot")
         try:
-            return await self._node.handle_install_snapshot(request)
+            reply = await self._node.handle_install_snapshot(request)
         except InvalidRequestError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             raise
+        await self._adopt(joining)
+        return reply

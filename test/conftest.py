@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import subprocess
 import sys
@@ -13,6 +14,8 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 
+from cluster_config import ClusterConfig
+from cluster_identity import METADATA_KEY, derive_cluster_id
 from rpc import raft_pb2, raft_pb2_grpc
 from test.cluster_process import CHANNEL_OPTIONS, LocalCluster
 
@@ -47,6 +50,17 @@ def log_tails(cluster: LocalCluster, node_ids: Sequence[int] | None = None, line
     return "\n".join(parts)
 
 
+class _AsMemberOf:
+    """A `Raft` stub whose calls carry a cluster id."""
+
+    def __init__(self, stub: Any, cluster_id: str) -> None:
+        self._stub = stub
+        self._metadata = ((METADATA_KEY, cluster_id),)
+
+    def __getattr__(self, method: str) -> Callable[..., Any]:
+        return functools.partial(getattr(self._stub, method), metadata=self._metadata)
+
+
 class Stubs:
     """gRPC stubs on fresh channels to any address, for speaking to single nodes directly."""
 
@@ -70,8 +84,11 @@ class Stubs:
     def cluster(self, address: str) -> Any:
         return raft_pb2_grpc.ClusterStub(self._channel(address))
 
-    def raft(self, address: str) -> Any:
-        return raft_pb2_grpc.RaftStub(self._channel(address))
+    def raft(self, address: str, cluster: ClusterConfig | None = None) -> Any:
+        """A `Raft` stub; with `cluster`, its calls carry the id that cluster's nodes derived, as
+        a member's would (nodes refuse calls without their cluster id)."""
+        stub = raft_pb2_grpc.RaftStub(self._channel(address))
+        return stub if cluster is None else _AsMemberOf(stub, derive_cluster_id(cluster))
 
     async def leader_info(self, address: str, timeout: float = 1.0) -> Any | None:
         """The node's LeaderResponse, or None when it does not answer."""

@@ -128,7 +128,9 @@ class _Waitable:
             if remaining <= 0:
                 raise AssertionError(f"gave up after {timeout:g} s waiting until {what}")
             try:
-                async with asyncio.timeout(remaining):
+                # Also look again now and then: a node's own state (a timer that fired) changes
+                # without a message on the network.
+                async with asyncio.timeout(min(remaining, 0.02)):
                     await self._changed.wait()
             except TimeoutError:
                 pass

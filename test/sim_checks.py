@@ -30,6 +30,8 @@ class LogView:
     what: str
     length: int
     term_at: Callable[[int], int]
+    # The configuration that log puts in use (None: not known, so never a candidate).
+    config: Membership | None = None
 
     @property
     def last(self) -> tuple[int, int]:
@@ -40,16 +42,16 @@ class LogView:
         return index <= self.length and self.term_at(index) == term
 
 
-def views_of(log: ObservedRaftLog) -> list[LogView]:
+def views_of(node: RaftNode, log: ObservedRaftLog) -> list[LogView]:
     """A running node's possible logs: all of it, or (after a crash now) its durable prefix."""
     return [
-        LogView("in memory", log.last_index, log.known_term),
-        LogView("durable", log.durable_index, log.known_term),
+        LogView("in memory", log.last_index, log.known_term, node.configs.latest),
+        LogView("durable", log.durable_index, log.known_term, node.configs.at(log.durable_index)),
     ]
 
 
-def view_of_terms(what: str, terms: Sequence[int]) -> LogView:
-    return LogView(what, len(terms), lambda i: terms[i - 1] if i else 0)
+def view_of_terms(what: str, terms: Sequence[int], config: Membership | None) -> LogView:
+    return LogView(what, len(terms), lambda i: terms[i - 1] if i else 0, config)
 
 
 # Each node's possible logs, by node id.
@@ -58,7 +60,12 @@ Views = Callable[[], dict[int, list[LogView]]]
 
 def show_entry(index: int, term: int, command: Command) -> str:
     kind, key, value = command
-    what = "no-op" if kind == raft_pb2.ENTRY_KIND_NOOP else f"{key}={value}"
+    if kind == raft_pb2.ENTRY_KIND_NOOP:
+        what = "no-op"
+    elif kind == raft_pb2.ENTRY_KIND_CONFIG:
+        what = f"config {value}"
+    else:
+        what = f"{key}={value}"
     return f"[{index} t{term} {what}]"
 
 
@@ -66,7 +73,14 @@ def _command(entry: raft_pb2.LogEntry) -> Command:
     if entry.kind == raft_pb2.ENTRY_KIND_COMMAND:
         # Commands carry no key or value of their own; compare them by their whole content.
         return (entry.kind, "command", text_format.MessageToString(entry.command, as_one_line=True))
+    if entry.kind == raft_pb2.ENTRY_KIND_CONFIG:
+        return (entry.kind, "config", Membership.from_proto(entry.config).describe())
     return (entry.kind, entry.key, entry.value)
+
+
+def voters_differ(a: Membership, b: Membership) -> int:
+    """How many voters one configuration has that the other has not."""
+    return len(a.voters.keys() ^ b.voters.keys())
 
 
 class Invariants:
@@ -80,15 +94,29 @@ class Invariants:
     - leader completeness: a new leader holds every entry committed in an earlier term;
     - commit safety: when a leader commits an entry, no node lacking it could win an election, even
       if any nodes crashed at that instant and lost what they had not made durable (a committed entry
-      can never be lost, which is what leader completeness needs);
+      can never be lost, which is what leader completeness needs); each candidate needs a majority
+      of the voters of the configuration its own log puts in use;
     - acknowledged writes: a put acknowledged to a client has been applied (and, at the end, is in the
       final committed log).
+
+    Membership (thesis chapter 4):
+
+    - one change at a time: a leader appends a configuration only when every configuration in its
+      log is committed (by its own commit index) and it has committed an entry of its own term;
+    - one voter per change: a configuration differs from the one before it in the log by at most
+      one voter, and an id once removed never returns;
+    - removed nodes stay out: no node accepts a message from an id whose removal it knows has
+      committed (but from a leader that removed itself, in the term it leads), and no node whose
+      removal has committed is elected;
+    - configuration matches the log: every node uses the latest configuration in its log, or the
+      one in force at its snapshot point, or (with neither) the one it was started with.
     """
 
-    def __init__(self, fail: Fail, views: Views, quorum: int) -> None:
+    def __init__(self, fail: Fail, views: Views, initial: Membership) -> None:
         self._fail = fail
         self._views = views
-        self._quorum = quorum
+        # The configuration the cluster was started with (in force before any in the log).
+        self.initial = initial
         self.leaders: dict[int, int] = {}
         # (index, term) -> (previous entry's term, command), as first seen in any log.
         self.entries: dict[tuple[int, int], tuple[int, Command]] = {}
@@ -100,6 +128,37 @@ class Invariants:
         self.applied_by: dict[int, int] = {}
         self.committed_values: dict[str, int] = {}
         self.acknowledged: dict[str, str] = {}
+        # index -> configuration, for every configuration entry some node applied.
+        self.committed_configs: dict[int, Membership] = {}
+        # (index, term) -> the configuration that entry holds (decoded once).
+        self._configs: dict[tuple[int, int], Membership] = {}
+        self.config_changes = 0
+
+    def config_of(self, entry: raft_pb2.LogEntry) -> Membership:
+        key = (entry.index, entry.term)
+        config = self._configs.get(key)
+        if config is None:
+            config = self._configs[key] = Membership.from_proto(entry.config)
+        return config
+
+    def committed_config_at(self, index: int) -> Membership:
+        """The configuration in force at `index` as the committed entries tell it."""
+        best = 0
+        for i in self.committed_configs:
+            if best < i <= index:
+                best = i
+        return self.committed_configs[best] if best else self.initial
+
+    def implied_config(self, log: ObservedRaftLog, index: int, bootstrap: Membership) -> Membership:
+        """The configuration `log` puts in use at `index`: its latest configuration entry at or
+        before it, else the one in force at the log's snapshot point, else (a log from index 1 with
+        none) the configuration its node was started with."""
+        found = [i for i in log.config_indices() if i <= index]
+        if found:
+            return self.config_of(log.entry(found[-1]))
+        if log.base_index == 0:
+            return bootstrap
+        return self.committed_config_at(log.base_index)
 
     # ---- hooks -------------------------------------------------------------------------------
 
@@ -112,6 +171,15 @@ class Invariants:
                 f"nodes {earlier} and {node.node_id} were both elected leader of term {term}",
             )
             return
+        if self.committed:
+            config = self.committed_config_at(max(self.committed))
+            if node.node_id in config.removed:
+                self._fail(
+                    "removed nodes stay out",
+                    f"node {node.node_id} was elected leader of term {term} after the "
+                    f"configuration removing it committed ({config.describe()})",
+                )
+                return
         log = node.log
         for index, (entry_term, command) in self.committed.items():
             if self.commit_term[index] >= term or index < log.base_index:
@@ -136,7 +204,11 @@ class Invariants:
             entry = log.entry(index)
             seen = (log.term_at(index - 1), _command(entry))
             key = (index, entry.term)
-            first = self.entries.setdefault(key, seen)
+            first = self.entries.get(key)
+            if first is None:
+                self.entries[key] = first = seen
+                if entry.kind == raft_pb2.ENTRY_KIND_CONFIG:
+                    self._check_config_step(node_id, log, entry)
             if first != seen:
                 holder = self.first_holder[key]
                 self._fail(
@@ -168,6 +240,8 @@ class Invariants:
             self.applied_by[index] = node_id
             if entry.kind == raft_pb2.ENTRY_KIND_MAPPING:
                 self.committed_values[entry.value] = index
+            elif entry.kind == raft_pb2.ENTRY_KIND_CONFIG:
+                self.committed_configs[index] = self.config_of(entry)
         elif earlier != (entry.term, command):
             self._fail(
                 "state machine safety",
@@ -182,8 +256,9 @@ class Invariants:
     def _check_commit(self, leader_id: int, index: int, term: int, command: Command) -> None:
         """A leader just committed up to (index, term): could some node lacking it still be elected?
 
-        A node wins with votes from a majority whose logs are no more up to date than its own; each
-        node may present its in-memory log or, if it crashes now, only its durable log.
+        A node wins with votes from a majority of the voters of the configuration its own log puts
+        in use, each with a log no more up to date than its own; each node may present its
+        in-memory log or, if it crashes now, only its durable log.
         """
         views = self._views()
         # The least up-to-date log each node could present: it votes for any candidate at least
@@ -191,19 +266,98 @@ class Invariants:
         lowest = {node_id: min(v.last for v in options) for node_id, options in views.items()}
         for candidate, options in views.items():
             for mine in options:
-                if mine.holds(index, term):
+                config = mine.config
+                if mine.holds(index, term) or config is None or not config.is_voter(candidate):
                     continue
                 mine_last = mine.last
-                voters = [voter for voter, low in lowest.items() if low <= mine_last]
-                if len(voters) >= self._quorum:
+                voters = [
+                    v for v in sorted(config.voters) if v in lowest and lowest[v] <= mine_last
+                ]
+                if len(voters) >= config.quorum:
                     self._fail(
                         "commit safety",
                         f"leader {leader_id} committed {show_entry(index, term, command)}, but node "
                         f"{candidate} lacks it ({mine.what} log ends at index {mine_last[1]}, term "
-                        f"{mine_last[0]}) and could be elected by nodes {voters}, each of which has "
-                        f"(or after a crash would have) a log no more up to date",
+                        f"{mine_last[0]}) and could be elected by nodes {voters} of its "
+                        f"configuration ({config.describe()}), each of which has (or after a "
+                        f"crash would have) a log no more up to date",
                     )
                     return
+
+    # ---- membership --------------------------------------------------------------------------
+
+    def appending_config(self, node: RaftNode, log: ObservedRaftLog) -> None:
+        """Leader `node` is about to append a configuration entry (one change at a time)."""
+        self.config_changes += 1
+        commit = node.commit_index
+        pending = [i for i in log.config_indices() if i > commit]
+        if pending:
+            self._fail(
+                "one change at a time",
+                f"leader {node.node_id} of term {node.current_term} appended a configuration at "
+                f"index {log.last_index + 1} while the one at index {pending[-1]} was not yet "
+                f"committed (its commit index is {commit})",
+            )
+        elif log.term_at(commit) != node.current_term:
+            self._fail(
+                "one change at a time",
+                f"leader {node.node_id} of term {node.current_term} appended a configuration "
+                f"before committing an entry of its own term (its commit index {commit} is of "
+                f"term {log.term_at(commit)})",
+            )
+
+    def _check_config_step(
+        self, node_id: int, log: ObservedRaftLog, entry: raft_pb2.LogEntry
+    ) -> None:
+        """A configuration entry seen for the first time, against the one before it in the log."""
+        index = entry.index
+        config = self.config_of(entry)
+        earlier = [i for i in log.config_indices() if i < index]
+        if earlier:
+            before = self.config_of(log.entry(earlier[-1]))
+        elif log.base_index > 0:
+            before = self.committed_config_at(log.base_index)
+        else:
+            before = self.initial
+        what = f"{show_entry(index, entry.term, _command(entry))} (in node {node_id}'s log)"
+        if voters_differ(before, config) > 1:
+            self._fail(
+                "one voter per change",
+                f"{what} changes more than one voter from the configuration before it "
+                f"({before.describe()})",
+            )
+        elif before.removed - config.removed or config.members.keys() & before.removed:
+            self._fail(
+                "one voter per change",
+                f"{what} brings back an id the configuration before it had removed "
+                f"({before.describe()})",
+            )
+
+    def check_config_in_use(self, node: RaftNode, log: ObservedRaftLog) -> None:
+        """The node's configuration is the one its log implies (after appends, truncations,
+        snapshot installs and restarts)."""
+        implied = self.implied_config(log, log.last_index, node._bootstrap)
+        if node.configs.latest != implied:
+            self._fail(
+                "configuration matches the log",
+                f"node {node.node_id} uses configuration ({node.configs.latest.describe()}) "
+                f"from index {node.configs.latest_index}, but its log (snapshot point "
+                f"{log.base_index}, last index {log.last_index}) implies ({implied.describe()})",
+            )
+
+    def message_accepted(
+        self, node: RaftNode, src: int, what: str, term: int, leading: bool, removed: frozenset[int]
+    ) -> None:
+        """`node` accepted a request of `term` from `src`, knowing (when it arrived) that the
+        removal of the ids `removed` had committed. A leader that removed itself may still lead
+        the term it was elected in (it replicates, and hands over with TimeoutNow, thesis section
+        4.2.2): `leading` says whether the request is one a leader sends."""
+        if src in removed and not (leading and self.leaders.get(term) == src):
+            self._fail(
+                "removed nodes stay out",
+                f"node {node.node_id} accepted {what} of term {term} from {src}, though it knew "
+                f"that the removal of {src} had committed",
+            )
 
     def acknowledged_put(self, node_id: int, key: str, value: str) -> None:
         """A put of `value` was acknowledged to a client by node `node_id`."""
@@ -270,16 +424,37 @@ class Invariants:
 
 
 class ObservedRaftLog(RaftLog):
-    """A RaftLog that reports every append and truncation to the checks."""
+    """A RaftLog that reports every append and truncation to the checks, and keeps (on its own,
+    apart from the node's ConfigHistory) the indices of its configuration entries."""
 
     invariants: Invariants | None = None
     owner: ObservedRaftNode | None = None
     node_id = 0
     # Entries up to here have passed the log-matching check.
     verified = 0
+    _config_indices: list[int] | None = None
+
+    def config_indices(self) -> list[int]:
+        """The indices of the configuration entries after the snapshot point, in order."""
+        if self._config_indices is None:
+            self._config_indices = [
+                i
+                for i in range(self.base_index + 1, self.last_index + 1)
+                if self.entry(i).kind == raft_pb2.ENTRY_KIND_CONFIG
+            ]
+        return self._config_indices
+
+    def _keep_config_indices(self) -> None:
+        if self._config_indices is not None:
+            base, last = self.base_index, self.last_index
+            self._config_indices = [i for i in self._config_indices if base < i <= last]
 
     def append(self, entries: Sequence[raft_pb2.LogEntry]) -> None:
         super().append(entries)
+        if self._config_indices is not None:
+            self._config_indices.extend(
+                e.index for e in entries if e.kind == raft_pb2.ENTRY_KIND_CONFIG
+            )
         if self.invariants is not None:
             self.invariants.check_log(self.node_id, self)
 
@@ -287,13 +462,19 @@ class ObservedRaftLog(RaftLog):
         if self.invariants is not None:
             self.invariants.truncating(self.owner, self.node_id, index)
         super().truncate_from(index)
+        self._keep_config_indices()
         self.verified = min(self.verified, index - 1)
+
+    def compact(self, index: int) -> None:
+        super().compact(index)
+        self._keep_config_indices()
 
     def reset(self, index: int, term: int) -> None:
         if not self.holds(index, term) and index < self.last_index:
             if self.invariants is not None:
                 self.invariants.truncating(self.owner, self.node_id, self.base_index + 1)
         super().reset(index, term)
+        self._keep_config_indices()
         self.verified = min(self.verified, index)
 
     def known_term(self, index: int) -> int:
@@ -317,28 +498,31 @@ class RecordingStateMachine(KeyValueStateMachine):
 
 
 class LeadershipChecks:
-    """Checks that pre-vote and check quorum do their job, from what the network delivered:
+    """Checks that pre-vote and check quorum do their job, from what the network delivered, each
+    against the configuration the node has in use:
 
     - no disruptive elections: a node raises its term by its own election only after hearing, while
-      in its previous term, from a majority (counting itself). So a node cut off from the others
-      never drives the term up, and cannot depose a healthy leader with it when it returns
-      (pre-vote, thesis section 9.6). Elections a leader asked for (TimeoutNow) are counted apart;
-    - check quorum: a leader from which no majority (counting itself) has heard for `bound` seconds
-      has stepped down, so a leader cut off from the others stops serving.
+      in its previous term, from a majority of its voters (counting itself). So a node cut off from
+      the others never drives the term up, and cannot depose a healthy leader with it when it
+      returns (pre-vote, thesis section 9.6). Elections a leader asked for (TimeoutNow) are counted
+      apart;
+    - check quorum: a leader from which no majority of its voters (counting itself if it votes) has
+      heard for `bound` seconds has stepped down, so a leader cut off from the others stops serving.
+      A voter added while it leads counts as heard from when it was added.
     """
 
     def __init__(
-        self, fail: Fail, quorum: int, now: Callable[[], float], bound: float, stats: Counter[str]
+        self, fail: Fail, now: Callable[[], float], bound: float, stats: Counter[str]
     ) -> None:
         self._fail = fail
-        self._quorum = quorum
         self._now = now
         self.bound = bound
         self._stats = stats
         # node id -> (its term, the peers that reached it while it was in that term)
         self._heard_in_term: dict[int, tuple[int, set[int]]] = {}
-        # leader id -> (its term, when it was elected, peer -> when a message from it arrived)
-        self._leading: dict[int, tuple[int, float, dict[int, float]]] = {}
+        # leader id -> (its term, peer -> when it joined the leader's configuration, or the
+        # election, peer -> when a message from it arrived)
+        self._leading: dict[int, tuple[int, dict[int, float], dict[int, float]]] = {}
 
     def heard(self, node: RaftNode, src: int) -> None:
         """A message from `src` reached `node`."""
@@ -359,16 +543,32 @@ class LeadershipChecks:
         self._stats["elections"] += 1
         entry = self._heard_in_term.get(node.node_id)
         heard = entry[1] if entry is not None and entry[0] == term - 1 else set()
-        if len(heard) + 1 < self._quorum:
+        config = node.config
+        voters = heard & (config.voters.keys() - {node.node_id})
+        if len(voters) + 1 < config.quorum:
             self._fail(
                 "no disruptive elections",
                 f"node {node.node_id} started an election for term {term} after hearing from "
-                f"only {sorted(heard) or 'no other node'} in term {term - 1}: a node cut off from "
-                f"a majority must not raise its term (pre-vote, thesis section 9.6)",
+                f"only {sorted(heard) or 'no other node'} in term {term - 1}, of its voters "
+                f"{sorted(config.voters)}: a node cut off from a majority must not raise its term "
+                f"(pre-vote, thesis section 9.6)",
             )
 
     def elected(self, node: RaftNode) -> None:
-        self._leading[node.node_id] = (node.current_term, self._now(), {})
+        now = self._now()
+        self._leading[node.node_id] = (
+            node.current_term,
+            {p: now for p in node.config.members},
+            {},
+        )
+
+    def config_changed(self, node: RaftNode) -> None:
+        """Leader `node` has a new configuration in use: its new members count from now."""
+        leading = self._leading.get(node.node_id)
+        if leading is not None and leading[0] == node.current_term:
+            now = self._now()
+            for p in node.config.members:
+                leading[1].setdefault(p, now)
 
     def check_leaders(self, leaders: Sequence[RaftNode]) -> None:
         """Check quorum, for the leaders given (those running, not paused lately)."""
@@ -377,29 +577,42 @@ class LeadershipChecks:
             leading = self._leading.get(node.node_id)
             if leading is None or leading[0] != node.current_term:
                 continue
-            term, since, heard = leading
-            times = sorted(
-                [now] + [max(since, heard.get(p, since)) for p in node.peers], reverse=True
-            )
-            silent = now - times[self._quorum - 1]
+            term, joined, heard = leading
+            config = node.config
+            times = [
+                max(joined.get(p, now), heard.get(p, float("-inf")))
+                for p in config.voters
+                if p != node.node_id
+            ]
+            if config.is_voter(node.node_id):
+                times.append(now)
+            times.sort(reverse=True)
+            silent = now - times[config.quorum - 1]
             if silent > self.bound:
                 self._fail(
                     "check quorum",
-                    f"node {node.node_id} still leads term {term}, but no majority has reached "
-                    f"it for {silent:.3f} s (it must step down within {self.bound:.3f} s)",
+                    f"node {node.node_id} still leads term {term}, but no majority of its voters "
+                    f"({config.describe()}) has reached it for {silent:.3f} s (it must step down "
+                    f"within {self.bound:.3f} s)",
                 )
                 return
 
 
 class ObservedRaftNode(RaftNode):
-    """The project's RaftNode, unchanged but for telling the checks when it stands for election
-    and when it wins one."""
+    """The project's RaftNode, unchanged but for telling the checks when it stands for election,
+    when it wins one, when it appends a configuration as leader, and when its configuration may
+    have changed."""
 
     invariants: Invariants | None = None
     leadership: LeadershipChecks | None = None
     on_elected: Callable[[RaftNode], None] | None = None
     stats: Counter[str] | None = None
     _at_start = False
+
+    @property
+    def observed_log(self) -> ObservedRaftLog:
+        assert isinstance(self.log, ObservedRaftLog)
+        return self.log
 
     def start_from_snapshot(self) -> None:
         self._at_start = True
@@ -435,3 +648,29 @@ class ObservedRaftNode(RaftNode):
         super()._become_leader()
         if self.on_elected is not None:
             self.on_elected(self)
+
+    def _append_as_leader(self, entry: raft_pb2.LogEntry) -> int:
+        if entry.kind == raft_pb2.ENTRY_KIND_CONFIG and self.invariants is not None:
+            self.invariants.appending_config(self, self.observed_log)
+        return super()._append_as_leader(entry)
+
+    def _append_to_log(self, entries: list[raft_pb2.LogEntry]) -> None:
+        super()._append_to_log(entries)
+        self._check_config()
+
+    def _truncate_log(self, index: int) -> None:
+        super()._truncate_log(index)
+        self._check_config()
+
+    def _rebuild_configs(self, base: Membership, base_index: int) -> None:
+        super()._rebuild_configs(base, base_index)
+        self._check_config()
+
+    def _check_config(self) -> None:
+        if self.invariants is not None:
+            self.invariants.check_config_in_use(self, self.observed_log)
+
+    def _config_changed(self, before: Membership) -> None:
+        super()._config_changed(before)
+        if self.leadership is not None and self.role == "leader":
+            self.leadership.config_changed(self)

@@ -1,5 +1,6 @@
 """The simulated network: directed links between nodes (and between clients and nodes) on which
-faults drop, delay, duplicate, reorder and partition messages."""
+faults drop, delay, duplicate, reorder and partition messages. It also carries the operator's
+membership calls (add and remove a member) to the nodes, as a client would."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from membership import ChangeInProgressError, MembershipError
 from raft_node import (
     CommitUnknownError,
     InvalidRequestError,
     NotLeaderError,
+    PeerUnreachableError,
     SessionExpiredError,
     UnavailableError,
 )
@@ -55,10 +58,19 @@ _HEALTHY = LinkState()
 SessionNumbers = tuple[int, int, int]
 
 
+# Requests only a leader sends.
+_FROM_LEADERS = (
+    raft_pb2.AppendEntriesRequest,
+    raft_pb2.InstallSnapshotRequest,
+    raft_pb2.TimeoutNowRequest,
+)
+
+
 @dataclass(frozen=True)
 class ClientOp:
     """One request: "put" (the seed's, no session), "get", or with a session "put-many",
-    "delete", "cas" (expected None: absent) and "register"."""
+    "delete", "cas" (expected None: absent) and "register"; or the operator's "add-member" and
+    "remove-member" of node `member` (an add waits for the promotion to voter with `wait`)."""
 
     kind: str
     key: str = ""
@@ -66,6 +78,8 @@ class ClientOp:
     expected: str | None = None
     mappings: tuple[tuple[str, str], ...] = ()
     session: SessionNumbers | None = None
+    member: int = 0
+    wait: bool = False
 
     def command(self) -> raft_pb2.Command:
         if self.kind == "register":
@@ -89,7 +103,8 @@ class ClientOp:
 @dataclass(frozen=True)
 class ClientReply:
     """ok (with a get's value or a write's result), not-leader (with the leader the node named),
-    unavailable, unknown, or expired (the session is gone; the outcome is unknown)."""
+    unavailable, unknown, or expired (the session is gone; the outcome is unknown); to a
+    membership call also busy (another change is not yet committed) or refused (with why)."""
 
     status: str
     value: str | None = None
@@ -278,7 +293,8 @@ class Network:
         process = host.process
         if process is None:
             self.stats["lost to crashed nodes"] += 1
-            self.world.trace.event("net", f"{src}->{dst} #{number} lost: {dst} is down", False)
+            why = "has left the cluster" if host.departed else "is down"
+            self.world.trace.event("net", f"{src}->{dst} #{number} lost: {dst} {why}", False)
             return
         if host.paused:
             self.world.trace.event("net", f"{src}->{dst} #{number} held: {dst} is paused", False)
@@ -302,6 +318,17 @@ class Network:
         number: int,
     ) -> None:
         node = process.node
+        src = sender.host.node_id
+        # A node refuses a removed sender and a non-member's vote, read index or TimeoutNow
+        # request, and may refuse a non-member's entries (while it hears from a leader of its
+        # own); what its configuration says as the message arrives decides which.
+        config = node.config
+        removed = node.configs.at(node.commit_index).removed
+        if not node.is_voter and kind in (
+            raft_pb2.AppendEntriesRequest,
+            raft_pb2.InstallSnapshotRequest,
+        ):
+            self._taking_in(process, kind, data)
         reply: Reply
         try:
             if kind is raft_pb2.VoteRequest:
@@ -319,17 +346,66 @@ class Network:
                     raft_pb2.AppendEntriesRequest.FromString(data)
                 )
         except InvalidRequestError as e:
+            why = str(e)
+            if src in config.removed or not config.is_member(src):
+                self.stats["refused: sender removed or not a member"] += 1
+                if kind is raft_pb2.TimeoutNowRequest:
+                    self.stats["hand-overs refused"] += 1
+                process.enter(lambda: self._send_refusal(process, sender, why, future, number))
+                return
             self.world.fail(
                 "well-formed messages",
                 f"node {process.host.node_id} refused message #{number} from node "
-                f"{sender.host.node_id} as malformed: {e}",
+                f"{src} as malformed: {e}",
             )
             return
+        request = kind.FromString(data)
+        self.world.invariants.message_accepted(
+            node,
+            src,
+            f"message #{number} ({kind.__name__})",
+            request.term,
+            kind in _FROM_LEADERS,
+            removed,
+        )
         process.enter(lambda: self._send_reply(process, sender, reply, future, number))
         # A granted pre-vote records nothing, so only real votes count (crash-after-vote).
         if isinstance(reply, raft_pb2.RequestVoteResponse) and reply.vote_granted:
-            if not raft_pb2.VoteRequest.FromString(data).pre_vote:
+            assert isinstance(request, raft_pb2.VoteRequest)
+            if not request.pre_vote:
                 self.world.voted(process.host.node_id)
+
+    def _taking_in(self, process: Process, kind: type[Request], data: bytes) -> None:
+        """A node that does not vote (yet) is about to take in entries or a snapshot chunk."""
+        if kind is raft_pb2.InstallSnapshotRequest:
+            self.world.catching_up(process.host.node_id, True)
+        elif raft_pb2.AppendEntriesRequest.FromString(data).log_entries:
+            self.world.catching_up(process.host.node_id, False)
+
+    def _send_refusal(
+        self,
+        replier: Process,
+        sender: Process,
+        why: str,
+        future: asyncio.Future[Reply],
+        number: int,
+    ) -> None:
+        """The error a refused request gets (INVALID_ARGUMENT over gRPC: the caller sees its peer
+        as unreachable)."""
+        src = replier.host.node_id
+        dst = sender.host.node_id
+
+        def arrive() -> None:
+            if not self._arrived(src, dst, number, "refusal"):
+                return
+
+            def deliver() -> None:
+                if not future.done():
+                    future.set_exception(PeerUnreachableError(f"INVALID_ARGUMENT: {why}"))
+
+            sender.enter(deliver)
+
+        self._transmit(src, dst, f"reply to #{number}: refused ({why})", arrive)
 
     def _send_reply(
         self,
@@ -409,7 +485,12 @@ class Network:
     ) -> None:
         node = process.node
         try:
-            if op.kind == "put":
+            if op.kind == "add-member":
+                address = self.world.address(op.member)
+                reply = ClientReply("ok", result=await node.add_member(address, op.wait))
+            elif op.kind == "remove-member":
+                reply = ClientReply("ok", result=await node.remove_member(op.member))
+            elif op.kind == "put":
                 assert op.value is not None
                 await node.propose_mapping(op.key, op.value)
                 reply = ClientReply("ok")
@@ -432,6 +513,10 @@ class Network:
             reply = ClientReply("unknown")
         except SessionExpiredError:
             reply = ClientReply("expired")
+        except ChangeInProgressError:
+            reply = ClientReply("busy")
+        except MembershipError as e:
+            reply = ClientReply("refused", result=str(e))
         process.enter(lambda: self._client_reply(process, client, reply, future))
 
     def _client_reply(

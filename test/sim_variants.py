@@ -13,8 +13,10 @@ from unittest import mock
 
 import log as log_module
 from log import RaftLog
-from raft_node import NotLeaderError, RaftNode
+from membership import Membership
+from raft_node import NotLeaderError, RaftNode, Role
 from rpc import raft_pb2
+from state_machine import ApplyResult
 
 
 def _forget_vote_on_restart(stack: ExitStack) -> None:
@@ -156,6 +158,37 @@ def _compact_past_the_snapshot(stack: ExitStack) -> None:
     stack.enter_context(mock.patch.object(RaftLog, "compact", compact_everything))
 
 
+def _two_changes_at_once(stack: ExitStack) -> None:
+    """(9) A leader appends a membership change while the previous one is not yet committed (or
+    before it has committed an entry of its own term), so configurations two changes apart can
+    be in use at once, whose majorities need not overlap (thesis section 4.1). The operator asks
+    for changes without waiting for each other (see sim_faults.MembershipChanges)."""
+
+    async def change_config(
+        self: RaftNode, change: Callable[[Membership], Membership], what: str
+    ) -> ApplyResult:
+        new = change(self.configs.latest)
+        self.narrate.info("%s", what)
+        return await self._propose_entry(
+            raft_pb2.LogEntry(kind=raft_pb2.ENTRY_KIND_CONFIG, config=new.to_proto())
+        )
+
+    stack.enter_context(mock.patch.object(RaftNode, "_change_config", change_config))
+
+
+def _removed_leader_counts_itself(stack: ExitStack) -> None:
+    """(10) A leader whose configuration no longer lists it goes on counting itself in majorities
+    (commit, read confirmation, check quorum) until it steps down; thesis section 4.2.2 says it
+    must not: with it, an entry can commit on fewer than a majority of the new voters."""
+    voter = RaftNode.__dict__["is_voter"].fget
+    assert voter is not None
+
+    def is_voter(self: RaftNode) -> bool:
+        return self._role is Role.LEADER or bool(voter(self))
+
+    stack.enter_context(mock.patch.object(RaftNode, "is_voter", property(is_voter)))
+
+
 VARIANTS: dict[str, Callable[[ExitStack], None]] = {
     "forget-vote": _forget_vote_on_restart,
     "commit-earlier-term": _commit_earlier_terms_by_counting,
@@ -165,7 +198,14 @@ VARIANTS: dict[str, Callable[[ExitStack], None]] = {
     "no-pre-vote": _no_pre_vote,
     "no-check-quorum": _no_check_quorum,
     "compact-past-snapshot": _compact_past_the_snapshot,
+    "two-changes-at-once": _two_changes_at_once,
+    "removed-leader-counts-itself": _removed_leader_counts_itself,
 }
+
+
+# Variants whose fault shows only when the operator does not wait for one change to finish
+# before asking for the next.
+OVERLAPPING = {"two-changes-at-once"}
 
 
 @contextmanager
@@ -177,6 +217,11 @@ def applied(name: str | None) -> Iterator[None]:
                 raise ValueError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
             VARIANTS[name](stack)
         yield
+
+
+def overlapping(name: str | None) -> bool:
+    """Whether the variant needs membership changes issued without waiting for each other."""
+    return name in OVERLAPPING
 
 
 def describe(name: str) -> str:

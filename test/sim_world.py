@@ -1,5 +1,6 @@
 """The simulated world around the nodes: node processes that start, crash and pause, each with a
-pausable clock and a disk with fsync latency, joined by the simulated network (test/sim_network.py).
+pausable clock and a disk with fsync latency, joined by the simulated network (test/sim_network.py);
+hosts that join the cluster (new ids, empty disks), and hosts that leave it for good.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from typing import Any
 
 from cluster_config import ClusterConfig, NodeAddress
 from log import LOG_FILE, DiskOp, LogCorruptionError, MemoryDisk, _scan_log
+from membership import Membership
 from raft_node import PeerUnreachableError, RaftNode, SnapshotPolicy, Timing
-from snapshot import SNAPSHOT_PREFIX, SnapshotError, decode_snapshot
+from rpc import raft_pb2
+from snapshot import SNAPSHOT_PREFIX, LoadedSnapshot, SnapshotError, decode_snapshot
 from test.memory_transport import CallTransport, Reply, Request
 from test.sim_checks import (
     Invariants,
@@ -191,11 +194,20 @@ class Process:
 
 
 class Host:
-    """One machine: its disk outlives the processes that run on it."""
+    """One machine: its disk outlives the processes that run on it. A host that joined the cluster
+    later (`joiner`) runs its node with `join=True`. A host leaves for good when its node learns
+    that its removal committed (the daemon exits: `gone`) or when it dies with its disk
+    (`retired`); nothing restarts it then, and the network delivers nothing to or from it."""
 
-    def __init__(self, world: World, node_id: int) -> None:
+    def __init__(self, world: World, node_id: int, joiner: bool = False) -> None:
         self.world = world
         self.node_id = node_id
+        self.joiner = joiner
+        self.address = world.address(node_id)
+        self.gone = False
+        self.retired = False
+        # What the operator wants: this id in the cluster ("member") or out of it ("removed").
+        self.intent = "member"
         self.data_dir = f"/sim/node{node_id}"
         self.disk = MemoryDisk()
         self.disk.before_op = self._disk_op
@@ -212,40 +224,60 @@ class Host:
         # waits for it.
         self._power_settled = asyncio.Event()
         self._power_settled.set()
-        # While down: the terms of the entries its disk holds (what a restart will find).
+        # While down: the terms of the entries its disk holds (what a restart will find), and
+        # the configuration a restart would put in use.
         self.disk_terms: list[int] = []
+        self.disk_config: Membership | None = None
+
+    @property
+    def bootstrap(self) -> Membership:
+        """The configuration its node starts with when its log and snapshot hold none."""
+        return Membership.empty() if self.joiner else Membership.bootstrap(self.world.cluster)
+
+    @property
+    def departed(self) -> bool:
+        return self.gone or self.retired
 
     def views(self) -> list[LogView]:
         """The logs this node could present in an election (see Invariants)."""
         if self.process is not None:
-            return views_of(self.process.log)
-        return [view_of_terms("on-disk", self.disk_terms)]
+            return views_of(self.process.node, self.process.log)
+        return [view_of_terms("on-disk", self.disk_terms, self.disk_config)]
 
-    def _read_disk_terms(self) -> list[int]:
+    def _read_disk(self) -> tuple[list[int], Membership]:
+        """The terms of the log a restart would find, and the configuration it would use."""
         path = f"{self.data_dir}/{LOG_FILE}"
         try:
             data = self.disk.file_bytes(path)
         except KeyError:
-            return []
+            return [], self.bootstrap
         try:
             # The same parse a restart does (it also drops a torn tail).
             scan = _scan_log(path, data)
         except LogCorruptionError:
-            return []
+            return [], self.bootstrap
         # Entries a snapshot covers count as present with the content that was committed there.
         committed = self.world.invariants.committed
         terms = [committed.get(i, (0,))[0] for i in range(1, scan.base_index + 1)]
         terms += [e.term for e in scan.entries]
+        entries = scan.entries
         newest = self._newest_snapshot()
+        config = self.bootstrap if newest is None else newest.members
         if newest is not None:
-            index, term = newest
+            index, term = newest.index, newest.term
             if index > len(terms) or terms[index - 1] != term:
                 # A restart resets such a log to the snapshot (Figure 13, rule 7).
                 terms = [committed.get(i, (0,))[0] for i in range(1, index + 1)]
-        return terms
+                entries = []
+            else:
+                entries = [e for e in entries if e.index > index]
+        for entry in entries:
+            if entry.kind == raft_pb2.ENTRY_KIND_CONFIG:
+                config = Membership.from_proto(entry.config)
+        return terms, config
 
-    def _newest_snapshot(self) -> tuple[int, int] | None:
-        found: list[tuple[int, int]] = []
+    def _newest_snapshot(self) -> LoadedSnapshot | None:
+        found: list[LoadedSnapshot] = []
         prefix = f"{self.data_dir}/{SNAPSHOT_PREFIX}"
         for name in list(self.disk._names):
             if name.startswith(prefix) and name[len(prefix) :].replace("-", "").isdigit():
@@ -253,8 +285,8 @@ class Host:
                     loaded = decode_snapshot(name, self.disk.file_bytes(name))
                 except SnapshotError:
                     continue
-                found.append((loaded.index, loaded.term))
-        return max(found) if found else None
+                found.append(loaded)
+        return max(found, key=lambda s: (s.index, s.term)) if found else None
 
     @property
     def up(self) -> bool:
@@ -281,6 +313,8 @@ class Host:
     async def start(self) -> None:
         """Start a new process on this host: reopen the log from the disk, then a fresh node."""
         world = self.world
+        if self.departed or self.process is not None:
+            return
         self.starting = True
         self.incarnations += 1
         await self._power_settled.wait()
@@ -295,7 +329,7 @@ class Host:
         process = Process(self, self.incarnations)
         node = ObservedRaftNode(
             self.node_id,
-            world.cluster,
+            ClusterConfig({self.node_id: self.address}) if self.joiner else world.cluster,
             log,
             process.transport,
             world.timing,
@@ -303,6 +337,7 @@ class Host:
             process.clock,
             wall_clock=lambda: WALL_CLOCK_START + world.loop.time(),
             snapshot_policy=world.snapshot_policy,
+            join=self.joiner,
         )
         node.stats = world.network.stats
         node.invariants = world.invariants
@@ -317,6 +352,26 @@ class Host:
         process.log = log
         self.process = process
         node.start()
+        world.invariants.check_config_in_use(node, log)
+        process.spawn(self._leave_once_removed(process), "waiting to learn of its removal")
+
+    async def _leave_once_removed(self, process: Process) -> None:
+        """The daemon exits once its node learns that its removal committed."""
+        await process.node.removed.wait()
+        if self.process is not process:
+            return
+        world = self.world
+        world.network.stats["nodes that learned of their removal"] += 1
+        world.trace.event("sim", f"node {self.node_id} knows it was removed: its process exits")
+        self.gone = True
+        self.process = None
+        process.alive = False
+        self.paused = False
+        self.held.clear()
+        world.background(process.node.stop())
+        for task in list(process.tasks):
+            if task is not asyncio.current_task():
+                task.cancel()
 
     def crash(self, torn_bytes: int) -> None:
         """Kill the process at once; the disk keeps only what was fsync'd (maybe a torn record)."""
@@ -327,6 +382,7 @@ class Host:
         log = process.log
         # Until the disk has lost power (below), what it will keep is at least the durable prefix.
         self.disk_terms = [log.known_term(i) for i in range(1, log.durable_index + 1)]
+        self.disk_config = process.node.configs.at(log.durable_index)
         node = process.node
         if node._incoming is not None or any(p.snapshot for p in node.progress.values()):
             self.world.network.stats["crashes mid-transfer"] += 1
@@ -341,12 +397,18 @@ class Host:
 
         def lose_power() -> None:
             self.disk.crash(torn_bytes=torn_bytes)
-            self.disk_terms = self._read_disk_terms()
+            self.disk_terms, self.disk_config = self._read_disk()
             self._resumed.set()
             self._power_settled.set()
 
         self._power_settled.clear()
         world.loop.call_soon(lose_power)
+
+    def retire(self) -> None:
+        """The machine dies with its disk: it never comes back (the operator replaces it)."""
+        if self.process is not None:
+            self.crash(torn_bytes=0)
+        self.retired = True
 
     def pause(self) -> None:
         self.paused = True
@@ -379,36 +441,79 @@ class World:
         self.fault_rng = random.Random(master.getrandbits(64))
         self.client_rng = random.Random(master.getrandbits(64))
         self.node_seed_rng = random.Random(master.getrandbits(64))
-        self.cluster = ClusterConfig(
-            {
-                i: NodeAddress(i, f"node{i}.sim:7000", f"node{i}.sim:8000")
-                for i in range(1, size + 1)
-            }
-        )
+        self.cluster = ClusterConfig({i: self.address(i) for i in range(1, size + 1)})
         self.timing = random_timing(random.Random(master.getrandbits(64)))
         self.snapshot_policy = random_snapshot_policy(random.Random(master.getrandbits(64)))
+        # Drawn last, so runs without membership changes draw everything else as before.
+        self.member_rng = random.Random(master.getrandbits(64))
         # Told of elections and votes, to crash nodes at those moments (the fault injector).
         self.on_elected: Callable[[int], None] | None = None
         self.on_voted: Callable[[int], None] | None = None
+        # Told when a node that is not yet a voter has taken in entries or a snapshot chunk.
+        self.on_catching_up: Callable[[int, bool], None] | None = None
         self.failure: Failure | None = None
         self.failed: asyncio.Future[None] = loop.create_future()
         self.hosts = {i: Host(self, i) for i in self.cluster.nodes}
+        # Ids are never reused: a new host takes the next one.
+        self.next_id = size + 1
+        initial = Membership.bootstrap(self.cluster)
         self.invariants = Invariants(
             self.fail,
-            lambda: {i: h.views() for i, h in self.hosts.items()},
-            len(self.hosts) // 2 + 1,
+            lambda: {i: h.views() for i, h in self.hosts.items() if not h.departed},
+            initial,
         )
         self.network = Network(self)
         # A leader steps down once no majority answered for its longest election timeout; the
         # margin covers the monitor's sampling and timer latency.
         self.leadership = LeadershipChecks(
             self.fail,
-            len(self.hosts) // 2 + 1,
             loop.time,
             self.timing.election_timeout_max + LEADER_CHECK_INTERVAL + 0.01,
             self.network.stats,
         )
         self._background: dict[asyncio.Task[Any], None] = {}
+        self._config = (0, initial)
+
+    @staticmethod
+    def address(node_id: int) -> NodeAddress:
+        return NodeAddress(node_id, f"node{node_id}.sim:7000", f"node{node_id}.sim:8000")
+
+    def add_host(self) -> Host:
+        """A new machine with an empty disk, for a node that joins the cluster."""
+        host = Host(self, self.next_id, joiner=True)
+        self.next_id += 1
+        self.hosts[host.node_id] = host
+        return host
+
+    def live_ids(self) -> list[int]:
+        """The hosts that have not left for good (up or not)."""
+        return [i for i, h in self.hosts.items() if not h.departed]
+
+    def member_ids(self) -> list[int]:
+        """The members of the cluster's configuration whose hosts have not left: where a client
+        that knows the cluster sends its requests."""
+        members = [i for i in sorted(self.config().members) if not self.hosts[i].departed]
+        return members or self.live_ids()
+
+    def config(self) -> Membership:
+        """The cluster's configuration as far as the fault injector and the operator can tell:
+        the leader's, else the newest any running node has in use, else the last one seen."""
+        leader = self.leader()
+        node = self.hosts[leader].node if leader is not None else None
+        if node is not None:
+            self._config = (node.configs.latest_index, node.configs.latest)
+            return node.configs.latest
+        best: tuple[int, Membership] | None = None
+        for host in self.hosts.values():
+            node = host.node
+            # A node still joining knows no members: it says nothing about the cluster's.
+            if node is None or not node.config.voters:
+                continue
+            if best is None or node.configs.latest_index > best[0]:
+                best = (node.configs.latest_index, node.configs.latest)
+        if best is not None:
+            self._config = best
+        return self._config[1]
 
     def fail(self, invariant: str, detail: str) -> None:
         """Record a broken invariant (the first one counts) and end the run."""
@@ -426,6 +531,10 @@ class World:
     def voted(self, node_id: int) -> None:
         if self.on_voted is not None:
             self.on_voted(node_id)
+
+    def catching_up(self, node_id: int, mid_snapshot: bool) -> None:
+        if self.on_catching_up is not None:
+            self.on_catching_up(node_id, mid_snapshot)
 
     def heard(self, node_id: int, src: int) -> None:
         """A message from `src` reached node `node_id` (for the leadership checks)."""

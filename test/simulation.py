@@ -1,6 +1,7 @@
 """Deterministic simulation of a raft-demo cluster: the project's own RaftNode, log and state machine on
-a simulated clock, network and disk, with faults of every kind, checked for Raft's safety properties,
-linearizability and liveness. One seed fixes the whole run, so any failure replays exactly.
+a simulated clock, network and disk, with faults of every kind and membership changes, checked for
+Raft's safety properties, linearizability and liveness. One seed fixes the whole run, so any failure
+replays exactly.
 
     python -m test.simulation --seed 42 --verbose     # one run, narrated
     python -m test.simulation --seeds 0-999 --jobs 2  # a soak, with a summary
@@ -24,7 +25,13 @@ from typing import Literal, NoReturn, TextIO
 from state_machine import CasResult
 from test import sim_variants
 from test.linearizability import History, check
-from test.sim_faults import FAULT_KINDS, TARGETED_KINDS, FaultInjector
+from test.sim_faults import (
+    FAULT_KINDS,
+    MEMBERSHIP_KINDS,
+    TARGETED_KINDS,
+    FaultInjector,
+    MembershipChanges,
+)
 from test.sim_loop import SimulationStalled, Trace, TraceHandler, VirtualTimeLoop
 from test.sim_network import ClientOp, ClientReply
 from test.sim_world import World
@@ -48,8 +55,11 @@ CLIENT_TIMEOUT = 3.0
 # The fault phase ends once the clients have this many successful operations (or at the limit).
 DEFAULT_OPS = 200
 FAULT_PHASE_LIMIT = 400.0
-# Liveness: once faults stop, a stable leader within LEADER_BOUND simulated seconds, and each
-# client's final put and get, and every node caught up, within LIVENESS_BOUND.
+# Liveness: once faults stop, the membership changes left undone are finished within
+# RECONCILE_BOUND simulated seconds; then a stable leader within LEADER_BOUND, and each client's
+# final put and get, and every member caught up (and every added node a voter), within
+# LIVENESS_BOUND.
+RECONCILE_BOUND = 30.0
 LEADER_BOUND = 15.0
 LIVENESS_BOUND = 40.0
 # The linearizability search gives up (and the run fails as inconclusive) beyond this many steps.
@@ -70,6 +80,8 @@ class RunResult:
     wall_time: float = 0.0
     outcomes: dict[str, int] = field(default_factory=dict)
     faults: dict[str, int] = field(default_factory=dict)
+    # Membership changes by kind, their outcomes, and the cluster's sizes (None: not simulated).
+    membership: dict[str, int] | None = None
     network: dict[str, int] = field(default_factory=dict)
     events: int = 0
     trace_hash: str = ""
@@ -83,12 +95,16 @@ class RunResult:
         return sum(self.outcomes.values())
 
 
-def replay_command(seed: int, nodes: int, ops: int, variant: str | None) -> str:
+def replay_command(
+    seed: int, nodes: int, ops: int, variant: str | None, membership: bool = True
+) -> str:
     command = f"python -m test.simulation --seed {seed} --verbose"
     if nodes != 5:
         command += f" --nodes {nodes}"
     if ops != DEFAULT_OPS:
         command += f" --ops {ops}"
+    if not membership:
+        command += " --no-membership"
     if variant is not None:
         command += f" --variant {variant}"
     return command
@@ -165,7 +181,7 @@ class Client:
     def _target(self) -> int:
         if self.leader is not None:
             return self.leader
-        return self.sim.world.client_rng.choice(list(self.sim.world.hosts))
+        return self.sim.world.client_rng.choice(self.sim.world.member_ids())
 
     async def operation(self, kind: OpKind, key: str) -> str:
         """One operation and its outcome: ok, fail (certainly no effect) or unknown."""
@@ -180,7 +196,8 @@ class Client:
         value = self._value() if kind == "put" else None
         target = self._target()
         if kind == "get" and rng.random() < FOLLOWER_READ_SHARE:
-            target = rng.choice(list(world.hosts))
+            # Any node at all, also one being added or one removed that does not know it yet.
+            target = rng.choice(world.live_ids())
         op_id = sim.history.invoke(self.number, "put" if kind == "put" else "get", key, value)
         what = f"put {key}={value}" if kind == "put" else f"get {key}"
         world.trace.event("client", f"c{self.number} -> {target}: {what} (op {op_id})")
@@ -308,7 +325,8 @@ class Client:
 
 
 class Simulation:
-    """One run: a cluster, clients and faults on one seed; then a quiet phase and the final checks."""
+    """One run: a cluster, clients, faults and membership changes on one seed; then a quiet phase
+    and the final checks."""
 
     def __init__(
         self,
@@ -318,6 +336,7 @@ class Simulation:
         verbose: bool,
         out: TextIO | None = None,
         variant: str | None = None,
+        membership: bool = True,
     ) -> None:
         self.seed = seed
         self.variant = variant
@@ -328,12 +347,24 @@ class Simulation:
         self.world = World(seed, nodes, self.loop, self.trace)
         self.history = History(clock=self.loop.time)
         self.injector = FaultInjector(self.world)
+        self.changes = (
+            MembershipChanges(
+                self.world, self.injector, overlapping=sim_variants.overlapping(variant)
+            )
+            if membership
+            else None
+        )
         self.issuing = True
         self.outcomes: Counter[str] = Counter({"ok": 0, "fail": 0, "unknown": 0})
         self._successes = 0
         self._enough = asyncio.Event()
         # A failure report shows the notable events up to here (None: up to the failure).
         self._report_until: float | None = None
+
+    @property
+    def changing(self) -> bool:
+        """Whether this run changes the cluster's membership."""
+        return self.changes is not None and self.changes.active
 
     def outcome(self, outcome: str) -> None:
         self.outcomes[outcome] += 1
@@ -342,9 +373,11 @@ class Simulation:
             self.check_enough()
 
     def check_enough(self) -> None:
-        """The fault phase lasts until the clients have their operations and every fault kind ran."""
+        """The fault phase lasts until the clients have their operations and every kind of fault
+        and of membership change ran."""
         if self._successes >= self.ops and all(self.injector.counts.values()):
-            self._enough.set()
+            if self.changes is None or not self.changing or all(self.changes.counts.values()):
+                self._enough.set()
 
     def stop(self, invariant: str, detail: str) -> NoReturn:
         self.world.fail(invariant, detail)
@@ -355,13 +388,15 @@ class Simulation:
         for node_id, host in self.world.hosts.items():
             node = host.node
             if node is None:
-                lines.append(f"  node {node_id}: down")
+                why = "retired (died with its disk)" if host.retired else "down"
+                lines.append(f"  node {node_id}: {'left the cluster' if host.gone else why}")
                 continue
             lines.append(
                 f"  node {node_id}: {node.role} of term {node.current_term}"
                 f"{' (paused)' if host.paused else ''}, leader {node.leader_id}, "
                 f"last index {node.log.last_index}, commit {node.commit_index}, "
-                f"applied {node.last_applied}"
+                f"applied {node.last_applied}; {node.config.describe()} "
+                f"(index {node.configs.latest_index})"
             )
         return "\n".join(lines)
 
@@ -374,28 +409,44 @@ class Simulation:
             await asyncio.sleep(0.05)
 
     def _stable_leader(self) -> int | None:
-        hosts = self.world.hosts.values()
-        nodes = [h.node for h in hosts if h.node is not None and not h.paused]
-        if len(nodes) != len(hosts):
-            return None
-        leaders = [n for n in nodes if n.role == "leader"]
-        if len(leaders) != 1:
+        """The one leader, a voter of its own configuration, whom every member (running, not
+        paused) follows in its term."""
+        hosts = self.world.hosts
+        leaders = [
+            h.node
+            for h in hosts.values()
+            if h.node is not None and not h.paused and h.node.role == "leader"
+        ]
+        if len(leaders) != 1 or not leaders[0].is_voter:
             return None
         leader = leaders[0]
-        if all(
-            n.current_term == leader.current_term and n.leader_id == leader.node_id for n in nodes
-        ):
-            return leader.node_id
-        return None
+        for member in leader.config.members:
+            host = hosts.get(member)
+            node = host.node if host is not None else None
+            if node is None or host is None or host.paused:
+                return None
+            if node.current_term != leader.current_term or node.leader_id != leader.node_id:
+                return None
+        return leader.node_id
+
+    def _intended_members(self) -> set[int]:
+        return {i for i, h in self.world.hosts.items() if h.intent == "member" and not h.departed}
 
     def _converged(self) -> bool:
+        """Every member caught up with the leader; the leader's configuration committed, with
+        every added node promoted to voter and the members the operator asked for."""
         leader_id = self._stable_leader()
         leader = self.world.hosts[leader_id].node if leader_id is not None else None
         if leader is None:
             return False
+        config = leader.config
+        if config.learners or leader.configs.latest_index > leader.commit_index:
+            return False
+        if self.changing and set(config.members) != self._intended_members():
+            return False
         last = leader.log.last_index
-        for host in self.world.hosts.values():
-            node = host.node
+        for member in config.members:
+            node = self.world.hosts[member].node
             if node is None or not (
                 node.log.last_index == node.commit_index == node.last_applied == last
             ):
@@ -416,10 +467,18 @@ class Simulation:
             trace.event(
                 "sim", f"broken node ({self.variant}): {sim_variants.describe(self.variant)}"
             )
+        if self.changing:
+            trace.event("sim", "this run changes the membership (one change at a time)")
         for host in world.hosts.values():
             await host.start()
         self.loop.create_task(world.monitor_leaders())
         injector = self.loop.create_task(self.injector.run(on_fault=self.check_enough))
+        changes = self.changes if self.changing else None
+        changer = (
+            self.loop.create_task(changes.run(on_change=self.check_enough))
+            if changes is not None
+            else None
+        )
         world.network.client_drop = 0.01
         clients = [Client(self, i) for i in range(1, CLIENTS + 1)]
         running = [self.loop.create_task(c.run()) for c in clients]
@@ -432,32 +491,49 @@ class Simulation:
         # The quiet phase: heal everything, stop issuing, and expect progress.
         quiet = self.loop.time()
         self.issuing = False
+        if changer is not None and changes is not None:
+            changer.cancel()
+            changes.stop()
         injector.cancel()
         self.injector.stop()
         world.network.client_drop = 0.0
         trace.event("sim", "faults stop: network healed, paused nodes resumed, crashed restarted")
         await asyncio.gather(*running)
+        settled = quiet
+        if changes is not None:
+            trace.event("sim", "membership changes stop; the operator finishes those left undone")
+            if not await changes.reconcile(quiet + RECONCILE_BOUND):
+                self.stop(
+                    "liveness",
+                    f"the membership changes left undone were not finished within "
+                    f"{RECONCILE_BOUND:g} s after the faults stopped\n{self.node_states()}",
+                )
+            settled = self.loop.time()
         await self._until(
             lambda: self._stable_leader() is not None,
-            quiet + LEADER_BOUND,
+            settled + LEADER_BOUND,
             f"no stable leader within {LEADER_BOUND:g} s after the faults stopped",
         )
-        deadline = quiet + LIVENESS_BOUND
+        deadline = settled + LIVENESS_BOUND
         await asyncio.gather(*(c.until_ok("put", deadline) for c in clients))
         await asyncio.gather(*(c.until_ok("get", deadline) for c in clients))
         await self._until(
             self._converged,
             deadline,
-            f"the nodes did not all catch up within {LIVENESS_BOUND:g} s after the faults stopped",
+            f"the nodes did not all catch up (every added node a voter, the configuration "
+            f"committed) within {LIVENESS_BOUND:g} s after the faults stopped",
         )
         trace.event("sim", "all nodes caught up; final checks")
         leader_id = self._stable_leader()
         assert leader_id is not None
+        leader = world.hosts[leader_id].node
+        assert leader is not None
+        members = [world.hosts[i] for i in leader.config.members]
         world.invariants.check_final(
             leader_id,
             [
-                (i, h.process.log, h.process.node.commit_index)
-                for i, h in world.hosts.items()
+                (h.node_id, h.process.log, h.process.node.commit_index)
+                for h in members
                 if h.process is not None
             ],
         )
@@ -528,6 +604,7 @@ class Simulation:
             wall_time=time.perf_counter() - started,
             outcomes=dict(self.outcomes),
             faults=dict(self.injector.counts) | dict(self.injector.targeted),
+            membership=self.changes.summary() if self.changes is not None else None,
             network=dict(self.world.network.stats),
             events=events,
             trace_hash=digest,
@@ -572,21 +649,25 @@ def run_seed(
     verbose: bool = False,
     variant: str | None = None,
     out: TextIO | None = None,
+    membership: bool = True,
 ) -> RunResult:
-    """Run one seed (with a broken variant of the node, if named) and return what happened."""
+    """Run one seed (with a broken variant of the node, if named; without membership changes,
+    if asked) and return what happened."""
     with sim_variants.applied(variant):
-        result = Simulation(seed, nodes, ops, verbose, out, variant).run()
+        result = Simulation(seed, nodes, ops, verbose, out, variant, membership).run()
     result.variant = variant
     if not result.ok:
-        result.report += f"\nreplay: {replay_command(seed, nodes, ops, variant)}"
+        result.report += f"\nreplay: {replay_command(seed, nodes, ops, variant, membership)}"
     return result
 
 
 # ---- many seeds ----------------------------------------------------------------------------------
 
 
-def _run_chunk(seeds: list[int], nodes: int, ops: int, variant: str | None) -> list[RunResult]:
-    return [run_seed(seed, nodes, ops, variant=variant) for seed in seeds]
+def _run_chunk(
+    seeds: list[int], nodes: int, ops: int, variant: str | None, membership: bool
+) -> list[RunResult]:
+    return [run_seed(seed, nodes, ops, variant=variant, membership=membership) for seed in seeds]
 
 
 def soak(
@@ -597,6 +678,7 @@ def soak(
     variant: str | None = None,
     stop_at_first_failure: bool = False,
     progress: Callable[[RunResult], None] | None = None,
+    membership: bool = True,
 ) -> list[RunResult]:
     """Run many seeds, in `jobs` worker processes; results come back sorted by seed.
 
@@ -615,7 +697,7 @@ def soak(
 
     if jobs <= 1:
         for chunk in chunks:
-            take(_run_chunk(chunk, nodes, ops, variant))
+            take(_run_chunk(chunk, nodes, ops, variant, membership))
             if stop_at_first_failure and any(not r.ok for r in results):
                 break
     else:
@@ -623,7 +705,7 @@ def soak(
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
             pending: set[Future[list[RunResult]]] = {
-                pool.submit(_run_chunk, chunk, nodes, ops, variant) for chunk in chunks
+                pool.submit(_run_chunk, chunk, nodes, ops, variant, membership) for chunk in chunks
             }
             stopping = False
             while pending:
@@ -640,17 +722,20 @@ def soak(
 
 
 def summarize(results: Sequence[RunResult], wall: float, jobs: int) -> str:
-    """The soak's figures: runs, simulated time, operations, faults, messages, failures, speed."""
+    """The soak's figures: runs, simulated time, operations, faults, membership changes, messages,
+    failures, speed."""
     runs = len(results)
     failed = [r for r in results if not r.ok]
     sim_time = sum(r.sim_time for r in results)
     outcomes: Counter[str] = Counter()
     faults: Counter[str] = Counter()
     network: Counter[str] = Counter()
+    membership: Counter[str] = Counter()
     for r in results:
         outcomes.update(r.outcomes)
         faults.update(r.faults)
         network.update(r.network)
+        membership.update(r.membership or {})
     operations = sum(outcomes.values())
     # Failed runs stop early, so the per-run figures are over the runs that finished.
     finished = [r for r in results if r.ok]
@@ -665,6 +750,30 @@ def summarize(results: Sequence[RunResult], wall: float, jobs: int) -> str:
         f"faults injected: {sum(faults.values())}; every kind in {kinds_everywhere} of "
         f"{len(finished)} finished runs",
         "  " + ", ".join(f"{kind} {faults[kind]}" for kind in FAULT_KINDS + TARGETED_KINDS),
+    ]
+    simulated = [r for r in finished if r.membership is not None]
+    changing = [r for r in simulated if (r.membership or {}).get("changing")]
+    if simulated:
+        every = sum(
+            1 for r in changing if all((r.membership or {}).get(k) for k in MEMBERSHIP_KINDS)
+        )
+        lows = [(r.membership or {}).get("fewest voters", 0) for r in changing] or [0]
+        highs = [(r.membership or {}).get("most voters", 0) for r in changing] or [0]
+        lines += [
+            f"membership changes: {sum(membership[k] for k in MEMBERSHIP_KINDS)} in "
+            f"{len(changing)} of {len(simulated)} finished runs, every kind in {every} of them; "
+            f"voters between {min(lows)} and {max(highs)}",
+            "  "
+            + ", ".join(f"{kind} {membership[kind]}" for kind in MEMBERSHIP_KINDS)
+            + f" ({network['new nodes crashed mid-snapshot']} of those crashes mid-snapshot)",
+            f"  admin calls: {membership['calls done']} done, {membership['calls refused']} "
+            f"refused, {membership['calls gave up']} given up (finished at the end); removed "
+            f"nodes: {network['nodes that learned of their removal']} learned it and exited, "
+            f"{membership['removed nodes unaware']} never did; messages refused as from a "
+            f"removed node or non-member: {network['refused: sender removed or not a member']} "
+            f"({network['hand-overs refused']} TimeoutNow)",
+        ]
+    lines += [
         f"elections: {network['elections']} after a pre-vote, {network['elections by transfer']} "
         f"by transfer; leadership transfers: {network['transfers asked']} asked, "
         f"{network['transfers done']} moved leadership",
@@ -681,7 +790,7 @@ def summarize(results: Sequence[RunResult], wall: float, jobs: int) -> str:
         lines.append("failures:")
         lines.extend(
             f"  seed {r.seed}: {r.invariant}; replay: "
-            f"{replay_command(r.seed, r.nodes, r.ops, r.variant)}"
+            f"{replay_command(r.seed, r.nodes, r.ops, r.variant, r.membership is not None)}"
             for r in failed
         )
     return "\n".join(lines)
@@ -721,7 +830,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--ops", type=int, default=DEFAULT_OPS, help=f"successful client operations ({DEFAULT_OPS})"
     )
-    parser.add_argument("--nodes", type=int, default=5, help="cluster size, 3 to 9 (5)")
+    parser.add_argument(
+        "--nodes", type=int, default=5, help="cluster size at the start, 3 to 9 (5)"
+    )
+    parser.add_argument(
+        "--no-membership",
+        action="store_true",
+        help="change no membership (the cluster keeps the nodes it started with)",
+    )
     parser.add_argument(
         "--variant",
         choices=sorted(sim_variants.VARIANTS),
@@ -736,7 +852,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--seed must not be negative")
 
     if args.seed is not None:
-        result = run_seed(args.seed, args.nodes, args.ops, args.verbose, args.variant)
+        result = run_seed(
+            args.seed,
+            args.nodes,
+            args.ops,
+            args.verbose,
+            args.variant,
+            membership=not args.no_membership,
+        )
         if not result.ok:
             print(result.report)
         print(
@@ -766,7 +889,15 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
 
-    results = soak(seeds, args.nodes, args.ops, args.jobs, args.variant, progress=progress)
+    results = soak(
+        seeds,
+        args.nodes,
+        args.ops,
+        args.jobs,
+        args.variant,
+        progress=progress,
+        membership=not args.no_membership,
+    )
     print(summarize(results, time.perf_counter() - started, args.jobs))
     return 0 if all(r.ok for r in results) else 1
 

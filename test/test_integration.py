@@ -233,7 +233,7 @@ async def test_term_and_vote_survive_a_restart(make_cluster: MakeCluster, stubs:
     target, candidate, rival = cluster.node_ids
     cluster.start_node(target)
     address = cluster.client_address(target)
-    raft = stubs.raft(cluster.config.node(target).raft_address)
+    raft = stubs.raft(cluster.config.node(target).raft_address, cluster.config)
 
     async def vote(requester: int, term: int) -> raft_pb2.RequestVoteResponse:
         async def ask() -> raft_pb2.RequestVoteResponse | None:

@@ -423,3 +423,92 @@ async def test_a_leader_stops_sending_to_a_removed_node_that_is_down(c: Cluster)
     assert leader.quorum == 2 and sorted(leader.config.voters) == sorted(
         i for i in (1, 2, 3) if i != gone
     )
+
+
+async def test_a_voter_that_missed_the_entry_adding_a_candidate_votes_for_it_if_no_leader_speaks(
+    c: Cluster,
+) -> None:
+    """Thesis 4.1: servers must vote for a candidate their configuration does not list yet, whose
+    log holds the entry adding it; else a cluster whose other voters are down has no leader for
+    good. While a leader it knows speaks, such a request can only disrupt (thesis 4.2.3)."""
+    voter = await c.start(3, cluster_of(1, 2, 3))
+
+    def vote(term: int, candidate: int, last_term: int, last_index: int) -> raft_pb2.VoteRequest:
+        return raft_pb2.VoteRequest(
+            term=term, requester_id=candidate, last_log_term=last_term, last_log_index=last_index
+        )
+
+    with pytest.raises(InvalidRequestError, match="not a member"):
+        await voter.handle_request_vote(vote(2, 5, 0, 0))  # no entry it could hold
+    reply = await voter.handle_request_vote(vote(2, 4, 1, 5))
+    assert reply.vote_granted and voter.voted_for == 4
+
+    heartbeat = raft_pb2.AppendEntriesRequest(term=3, requester_id=1)
+    assert (await voter.handle_append_entries(heartbeat)).success
+    with pytest.raises(InvalidRequestError, match="not a member"):
+        await voter.handle_request_vote(vote(4, 6, 3, 9))
+    assert (voter.current_term, voter.leader_id) == (3, 1)
+
+
+async def receive_removal_of_1(node: RaftNode, leader: int) -> raft_pb2.AppendEntriesResponse:
+    """`node` of cluster 1, 2, 3 receives, from `leader` in term 2, a configuration removing 1."""
+    removal = Membership.bootstrap(cluster_of(1, 2, 3)).without(1)
+    change = raft_pb2.LogEntry(
+        term=2, index=1, kind=raft_pb2.ENTRY_KIND_CONFIG, config=removal.to_proto()
+    )
+    return await node.handle_append_entries(
+        raft_pb2.AppendEntriesRequest(term=2, requester_id=leader, log_entries=[change])
+    )
+
+
+async def test_a_leader_removing_itself_is_followed_until_the_removal_commits(c: Cluster) -> None:
+    """Thesis 4.2.2: the leader being removed manages the cluster until the change commits, and
+    hands over with TimeoutNow; its followers must accept both. Once the removal has committed,
+    its messages are refused."""
+    follower = await c.start(3, cluster_of(1, 2, 3))
+    appended = await receive_removal_of_1(follower, leader=1)
+    assert appended.success and 1 in follower.config.removed and follower.commit_index == 0
+
+    heartbeat = raft_pb2.AppendEntriesRequest(
+        term=2, requester_id=1, prev_log_index=1, prev_log_term=2
+    )
+    assert (await follower.handle_append_entries(heartbeat)).success
+    await follower.handle_timeout_now(raft_pb2.TimeoutNowRequest(term=2, requester_id=1))
+    await c.until(lambda: follower.current_term == 3, "the follower stands at the hand-over")
+
+    committed = raft_pb2.AppendEntriesRequest(
+        term=3, requester_id=2, prev_log_index=1, prev_log_term=2, leader_commit=1
+    )
+    assert (await follower.handle_append_entries(committed)).success
+    with pytest.raises(InvalidRequestError, match="removed"):
+        await follower.handle_append_entries(
+            raft_pb2.AppendEntriesRequest(term=4, requester_id=1, prev_log_index=1)
+        )
+
+
+async def test_a_node_an_uncommitted_configuration_removes_still_stands_for_election(
+    c: Cluster,
+) -> None:
+    """It may be the only node able to commit its own removal (thesis 4.2.2), so it stands; its
+    own vote does not count."""
+    node = await c.start(1, cluster_of(1, 2, 3))
+    appended = await receive_removal_of_1(node, leader=2)
+    assert appended.success and not node.is_voter and node.may_stand
+
+    await c.until(lambda: node._pre_vote_term is not None, "the node asks for pre-votes")
+    assert node._count_voters(node._pre_votes) == 0
+
+
+async def test_removing_a_node_again_while_its_removal_is_pending_waits_for_the_commit(
+    c: Cluster,
+) -> None:
+    leader = await three_nodes(c)
+    gone = next(i for i in (1, 2, 3) if i != leader.node_id)
+    # The first appends the removal at once, so the second finds it pending (not committed: that
+    # takes a round trip to the followers).
+    first = asyncio.ensure_future(leader.remove_member(gone))
+    second = asyncio.ensure_future(leader.remove_member(gone))
+
+    config, _, committed = await second
+    assert committed and gone in config.removed
+    await first

@@ -29,6 +29,7 @@ FLAGS = (
     "--election-timeout-min-ms",
     "--election-timeout-max-ms",
     "--proposal-timeout-ms",
+    "--cluster-token",
 )
 # Ids with nothing to do with ports, and client ports below Raft ports: nothing like the seed's
 # layout, so the node must take every address from the file.
@@ -374,7 +375,7 @@ async def test_hostile_peer_message_is_refused_without_harm(
     for target in toml_cluster.node_ids:
         # Claim to be another member: the leader for a follower, a follower for the leader.
         member = leader if target != leader else next(n for n in TOML_IDS if n != leader)
-        raft = stubs.raft(toml_cluster.config.node(target).raft_address)
+        raft = stubs.raft(toml_cluster.config.node(target).raft_address, toml_cluster.config)
         # The documented answer to a message no correct member sends: INVALID_ARGUMENT, no change.
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await getattr(raft, method)(build(term, member), timeout=5)
