@@ -28,6 +28,7 @@ from cluster_config import (
 )
 from membership import MAX_NODE_ID, MembershipError, check_new_member
 from rpc import raft_pb2, raft_pb2_grpc
+from tls import TlsConfig, TlsError, open_channel
 
 PROG = "cluster_client.py"
 
@@ -69,6 +70,9 @@ _REJECTED = frozenset(
     }
 )
 
+# Who is asking is at fault: another node would refuse as well.
+_DENIED = frozenset({grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED})
+
 _T = TypeVar("_T")
 
 
@@ -94,6 +98,11 @@ class MembershipRefusedError(RequestRejectedError):
 class MembershipBusyError(MembershipRefusedError):
     """Another membership change was still uncommitted after several tries (the cluster makes
     one at a time); nothing changed, and the same request may succeed a little later."""
+
+
+class PermissionDeniedError(RequestRejectedError):
+    """The cluster does not let this client make the call (an admin call from a client whose
+    certificate is not an admin's); nothing was applied."""
 
 
 class SessionExpiredError(ClientError):
@@ -184,6 +193,8 @@ class Client:
     Every operation keeps trying, with backoff, until it succeeds or `deadline` seconds pass
     (then `ClusterUnavailableError`). One node gets `attempt_timeout` seconds to answer a
     proposal and `read_attempt_timeout` seconds for a read, within what is left of the deadline.
+    With `tls` every connection, to nodes given or learnt from redirects and membership alike,
+    uses TLS with those settings (`TlsConfig.load(cert, key, ca)`); without it, plain text.
     """
 
     def __init__(
@@ -195,6 +206,7 @@ class Client:
         deadline: float = DEFAULT_DEADLINE,
         attempt_timeout: float = DEFAULT_ATTEMPT_TIMEOUT,
         read_attempt_timeout: float = DEFAULT_READ_ATTEMPT_TIMEOUT,
+        tls: TlsConfig | None = None,
     ) -> None:
         if sum(x is not None for x in (all_raft_ports, config, endpoints)) != 1:
             raise ValueError("give exactly one of all_raft_ports, config or endpoints")
@@ -225,6 +237,7 @@ class Client:
         self._deadline = deadline
         self._attempt_timeout = attempt_timeout
         self._read_attempt_timeout = read_attempt_timeout
+        self._tls = tls
         self._leader: str | None = None
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[str, raft_pb2_grpc.ClusterStub] = {}
@@ -247,6 +260,7 @@ class Client:
         deadline: float = DEFAULT_DEADLINE,
         attempt_timeout: float = DEFAULT_ATTEMPT_TIMEOUT,
         read_attempt_timeout: float = DEFAULT_READ_ATTEMPT_TIMEOUT,
+        tls: TlsConfig | None = None,
     ) -> Client:
         """Nodes on 127.0.0.1 with consecutive Raft ports from `first_port` (the seed's layout)."""
         return cls(
@@ -254,6 +268,7 @@ class Client:
             deadline=deadline,
             attempt_timeout=attempt_timeout,
             read_attempt_timeout=read_attempt_timeout,
+            tls=tls,
         )
 
     @classmethod
@@ -264,6 +279,7 @@ class Client:
         deadline: float = DEFAULT_DEADLINE,
         attempt_timeout: float = DEFAULT_ATTEMPT_TIMEOUT,
         read_attempt_timeout: float = DEFAULT_READ_ATTEMPT_TIMEOUT,
+        tls: TlsConfig | None = None,
     ) -> Client:
         """The nodes listed in a cluster TOML file (the same file the nodes read)."""
         return cls(
@@ -271,6 +287,7 @@ class Client:
             deadline=deadline,
             attempt_timeout=attempt_timeout,
             read_attempt_timeout=read_attempt_timeout,
+            tls=tls,
         )
 
     @classmethod
@@ -281,6 +298,7 @@ class Client:
         deadline: float = DEFAULT_DEADLINE,
         attempt_timeout: float = DEFAULT_ATTEMPT_TIMEOUT,
         read_attempt_timeout: float = DEFAULT_READ_ATTEMPT_TIMEOUT,
+        tls: TlsConfig | None = None,
     ) -> Client:
         """Nodes known only by their client addresses ("host:port"). A redirect that names the
         leader by id alone cannot be followed then; the client asks the other nodes instead."""
@@ -289,6 +307,7 @@ class Client:
             deadline=deadline,
             attempt_timeout=attempt_timeout,
             read_attempt_timeout=read_attempt_timeout,
+            tls=tls,
         )
 
     @property
@@ -660,7 +679,7 @@ class Client:
     def _stub(self, address: str) -> raft_pb2_grpc.ClusterStub:
         stub = self._stubs.get(address)
         if stub is None:
-            channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+            channel = open_channel(address, _CHANNEL_OPTIONS, self._tls)
             self._channels[address] = channel
             stub = self._stubs[address] = raft_pb2_grpc.ClusterStub(channel)
         return stub
@@ -713,6 +732,8 @@ class Client:
                 except grpc.aio.AioRpcError as e:
                     code: grpc.StatusCode = e.code()
                     details = _one_line(e.details())
+                    if code in _DENIED:
+                        raise PermissionDeniedError(details or code.name) from None
                     if code in _REJECTED:
                         raise RequestRejectedError(details or code.name) from None
                     if code == grpc.StatusCode.FAILED_PRECONDITION:
@@ -763,7 +784,8 @@ exit codes:
   {EXIT_OK}  success
   {EXIT_MISSING_KEY}  get: the key is not set; delete: the key was not set (nothing removed);
      member add/remove: the cluster refused the change (nothing changed)
-  {EXIT_USAGE}  bad command line or cluster description, or the cluster rejected the request
+  {EXIT_USAGE}  bad command line, cluster description or TLS file, or the cluster rejected the
+     request (also: permission denied, an admin call without an admin's certificate)
   {EXIT_UNAVAILABLE}  the cluster did not complete the request before --timeout
      (after a failed write, the write may or may not have been applied)
   {EXIT_NOT_SWAPPED}  cas: the key did not hold EXPECTED (or was not absent); nothing changed
@@ -805,6 +827,18 @@ def _build_parser() -> _Parser:
     where.add_argument("--cluster", metavar="FILE", help="cluster TOML file, as the nodes use")
     where.add_argument(
         "--endpoints", metavar="HOST:PORT,...", help="the nodes' client addresses, comma-separated"
+    )
+    tls = parser.add_argument_group(
+        "TLS (default: plain text; --tls-ca alone verifies the nodes, add --tls-cert and "
+        "--tls-key where they require client certificates)"
+    )
+    tls.add_argument("--tls-ca", metavar="FILE", help="CA certificate(s) to verify the nodes with")
+    tls.add_argument("--tls-cert", metavar="FILE", help="this client's certificate (PEM)")
+    tls.add_argument("--tls-key", metavar="FILE", help="its private key (PEM)")
+    tls.add_argument(
+        "--tls-server-name",
+        metavar="NAME",
+        help="check the nodes' certificates against NAME rather than the host dialled",
     )
     parser.add_argument(
         "--timeout",
@@ -900,15 +934,28 @@ def _client_from_args(parser: _Parser, args: argparse.Namespace) -> Client:
     if sum(forms) > 1:
         parser.error("give only one of --first-port/--nodes, --cluster or --endpoints")
     deadline = DEFAULT_DEADLINE if args.timeout is None else args.timeout
+    tls = _tls_from_args(parser, args)
     if args.cluster is not None:
-        return Client.from_cluster_file(args.cluster, deadline=deadline)
+        return Client.from_cluster_file(args.cluster, deadline=deadline, tls=tls)
     if args.endpoints is not None:
-        return Client.from_endpoints(args.endpoints, deadline=deadline)
+        return Client.from_endpoints(args.endpoints, deadline=deadline, tls=tls)
     return Client.seed_scheme(
         DEFAULT_FIRST_PORT if args.first_port is None else args.first_port,
         DEFAULT_NODES if args.nodes is None else args.nodes,
         deadline=deadline,
+        tls=tls,
     )
+
+
+def _tls_from_args(parser: _Parser, args: argparse.Namespace) -> TlsConfig | None:
+    """The TLS settings the flags ask for (TlsError for an unusable file), or None: plain text."""
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    if args.tls_ca is None and args.tls_cert is None:
+        if args.tls_server_name is not None:
+            parser.error("--tls-server-name needs --tls-ca")
+        return None
+    return TlsConfig.load(args.tls_cert, args.tls_key, args.tls_ca, args.tls_server_name)
 
 
 def _check_operands(parser: _Parser, args: argparse.Namespace) -> None:
@@ -1072,7 +1119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _check_operands(parser, args)
     try:
         client = _client_from_args(parser, args)
-    except ConfigError as e:
+    except (ConfigError, TlsError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     try:
@@ -1080,6 +1127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MembershipRefusedError as e:
         print(f"{PROG}: refused: {e}", file=sys.stderr)
         return EXIT_REFUSED
+    except PermissionDeniedError as e:
+        print(f"{PROG}: permission denied: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except RequestRejectedError as e:
         print(f"{PROG}: rejected: {e}", file=sys.stderr)
         return EXIT_USAGE

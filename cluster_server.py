@@ -3,7 +3,7 @@ node's answer (or refusal) into the reply and status code the client expects."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Collection
 from typing import Protocol, TypeVar
 
 import grpc
@@ -26,6 +26,7 @@ from raft_node import (
 )
 from rpc import raft_pb2, raft_pb2_grpc
 from state_machine import ApplyResult, CasResult, SessionExpired
+from tls import admin_refusal
 
 MAX_KEY_BYTES = 1024
 MAX_VALUE_BYTES = 1024 * 1024
@@ -148,10 +149,17 @@ def _redirect(response: _WriteReply, e: NotLeaderError) -> _WriteReply:
 
 class ClusterServicer(raft_pb2_grpc.ClusterServicer):
     """Serves the key-value operations, client registration, GetLeader and the admin calls
-    (leadership transfer, membership) for one node."""
+    (leadership transfer, membership) for one node. With `admin_names`, the admin calls are
+    served only to clients whose verified certificate bears one of those names."""
 
-    def __init__(self, node: ClusterNode) -> None:
+    def __init__(self, node: ClusterNode, admin_names: Collection[str] = ()) -> None:
         self._node = node
+        self._admin_names = frozenset(admin_names)
+
+    async def _admin_only(self, context: grpc.aio.ServicerContext) -> None:
+        refusal = admin_refusal(context, self._admin_names)
+        if refusal is not None:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
 
     async def _check(self, context: grpc.aio.ServicerContext, *problems: str | None) -> None:
         for problem in problems:
@@ -273,6 +281,7 @@ class ClusterServicer(raft_pb2_grpc.ClusterServicer):
         """Admin: hand leadership to `target_id` (0: the most up-to-date other node). success once
         that node (with 0, any other node) leads; a redirect when this node does not lead, or when
         another node took over (ask it again); UNAVAILABLE when the transfer was abandoned."""
+        await self._admin_only(context)
         target = request.target_id
         if target < 0 or target >= MAX_WIRE_NUMBER:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{target} is not a node id")
@@ -353,7 +362,8 @@ class ClusterServicer(raft_pb2_grpc.ClusterServicer):
         self, request: raft_pb2.ListMembersRequest, context: grpc.aio.ServicerContext
     ) -> raft_pb2.MembershipResponse:
         """Admin: the leader's latest configuration (a redirect elsewhere); with allow_stale,
-        this node's own, which may lag or not be committed yet."""
+        this node's own, which may lag or not be committed yet. Open to every client the
+        service lets in, like GetLeader: it changes nothing (and `status` needs it)."""
         if request.allow_stale:
             return self._membership_reply(self._node.membership())
         try:
@@ -369,6 +379,7 @@ class ClusterServicer(raft_pb2_grpc.ClusterServicer):
     ) -> raft_pb2.MembershipResponse:
         """Admin: add a node as a learner (promoted to voter once caught up). Answers once the
         learner, or with wait_until_voter its promotion, has committed."""
+        await self._admin_only(context)
         node = NodeAddress(request.id, request.raft_address, request.client_address)
         try:
             check_new_member(node)
@@ -380,6 +391,7 @@ class ClusterServicer(raft_pb2_grpc.ClusterServicer):
         self, request: raft_pb2.RemoveMemberRequest, context: grpc.aio.ServicerContext
     ) -> raft_pb2.MembershipResponse:
         """Admin: remove a voter or learner for good; answers once the change has committed."""
+        await self._admin_only(context)
         if not 0 < request.id < MAX_NODE_ID:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,

@@ -18,6 +18,7 @@ from membership import Membership, MembershipError, check_new_member
 from raft_node import HANDOVER_TIMEOUTS, RaftNode, SnapshotPolicy, Timing, wait_until_time
 from rpc import raft_pb2_grpc
 from snapshot import SnapshotError
+from tls import TlsConfig, TlsError
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -129,7 +130,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="entries kept in the log behind a snapshot, so a follower a little behind catches "
         f"up without a snapshot transfer ({SnapshotPolicy.keep_entries})",
     )
+    _add_tls_flags(parser)
     args = parser.parse_args(argv)
+    _check_tls_flags(parser, args)
     if args.join is not None:
         if args.id is None or args.raft_address is None or args.client_address is None:
             parser.error("--join needs --id, --raft-address and --client-address")
@@ -145,6 +148,62 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.port is not None and args.cluster is not None:
         parser.error("--port uses the seed's port scheme; use --id with --cluster")
     return args
+
+
+def _add_tls_flags(parser: argparse.ArgumentParser) -> None:
+    tls = parser.add_argument_group(
+        "TLS (all of --tls-cert, --tls-key and --tls-ca, or none: plain text)"
+    )
+    tls.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        help="this node's certificate (PEM): served on both ports and presented to its peers",
+    )
+    tls.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
+    tls.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        help="CA certificate(s) (PEM): peers must present a certificate it signed (mutual TLS), "
+        "and this node checks theirs against it",
+    )
+    tls.add_argument(
+        "--client-cert-auth",
+        action="store_true",
+        help="clients must also present a certificate signed by --tls-ca",
+    )
+    tls.add_argument(
+        "--admin-cert-name",
+        action="append",
+        metavar="NAME",
+        help="admin calls (member list/add/remove, transfer-leader) only for clients whose "
+        "certificate has this common name or DNS name (repeatable; needs --client-cert-auth)",
+    )
+    tls.add_argument(
+        "--tls-server-name",
+        metavar="NAME",
+        help="check peers' certificates against NAME rather than the host they are dialled at",
+    )
+
+
+def _check_tls_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    given = [args.tls_cert is not None, args.tls_key is not None, args.tls_ca is not None]
+    if any(given) and not all(given):
+        parser.error("--tls-cert, --tls-key and --tls-ca go together: give all three or none")
+    if not any(given):
+        for flag, value in (
+            ("--client-cert-auth", args.client_cert_auth),
+            ("--tls-server-name", args.tls_server_name),
+            ("--admin-cert-name", args.admin_cert_name),
+        ):
+            if value:
+                parser.error(f"{flag} needs TLS: --tls-cert, --tls-key and --tls-ca")
+    if args.admin_cert_name and not all(name.strip() for name in args.admin_cert_name):
+        parser.error("--admin-cert-name must not be empty")
+    if args.admin_cert_name and not args.client_cert_auth:
+        parser.error(
+            "--admin-cert-name needs --client-cert-auth: only a verified client certificate "
+            "says who is calling"
+        )
 
 
 def _fail(code: int, message: str) -> NoReturn:
@@ -185,12 +244,15 @@ async def _serve(
         log = await RaftLog.open(data_dir)
     except (LogCorruptionError, ClusterIdentityError) as e:
         _fail(1, str(e))
+    tls: TlsConfig | None = args.tls_config
     joining = args.join is not None
     if identity.cluster_id is None and not joining:
         # Every member bootstrapped from the same flags derives the same id (a joining node
         # instead adopts its leader's). Kept from now on: later flags never change it.
         await identity.keep(derive_cluster_id(cluster, args.cluster_token))
-    transport = GrpcTransport({p.id: p.raft_address for p in cluster.peers_of(node_id)}, identity)
+    transport = GrpcTransport(
+        {p.id: p.raft_address for p in cluster.peers_of(node_id)}, identity, tls=tls
+    )
     node = RaftNode(node_id, cluster, log, transport, timing, snapshot_policy=policy, join=joining)
     try:
         node.start_from_snapshot()
@@ -210,21 +272,25 @@ async def _serve(
     raft_servicer = raft_server.RaftServicer(node, identity)
     exit_code = 0
     try:
-        services: list[tuple[str, Callable[[grpc.aio.Server], None], int]] = [
+        # The last item: whether the service demands a client certificate under TLS (peers always).
+        services: list[tuple[str, Callable[[grpc.aio.Server], None], int, bool]] = [
             (
                 me.raft_address,
                 lambda s: raft_pb2_grpc.add_RaftServicer_to_server(raft_servicer, s),
                 64 * 1024 * 1024,
+                True,
             ),
             (
                 me.client_address,
                 lambda s: raft_pb2_grpc.add_ClusterServicer_to_server(
-                    cluster_server.ClusterServicer(node), s
+                    cluster_server.ClusterServicer(node, admin_names=args.admin_cert_name or ()),
+                    s,
                 ),
                 4 * 1024 * 1024,
+                args.client_cert_auth,
             ),
         ]
-        for address, add_services, limit in services:
+        for address, add_services, limit, client_auth in services:
             server = grpc.aio.server(
                 options=[
                     # Without this, gRPC lets a second process share a port that is in use.
@@ -238,7 +304,11 @@ async def _serve(
             problem = _cannot_bind(bind)
             if problem is None:
                 try:
-                    if server.add_insecure_port(bind) == 0:
+                    if tls is None:
+                        port = server.add_insecure_port(bind)
+                    else:
+                        port = server.add_secure_port(bind, tls.server_credentials(client_auth))
+                    if port == 0:
                         problem = "gRPC could not bind it"
                 except RuntimeError as e:
                     problem = str(e)
@@ -265,10 +335,12 @@ async def _serve(
             data_dir,
             identity.cluster_id or "(learnt from its leader once joined)",
         )
+        if tls is not None:
+            node.narrate.info("%s", _describe_tls(args))
         node.start()
         refused: list[str] = []
         if joining and not node.config.is_member(node_id):
-            joined = asyncio.ensure_future(_join(node, args.join, refused, stop))
+            joined = asyncio.ensure_future(_join(node, args.join, refused, stop, tls))
         else:
             joined = None
         removed = asyncio.ensure_future(node.removed.wait())
@@ -300,14 +372,23 @@ async def _serve(
     return exit_code
 
 
-async def _join(node: RaftNode, address: str, refused: list[str], stop: asyncio.Event) -> None:
-    """Ask the cluster at `address` to add this node as a learner, until it agrees or refuses."""
+async def _join(
+    node: RaftNode,
+    address: str,
+    refused: list[str],
+    stop: asyncio.Event,
+    tls: TlsConfig | None = None,
+) -> None:
+    """Ask the cluster at `address` to add this node as a learner, until it agrees or refuses.
+    A cluster that keeps admin calls from this node's certificate is waited on instead: an
+    admin adds the node with `member add`."""
     from cluster_client import (
         Client,
         ClientError,
         ClusterUnavailableError,
         MembershipBusyError,
         MembershipRefusedError,
+        PermissionDeniedError,
     )
 
     me = node.me
@@ -317,7 +398,7 @@ async def _join(node: RaftNode, address: str, refused: list[str], stop: asyncio.
         me.raft_address,
         me.client_address,
     )
-    async with Client.from_endpoints([address]) as client:
+    async with Client.from_endpoints([address], tls=tls) as client:
         while not node.config.is_member(node.node_id):
             try:
                 added = await client.add_member(
@@ -329,6 +410,15 @@ async def _join(node: RaftNode, address: str, refused: list[str], stop: asyncio.
                 refused.append(str(e))
                 stop.set()
                 return
+            except PermissionDeniedError as e:
+                node.narrate.info(
+                    "the cluster does not let my certificate add members (%s); waiting for an "
+                    "admin to add me with `member add`",
+                    e,
+                )
+                while not node.config.is_member(node.node_id):
+                    await _pause(node, 1.0)
+                return
             except (ClusterUnavailableError, ClientError) as e:
                 node.narrate.info("could not reach the cluster to join it (%s); trying again", e)
             else:
@@ -337,7 +427,11 @@ async def _join(node: RaftNode, address: str, refused: list[str], stop: asyncio.
                     added.config_index,
                 )
                 return
-            await wait_until_time(node.clock, asyncio.Event(), node.clock.now() + 1.0)
+            await _pause(node, 1.0)
+
+
+async def _pause(node: RaftNode, seconds: float) -> None:
+    await wait_until_time(node.clock, asyncio.Event(), node.clock.now() + seconds)
 
 
 async def _hand_over(node: RaftNode, timeout: float, hurry: asyncio.Event) -> None:
@@ -410,6 +504,28 @@ def _lock_data_dir(data_dir: Path) -> Any:
     return lock
 
 
+def _describe_tls(args: argparse.Namespace) -> str:
+    if not args.client_cert_auth:
+        clients = "clients need none"
+    elif args.admin_cert_name:
+        names = ", ".join(args.admin_cert_name)
+        clients = f"so must clients, and only {names} may make admin calls"
+    else:
+        clients = "so must clients"
+    return (
+        f"TLS on both services: peers must present a certificate signed by {args.tls_ca}; {clients}"
+    )
+
+
+def _load_tls(args: argparse.Namespace) -> TlsConfig | None:
+    if args.tls_cert is None:
+        return None
+    try:
+        return TlsConfig.load(args.tls_cert, args.tls_key, args.tls_ca, args.tls_server_name)
+    except TlsError as e:
+        _fail(2, str(e))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     try:
@@ -442,6 +558,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     except ConfigError as e:
         _fail(2, str(e))
+    args.tls_config = _load_tls(args)
     _setup_logging(args.log_level)
     import uvloop
 

@@ -12,6 +12,7 @@ from google.protobuf.message import Message
 from cluster_identity import ClusterIdentity
 from raft_node import PeerUnreachableError
 from rpc import raft_pb2, raft_pb2_grpc
+from tls import TlsConfig, open_channel
 
 _CHANNEL_OPTIONS = [
     # gRPC's default reconnect backoff grows to minutes; a restarted peer must be reached again within
@@ -41,13 +42,18 @@ class _AppendStream:
 
 class GrpcTransport:
     """The daemon's `Transport`: a lazily opened channel and stub per peer id. Every call carries
-    this node's cluster id (`identity`), which peers of another cluster refuse."""
+    this node's cluster id (`identity`), which peers of another cluster refuse; with `tls`, every
+    channel verifies the peer against its CA and presents this node's own certificate."""
 
     def __init__(
-        self, peer_addresses: dict[int, str], identity: ClusterIdentity | None = None
+        self,
+        peer_addresses: dict[int, str],
+        identity: ClusterIdentity | None = None,
+        tls: TlsConfig | None = None,
     ) -> None:
         self._identity = identity
         self._addresses = dict(peer_addresses)
+        self._tls = tls
         self._channels: dict[int, grpc.aio.Channel] = {}
         self._stubs: dict[int, raft_pb2_grpc.RaftStub] = {}
         self._retired: list[grpc.aio.Channel] = []
@@ -81,7 +87,7 @@ class GrpcTransport:
             address = self._addresses.get(peer_id)
             if address is None:
                 raise PeerUnreachableError(f"{peer_id} is not a known peer")
-            channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+            channel = open_channel(address, _CHANNEL_OPTIONS, self._tls)
             self._channels[peer_id] = channel
             stub = self._stubs[peer_id] = raft_pb2_grpc.RaftStub(channel)
             self._appends[peer_id] = channel.unary_unary(

@@ -25,6 +25,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO, TYPE_CHECKING, Any
@@ -38,6 +39,7 @@ import grpc  # noqa: E402
 
 from cluster_config import ClusterConfig, NodeAddress  # noqa: E402
 from rpc import raft_pb2, raft_pb2_grpc  # noqa: E402
+from tls import TlsConfig, open_channel  # noqa: E402
 
 if TYPE_CHECKING:
     import cluster_client
@@ -102,6 +104,63 @@ def find_free_port_block(count: int, host: str = HOST, attempts: int = 200) -> i
     raise PortBusyError(f"found no {count} consecutive free ports in {low}-{high} on {host}")
 
 
+@dataclass
+class ClusterTls:
+    """A cluster run under TLS: certificates made by make_certs.py in `directory` (a node's own
+    pair, node-<id>.pem/.key, is made when the node is first started), and the flags for it."""
+
+    directory: Path
+    client_cert_auth: bool = True
+    admin_names: tuple[str, ...] = ()
+    # The certificate (<name>.pem/.key) this cluster's clients and probes present.
+    client_name: str = "client"
+
+    @classmethod
+    def create(cls, directory: Path, **options: Any) -> ClusterTls:
+        """A new CA with client and admin certificates in `directory`."""
+        import make_certs
+
+        make_certs.make_all(directory, [], HOST)
+        return cls(directory, **options)
+
+    @property
+    def ca(self) -> Path:
+        return self.directory / "ca.pem"
+
+    def node_args(self, node_id: int) -> list[str]:
+        """The TLS flags of node `node_id`."""
+        cert, key = self.directory / f"node-{node_id}.pem", self.directory / f"node-{node_id}.key"
+        if not cert.exists():
+            import make_certs
+
+            authority, _ = make_certs.load_or_make_authority(self.directory)
+            make_certs.write_node(
+                authority, self.directory, str(node_id), make_certs.parse_hosts(HOST)
+            )
+        args = ["--tls-cert", str(cert), "--tls-key", str(key), "--tls-ca", str(self.ca)]
+        if self.client_cert_auth:
+            args.append("--client-cert-auth")
+        for name in self.admin_names:
+            args += ["--admin-cert-name", name]
+        return args
+
+    def client_args(self, name: str | None = None) -> list[str]:
+        """cluster_client.py's flags for the client certificate `name` (default: client_name)."""
+        stem = self.directory / (name or self.client_name)
+        return [
+            "--tls-cert",
+            f"{stem}.pem",
+            "--tls-key",
+            f"{stem}.key",
+            "--tls-ca",
+            str(self.ca),
+        ]
+
+    def client_config(self, name: str | None = None) -> TlsConfig:
+        stem = self.directory / (name or self.client_name)
+        return TlsConfig.load(f"{stem}.pem", f"{stem}.key", self.ca)
+
+
 class NodeProbe:
     """Direct queries to single nodes' Cluster service, one cached channel per node.
 
@@ -118,8 +177,11 @@ class NodeProbe:
     def _stub(self, node_id: int) -> Any:
         stub = self._stubs.get(node_id)
         if stub is None:
-            channel = grpc.aio.insecure_channel(
-                self._cluster.client_address(node_id), options=CHANNEL_OPTIONS
+            tls = self._cluster.tls
+            channel = open_channel(
+                self._cluster.client_address(node_id),
+                CHANNEL_OPTIONS,
+                None if tls is None else tls.client_config(),
             )
             self._channels[node_id] = channel
             stub = self._stubs[node_id] = raft_pb2_grpc.ClusterStub(channel)
@@ -223,6 +285,8 @@ class LocalCluster:
         self._joined: dict[int, str] = {}
         self.removed: list[int] = []
         self._exit_marked: set[int] = set()
+        # Set before starting nodes to run the cluster, its clients and probes under TLS.
+        self.tls: ClusterTls | None = None
 
     # -- addresses and paths ------------------------------------------------------------------
 
@@ -266,6 +330,7 @@ class LocalCluster:
             "--data-dir",
             str(self.node_data_dir(node_id)),
             *self.extra_args,
+            *self.tls_args(node_id),
         ]
 
     def join_command(self, node_id: int) -> list[str]:
@@ -287,11 +352,16 @@ class LocalCluster:
             "--data-dir",
             str(self.node_data_dir(node_id)),
             *self.extra_args,
+            *self.tls_args(node_id),
         ]
 
     def command_prefix(self, node_id: int) -> list[str]:
         """What runs the node's command (e.g. on another host); nothing here."""
         return []
+
+    def tls_args(self, node_id: int) -> list[str]:
+        """The node's TLS flags; none when the cluster runs in plain text."""
+        return [] if self.tls is None else self.tls.node_args(node_id)
 
     # -- membership ---------------------------------------------------------------------------
 
@@ -592,6 +662,8 @@ class LocalCluster:
     def client(self, **kwargs: Any) -> cluster_client.Client:
         """A cluster_client.Client that knows every node of this cluster, and keeps knowing the
         current members when they change (the seed scheme's addresses until then)."""
+        if self.tls is not None:
+            kwargs.setdefault("tls", self.tls.client_config())
         return following_client(lambda: self.config, **kwargs)
 
     def node_log(self, node_id: int) -> str:
@@ -735,6 +807,7 @@ class HostCluster(LocalCluster):
             "--data-dir",
             str(self.node_data_dir(node_id)),
             *self.extra_args,
+            *self.tls_args(node_id),
         ]
 
     def stop(self) -> None:

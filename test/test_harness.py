@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, NoReturn
 from test.cluster_process import (
     HOST,
     REPO_ROOT,
+    ClusterTls,
     HostCluster,
     LocalCluster,
     NodeProbe,
@@ -436,9 +437,11 @@ def _ids(ids: list[int]) -> str:
 async def _member_list(cluster: LocalCluster) -> str:
     """What the CLI prints for `member list`, on one line."""
     endpoints = ",".join(cluster.client_addresses)
+    tls = [] if cluster.tls is None else cluster.tls.client_args()
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "cluster_client.py",
+        *tls,
         "--endpoints",
         endpoints,
         "member",
@@ -508,6 +511,9 @@ class Options:
     duration: float = 300.0
     seed: int = 0
     membership: bool = False
+    # Every node, client and probe under TLS (mutual between peers, client certificates
+    # required) with certificates made for the run.
+    tls: ClusterTls | None = None
 
 
 async def run_faults(options: Options) -> bool:
@@ -566,6 +572,7 @@ async def run_scenario(name: str, options: Options) -> bool:
         cluster = HostCluster.on_localhost(3, options.data_root / name, MEMBERSHIP_FLAGS)
     else:
         cluster = LocalCluster(options.nodes, options.first_port, options.data_root / name)
+    cluster.tls = options.tls
     try:
         cluster.start()
         scenario = Scenario(cluster, cluster.probe(), started)
@@ -598,6 +605,7 @@ async def run_scenarios(names: list[str], options: Options) -> list[str]:
 
 async def run_up(options: Options) -> None:
     cluster = LocalCluster(options.nodes, options.first_port, options.data_root)
+    cluster.tls = options.tls
     try:
         cluster.start()
         leader = await cluster.wait_for_leader(LEADER_TIMEOUT)
@@ -608,6 +616,8 @@ async def run_up(options: Options) -> None:
                 f"pid {cluster.pid(node_id)}, log {cluster.log_path(node_id)}"
             )
         seed = f"--first-port {cluster.first_port} --nodes {options.nodes}"
+        if options.tls is not None:
+            seed = " ".join([*options.tls.client_args(), seed])
         print("Try, from the repository root:")
         print(f"  python cluster_client.py {seed} put greeting hello")
         print(f"  python cluster_client.py {seed} get greeting")
@@ -677,6 +687,12 @@ def main(argv: list[str] | None = None) -> int:
         "snapshot (needs root and `ip netns`)",
     )
     parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="run nodes and clients under TLS: certificates made in the data dir, mutual TLS "
+        "between peers, client certificates required (not for 'faults')",
+    )
+    parser.add_argument(
         "scenarios",
         nargs="*",
         metavar="SCENARIO",
@@ -693,6 +709,8 @@ def main(argv: list[str] | None = None) -> int:
             f"unknown scenario {unknown[0]!r}; choose 'up', 'faults', "
             f"{', '.join(repr(n) for n in ON_DEMAND)} or from: {', '.join(SCENARIOS)}"
         )
+    if args.tls and "faults" in names:
+        _fail("--tls is not available for the fault suite; run it without --tls")
     if not args.duration > 0:
         _fail(f"--duration must be a positive number of seconds, not {args.duration:g}")
     if not 1 <= args.nodes <= 99:
@@ -722,6 +740,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         root = Path(tempfile.mkdtemp(prefix="raft-demo-harness-"))
     options = Options(args.nodes, first_port, root, args.duration, args.seed, args.membership)
+    if args.tls:
+        options.tls = ClusterTls.create(root / "tls")
+        print(f"TLS: certificates in {options.tls.directory}; peers and clients must present one")
     # SIGTERM unwinds like Ctrl-C, so every node is stopped by the same finally blocks.
     signal.signal(signal.SIGTERM, _interrupt)
 
