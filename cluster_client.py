@@ -151,6 +151,50 @@ class MemberList:
 
 
 @dataclass(frozen=True)
+class MemberStatus:
+    """One member as `Client.status()` found it: its own report (Status), or why it gave none."""
+
+    id: int | None
+    raft_address: str
+    client_address: str
+    # None when the node answered; else why not (it is down, or unreachable from here).
+    error: str | None = None
+    role: str = ""
+    term: int = 0
+    leader_id: int | None = None
+    commit_index: int = 0
+    applied_index: int = 0
+    last_log_index: int = 0
+    snapshot_index: int = 0
+    voter: bool = False
+    learner: bool = False
+    # Its health check's answer: a voter with a live leader.
+    serving: bool = False
+    # From the leader's view (also for a node that did not answer here): entries this node has
+    # not acknowledged (0 for the leader itself), and seconds since it last answered the leader.
+    # None when unknown. For an unreachable node, voter and learner are as the membership says.
+    lag: int | None = None
+    last_contact: float | None = None
+
+    @property
+    def reachable(self) -> bool:
+        return self.error is None
+
+
+@dataclass(frozen=True)
+class ClusterStatus:
+    """Every member's own report, by id (those unknown last), and which node leads."""
+
+    nodes: list[MemberStatus]
+    # The node that reported itself leader (in the newest term, if several did).
+    leader_id: int | None
+
+    @property
+    def unreachable(self) -> list[MemberStatus]:
+        return [n for n in self.nodes if not n.reachable]
+
+
+@dataclass(frozen=True)
 class _Done(Generic[_T]):
     value: _T
 
@@ -524,6 +568,98 @@ class Client:
 
         return await self._retry("find the leader", self._read_attempt_timeout, attempt)
 
+    async def status(self) -> ClusterStatus:
+        """Ask every member for its own status, at once. The members are those of the leader's
+        configuration (or, with no leader, the newest one any node reports), so nodes added since
+        this client was made are asked too. A node that does not answer within the read attempt
+        timeout is reported with the reason; this never raises for an unreachable node."""
+        seconds = min(self._read_attempt_timeout, self._deadline)
+
+        async def ask(address: str) -> raft_pb2.StatusResponse | str:
+            try:
+                response: raft_pb2.StatusResponse = await self._stub(address).Status(
+                    raft_pb2.StatusRequest(), timeout=seconds
+                )
+            except grpc.aio.AioRpcError as e:
+                details = _one_line(e.details())
+                return f"{e.code().name}: {details}" if details else e.code().name
+            return response
+
+        answers: dict[str, raft_pb2.StatusResponse | str] = {}
+        pending = list(self._addresses)
+        config: raft_pb2.Configuration | None = None
+        while pending:
+            results = await asyncio.gather(*(ask(address) for address in pending))
+            answers.update(zip(pending, results, strict=True))
+            config = _newest_configuration([a for a in answers.values() if not isinstance(a, str)])
+            members = config.members if config is not None else []
+            # Each round asks only addresses never asked, so this ends.
+            pending = [m.client_address for m in members if m.client_address not in answers]
+        replies = [a for a in answers.values() if not isinstance(a, str)]
+        leaders = [r for r in replies if r.role == "leader"]
+        leader = max(leaders, key=lambda r: r.term) if leaders else None
+        progress = {p.id: p for p in leader.peers} if leader is not None else {}
+
+        def leaders_view(node_id: int) -> tuple[int | None, float | None]:
+            """The leader's lag and last contact for this node (0 and None for itself)."""
+            if leader is not None and node_id == leader.node_id:
+                return 0, None
+            peer = progress.get(node_id)
+            if peer is None:
+                return None, None
+            contact = peer.last_contact_seconds if peer.HasField("last_contact_seconds") else None
+            return peer.lag, contact
+
+        rows: dict[int | str, MemberStatus] = {}
+        for reply in replies:
+            lag, contact = leaders_view(reply.node_id)
+            rows[reply.node_id] = MemberStatus(
+                id=reply.node_id,
+                raft_address=reply.raft_address,
+                client_address=reply.client_address,
+                role=reply.role,
+                term=reply.term,
+                leader_id=reply.leader_id if reply.HasField("leader_id") else None,
+                commit_index=reply.commit_index,
+                applied_index=reply.applied_index,
+                last_log_index=reply.last_log_index,
+                snapshot_index=reply.snapshot_index,
+                voter=reply.voter,
+                learner=reply.learner,
+                serving=reply.serving,
+                lag=lag,
+                last_contact=contact,
+            )
+        by_address = {v: k for k, v in self._address_of.items()}
+        if config is not None:
+            self._address_of.update((m.id, m.client_address) for m in config.members)
+            for m in config.members:
+                if m.id not in rows:
+                    problem = answers.get(m.client_address)
+                    lag, contact = leaders_view(m.id)
+                    rows[m.id] = MemberStatus(
+                        id=m.id,
+                        raft_address=m.raft_address,
+                        client_address=m.client_address,
+                        error=problem if isinstance(problem, str) else "not asked",
+                        voter=m.voter,
+                        learner=not m.voter,
+                        lag=lag,
+                        last_contact=contact,
+                    )
+        else:
+            # Nobody answered: every address asked is unreachable, with its id if known.
+            for address, problem in answers.items():
+                node_id = by_address.get(address)
+                rows[node_id if node_id is not None else address] = MemberStatus(
+                    id=node_id,
+                    raft_address="",
+                    client_address=address,
+                    error=str(problem),
+                )
+        nodes = sorted(rows.values(), key=lambda n: (n.id is None, n.id or 0, n.client_address))
+        return ClusterStatus(nodes, leader.node_id if leader is not None else None)
+
     async def close(self) -> None:
         """Close every connection; the client may be used again afterwards (it reconnects)."""
         channels = list(self._channels.values())
@@ -774,6 +910,19 @@ class Client:
             backoff = min(backoff * 2, BACKOFF_MAX)
 
 
+def _newest_configuration(
+    replies: Sequence[raft_pb2.StatusResponse],
+) -> raft_pb2.Configuration | None:
+    """The configuration of the leader of the newest term among the replies; with no leader, the
+    one from the highest log index any node reports."""
+    if not replies:
+        return None
+    leaders = [r for r in replies if r.role == "leader"]
+    if leaders:
+        return max(leaders, key=lambda r: r.term).config
+    return max(replies, key=lambda r: r.config_index).config
+
+
 # --- command line ---------------------------------------------------------------------------
 
 _EPILOG = f"""\
@@ -789,6 +938,8 @@ exit codes:
   {EXIT_UNAVAILABLE}  the cluster did not complete the request before --timeout
      (after a failed write, the write may or may not have been applied)
   {EXIT_NOT_SWAPPED}  cas: the key did not hold EXPECTED (or was not absent); nothing changed
+  status: {EXIT_OK} when every member answered and one of them leads, else {EXIT_UNAVAILABLE}
+     (the table is printed either way); with --watch, {EXIT_OK} on Ctrl-C
 """
 
 
@@ -925,6 +1076,20 @@ def _build_parser() -> _Parser:
     )
     remove = actions.add_parser("remove", help="remove node ID for good (its id is never reused)")
     remove.add_argument("node_id", type=int, metavar="ID")
+    status = commands.add_parser(
+        "status",
+        help="ask every member for its status and print a table: id, addresses, role, term, "
+        "commit and applied index, and (from the leader) lag and last contact",
+    )
+    status.add_argument("--json", action="store_true", help="print one JSON document instead")
+    status.add_argument(
+        "--watch",
+        nargs="?",
+        const=2.0,
+        type=_positive_seconds,
+        metavar="SECONDS",
+        help="print it again every SECONDS (2) until Ctrl-C",
+    )
     return parser
 
 
@@ -1027,6 +1192,8 @@ async def _run_command(client: Client, args: argparse.Namespace) -> int:
             return EXIT_OK
         if args.command == "member":
             return await _run_member_command(client, args)
+        if args.command == "status":
+            return await _run_status_command(client, args)
         leader_id, address = await client.leader()
         print(f"{leader_id} {address}")
         return EXIT_OK
@@ -1066,6 +1233,117 @@ def _members_json(members: MemberList) -> str:
             "leader": members.leader_id,
         }
     )
+
+
+_STATUS_COLUMNS = (
+    "ID",
+    "RAFT ADDR",
+    "CLIENT ADDR",
+    "ROLE",
+    "TERM",
+    "COMMIT",
+    "APPLIED",
+    "LAG",
+    "LAST CONTACT",
+)
+
+
+def _status_cells(node: MemberStatus) -> list[str]:
+    ident = "?" if node.id is None else str(node.id)
+    lag = "-" if node.lag is None else str(node.lag)
+    contact = "-" if node.last_contact is None else f"{node.last_contact * 1000:.0f} ms ago"
+    if not node.reachable:
+        where = [ident, node.raft_address or "?", node.client_address, "unreachable"]
+        return where + ["-"] * 3 + [lag, contact]
+    role = node.role if node.voter else ("learner" if node.learner else "not a member")
+    return [
+        ident,
+        node.raft_address,
+        node.client_address,
+        role,
+        str(node.term),
+        str(node.commit_index),
+        str(node.applied_index),
+        lag,
+        contact,
+    ]
+
+
+def _status_table(status: ClusterStatus) -> list[str]:
+    """`status`: a boxed table, one row per member, as `etcdctl endpoint status -w table`."""
+    rows = [_status_cells(n) for n in status.nodes]
+    widths = [max(len(c[i]) for c in [list(_STATUS_COLUMNS), *rows]) for i in range(9)]
+    rule = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
+
+    def line(cells: Sequence[str], numeric: bool) -> str:
+        out = []
+        for i, (cell, width) in enumerate(zip(cells, widths, strict=True)):
+            # Numbers line up on the right, words on the left.
+            right = numeric and 4 <= i <= 7
+            out.append(f" {cell:>{width}} " if right else f" {cell:<{width}} ")
+        return "|" + "|".join(out) + "|"
+
+    return [
+        rule,
+        line(_STATUS_COLUMNS, False),
+        rule,
+        *(line(r, True) for r in rows),
+        rule,
+    ]
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 3)
+
+
+def _status_json(status: ClusterStatus) -> str:
+    nodes = []
+    for n in status.nodes:
+        entry: dict[str, Any] = {
+            "id": n.id,
+            "raft_address": n.raft_address or None,
+            "client_address": n.client_address,
+            "reachable": n.reachable,
+            "error": n.error,
+        }
+        if n.reachable:
+            entry.update(
+                role=n.role,
+                term=n.term,
+                leader_id=n.leader_id,
+                commit_index=n.commit_index,
+                applied_index=n.applied_index,
+                last_log_index=n.last_log_index,
+                snapshot_index=n.snapshot_index,
+                voter=n.voter,
+                learner=n.learner,
+                serving=n.serving,
+            )
+        # The leader's view, known also for a node that did not answer.
+        entry.update(lag=n.lag, last_contact_seconds=_rounded(n.last_contact))
+        nodes.append(entry)
+    return json.dumps({"leader": status.leader_id, "nodes": nodes})
+
+
+async def _run_status_command(client: Client, args: argparse.Namespace) -> int:
+    clear = args.watch is not None and not args.json and sys.stdout.isatty()
+    while True:
+        status = await client.status()
+        if args.json:
+            print(_status_json(status), flush=True)
+        else:
+            text = "\n".join(_status_table(status))
+            # Redrawn in place on a terminal; one table after another when piped.
+            print(("\x1b[H\x1b[2J" if clear else "") + text, flush=True)
+            for node in status.unreachable:
+                name = node.id if node.id is not None else node.client_address
+                print(f"{PROG}: {name} is unreachable: {node.error}", file=sys.stderr)
+            if status.leader_id is None:
+                print(f"{PROG}: no node reports itself leader", file=sys.stderr)
+        if args.watch is None:
+            healthy = status.leader_id is not None and not status.unreachable
+            return EXIT_OK if healthy else EXIT_UNAVAILABLE
+        await asyncio.sleep(args.watch)
 
 
 async def _run_member_command(client: Client, args: argparse.Namespace) -> int:
@@ -1140,6 +1418,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: outcome unknown: the client session expired: {e}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     except KeyboardInterrupt:
+        if args.command == "status" and args.watch is not None:
+            return EXIT_OK  # how --watch is meant to end
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
 

@@ -16,6 +16,7 @@ from membership import (
     MembershipError,
     check_new_member,
 )
+from node_status import NodeStatus
 from raft_node import (
     MAX_WIRE_NUMBER,
     CommitUnknownError,
@@ -81,6 +82,8 @@ class ClusterNode(Protocol):
     ) -> tuple[Membership, int, bool]: ...
 
     async def remove_member(self, node_id: int) -> tuple[Membership, int, bool]: ...
+
+    def status(self) -> NodeStatus: ...
 
 
 def key_problem(key: str) -> str | None:
@@ -398,3 +401,40 @@ class ClusterServicer(raft_pb2_grpc.ClusterServicer):
                 f"node id must be a positive integer below 2^62, not {request.id}",
             )
         return await self._change(self._node.remove_member(request.id), context)
+
+    async def Status(
+        self, request: raft_pb2.StatusRequest, context: grpc.aio.ServicerContext
+    ) -> raft_pb2.StatusResponse:
+        """Admin: this node's own view of itself (and, on the leader, of each other member);
+        every node answers, whatever its role."""
+        return status_to_proto(self._node.status())
+
+
+def status_to_proto(status: NodeStatus) -> raft_pb2.StatusResponse:
+    response = raft_pb2.StatusResponse(
+        node_id=status.node_id,
+        raft_address=status.raft_address,
+        client_address=status.client_address,
+        role=status.role,
+        term=status.term,
+        commit_index=status.commit_index,
+        applied_index=status.applied_index,
+        last_log_index=status.last_log_index,
+        snapshot_index=status.snapshot_index,
+        voter=status.voter,
+        learner=status.learner,
+        config=status.config.to_proto(),
+        config_index=status.config_index,
+        serving=status.serving,
+    )
+    if status.leader_id is not None:
+        response.leader_id = status.leader_id
+    if status.leader_contact is not None:
+        response.leader_contact_seconds = status.leader_contact
+    for peer in status.peers:
+        made = response.peers.add(
+            id=peer.id, voter=peer.voter, match_index=peer.match_index, lag=peer.lag
+        )
+        if peer.last_contact is not None:
+            made.last_contact_seconds = peer.last_contact
+    return response

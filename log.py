@@ -11,6 +11,7 @@ import os
 import queue
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -130,9 +131,16 @@ def _write_all(fd: int, data: bytes | bytearray) -> None:
         view = view[os.write(fd, view) :]
 
 
-def _write_and_fsync(fd: int, data: bytes | bytearray) -> None:
+def _write_and_fsync(
+    fd: int, data: bytes | bytearray, on_fsync: Callable[[float], None] | None = None
+) -> None:
     _write_all(fd, data)
+    if on_fsync is None:
+        os.fsync(fd)
+        return
+    started = time.perf_counter()
     os.fsync(fd)
+    on_fsync(time.perf_counter() - started)
 
 
 def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
@@ -186,10 +194,11 @@ class _RealFile:
     commit) go to a writer thread of this file's own: one thread hop per commit, not one per step;
     the rarer operations run in the loop's executor."""
 
-    def __init__(self, fd: int, name: str) -> None:
+    def __init__(self, fd: int, name: str, on_fsync: Callable[[float], None] | None = None) -> None:
         self._fd = fd
         self._name = name
         self._writer: _Writer | None = None
+        self._on_fsync = on_fsync
 
     async def _run(self, fn: Callable[..., None], *args: object) -> None:
         await asyncio.get_running_loop().run_in_executor(None, fn, self._fd, *args)
@@ -204,8 +213,8 @@ class _RealFile:
     async def write_and_fsync(self, data: bytes | bytearray) -> None:
         if self._writer is None:
             self._writer = _Writer(f"writer {self._name}")
-        fd = self._fd
-        await self._writer.run(lambda: _write_and_fsync(fd, data))
+        fd, on_fsync = self._fd, self._on_fsync
+        await self._writer.run(lambda: _write_and_fsync(fd, data, on_fsync))
 
     async def truncate(self, size: int) -> None:
         await self._run(os.ftruncate, size)
@@ -222,7 +231,13 @@ class _RealFile:
 
 class RealDisk:
     """The real filesystem; each call runs in the event loop's executor (through aiofiles, or
-    directly for an open log file)."""
+    directly for an open log file).
+
+    `on_fsync`, if given, is told how many seconds each group commit's fsync took, from the
+    log's writer thread (so it must be thread-safe)."""
+
+    def __init__(self, on_fsync: Callable[[float], None] | None = None) -> None:
+        self._on_fsync = on_fsync
 
     async def exists(self, path: str) -> bool:
         return await aiofiles.os.path.exists(path)
@@ -240,7 +255,7 @@ class RealDisk:
         if truncate:
             flags |= os.O_TRUNC
         fd = await asyncio.get_running_loop().run_in_executor(None, os.open, path, flags, 0o644)
-        return _RealFile(fd, os.path.basename(path))
+        return _RealFile(fd, os.path.basename(path), self._on_fsync)
 
     async def replace(self, src: str, dst: str) -> None:
         await aiofiles.os.replace(src, dst)

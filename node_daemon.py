@@ -9,16 +9,20 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from cluster_config import ClusterConfig, ConfigError, NodeAddress, parse_host_port
 from cluster_identity import DEFAULT_TOKEN, ClusterIdentity, ClusterIdentityError, derive_cluster_id
-from log import LogCorruptionError, RaftLog
+from log import LogCorruptionError, RaftLog, RealDisk
 from membership import Membership, MembershipError, check_new_member
+from node_status import Observers
 from raft_node import HANDOVER_TIMEOUTS, RaftNode, SnapshotPolicy, Timing, wait_until_time
 from rpc import raft_pb2_grpc
 from snapshot import SnapshotError
 from tls import TlsConfig, TlsError
+
+if TYPE_CHECKING:
+    import grpc
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -130,9 +134,22 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="entries kept in the log behind a snapshot, so a follower a little behind catches "
         f"up without a snapshot transfer ({SnapshotPolicy.keep_entries})",
     )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics over HTTP at /metrics on this port (off by default)",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        metavar="HOST",
+        help="address to bind the metrics endpoint to (default: as the node's other servers)",
+    )
     _add_tls_flags(parser)
     args = parser.parse_args(argv)
     _check_tls_flags(parser, args)
+    if args.metrics_port is not None and not 0 < args.metrics_port < 65536:
+        parser.error(f"--metrics-port must be in 1-65535, not {args.metrics_port}")
     if args.join is not None:
         if args.id is None or args.raft_address is None or args.client_address is None:
             parser.error("--join needs --id, --raft-address and --client-address")
@@ -234,14 +251,22 @@ async def _serve(
 
     import cluster_server
     import raft_server
+    from health import NodeHealth, add_health_and_reflection
     from raft_client import GrpcTransport
 
     me = cluster.node(node_id)
     data_dir = Path(args.data_dir or Path("data") / str(node_id))
     lock = _lock_data_dir(data_dir)
+    metrics = None
+    if args.metrics_port is not None:
+        from metrics import NodeMetrics
+
+        metrics = NodeMetrics()
     try:
         identity = await ClusterIdentity.load(str(data_dir))
-        log = await RaftLog.open(data_dir)
+        log = await RaftLog.open(
+            data_dir, RealDisk(on_fsync=metrics.observe_fsync) if metrics is not None else None
+        )
     except (LogCorruptionError, ClusterIdentityError) as e:
         _fail(1, str(e))
     tls: TlsConfig | None = args.tls_config
@@ -268,19 +293,28 @@ async def _serve(
                 node.config.describe(),
             )
 
+    health = NodeHealth(node)
+    node.observer = health
+    if metrics is not None:
+        metrics.attach(node)
+        node.observer = Observers(health, metrics)
+    metrics_server: asyncio.Server | None = None
     servers: list[grpc.aio.Server] = []
     raft_servicer = raft_server.RaftServicer(node, identity)
     exit_code = 0
     try:
-        # The last item: whether the service demands a client certificate under TLS (peers always).
-        services: list[tuple[str, Callable[[grpc.aio.Server], None], int, bool]] = [
+        # Per service: its name, address, servicer, message size limit, and whether it demands a
+        # client certificate under TLS (peers always).
+        services: list[tuple[str, str, Callable[[grpc.aio.Server], None], int, bool]] = [
             (
+                "Raft",
                 me.raft_address,
                 lambda s: raft_pb2_grpc.add_RaftServicer_to_server(raft_servicer, s),
                 64 * 1024 * 1024,
                 True,
             ),
             (
+                "Cluster",
                 me.client_address,
                 lambda s: raft_pb2_grpc.add_ClusterServicer_to_server(
                     cluster_server.ClusterServicer(node, admin_names=args.admin_cert_name or ()),
@@ -290,7 +324,7 @@ async def _serve(
                 args.client_cert_auth,
             ),
         ]
-        for address, add_services, limit, client_auth in services:
+        for name, address, add_services, limit, client_auth in services:
             server = grpc.aio.server(
                 options=[
                     # Without this, gRPC lets a second process share a port that is in use.
@@ -300,6 +334,7 @@ async def _serve(
                 ]
             )
             add_services(server)
+            await add_health_and_reflection(server, name, health)
             bind = _bind_address(address, args.host)
             problem = _cannot_bind(bind)
             if problem is None:
@@ -316,6 +351,18 @@ async def _serve(
                 _fail(2, f"cannot listen on {bind}: {problem}")
             await server.start()
             servers.append(server)
+        if metrics is not None:
+            from metrics import serve_metrics
+
+            own_host, _ = parse_host_port(me.client_address)
+            metrics_host = args.metrics_host or args.host or own_host
+            try:
+                metrics_server = await serve_metrics(metrics, metrics_host, args.metrics_port)
+            except OSError as e:
+                host = f"[{metrics_host}]" if ":" in metrics_host else metrics_host
+                where = f"{host}:{args.metrics_port}"
+                _fail(2, f"cannot listen on {where} for metrics: {e.strerror or e}")
+        health.start()
 
         stop = asyncio.Event()
         # A second signal while a leader hands over means: stop now.
@@ -352,6 +399,7 @@ async def _serve(
             stopping.cancel()
             if joined is not None:
                 joined.cancel()
+        await health.stop()
         if refused:
             node.narrate.error("the cluster refused to add me: %s", refused[0])
             exit_code = 2
@@ -362,6 +410,9 @@ async def _serve(
         node.narrate.info("stopping: finishing disk writes")
     finally:
         await node.stop()
+        await health.stop()
+        if metrics_server is not None:
+            metrics_server.close()
         # A leader's open AppendStream would otherwise hold the server for its whole grace period.
         raft_servicer.end_streams()
         for server in servers:

@@ -28,6 +28,7 @@ from membership import (
     Membership,
     MembershipError,
 )
+from node_status import NodeObserver, NodeStatus, PeerStatus
 from rpc import raft_pb2
 from snapshot import Incoming, LoadedSnapshot, SnapshotError, SnapshotMeta
 from state_machine import (
@@ -322,6 +323,9 @@ class RaftNode:
         self._pre_vote_term: int | None = None
         self._pre_votes: set[int] = set()
         self._transfer: _Transfer | None = None
+        # An election timeout passed since this node last heard from its leader.
+        self._leader_silent = False
+        self.observer: NodeObserver = NodeObserver()
 
         self._tasks = BackgroundTasks()
         self._leader_tasks: list[asyncio.Task[Any]] = []
@@ -413,6 +417,59 @@ class RaftNode:
         """The seed's read: this node's applied state, which may lag the leader's."""
         return self.state_machine.get(key)
 
+    @property
+    def serving(self) -> bool:
+        """Whether this node is in service: a voter, not removed or stopping, that leads or knows
+        a leader it has heard from since its last election timeout (what health checks report)."""
+        if self._stopped or self.removed.is_set() or not self.is_voter:
+            return False
+        if self._role is Role.LEADER:
+            return True
+        return self.leader_id is not None and not self._leader_silent
+
+    def status(self) -> NodeStatus:
+        """This node's view of itself and, when it leads, of every other member."""
+        now = self.clock.now()
+        config = self.configs.latest
+        last_index = self.log.last_index
+        peers: list[PeerStatus] = []
+        for peer_id, progress in sorted(self.progress.items()):
+            heard = progress.heard_at
+            peers.append(
+                PeerStatus(
+                    id=peer_id,
+                    voter=config.is_voter(peer_id),
+                    match_index=progress.match_index,
+                    lag=max(last_index - progress.match_index, 0),
+                    last_contact=now - heard if heard > float("-inf") else None,
+                )
+            )
+        following = self._role is not Role.LEADER and self.leader_id is not None
+        latest = self.log.snapshots.latest if self.log.snapshots is not None else None
+        return NodeStatus(
+            node_id=self.node_id,
+            raft_address=self.me.raft_address,
+            client_address=self.me.client_address,
+            role=self.role,
+            term=self.current_term,
+            leader_id=self.leader_id,
+            commit_index=self.commit_index,
+            applied_index=self.last_applied,
+            last_log_index=last_index,
+            snapshot_index=latest.index if latest is not None else 0,
+            voter=config.is_voter(self.node_id),
+            learner=self.node_id in config.learners,
+            leader_contact=(
+                now - self._leader_contact
+                if following and self._leader_contact > float("-inf")
+                else None
+            ),
+            config=config,
+            config_index=self.configs.latest_index,
+            serving=self.serving,
+            peers=tuple(peers),
+        )
+
     # ---- lifecycle -------------------------------------------------------------------------
 
     def start_from_snapshot(self) -> None:
@@ -448,6 +505,7 @@ class RaftNode:
         self._stopped = True
         self._cancel_election_timer()
         self._fail_waiters("the node is shutting down")
+        self.observer.state_changed()
         await self._tasks.close()
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any] | None:
@@ -480,6 +538,9 @@ class RaftNode:
         self._election_timer = None
         if self._stopped or self._role is Role.LEADER or not self.may_stand:
             return
+        if not self._leader_silent:
+            self._leader_silent = True
+            self.observer.state_changed()
         waited = self.clock.now() - self._timer_armed_at
         self.narrate.info(
             "heard no leader for %d ms: asking whether a majority would elect me in term %d "
@@ -494,6 +555,9 @@ class RaftNode:
         self._leader_contact = self.clock.now()
         self._pre_vote_term = None
         self._reset_election_timer()
+        if self._leader_silent:
+            self._leader_silent = False
+            self.observer.state_changed()
 
     def _leader_is_recent(self) -> bool:
         """Whether this node heard from a current leader within the minimum election timeout
@@ -519,6 +583,8 @@ class RaftNode:
         if was is Role.LEADER:
             self._stop_leading()
         self._set_leader(leader_id)
+        if was is not Role.FOLLOWER:
+            self.observer.state_changed()
         # Only a leader has no election timer running. A follower that merely adopts a newer term
         # keeps its timer: Figure 2 resets it only for the current leader or a granted vote, and
         # resetting it for every refused candidate would starve the nodes able to win.
@@ -542,6 +608,7 @@ class RaftNode:
         self.leader_id = leader_id
         if changed:
             self._notify()  # a transfer waits to learn who leads now
+            self.observer.state_changed()
 
     # ---- elections (section 5.2) -----------------------------------------------------------
 
@@ -630,6 +697,8 @@ class RaftNode:
         self.log.set_hard_state(term, self.node_id)
         self._votes = {self.node_id}
         self._reset_election_timer()
+        self.observer.election_started()
+        self.observer.state_changed()
         return term
 
     async def _ask_for_votes(self, term: int, transfer: bool) -> None:
@@ -1045,6 +1114,9 @@ class RaftNode:
         self._append_as_leader(raft_pb2.LogEntry(kind=raft_pb2.ENTRY_KIND_NOOP))
         task = self._spawn(self._check_quorum(term), name="check-quorum")
         self._leader_tasks = [task] if task is not None else []
+        self._leader_silent = False
+        self.observer.election_won()
+        self.observer.state_changed()
 
     def _sync_progress(self) -> None:
         """Leader: replicate to every other member of the configuration in use; keep sending to a
@@ -1205,16 +1277,21 @@ class RaftNode:
         self._waiters[index] = (self.current_term, future)
         # One timer per write, not a timeout context and a shield (each a few objects and
         # callbacks more). A caller that is cancelled cancels the future, which apply then skips.
+        # Latency for metrics only: a finer clock than the loop's (whose ticks are milliseconds);
+        # no decision depends on it.
+        started = time.perf_counter()
         timer = self.clock.call_at(
             self.clock.now() + self.timing.proposal_timeout,
             lambda: self._expire_proposal(index, future),
         )
         try:
-            return await future
+            result = await future
         finally:
             timer.cancel()
             if self._waiters.get(index, (0, None))[1] is future:
                 del self._waiters[index]
+        self.observer.proposal_committed(time.perf_counter() - started)
+        return result
 
     def _expire_proposal(self, index: int, future: asyncio.Future[ApplyResult]) -> None:
         if not future.done():
@@ -1552,11 +1629,14 @@ class RaftNode:
         Raises UnavailableError when no leader can confirm the read in time (no leader known,
         the leader unreachable or deposed); never answers from state that may be stale.
         """
+        started = time.perf_counter()  # for metrics only, as for proposals
         if self._role is Role.LEADER:
             try:
-                return await self.read(key)
+                value = await self.read(key)
             except NotLeaderError as e:
                 raise UnavailableError(f"lost leadership while reading: {e}") from None
+            self.observer.read_served(time.perf_counter() - started)
+            return value
         leader_id = self.leader_id
         if leader_id is None or leader_id == self.node_id:
             raise UnavailableError("no leader known to confirm the read")
@@ -1571,6 +1651,7 @@ class RaftNode:
                 f"could not apply up to the leader's read index within {timeout:g} s"
             ) from None
         self.narrate.debug("served a linearizable read at read index %d", read_index)
+        self.observer.read_served(time.perf_counter() - started)
         return self.state_machine.get(key)
 
     async def _read_index_from_leader(self) -> int:
@@ -1776,6 +1857,7 @@ class RaftNode:
         elif self._election_timer is None and self._timer_armed_at and not self._stopped:
             # Promoted to voter (after start): from now on this node may stand for election.
             self._reset_election_timer()
+        self.observer.state_changed()
 
     def _after_follower_progress(self, peer_id: int, progress: Progress) -> None:
         """Leader: a follower holds more of the log than before."""
@@ -1881,6 +1963,7 @@ class RaftNode:
         )
         self._cancel_election_timer()
         self.removed.set()
+        self.observer.state_changed()
 
     def _require_leader(self) -> None:
         if self._role is not Role.LEADER:
@@ -2012,6 +2095,7 @@ class RaftNode:
             self.narrate.info(
                 "took a snapshot up to index %d (term %d, %s)", index, term, _size(meta.size)
             )
+            self.observer.snapshot_taken()
             # Followers being sent a snapshot still need the entries after it (else each install
             # would be followed by another: the snapshot install loop).
             point = index - self.snapshot_policy.keep_entries
@@ -2228,6 +2312,7 @@ class RaftNode:
                 else "my log now starts after it"
             ),
         )
+        self.observer.snapshot_installed()
         self._notify()
         self._apply_committed()
         return raft_pb2.InstallSnapshotResponse(next_offset=total, installed=True)

@@ -377,3 +377,59 @@ class InstallSnapshotResponse(_message.Message):
     next_offset: int
     installed: bool
     def __init__(self, term: _Optional[int] = ..., next_offset: _Optional[int] = ..., installed: _Optional[bool] = ...) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PeerStatus(_message.Message):
+    __slots__ = ("id", "voter", "match_index", "lag", "last_contact_seconds")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    VOTER_FIELD_NUMBER: _ClassVar[int]
+    MATCH_INDEX_FIELD_NUMBER: _ClassVar[int]
+    LAG_FIELD_NUMBER: _ClassVar[int]
+    LAST_CONTACT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    voter: bool
+    match_index: int
+    lag: int
+    last_contact_seconds: float
+    def __init__(self, id: _Optional[int] = ..., voter: _Optional[bool] = ..., match_index: _Optional[int] = ..., lag: _Optional[int] = ..., last_contact_seconds: _Optional[float] = ...) -> None: ...
+
+class StatusResponse(_message.Message):
+    __slots__ = ("node_id", "raft_address", "client_address", "role", "term", "leader_id", "commit_index", "applied_index", "last_log_index", "snapshot_index", "voter", "learner", "leader_contact_seconds", "config", "config_index", "serving", "peers")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    RAFT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    TERM_FIELD_NUMBER: _ClassVar[int]
+    LEADER_ID_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_INDEX_FIELD_NUMBER: _ClassVar[int]
+    LAST_LOG_INDEX_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    VOTER_FIELD_NUMBER: _ClassVar[int]
+    LEARNER_FIELD_NUMBER: _ClassVar[int]
+    LEADER_CONTACT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_INDEX_FIELD_NUMBER: _ClassVar[int]
+    SERVING_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    node_id: int
+    raft_address: str
+    client_address: str
+    role: str
+    term: int
+    leader_id: int
+    commit_index: int
+    applied_index: int
+    last_log_index: int
+    snapshot_index: int
+    voter: bool
+    learner: bool
+    leader_contact_seconds: float
+    config: Configuration
+    config_index: int
+    serving: bool
+    peers: _containers.RepeatedCompositeFieldContainer[PeerStatus]
+    def __init__(self, node_id: _Optional[int] = ..., raft_address: _Optional[str] = ..., client_address: _Optional[str] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., leader_id: _Optional[int] = ..., commit_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., last_log_index: _Optional[int] = ..., snapshot_index: _Optional[int] = ..., voter: _Optional[bool] = ..., learner: _Optional[bool] = ..., leader_contact_seconds: _Optional[float] = ..., config: _Optional[_Union[Configuration, _Mapping]] = ..., config_index: _Optional[int] = ..., serving: _Optional[bool] = ..., peers: _Optional[_Iterable[_Union[PeerStatus, _Mapping]]] = ...) -> None: ...

@@ -391,6 +391,11 @@ class ClusterStub:
                 request_serializer=rpc_dot_raft__pb2.RemoveMemberRequest.SerializeToString,
                 response_deserializer=rpc_dot_raft__pb2.MembershipResponse.FromString,
                 _registered_method=True)
+        self.Status = channel.unary_unary(
+                '/Cluster/Status',
+                request_serializer=rpc_dot_raft__pb2.StatusRequest.SerializeToString,
+                response_deserializer=rpc_dot_raft__pb2.StatusResponse.FromString,
+                _registered_method=True)
 
 
 class ClusterServicer:
@@ -475,6 +480,14 @@ class ClusterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Status(self, request, context):
+        """Admin: the answering node's own view of itself and, when it leads, of its followers
+        (for `cluster_client.py status` and monitoring). Every node answers; never redirected.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClusterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -532,6 +545,11 @@ def add_ClusterServicer_to_server(servicer, server):
                     servicer.RemoveMember,
                     request_deserializer=rpc_dot_raft__pb2.RemoveMemberRequest.FromString,
                     response_serializer=rpc_dot_raft__pb2.MembershipResponse.SerializeToString,
+            ),
+            'Status': grpc.unary_unary_rpc_method_handler(
+                    servicer.Status,
+                    request_deserializer=rpc_dot_raft__pb2.StatusRequest.FromString,
+                    response_serializer=rpc_dot_raft__pb2.StatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -832,6 +850,33 @@ class Cluster:
             '/Cluster/RemoveMember',
             rpc_dot_raft__pb2.RemoveMemberRequest.SerializeToString,
             rpc_dot_raft__pb2.MembershipResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Status(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/Cluster/Status',
+            rpc_dot_raft__pb2.StatusRequest.SerializeToString,
+            rpc_dot_raft__pb2.StatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -19,6 +19,7 @@ from cluster_server import (
     ClusterServicer,
 )
 from membership import ChangeInProgressError, Membership, MembershipError
+from node_status import NodeStatus, PeerStatus
 from raft_node import CommitUnknownError, NotLeaderError, UnavailableError
 from rpc import raft_pb2, raft_pb2_grpc
 from state_machine import ApplyResult, CasResult, SessionExpired
@@ -126,6 +127,34 @@ class FakeNode:
         membership, index, _ = self.config
         self.config = (membership.without(node_id), index + 1, True)
         return self.config
+
+    def status(self) -> NodeStatus:
+        membership, index, _ = self.config
+        leader_id, _ = self.known_leader
+        leading = self.role == "leader"
+        return NodeStatus(
+            node_id=self.node_id,
+            raft_address="10.0.0.1:7000",
+            client_address="10.0.0.1:7001",
+            role=self.role,
+            term=self.current_term,
+            leader_id=leader_id,
+            commit_index=40,
+            applied_index=39,
+            last_log_index=42,
+            snapshot_index=10,
+            voter=True,
+            learner=False,
+            leader_contact=None if leading or leader_id is None else 0.05,
+            config=membership,
+            config_index=index,
+            serving=leader_id is not None,
+            peers=(
+                (PeerStatus(2, True, 42, 0, 0.01), PeerStatus(3, True, 30, 12, None))
+                if leading
+                else ()
+            ),
+        )
 
 
 @dataclass
@@ -580,3 +609,35 @@ async def test_a_membership_change_sent_to_a_follower_carries_the_redirect(
     response = await call_change(served, method)
     assert not response.success
     assert (response.current_leader, response.leader_address) == (12345, "127.0.0.1:12350")
+
+
+async def test_status_on_the_leader_reports_its_own_view_and_each_followers_progress(
+    served: Served,
+) -> None:
+    served.node.node_id, served.node.role, served.node.known_leader = 1, "leader", (1, "x")
+    response = await served.stub.Status(raft_pb2.StatusRequest(), timeout=5)
+    assert (response.node_id, response.role, response.term, response.leader_id) == (
+        1,
+        "leader",
+        4,
+        1,
+    )
+    assert (response.raft_address, response.client_address) == ("10.0.0.1:7000", "10.0.0.1:7001")
+    assert (response.commit_index, response.applied_index, response.last_log_index) == (40, 39, 42)
+    assert (response.snapshot_index, response.voter, response.learner) == (10, True, False)
+    assert response.serving and not response.HasField("leader_contact_seconds")
+    assert [m.id for m in response.config.members] == [1, 2, 3]
+    assert [(p.id, p.match_index, p.lag) for p in response.peers] == [(2, 42, 0), (3, 30, 12)]
+    assert response.peers[0].last_contact_seconds == pytest.approx(0.01)
+    # A follower that never answered has no last contact, rather than a made-up one.
+    assert not response.peers[1].HasField("last_contact_seconds")
+
+
+async def test_status_on_a_follower_without_a_leader_answers_too_not_a_redirect(
+    served: Served,
+) -> None:
+    response = await served.stub.Status(raft_pb2.StatusRequest(), timeout=5)
+    assert (response.node_id, response.role) == (12346, "follower")
+    assert not response.HasField("leader_id")
+    assert not response.serving
+    assert list(response.peers) == []

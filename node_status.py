@@ -1,0 +1,109 @@
+"""What a node tells the world about itself: observer hooks (for health checks and metrics) and
+its status as operators see it (the `Status` call, `cluster_client.py status`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from membership import Membership
+
+
+class NodeObserver:
+    """Told what the node does, for health checks and metrics; every method here does nothing.
+
+    Called on the node's event loop, in the middle of its work: an observer must be quick and
+    must not call back into the node."""
+
+    def state_changed(self) -> None:
+        """The role, leader, the leader's silence (an election timeout passed without word from
+        it), membership, removal or stopping may have changed."""
+
+    def election_started(self) -> None:
+        """This node became a candidate in a new term."""
+
+    def election_won(self) -> None:
+        """This node became leader."""
+
+    def proposal_committed(self, seconds: float) -> None:
+        """A write this node led was committed and applied, `seconds` after it was proposed."""
+
+    def read_served(self, seconds: float) -> None:
+        """A linearizable read was answered, `seconds` after it arrived."""
+
+    def snapshot_taken(self) -> None:
+        """This node wrote a snapshot of its own state."""
+
+    def snapshot_installed(self) -> None:
+        """This node installed a snapshot received from a leader."""
+
+
+class Observers(NodeObserver):
+    """Several observers as one, each told in turn."""
+
+    def __init__(self, *observers: NodeObserver) -> None:
+        self._observers = observers
+
+    def state_changed(self) -> None:
+        for o in self._observers:
+            o.state_changed()
+
+    def election_started(self) -> None:
+        for o in self._observers:
+            o.election_started()
+
+    def election_won(self) -> None:
+        for o in self._observers:
+            o.election_won()
+
+    def proposal_committed(self, seconds: float) -> None:
+        for o in self._observers:
+            o.proposal_committed(seconds)
+
+    def read_served(self, seconds: float) -> None:
+        for o in self._observers:
+            o.read_served(seconds)
+
+    def snapshot_taken(self) -> None:
+        for o in self._observers:
+            o.snapshot_taken()
+
+    def snapshot_installed(self) -> None:
+        for o in self._observers:
+            o.snapshot_installed()
+
+
+@dataclass(frozen=True)
+class PeerStatus:
+    """What a leader knows of one follower."""
+
+    id: int
+    voter: bool
+    match_index: int
+    # Entries the leader holds that the follower has not acknowledged.
+    lag: int
+    # Seconds since the follower last answered in this term; None if it has not.
+    last_contact: float | None
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    """One node's view of itself (and, on the leader, of its followers), for operators."""
+
+    node_id: int
+    raft_address: str
+    client_address: str
+    role: str
+    term: int
+    leader_id: int | None
+    commit_index: int
+    applied_index: int
+    last_log_index: int
+    snapshot_index: int
+    voter: bool
+    learner: bool
+    # A follower: seconds since it last heard from its leader in this term; None if it has not.
+    leader_contact: float | None
+    config: Membership
+    config_index: int
+    serving: bool
+    peers: tuple[PeerStatus, ...] = ()
