@@ -21,6 +21,7 @@ from raft_node import (
     MAX_WIRE_NUMBER,
     CommitUnknownError,
     NotLeaderError,
+    OverloadedError,
     SessionExpiredError,
     TransferFailedError,
     UnavailableError,
@@ -175,6 +176,8 @@ class ClusterServicer(raft_pb2_grpc.ClusterServicer):
         """The command's result; raises NotLeaderError; aborts on an unknown outcome or session."""
         try:
             result = await self._node.propose(command)
+        except OverloadedError as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except CommitUnknownError as e:
             # The entry may still commit later; UNAVAILABLE tells the client the outcome is unknown.
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
@@ -198,6 +201,8 @@ class ClusterServicer(raft_pb2_grpc.ClusterServicer):
                 await self._node.propose_mapping(request.key, request.value)
         except NotLeaderError as e:
             return _redirect(raft_pb2.ProposeMappingResponse(), e)
+        except OverloadedError as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except CommitUnknownError as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         except SessionExpiredError as e:
@@ -272,6 +277,8 @@ class ClusterServicer(raft_pb2_grpc.ClusterServicer):
         else:
             try:
                 value = await self._node.linearizable_read(request.key)
+            except OverloadedError as e:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
             except UnavailableError as e:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         if value is None:

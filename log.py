@@ -6,6 +6,7 @@ protocol: `RealDisk` (the filesystem, off the event loop) or `MemoryDisk`.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import queue
@@ -52,6 +53,32 @@ class LogCorruptionError(Exception):
         self.path = path
         self.offset = offset
         self.reason = reason
+
+
+class FsyncError(OSError):
+    """An fsync failed. What the file then holds on disk is unknown: the kernel may have dropped
+    the dirty pages it could not write and report success for the next fsync ("fsyncgate")."""
+
+
+class DiskFullError(OSError):
+    """A write found no space (ENOSPC or EDQUOT); nothing of it counts as durable, and a later
+    flush writes it again."""
+
+
+# Write errors a node recovers from by itself once space returns.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+# After a write finds the disk full, flushes fail at once for this long before the next try,
+# doubling up to the maximum, so a full disk is not hammered.
+DISK_FULL_RETRY_MIN = 0.05
+DISK_FULL_RETRY_MAX = 2.0
+
+
+def is_disk_full(error: BaseException) -> bool:
+    return (
+        isinstance(error, OSError)
+        and not isinstance(error, FsyncError)
+        and error.errno in DISK_FULL_ERRNOS
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,15 +158,22 @@ def _write_all(fd: int, data: bytes | bytearray) -> None:
         view = view[os.write(fd, view) :]
 
 
+def _fsync(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        raise FsyncError(e.errno, f"fsync failed: {e.strerror}") from e
+
+
 def _write_and_fsync(
     fd: int, data: bytes | bytearray, on_fsync: Callable[[float], None] | None = None
 ) -> None:
     _write_all(fd, data)
     if on_fsync is None:
-        os.fsync(fd)
+        _fsync(fd)
         return
     started = time.perf_counter()
-    os.fsync(fd)
+    _fsync(fd)
     on_fsync(time.perf_counter() - started)
 
 
@@ -208,7 +242,7 @@ class _RealFile:
         await self._run(_write_all, data)
 
     async def fsync(self) -> None:
-        await self._run(os.fsync)
+        await self._run(_fsync)
 
     async def write_and_fsync(self, data: bytes | bytearray) -> None:
         if self._writer is None:
@@ -647,6 +681,12 @@ class RaftLog:
         self._flush_task: asyncio.Task[None] | None = None
         self._low_water = 0  # durable_index to adopt when the write under way completes
         self._failure: BaseException | None = None
+        # Set once a write fails for good (anything but a full disk); the node then stops.
+        self.broken = asyncio.Event()
+        # While the disk is full: the error, when the next write may be tried, and the wait after.
+        self._disk_full: OSError | None = None
+        self._retry_at = 0.0
+        self._retry_wait = DISK_FULL_RETRY_MIN
         self._closing = False
         self._close_task: asyncio.Task[None] | None = None
 
@@ -1008,6 +1048,22 @@ class RaftLog:
                 f"{self._log_path}: an earlier write failed ({self._failure}); "
                 "the log cannot be made durable"
             ) from self._failure
+        full = self._disk_full
+        if full is not None and asyncio.get_running_loop().time() < self._retry_at:
+            raise DiskFullError(full.errno, self._full_message(full)) from full
+
+    def _full_message(self, error: OSError) -> str:
+        return f"disk full writing {self._data_dir}: {error.strerror or error}"
+
+    @property
+    def disk_full(self) -> bool:
+        """Whether the last write found the disk full (and none has succeeded since)."""
+        return self._disk_full is not None
+
+    @property
+    def failure(self) -> BaseException | None:
+        """The error that broke this log for good, if one did."""
+        return self._failure
 
     async def _write_pending(self) -> None:
         # Take everything pending now; changes made while this write runs wait for the next one.
@@ -1026,6 +1082,7 @@ class RaftLog:
         self._low_water = self.last_index
         hard_state = (self._current_term, self._voted_for) if self._hard_state_dirty else None
         self._hard_state_dirty = False
+        log_written = False
         try:
             if rewrite is not None:
                 await self._rewrite_file(*rewrite)
@@ -1036,13 +1093,34 @@ class RaftLog:
                 await self._file.fsync()
             if buf:
                 await self._file.write_and_fsync(buf)
+            log_written = True
             self._durable_index = self._low_water
             if hard_state is not None:
                 await self._write_state(*hard_state)
             self._synced_seq = seq
+            if self._disk_full is not None:
+                logger.warning("%s: the disk has space again; writing resumed", self._data_dir)
+            self._disk_full = None
+            self._retry_wait = DISK_FULL_RETRY_MIN
         except BaseException as e:
-            self._failure = e
-            raise
+            if not is_disk_full(e):
+                # Anything else, a failed fsync above all, leaves the file's content on disk
+                # unknown: this log stops, and the node with it (see FsyncError).
+                self._failure = e
+                self.broken.set()
+                raise
+            assert isinstance(e, OSError)
+            # A failed append may have left part of its records at the end of the file. The file
+            # is therefore written afresh from memory (a new file renamed over it) at the next
+            # try: the entries are all in memory, and the old file stays whole until then.
+            if not log_written:
+                self._rewrite = True
+            if hard_state is not None:
+                self._hard_state_dirty = True
+            self._disk_full = e
+            self._retry_at = asyncio.get_running_loop().time() + self._retry_wait
+            self._retry_wait = min(self._retry_wait * 2, DISK_FULL_RETRY_MAX)
+            raise DiskFullError(e.errno, self._full_message(e)) from e
         finally:
             self._flush_task = None
 

@@ -24,6 +24,26 @@ from tls import TlsConfig, TlsError
 if TYPE_CHECKING:
     import grpc
 
+# Limits every gRPC server of a node sets (see "Hostile input and failing disks" in the README).
+SERVER_MAX_CALLS = 4096
+SERVER_LIMITS: list[tuple[str, int]] = [
+    # One connection cannot hold more than this many calls open at once.
+    ("grpc.max_concurrent_streams", 128),
+    # A connection with no call for 5 minutes is closed; one older than 30 minutes is asked to
+    # reconnect (its calls get 1 minute to finish), so no connection holds resources forever.
+    ("grpc.max_connection_idle_ms", 5 * 60_000),
+    ("grpc.max_connection_age_ms", 30 * 60_000),
+    ("grpc.max_connection_age_grace_ms", 60_000),
+    # The server pings a connection quiet for a minute and drops it if no answer comes in 20 s.
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    # A client may ping at most every 10 s (also without calls); more often, after 2 strikes,
+    # the connection is closed.
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 2),
+]
+
 
 class _OneLineParser(argparse.ArgumentParser):
     """An argument parser whose errors are one line on stderr and exit code 2."""
@@ -326,12 +346,17 @@ async def _serve(
         ]
         for name, address, add_services, limit, client_auth in services:
             server = grpc.aio.server(
+                interceptors=[raft_server.RejectMalformed()],
+                # Beyond this many calls in progress a server answers RESOURCE_EXHAUSTED at once,
+                # so a flood costs bounded memory; peers need only a few calls each.
+                maximum_concurrent_rpcs=SERVER_MAX_CALLS,
                 options=[
                     # Without this, gRPC lets a second process share a port that is in use.
                     ("grpc.so_reuseport", 0),
                     ("grpc.max_receive_message_length", limit),
                     ("grpc.max_send_message_length", limit),
-                ]
+                    *SERVER_LIMITS,
+                ],
             )
             add_services(server)
             await add_health_and_reflection(server, name, health)
@@ -392,22 +417,35 @@ async def _serve(
             joined = None
         removed = asyncio.ensure_future(node.removed.wait())
         stopping = asyncio.ensure_future(stop.wait())
+        broken = asyncio.ensure_future(log.broken.wait())
         try:
-            await asyncio.wait({removed, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({removed, stopping, broken}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             removed.cancel()
             stopping.cancel()
+            broken.cancel()
             if joined is not None:
                 joined.cancel()
         await health.stop()
-        if refused:
+        if log.failure is not None:
+            # After a failed fsync the kernel may have dropped the data it could not write and
+            # will not say so again (fsyncgate), so what is on disk is unknown: stop, and let a
+            # restart read back what the disk really holds, rather than guess or retry.
+            node.narrate.error(
+                "stopping: a write to my data directory failed (%s); restart me once the disk "
+                "is healthy, and I will recover from what it really holds",
+                log.failure,
+            )
+            exit_code = 1
+        elif refused:
             node.narrate.error("the cluster refused to add me: %s", refused[0])
             exit_code = 2
         elif node.removed.is_set():
             node.narrate.info("stopping: this node is no longer a member of the cluster")
         else:
             await _hand_over(node, HANDOVER_TIMEOUTS * timing.election_timeout_max, hurry)
-        node.narrate.info("stopping: finishing disk writes")
+        if exit_code == 0:
+            node.narrate.info("stopping: finishing disk writes")
     finally:
         await node.stop()
         await health.stop()

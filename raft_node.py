@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from cluster_config import ClusterConfig, ConfigError, NodeAddress
-from log import RaftLog
+from log import DiskFullError, RaftLog
 from membership import (
     ChangeInProgressError,
     ConfigHistory,
@@ -46,6 +46,10 @@ MAX_WIRE_NUMBER = 2**62
 # A leader stopped by SIGTERM/SIGINT hands leadership over for at most this many election timeouts.
 HANDOVER_TIMEOUTS = 2
 # How much one AppendEntries may carry; values are at most 1 MiB, so one entry always fits.
+# Client requests a node lets wait at once; more are refused (OverloadedError) so memory stays
+# bounded whatever clients send.
+MAX_WAITING_PROPOSALS = 2048
+MAX_WAITING_READS = 2048
 MAX_ENTRIES_PER_MESSAGE = 1024
 MAX_BYTES_PER_MESSAGE = 4 * 1024 * 1024
 # InstallSnapshot sends one chunk of this size at a time per follower (stop-and-wait flow control).
@@ -83,6 +87,10 @@ class UnavailableError(Exception):
 
 class InvalidRequestError(Exception):
     """A peer message that no correct member sends; it is refused and changes nothing."""
+
+
+class OverloadedError(Exception):
+    """Too many requests already wait on this node (or its disk is full): nothing was done."""
 
 
 class PeerUnreachableError(Exception):
@@ -313,6 +321,7 @@ class RaftNode:
         # A follower's reads waiting for the next ReadIndex request, and whether one is out.
         self._next_read_index: asyncio.Future[int] | None = None
         self._read_index_sending = False
+        self._reads_waiting = 0
         # Set (and replaced) whenever commit, apply or read confirmations move; readers wait on it.
         self._changed = asyncio.Event()
 
@@ -541,6 +550,13 @@ class RaftNode:
         if not self._leader_silent:
             self._leader_silent = True
             self.observer.state_changed()
+        if self.log.disk_full:
+            # It could persist neither its vote nor its entries: it must not lead. Each timeout
+            # tries the disk again, so a node alone still notices when space returns.
+            self.narrate.info("heard no leader, but my disk is full: not standing for election")
+            self._spawn(self._retry_full_disk(), name="retry-disk")
+            self._reset_election_timer()
+            return
         waited = self.clock.now() - self._timer_armed_at
         self.narrate.info(
             "heard no leader for %d ms: asking whether a majority would elect me in term %d "
@@ -598,7 +614,7 @@ class RaftNode:
         self._become_follower(term, None, f"{source} has newer term {term}")
         # No reply waits on this change, but it must reach the disk before this node votes or acts
         # in the new term; every vote and append reply flushes first, so a background flush suffices.
-        self._spawn(self.log.flush(), name="flush-term")
+        self._spawn(self._retry_full_disk(), name="flush-term")
         return True
 
     def _set_leader(self, leader_id: int | None) -> None:
@@ -1221,13 +1237,53 @@ class RaftNode:
             self._spawn(self._flush_own_log_loop(), name="leader-flush")
 
     async def _flush_own_log_loop(self) -> None:
+        full_since: float | None = None
         try:
             while self.log.durable_index < self.log.last_index:
-                await self.log.flush()
+                try:
+                    await self.log.flush()
+                except DiskFullError as e:
+                    now = self.clock.now()
+                    if full_since is None:
+                        full_since = now
+                        self.narrate.error(
+                            "%s: refusing writes until space returns (retrying)", e.strerror
+                        )
+                    if (
+                        self._role is Role.LEADER
+                        and now - full_since >= self.timing.election_timeout_max
+                    ):
+                        # A leader that can make nothing durable commits nothing: let a node
+                        # with a working disk lead (it stands for no election meanwhile).
+                        self._become_follower(
+                            self.current_term,
+                            None,
+                            "my disk has been full for an election timeout; a node that can "
+                            "write should lead",
+                        )
+                    await self._sleep(self.timing.heartbeat_interval)
+                    continue
+                if full_since is not None:
+                    full_since = None
+                    self.narrate.info("my disk has space again: taking writes")
                 if self._role is Role.LEADER:
                     self._advance_commit()
         finally:
             self._self_flush_running = False
+
+    async def _sleep(self, seconds: float) -> None:
+        woken = asyncio.Event()
+        timer = self.clock.call_at(self.clock.now() + seconds, woken.set)
+        try:
+            await woken.wait()
+        finally:
+            timer.cancel()
+
+    async def _retry_full_disk(self) -> None:
+        try:
+            await self.log.flush()
+        except DiskFullError:
+            pass
 
     async def propose_mapping(
         self, key: str, value: str, session: raft_pb2.Session | None = None
@@ -1272,6 +1328,15 @@ class RaftNode:
                 self.narrate.info("turning a client away: no leader known")
             raise NotLeaderError(leader_id, address)
         self._refuse_while_transferring()
+        if self.log.disk_full:
+            raise OverloadedError(
+                f"disk full on node {self.node_id}: it takes no writes until space returns"
+            )
+        if len(self._waiters) >= MAX_WAITING_PROPOSALS:
+            raise OverloadedError(
+                f"{len(self._waiters)} writes already wait to commit on node {self.node_id}; "
+                "try again later"
+            )
         index = self._append_as_leader(entry)
         future: asyncio.Future[ApplyResult] = asyncio.get_running_loop().create_future()
         self._waiters[index] = (self.current_term, future)
@@ -1629,6 +1694,17 @@ class RaftNode:
         Raises UnavailableError when no leader can confirm the read in time (no leader known,
         the leader unreachable or deposed); never answers from state that may be stale.
         """
+        if self._reads_waiting >= MAX_WAITING_READS:
+            raise OverloadedError(
+                f"{self._reads_waiting} reads already wait on node {self.node_id}; try again later"
+            )
+        self._reads_waiting += 1
+        try:
+            return await self._linearizable_read(key)
+        finally:
+            self._reads_waiting -= 1
+
+    async def _linearizable_read(self, key: str) -> str | None:
         started = time.perf_counter()  # for metrics only, as for proposals
         if self._role is Role.LEADER:
             try:

@@ -5,17 +5,84 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 
 from cluster_identity import METADATA_KEY, ClusterIdentity
+from log import DiskFullError
 from raft_node import InvalidRequestError, RaftNode
 from rpc import raft_pb2, raft_pb2_grpc
 
 # A node of another cluster calls again and again; say so once per this many seconds and caller.
 _WARN_EVERY = 10.0
+
+
+class Malformed:
+    """A request whose bytes did not parse as its message type; handlers refuse it."""
+
+    def __init__(self, type_name: str, error: Exception) -> None:
+        self.reason = f"the request does not parse as a {type_name}: {error}"
+
+
+class RejectMalformed(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Answers a request that does not parse with INVALID_ARGUMENT instead of gRPC's UNKNOWN (an
+    unhandled decoding exception), for every method of a server, present and future. A streaming
+    handler reading its own messages sees a `Malformed` in their place and must refuse it."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        parse = getattr(handler, "request_deserializer", None)
+        if parse is None:
+            return handler
+        type_name = getattr(getattr(parse, "__self__", None), "__name__", "request")
+
+        def tolerant(data: bytes) -> Any:
+            try:
+                return parse(data)
+            except Exception as e:  # protobuf's DecodeError, whose module ships no type stubs
+                return Malformed(type_name, e)
+
+        changes: dict[str, Any] = {"request_deserializer": tolerant}
+        if handler.unary_unary is not None:
+            changes["unary_unary"] = _refusing_malformed(handler.unary_unary)
+        elif handler.unary_stream is not None:
+            changes["unary_stream"] = _refusing_malformed_stream(handler.unary_stream)
+        return handler._replace(**changes)
+
+
+def _refusing_malformed(behaviour: Callable[..., Any]) -> Callable[..., Any]:
+    async def refuse_or_serve(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        if isinstance(request, Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+        return await behaviour(request, context)
+
+    return refuse_or_serve
+
+
+def _refusing_malformed_stream(behaviour: Callable[..., Any]) -> Callable[..., Any]:
+    async def refuse_or_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        if isinstance(request, Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+        async for reply in behaviour(request, context):
+            yield reply
+
+    return refuse_or_stream
+
+
+async def _refuse(context: grpc.aio.ServicerContext[Any, Any], error: Exception) -> None:
+    """Abort the call with the code that says why: a bad request, a full disk (the node recovers
+    once space returns), or a disk that failed for good (the node is stopping)."""
+    if isinstance(error, InvalidRequestError):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+    if isinstance(error, DiskFullError):
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+    await context.abort(grpc.StatusCode.UNAVAILABLE, f"this node's disk failed: {error}")
 
 
 class RaftServicer(raft_pb2_grpc.RaftServicer):
@@ -85,8 +152,8 @@ class RaftServicer(raft_pb2_grpc.RaftServicer):
         await self._check_cluster(context, "RequestVote")
         try:
             return await self._node.handle_request_vote(request)
-        except InvalidRequestError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except (InvalidRequestError, OSError) as e:
+            await _refuse(context, e)
             raise  # unreachable: abort raises
 
     async def AppendEntries(
@@ -95,8 +162,8 @@ class RaftServicer(raft_pb2_grpc.RaftServicer):
         joining = await self._check_cluster(context, "AppendEntries")
         try:
             reply = await self._node.handle_append_entries(request)
-        except InvalidRequestError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except (InvalidRequestError, OSError) as e:
+            await _refuse(context, e)
             raise
         await self._adopt(joining if reply.success else None)
         return reply
@@ -125,10 +192,12 @@ class RaftServicer(raft_pb2_grpc.RaftServicer):
                 self._idle_streams.discard(task)
             if request is grpc.aio.EOF:
                 return
+            if isinstance(request, Malformed):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
             try:
                 reply = await self._node.handle_append_entries(request)
-            except InvalidRequestError as e:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            except (InvalidRequestError, OSError) as e:
+                await _refuse(context, e)
                 raise
             if joining is not None and reply.success:
                 await self._adopt(joining)
@@ -141,8 +210,8 @@ class RaftServicer(raft_pb2_grpc.RaftServicer):
         await self._check_cluster(context, "ReadIndex")
         try:
             return await self._node.handle_read_index(request)
-        except InvalidRequestError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except (InvalidRequestError, OSError) as e:
+            await _refuse(context, e)
             raise
 
     async def TimeoutNow(
@@ -151,8 +220,8 @@ class RaftServicer(raft_pb2_grpc.RaftServicer):
         await self._check_cluster(context, "TimeoutNow")
         try:
             return await self._node.handle_timeout_now(request)
-        except InvalidRequestError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except (InvalidRequestError, OSError) as e:
+            await _refuse(context, e)
             raise
 
     async def InstallSnapshot(
@@ -163,8 +232,8 @@ class RaftServicer(raft_pb2_grpc.RaftServicer):
         joining = await self._check_cluster(context, "InstallSnapshot")
         try:
             reply = await self._node.handle_install_snapshot(request)
-        except InvalidRequestError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except (InvalidRequestError, OSError) as e:
+            await _refuse(context, e)
             raise
         await self._adopt(joining)
         return reply
