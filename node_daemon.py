@@ -15,6 +15,7 @@ from cluster_config import ClusterConfig, ConfigError, NodeAddress, parse_host_p
 from cluster_identity import DEFAULT_TOKEN, ClusterIdentity, ClusterIdentityError, derive_cluster_id
 from log import LogCorruptionError, RaftLog, RealDisk
 from membership import Membership, MembershipError, check_new_member
+from node_settings import JsonLogFormatter, parse_args
 from node_status import Observers
 from raft_node import HANDOVER_TIMEOUTS, RaftNode, SnapshotPolicy, Timing, wait_until_time
 from rpc import raft_pb2_grpc
@@ -52,7 +53,8 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+def _build_parser() -> argparse.ArgumentParser:
+    """Every flag of `python raft_node.py`; node_settings adds the file and environment to each."""
     parser = _OneLineParser(
         prog="raft_node.py",
         description="Run one node of a raft-demo cluster: a Raft-replicated key-value store.",
@@ -65,6 +67,15 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
             "Exit codes: 0 clean stop or removed from the cluster, 1 damaged data directory, "
             "2 bad arguments, address in use, or the cluster refused to add this node."
         ),
+    )
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML file of flag values, a key per flag (heartbeat_ms = 100; relative paths are "
+        "taken from the file's directory); not the --cluster file, which lists the members. "
+        "Every flag can also be set as RAFT_DEMO_<FLAG> (RAFT_DEMO_HEARTBEAT_MS=100, "
+        "RAFT_DEMO_CONFIG=FILE). The command line wins over the environment, which wins over "
+        "the file",
     )
     who = parser.add_mutually_exclusive_group(required=True)
     who.add_argument(
@@ -101,7 +112,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--host",
         help="address to bind both services to (default: the host in this node's own addresses)",
     )
-    parser.add_argument("--data-dir", help="where the log and hard state live (default data/<id>)")
+    parser.add_argument(
+        "--data-dir", metavar="DIR", help="where the log and hard state live (default data/<id>)"
+    )
     parser.add_argument(
         "--cluster-token",
         default=DEFAULT_TOKEN,
@@ -114,6 +127,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="INFO narrates each event; DEBUG adds every message (INFO)",
+    )
+    parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="text: the narration as lines to read; json: one JSON object per line with ts, "
+        "level, logger, msg and the node's node, role and term (text)",
     )
     parser.add_argument(
         "--heartbeat-ms", type=int, default=200, help="leader heartbeat interval (200)"
@@ -166,7 +186,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="address to bind the metrics endpoint to (default: as the node's other servers)",
     )
     _add_tls_flags(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = _build_parser()
+    args = parse_args(parser, argv)
     _check_tls_flags(parser, args)
     if args.metrics_port is not None and not 0 < args.metrics_port < 65536:
         parser.error(f"--metrics-port must be in 1-65535, not {args.metrics_port}")
@@ -244,14 +269,20 @@ def _check_tls_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) 
 
 
 def _fail(code: int, message: str) -> NoReturn:
-    print(f"raft_node.py: error: {message}", file=sys.stderr)
+    if any(isinstance(h.formatter, JsonLogFormatter) for h in logging.getLogger().handlers):
+        # JSON logs stay parseable to the last line.
+        logging.getLogger("raft_node").error(message)
+    else:
+        print(f"raft_node.py: error: {message}", file=sys.stderr)
     raise SystemExit(code)
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(level: str, log_format: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
-        logging.Formatter("%(asctime)s.%(msecs)03d %(levelname)-5s %(message)s", "%H:%M:%S")
+        JsonLogFormatter()
+        if log_format == "json"
+        else logging.Formatter("%(asctime)s.%(msecs)03d %(levelname)-5s %(message)s", "%H:%M:%S")
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -617,6 +648,7 @@ def _load_tls(args: argparse.Namespace) -> TlsConfig | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    _setup_logging(args.log_level, args.log_format)
     try:
         if args.port is not None:
             cluster = ClusterConfig.seed_scheme(args.first_port, args.nodes)
@@ -648,7 +680,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         _fail(2, str(e))
     args.tls_config = _load_tls(args)
-    _setup_logging(args.log_level)
     import uvloop
 
     return uvloop.run(_serve(args, cluster, node_id, timing, policy))

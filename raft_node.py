@@ -260,6 +260,9 @@ class _Narrator(logging.LoggerAdapter):  # type: ignore[type-arg]
         self, msg: Any, kwargs: MutableMapping[str, Any]
     ) -> tuple[Any, MutableMapping[str, Any]]:
         n = self.node
+        # The same fields ride on the record, so a structured log format need not parse the prefix.
+        fields = {"node": n.node_id, "role": n.role, "term": n.current_term}
+        kwargs["extra"] = {**(kwargs.get("extra") or {}), **fields}
         return f"[{n.node_id} {n.role} t={n.current_term}] {msg}", kwargs
 
 

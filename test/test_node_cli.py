@@ -30,6 +30,11 @@ FLAGS = (
     "--election-timeout-max-ms",
     "--proposal-timeout-ms",
     "--cluster-token",
+    "--config",
+    "--log-format",
+    "--metrics-port",
+    "--tls-cert",
+    "--client-cert-auth",
 )
 # Ids with nothing to do with ports, and client ports below Raft ports: nothing like the seed's
 # layout, so the node must take every address from the file.
