@@ -882,6 +882,21 @@ class RaftLog:
         i = max(index - self._base_index, 0)
         return self._end - self._offsets[i]
 
+    def keep_point(self, index: int, keep_entries: int, keep_bytes: int) -> int:
+        """Where to compact the log so that it keeps, behind `index`, as many entries as it holds
+        but at most `keep_entries` of them, whose records take at most `keep_bytes`."""
+        low = max(index - keep_entries, self._base_index)
+        high = max(index, low)
+        kept_after = self.bytes_after(index)
+        # The bytes kept behind `index` shrink as the point moves up: find the lowest that fits.
+        while low < high:
+            middle = (low + high) // 2
+            if self.bytes_after(middle) - kept_after <= keep_bytes:
+                high = middle
+            else:
+                low = middle + 1
+        return low
+
     def entries(self, start: int, max_count: int, max_bytes: int) -> list[LogEntry]:
         """Entries from start on: at most max_count, within max_bytes of serialized size, but at
         least one when start <= last_index."""

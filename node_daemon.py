@@ -175,6 +175,13 @@ def _build_parser() -> argparse.ArgumentParser:
         f"up without a snapshot transfer ({SnapshotPolicy.keep_entries})",
     )
     parser.add_argument(
+        "--snapshot-keep-bytes",
+        type=int,
+        default=SnapshotPolicy.keep_bytes,
+        help="... and at most this many bytes of their log records "
+        f"({SnapshotPolicy.keep_bytes})",
+    )
+    parser.add_argument(
         "--metrics-port",
         type=int,
         metavar="PORT",
@@ -676,6 +683,7 @@ def main(argv: list[str] | None = None) -> int:
             entries=args.snapshot_entries,
             bytes=args.snapshot_bytes,
             keep_entries=args.snapshot_keep_entries,
+            keep_bytes=args.snapshot_keep_bytes,
         )
     except ConfigError as e:
         _fail(2, str(e))

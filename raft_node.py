@@ -173,18 +173,22 @@ class SnapshotPolicy:
     """When a node snapshots its state and compacts its log (thesis section 5.1)."""
 
     # Snapshot once this many entries, or this many bytes of log records, follow the last snapshot.
+    # Every entry the log holds is also in memory: the byte threshold bounds that too.
     entries: int = 10_000
-    bytes: int = 64 * 1024 * 1024
+    bytes: int = 16 * 1024 * 1024
     # Entries kept behind the snapshot point, so a follower a little behind catches up from the log
-    # instead of needing the whole snapshot.
+    # instead of needing the whole snapshot: at most this many, whose records take at most
+    # keep_bytes (large entries, such as batches, are not worth keeping in memory in their
+    # thousands).
     keep_entries: int = 1_000
+    keep_bytes: int = 4 * 1024 * 1024
     # InstallSnapshot sends the file in chunks of this size, one in flight per follower.
     chunk_bytes: int = SNAPSHOT_CHUNK_BYTES
 
     def __post_init__(self) -> None:
         if self.entries < 1 or self.bytes < 1 or self.chunk_bytes < 1:
             raise ConfigError("the snapshot thresholds must be positive")
-        if self.keep_entries < 0:
+        if self.keep_entries < 0 or self.keep_bytes < 0:
             raise ConfigError("the entries kept behind a snapshot cannot be negative")
 
 
@@ -2177,7 +2181,8 @@ class RaftNode:
             self.observer.snapshot_taken()
             # Followers being sent a snapshot still need the entries after it (else each install
             # would be followed by another: the snapshot install loop).
-            point = index - self.snapshot_policy.keep_entries
+            policy = self.snapshot_policy
+            point = self.log.keep_point(index, policy.keep_entries, policy.keep_bytes)
             for progress in self.progress.values():
                 if progress.snapshot is not None:
                     point = min(point, progress.snapshot.index)

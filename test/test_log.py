@@ -638,6 +638,20 @@ async def test_entries_respects_count_and_byte_limits() -> None:
     assert log.entries(11, 100, 10**9) == []
 
 
+async def test_the_entries_kept_behind_a_snapshot_are_bounded_by_count_and_by_bytes() -> None:
+    """Every entry the log holds is also in memory: large entries are kept in smaller numbers."""
+    log = await RaftLog.open(DATA, MemoryDisk())
+    log.append([make(i, value="x" * 100) for i in range(1, 21)])
+    record = log.bytes_after(19)  # one entry's record
+    assert log.keep_point(20, 5, 10**9) == 15
+    assert log.keep_point(20, 50, 10**9) == 0  # everything it holds
+    assert log.keep_point(20, 50, 3 * record) == 17
+    assert log.keep_point(20, 50, 3 * record - 1) == 18
+    assert log.keep_point(20, 2, 3 * record) == 18  # the tighter limit wins
+    assert log.keep_point(12, 50, 2 * record) == 10  # behind a point inside the log
+    assert log.keep_point(20, 0, 10**9) == log.keep_point(20, 50, 0) == 20
+
+
 async def test_argument_errors_leave_the_log_unchanged() -> None:
     log = await RaftLog.open(DATA, MemoryDisk())
     log.append(make_range(1, 3))
