@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import logging
 import sys
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from cluster_identity import DEFAULT_TOKEN, ClusterIdentity, ClusterIdentityErro
 from log import LogCorruptionError, RaftLog, RealDisk
 from membership import Membership, MembershipError, check_new_member
 from node_settings import JsonLogFormatter, parse_args
-from node_status import Observers
+from node_status import NodeObserver, Observers
 from raft_node import HANDOVER_TIMEOUTS, RaftNode, SnapshotPolicy, Timing, wait_until_time
 from rpc import raft_pb2_grpc
 from snapshot import SnapshotError
@@ -352,10 +353,11 @@ async def _serve(
             )
 
     health = NodeHealth(node)
-    node.observer = health
+    observers: list[NodeObserver] = [health, _MemoryTrim()]
     if metrics is not None:
         metrics.attach(node)
-        node.observer = Observers(health, metrics)
+        observers.append(metrics)
+    node.observer = Observers(*observers)
     metrics_server: asyncio.Server | None = None
     servers: list[grpc.aio.Server] = []
     raft_servicer = raft_server.RaftServicer(node, identity)
@@ -497,6 +499,30 @@ async def _serve(
         await log.close()
         lock.close()
     return exit_code
+
+
+class _MemoryTrim(NodeObserver):
+    """After a snapshot the state's copy, its encoding and the compacted log entries are freed, but
+    the C allocator keeps most of that memory for itself: hand it back to the system (glibc's
+    malloc_trim, in a worker thread; elsewhere nothing happens)."""
+
+    def __init__(self) -> None:
+        self._trim: Callable[[int], int] | None = None
+        try:
+            self._trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            pass
+
+    def snapshot_taken(self) -> None:
+        self._soon()
+
+    def snapshot_installed(self) -> None:
+        self._soon()
+
+    def _soon(self) -> None:
+        if self._trim is not None:
+            future = asyncio.get_running_loop().run_in_executor(None, self._trim, 0)
+            future.add_done_callback(lambda f: f.exception())
 
 
 async def _join(

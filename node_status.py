@@ -31,7 +31,7 @@ class NodeObserver:
         """A linearizable read was answered, `seconds` after it arrived."""
 
     def snapshot_taken(self) -> None:
-        """This node wrote a snapshot of its own state."""
+        """This node wrote a snapshot of its own state and compacted its log behind it."""
 
     def snapshot_installed(self) -> None:
         """This node installed a snapshot received from a leader."""

@@ -2174,11 +2174,14 @@ class RaftNode:
         started = self.clock.now()
         try:
             pieces = await _encode_state(state)
+            # A large state's copy and its encoding are each as big as the state: let them go as
+            # soon as they are done with, not when this (long) coroutine ends.
+            del state
             meta = await store.write(index, term, members, pieces)
+            del pieces
             self.narrate.info(
                 "took a snapshot up to index %d (term %d, %s)", index, term, _size(meta.size)
             )
-            self.observer.snapshot_taken()
             # Followers being sent a snapshot still need the entries after it (else each install
             # would be followed by another: the snapshot install loop).
             policy = self.snapshot_policy
@@ -2192,6 +2195,7 @@ class RaftNode:
                 self.configs.compact(point)
                 await self.log.flush()
                 self.narrate.info("discarded the log up to index %d", point)
+            self.observer.snapshot_taken()
         except OSError as e:
             self.narrate.error("could not write a snapshot up to index %d: %s", index, e)
         finally:
