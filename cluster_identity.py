@@ -66,9 +66,10 @@ class ClusterIdentity:
         match = _LINE.fullmatch(data.decode("ascii", "replace"))
         if match is None or zlib.crc32(match.group(1).encode()) != int(match.group(2), 16):
             raise ClusterIdentityError(
-                f"{path} is damaged (truncated or altered): this node cannot tell which cluster "
-                "it belongs to; restore the file, or empty the data directory and add the node "
-                "again with --join"
+                f"{path}: damaged (cut short or altered), so this node cannot tell which cluster "
+                "it belongs to; copy the file from another member's data directory (every member "
+                "holds the same id), or empty this one and add the node back under a new id "
+                "(cluster_client.py member remove, then start it with --join)"
             )
         return cls(path, match.group(1), disk)
 

@@ -30,6 +30,8 @@ logger = logging.getLogger("raft.log")
 
 LOG_FILE = "log"
 STATE_FILE = "state"
+# What replace_file writes before renaming it into place.
+TMP_SUFFIX = ".tmp"
 LOG_MAGIC = b"RAFTLOG1"
 # A compacted log starts with this magic and a header naming the entry just before its first one:
 # [u64 base index][u64 base term][u32 CRC32 of those 16 bytes].
@@ -45,11 +47,21 @@ _STATE_CRC = struct.Struct(">I")
 _STATE_SIZE = _STATE_BODY.size + _STATE_CRC.size
 
 
-class LogCorruptionError(Exception):
-    """A log or state file that cannot be trusted; the message names the file, the offset and why."""
+# What an operator can do about a data directory the node cannot trust. A node must not simply
+# start empty under its old id: it may have voted or acknowledged entries the cluster counts on.
+REMEDY = (
+    "restore the data directory from a backup, or empty it and add this node back under a new id "
+    "(cluster_client.py member remove, then start it with --join)"
+)
 
-    def __init__(self, path: str, offset: int, reason: str) -> None:
-        super().__init__(f"{path}: corrupt at byte offset {offset}: {reason}")
+
+class LogCorruptionError(Exception):
+    """A file of the data directory that cannot be trusted; the message, one line, names the file,
+    the offset (when one is to blame) and why, and what the operator can do."""
+
+    def __init__(self, path: str, offset: int | None, reason: str, remedy: str = REMEDY) -> None:
+        where = "" if offset is None else f"corrupt at byte offset {offset}: "
+        super().__init__(f"{path}: {where}{reason}; {remedy}")
         self.path = path
         self.offset = offset
         self.reason = reason
@@ -124,7 +136,7 @@ async def replace_file(disk: Disk, path: str, data: bytes | Iterable[bytes]) -> 
     """Make `data` (bytes, or pieces written one after another) the content of `path` atomically
     and durably: written to a temporary file and fsync'd, renamed over `path`, then the directory
     fsync'd. A crash at any point leaves either the old file whole or the new one."""
-    tmp = path + ".tmp"
+    tmp = path + TMP_SUFFIX
     f = await disk.open_append(tmp, truncate=True)
     try:
         unsynced = 0
@@ -537,19 +549,47 @@ def _encode_state(current_term: int, voted_for: int | None) -> bytes:
     return body + _STATE_CRC.pack(zlib.crc32(body))
 
 
+# Why a damaged state file stops the node rather than being started afresh.
+_STATE_LOST = (
+    "the term and vote it holds are unknown, and starting without them could let this node "
+    "vote twice in one term (two leaders)"
+)
+
+
 def _decode_state(path: str, data: bytes) -> tuple[int, int | None]:
     if len(data) != _STATE_SIZE:
         raise LogCorruptionError(
-            path, min(len(data), _STATE_SIZE), f"state file is {len(data)} bytes, not {_STATE_SIZE}"
+            path,
+            min(len(data), _STATE_SIZE),
+            f"state file is {len(data)} bytes, not {_STATE_SIZE}: {_STATE_LOST}",
         )
     body = data[: _STATE_BODY.size]
     magic, term, voted = _STATE_BODY.unpack(body)
     if magic != STATE_MAGIC:
-        raise LogCorruptionError(path, 0, f"bad magic {magic!r}, expected {STATE_MAGIC!r}")
+        raise LogCorruptionError(
+            path, 0, f"bad magic {magic!r}, expected {STATE_MAGIC!r}: {_STATE_LOST}"
+        )
     (crc,) = _STATE_CRC.unpack_from(data, _STATE_BODY.size)
     if crc != zlib.crc32(body):
-        raise LogCorruptionError(path, _STATE_BODY.size, "checksum mismatch")
+        raise LogCorruptionError(path, _STATE_BODY.size, f"checksum mismatch: {_STATE_LOST}")
     return term, (voted or None)
+
+
+async def _discard_leftovers(disk: Disk, directory: str) -> None:
+    """Remove the temporary files `replace_file` leaves when a crash interrupts it: each was never
+    renamed into place, so nothing depends on it (a rename that happened leaves no such file)."""
+    for name in await disk.listdir(directory):
+        if name.endswith(TMP_SUFFIX):
+            path = os.path.join(directory, name)
+            try:
+                await disk.remove(path)
+            except FileNotFoundError:
+                continue
+            logger.warning(
+                "%s: discarded a temporary file an interrupted write left behind (it was never "
+                "made current)",
+                path,
+            )
 
 
 @dataclass
@@ -693,8 +733,10 @@ class RaftLog:
     @classmethod
     async def open(cls, data_dir: str | os.PathLike[str], disk: Disk | None = None) -> RaftLog:
         """Create data_dir if needed, load hard state, the newest valid snapshot and the entries
-        after it, and repair a torn tail. LogCorruptionError if no valid snapshot covers what the
-        log has discarded."""
+        after it, and repair what a crash may leave (a torn tail, temporary files). Every check
+        comes before any repair, so a node that refuses to start has changed nothing on disk.
+        LogCorruptionError if a file cannot be trusted, or no valid snapshot covers what the log
+        has discarded."""
         from snapshot import SnapshotStore
 
         disk = disk if disk is not None else RealDisk()
@@ -705,20 +747,75 @@ class RaftLog:
             await disk.fsync_dir(parent)
         state_path = os.path.join(directory, STATE_FILE)
         term, voted_for = 0, None
-        if await disk.exists(state_path):
+        has_state = await disk.exists(state_path)
+        if has_state:
             term, voted_for = _decode_state(state_path, await disk.read_all(state_path))
 
         log_path = os.path.join(directory, LOG_FILE)
         data = await disk.read_all(log_path) if await disk.exists(log_path) else b""
-        if len(data) < len(LOG_MAGIC) and LOG_MAGIC.startswith(data):
-            # Missing, or a crash cut it while it was being created: start it afresh.
+        store = await SnapshotStore.open(directory, disk)
+        fresh = len(data) < len(LOG_MAGIC) and LOG_MAGIC.startswith(data)
+        if fresh:
+            # The header is written and made durable before anything else in the directory, so
+            # only a crash while the log was first created leaves it missing or cut short.
+            if has_state or await store.any_snapshot():
+                raise LogCorruptionError(
+                    log_path,
+                    len(data),
+                    f"the log is {'cut to ' + str(len(data)) + ' bytes' if data else 'missing'}, "
+                    "yet this node has written a term and vote or a snapshot since creating it: "
+                    "entries it acknowledged are gone",
+                )
+            scan = _Scan([], [], len(LOG_MAGIC))
+        else:
+            scan = _scan_log(log_path, data)
+        loaded = await store.load_latest()
+        if scan.base_index > 0 and (loaded is None or loaded.index < scan.base_index):
+            if store.damaged:
+                # The damaged snapshot is the one that held those entries: name it.
+                damaged = store.damaged[0]
+                newest = (
+                    f"the newest valid one ends at entry {loaded.index}"
+                    if loaded
+                    else "no other one is valid"
+                )
+                raise LogCorruptionError(
+                    damaged.path,
+                    None,
+                    f"{damaged.reason}, and the log starts after entry {scan.base_index}, which "
+                    f"no valid snapshot covers ({newest}): refusing to start without those entries",
+                )
+            raise LogCorruptionError(
+                log_path,
+                None,
+                f"the log starts after entry {scan.base_index} but no snapshot covers the "
+                "entries before it: refusing to start without them",
+            )
+
+        # Every file checked: now the repairs, each narrated.
+        await _discard_leftovers(disk, directory)
+        await store.discard_incoming()
+        for damaged in store.damaged:
+            await store.set_aside(damaged)
+            logger.warning(
+                "%s: %s; set it aside as %s and %s",
+                damaged.path,
+                damaged.reason,
+                os.path.basename(damaged.aside),
+                (
+                    f"started from the older snapshot up to index {loaded.index} (the log "
+                    "holds every entry after it)"
+                    if loaded is not None
+                    else "started from the log alone (it holds every entry from the first)"
+                ),
+            )
+        if fresh:
             if data:
                 logger.warning(
                     "%s: torn header at offset 0: dropped %d bytes, rewriting it",
                     log_path,
                     len(data),
                 )
-            scan = _Scan([], [], len(LOG_MAGIC))
             f = await disk.open_append(log_path, truncate=True)
             try:
                 await f.write(LOG_MAGIC)
@@ -728,7 +825,6 @@ class RaftLog:
                 await f.close()
                 raise
         else:
-            scan = _scan_log(log_path, data)
             f = await disk.open_append(log_path)
             try:
                 if scan.end < len(data):
@@ -737,7 +833,7 @@ class RaftLog:
                         log_path,
                         scan.end,
                         len(data) - scan.end,
-                        len(scan.entries),
+                        scan.base_index + len(scan.entries),
                     )
                     await f.truncate(scan.end)
                     await f.fsync()
@@ -755,16 +851,6 @@ class RaftLog:
         log._durable_index = log.last_index
         log._low_water = log.last_index
         try:
-            store = await SnapshotStore.open(directory, disk)
-            loaded = await store.load_latest()
-            if scan.base_index > 0 and (loaded is None or loaded.index < scan.base_index):
-                newest = f"newest valid snapshot ends at {loaded.index}" if loaded else "none"
-                raise LogCorruptionError(
-                    log_path,
-                    0,
-                    f"the log starts after entry {scan.base_index} but no valid snapshot covers "
-                    f"the entries before it ({newest}); refusing to start without them",
-                )
             log.snapshots = store
             log.restored = loaded
             if (

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from cluster_config import ClusterConfig, ConfigError, NodeAddress, parse_host_port
 from cluster_identity import DEFAULT_TOKEN, ClusterIdentity, ClusterIdentityError, derive_cluster_id
-from log import LogCorruptionError, RaftLog, RealDisk
+from log import REMEDY, LogCorruptionError, RaftLog, RealDisk
 from membership import Membership, MembershipError, check_new_member
 from node_settings import JsonLogFormatter, parse_args
 from node_status import NodeObserver, Observers
@@ -328,6 +328,10 @@ async def _serve(
         )
     except (LogCorruptionError, ClusterIdentityError) as e:
         _fail(1, str(e))
+    except OSError as e:
+        # A file that cannot be read at all (no permission, a directory in its place).
+        where = e.filename if e.filename is not None else data_dir
+        _fail(1, f"cannot read {where}: {e.strerror or e}; {REMEDY}")
     tls: TlsConfig | None = args.tls_config
     joining = args.join is not None
     if identity.cluster_id is None and not joining:

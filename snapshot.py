@@ -35,6 +35,20 @@ class SnapshotError(Exception):
     """A snapshot file or transfer that cannot be used; the message names the file and why."""
 
 
+# A damaged snapshot a node starts without is renamed to its name and this, for the operator to
+# look at: out of the way of the newest two kept, and not reported again at the next start.
+DAMAGED_SUFFIX = ".damaged"
+
+
+@dataclass(frozen=True)
+class DamagedSnapshot:
+    """A snapshot file that did not verify at start: where it is, why, and where it would go."""
+
+    path: str
+    reason: str
+    aside: str
+
+
 @dataclass(frozen=True)
 class SnapshotMeta:
     """Where a snapshot file is and what it covers; `checksum` is the CRC32 of the whole file."""
@@ -261,6 +275,8 @@ class SnapshotStore:
         self.directory = directory
         self.disk = disk
         self.latest: SnapshotMeta | None = None
+        # The newer snapshots `load_latest` passed over because they did not verify.
+        self.damaged: list[DamagedSnapshot] = []
         # Files being sent to followers, by path (how many transfers): never pruned meanwhile, so a
         # transfer need not restart each time a newer snapshot is taken.
         self._pins: Counter[str] = Counter()
@@ -285,8 +301,14 @@ class SnapshotStore:
                 found.append((parsed[0], parsed[1], os.path.join(self.directory, name)))
         return sorted(found, reverse=True)
 
+    async def any_snapshot(self) -> bool:
+        """Whether the directory holds a snapshot file, valid or not."""
+        return bool(await self._names())
+
     async def load_latest(self) -> LoadedSnapshot | None:
-        """The newest snapshot that verifies; each damaged newer one is reported in one line."""
+        """The newest snapshot that verifies. Each damaged newer one is listed in `damaged` (and
+        left alone: whether starting without it is safe depends on the log, see RaftLog.open)."""
+        self.damaged = []
         for index, term, path in await self._names():
             try:
                 loaded = decode_snapshot(path, await self.disk.read_all(path))
@@ -296,11 +318,31 @@ class SnapshotStore:
                         f"{loaded.term}, not what its name says"
                     )
             except SnapshotError as e:
-                logger.error("%s; trying an older snapshot", e)
+                reason = str(e).removeprefix(f"{path}: ")
+                self.damaged.append(DamagedSnapshot(path, reason, path + DAMAGED_SUFFIX))
                 continue
             self.latest = loaded.meta
             return loaded
         return None
+
+    async def set_aside(self, damaged: DamagedSnapshot) -> None:
+        """Rename a damaged snapshot out of the way, durably."""
+        await self.disk.replace(damaged.path, damaged.aside)
+        await self.disk.fsync_dir(self.directory)
+
+    async def discard_incoming(self) -> None:
+        """Remove a snapshot a crash interrupted while it was being received: it was never made
+        current (it would have been renamed), and a leader sends it again if it is still needed."""
+        path = os.path.join(self.directory, INCOMING_FILE)
+        try:
+            await self.disk.remove(path)
+        except FileNotFoundError:
+            return
+        logger.warning(
+            "%s: discarded a snapshot whose transfer a stop interrupted (it was never made "
+            "current; the leader sends it again if it is still needed)",
+            path,
+        )
 
     async def write(
         self,
@@ -373,6 +415,8 @@ class SnapshotStore:
 
 
 __all__ = (
+    "DAMAGED_SUFFIX",
+    "DamagedSnapshot",
     "Incoming",
     "LoadedSnapshot",
     "SnapshotError",

@@ -28,7 +28,14 @@ from log import (
 from membership import Membership
 from rpc import raft_pb2
 from rpc.raft_pb2 import LogEntry
-from snapshot import Incoming, SnapshotError, SnapshotStore, decode_snapshot, encode_snapshot
+from snapshot import (
+    DAMAGED_SUFFIX,
+    Incoming,
+    SnapshotError,
+    SnapshotStore,
+    decode_snapshot,
+    encode_snapshot,
+)
 from state_machine import CasResult, KeyValueStateMachine, StateDecoder
 
 DATA = "/data/node1"
@@ -144,21 +151,32 @@ async def test_a_crash_at_any_point_of_writing_a_snapshot_leaves_the_old_one_or_
     assert found == {5, 9}
 
 
-async def test_a_damaged_newest_snapshot_is_reported_in_one_line_and_the_older_one_used(
+async def test_a_damaged_newest_snapshot_is_set_aside_in_one_line_and_the_older_one_used(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """Safe because the log still holds every entry after the older snapshot."""
     disk = MemoryDisk()
-    await disk.makedirs(DATA)
-    store = SnapshotStore(DATA, disk)
-    await store.write(5, 1, MEMBERS, state_at(5))
-    newest = await store.write(9, 2, MEMBERS, state_at(9))
+    log = await RaftLog.open(DATA, disk)
+    log.append([make(i) for i in range(1, 13)])
+    await log.flush()
+    assert log.snapshots is not None
+    await log.snapshots.write(5, 1, MEMBERS, state_at(5))
+    newest = await log.snapshots.write(9, 1, MEMBERS, state_at(9))
+    await log.close()
     disk._names[newest.path].data[20] ^= 0xFF
-    with caplog.at_level(logging.ERROR):
-        loaded = await SnapshotStore(DATA, disk).load_latest()
-    assert loaded is not None and loaded.index == 5
-    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert len(errors) == 1 and newest.path in errors[0] and "damaged" in errors[0]
-    assert "\n" not in errors[0]
+    with caplog.at_level(logging.WARNING):
+        reopened = await RaftLog.open(DATA, disk)
+    assert reopened.restored is not None and reopened.restored.index == 5
+    assert reopened.last_index == 12
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lines) == 1 and newest.path in lines[0] and "damaged" in lines[0], lines
+    assert "\n" not in lines[0] and "up to index 5" in lines[0]
+    # Set aside: not counted among the newest two kept, and not reported again.
+    assert snapshot_paths(disk) == [reopened.restored.meta.path, newest.path + DAMAGED_SUFFIX]
+    await reopened.close()
+    caplog.clear()
+    await (await RaftLog.open(DATA, disk)).close()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 async def test_only_the_newest_two_snapshots_are_kept() -> None:
@@ -254,10 +272,14 @@ async def test_a_log_compacted_past_every_valid_snapshot_refuses_to_open() -> No
     disk = MemoryDisk()
     log = await compacted_log(disk, last=40, snapshot=30, upto=30)
     await log.close()
-    for path in snapshot_paths(disk):
-        disk._names[path].data[-1] ^= 0xFF
-    with pytest.raises(LogCorruptionError, match="no valid snapshot covers"):
+    (path,) = snapshot_paths(disk)
+    disk._names[path].data[-1] ^= 0xFF
+    before = {name: disk.file_bytes(name) for name in disk._names}
+    with pytest.raises(LogCorruptionError, match="no valid snapshot covers") as caught:
         await RaftLog.open(DATA, disk)
+    # The damaged snapshot is named, and nothing was changed or set aside.
+    assert str(caught.value).startswith(f"{path}: damaged snapshot: checksum mismatch")
+    assert {name: disk.file_bytes(name) for name in disk._names} == before
 
 
 async def test_a_snapshot_ahead_of_the_log_resets_the_log_on_open() -> None:
