@@ -1733,20 +1733,36 @@ async def test_a_follower_cut_off_while_the_leader_compacted_catches_up_by_snaps
     net.isolate(lagging.node_id)
     for i in range(60):
         await leader.propose_mapping(f"key{i}", f"value{i}")
-    await eventually(lambda: leader.log.base_index > lagging.log.last_index, "compaction")
+    # Every node that could lead once the follower is back has compacted past it: whichever leads
+    # then (a leader may change on a loaded machine) can only catch it up by snapshot.
+    await eventually(
+        lambda: all(
+            n.log.base_index > lagging.log.last_index for n in nodes.values() if n is not lagging
+        ),
+        "compaction",
+    )
+
+    def install_replies() -> list[object]:
+        return [
+            d.reply
+            for d in net.deliveries
+            if isinstance(d.request, InstallSnapshotRequest) and d.dst == lagging.node_id
+        ]
+
+    def installed() -> list[object]:
+        return [
+            r for r in install_replies() if isinstance(r, InstallSnapshotResponse) and r.installed
+        ]
 
     net.heal()
+    # The follower holds the writes as soon as it installs; its reply is delivered just after.
     await net.wait_until(
-        lambda: lagging.get_value("key59") == "value59", DEADLINE, "the follower caught up"
+        lambda: lagging.get_value("key59") == "value59" and bool(installed()),
+        DEADLINE,
+        "the follower caught up and its install reply was delivered",
     )
     assert all(lagging.get_value(f"key{i}") == f"value{i}" for i in range(60))
-    replies = [
-        d.reply
-        for d in net.deliveries
-        if isinstance(d.request, InstallSnapshotRequest) and d.dst == lagging.node_id
-    ]
-    installed = [r for r in replies if isinstance(r, InstallSnapshotResponse) and r.installed]
-    assert len(installed) == 1 and replies[-1] is installed[0]
+    assert len(installed()) == 1 and install_replies()[-1] is installed()[0]
     await leader.propose_mapping("after", "install")
     await net.wait_until(
         lambda: lagging.get_value("after") == "install", DEADLINE, "replication resumed"
