@@ -1010,15 +1010,18 @@ class RaftNode:
             term=self.current_term, success=success, match_index=match_index
         )
 
-    def _check_peer_message(self, requester_id: int, *numbers: int) -> None:
+    def _check_peer_message(self, requester_id: int, term: int, *numbers: int) -> None:
         """Refuse a message from this node's own id, from a node whose removal this node knows
         committed, or with numbers out of range. Until the removal commits, the removed node is
-        still a member of the committed configuration: a leader removing itself leads (and hands
-        over) until then (thesis 4.2.2)."""
+        still a member of the committed configuration: a leader removing itself leads until then,
+        and in its term it is still heard after that, while it hands over (thesis 4.2.2)."""
+        numbers = (term, *numbers)
         if requester_id == self.node_id or requester_id <= 0:
             self.narrate.warning("refused a message claiming to come from %d", requester_id)
             raise InvalidRequestError(f"{requester_id} is not another member's id")
-        if requester_id in self.configs.at(self.commit_index).removed:
+        if requester_id in self.configs.at(self.commit_index).removed and not self._is_my_leader(
+            requester_id, term
+        ):
             self.narrate.warning(
                 "refused a message from %d: it was removed from this cluster", requester_id
             )

@@ -462,9 +462,9 @@ async def receive_removal_of_1(node: RaftNode, leader: int) -> raft_pb2.AppendEn
 
 
 async def test_a_leader_removing_itself_is_followed_until_the_removal_commits(c: Cluster) -> None:
-    """Thesis 4.2.2: the leader being removed manages the cluster until the change commits, and
-    hands over with TimeoutNow; its followers must accept both. Once the removal has committed,
-    its messages are refused."""
+    """Thesis 4.2.2: the leader being removed manages the cluster until the change commits, then
+    hands over with TimeoutNow; its followers must accept both, in its term. After that, its
+    messages are refused."""
     follower = await c.start(3, cluster_of(1, 2, 3))
     appended = await receive_removal_of_1(follower, leader=1)
     assert appended.success and 1 in follower.config.removed and follower.commit_index == 0
@@ -473,13 +473,14 @@ async def test_a_leader_removing_itself_is_followed_until_the_removal_commits(c:
         term=2, requester_id=1, prev_log_index=1, prev_log_term=2
     )
     assert (await follower.handle_append_entries(heartbeat)).success
+    # The removal commits; the leader, in its term, hands over once it knows that.
+    heartbeat.leader_commit = 1
+    assert (await follower.handle_append_entries(heartbeat)).success
+    assert follower.commit_index == 1 and follower.leader_id == 1
     await follower.handle_timeout_now(raft_pb2.TimeoutNowRequest(term=2, requester_id=1))
     await c.until(lambda: follower.current_term == 3, "the follower stands at the hand-over")
 
-    committed = raft_pb2.AppendEntriesRequest(
-        term=3, requester_id=2, prev_log_index=1, prev_log_term=2, leader_commit=1
-    )
-    assert (await follower.handle_append_entries(committed)).success
+    # In a later term, the removed node is nobody's leader: refused.
     with pytest.raises(InvalidRequestError, match="removed"):
         await follower.handle_append_entries(
             raft_pb2.AppendEntriesRequest(term=4, requester_id=1, prev_log_index=1)
