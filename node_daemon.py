@@ -373,14 +373,17 @@ async def _serve(
             (
                 "Raft",
                 me.raft_address,
-                lambda s: raft_pb2_grpc.add_RaftServicer_to_server(raft_servicer, s),
+                lambda s: raft_server.add_refusing_malformed(
+                    raft_pb2_grpc.add_RaftServicer_to_server, raft_servicer, s
+                ),
                 64 * 1024 * 1024,
                 True,
             ),
             (
                 "Cluster",
                 me.client_address,
-                lambda s: raft_pb2_grpc.add_ClusterServicer_to_server(
+                lambda s: raft_server.add_refusing_malformed(
+                    raft_pb2_grpc.add_ClusterServicer_to_server,
                     cluster_server.ClusterServicer(node, admin_names=args.admin_cert_name or ()),
                     s,
                 ),
@@ -390,7 +393,6 @@ async def _serve(
         ]
         for name, address, add_services, limit, client_auth in services:
             server = grpc.aio.server(
-                interceptors=[raft_server.RejectMalformed()],
                 # Beyond this many calls in progress a server answers RESOURCE_EXHAUSTED at once,
                 # so a flood costs bounded memory; peers need only a few calls each.
                 maximum_concurrent_rpcs=SERVER_MAX_CALLS,

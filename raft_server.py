@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -26,34 +26,57 @@ class Malformed:
         self.reason = f"the request does not parse as a {type_name}: {error}"
 
 
-class RejectMalformed(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Answers a request that does not parse with INVALID_ARGUMENT instead of gRPC's UNKNOWN (an
-    unhandled decoding exception), for every method of a server, present and future. A streaming
-    handler reading its own messages sees a `Malformed` in their place and must refuse it."""
+class _Registration:
+    """Stands in for a server while a generated `add_*Servicer_to_server` registers handlers."""
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        parse = getattr(handler, "request_deserializer", None)
-        if parse is None:
-            return handler
-        type_name = getattr(getattr(parse, "__self__", None), "__name__", "request")
+    def __init__(self) -> None:
+        self.service = ""
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
 
-        def tolerant(data: bytes) -> Any:
-            try:
-                return parse(data)
-            except Exception as e:  # protobuf's DecodeError, whose module ships no type stubs
-                return Malformed(type_name, e)
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass  # built again below from the registered handlers
 
-        changes: dict[str, Any] = {"request_deserializer": tolerant}
-        if handler.unary_unary is not None:
-            changes["unary_unary"] = _refusing_malformed(handler.unary_unary)
-        elif handler.unary_stream is not None:
-            changes["unary_stream"] = _refusing_malformed_stream(handler.unary_stream)
-        return handler._replace(**changes)
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        self.service = service
+        self.handlers = dict(handlers)
+
+
+def add_refusing_malformed(
+    add_to_server: Callable[[Any, Any], None], servicer: Any, server: grpc.aio.Server
+) -> None:
+    """Register `servicer` as the generated `add_to_server` would, but so that every method of
+    the service, present and future, answers a request that does not parse with INVALID_ARGUMENT
+    instead of gRPC's UNKNOWN (an unhandled decoding exception). The handlers are changed once,
+    here: an interceptor would cost every call a few more objects and awaits. A streaming handler
+    reading its own messages sees a `Malformed` in their place and must refuse it."""
+    registration = _Registration()
+    add_to_server(servicer, registration)
+    handlers = {name: _tolerant(h) for name, h in registration.handlers.items()}
+    service = registration.service
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)
+
+
+def _tolerant(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    parse = getattr(handler, "request_deserializer", None)
+    if parse is None:
+        return handler
+    type_name = getattr(getattr(parse, "__self__", None), "__name__", "request")
+
+    def tolerant(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception as e:  # protobuf's DecodeError, whose module ships no type stubs
+            return Malformed(type_name, e)
+
+    changes: dict[str, Any] = {"request_deserializer": tolerant}
+    if handler.unary_unary is not None:
+        changes["unary_unary"] = _refusing_malformed(handler.unary_unary)
+    elif handler.unary_stream is not None:
+        changes["unary_stream"] = _refusing_malformed_stream(handler.unary_stream)
+    return handler._replace(**changes)
 
 
 def _refusing_malformed(behaviour: Callable[..., Any]) -> Callable[..., Any]:
