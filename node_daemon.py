@@ -18,7 +18,7 @@ from log import REMEDY, LogCorruptionError, RaftLog, RealDisk
 from membership import Membership, MembershipError, check_new_member
 from node_settings import JsonLogFormatter, parse_args
 from node_status import NodeObserver, Observers
-from raft_node import HANDOVER_TIMEOUTS, RaftNode, SnapshotPolicy, Timing, wait_until_time
+from raft_node import HANDOVER_TIMEOUTS, RaftNode, SnapshotPolicy, Timing
 from rpc import raft_pb2_grpc
 from snapshot import SnapshotError
 from tls import TlsConfig, TlsError
@@ -576,7 +576,7 @@ async def _join(
                     e,
                 )
                 while not node.config.is_member(node.node_id):
-                    await _pause(node, 1.0)
+                    await node.pause(1.0)
                 return
             except (ClusterUnavailableError, ClientError) as e:
                 node.narrate.info("could not reach the cluster to join it (%s); trying again", e)
@@ -586,11 +586,7 @@ async def _join(
                     added.config_index,
                 )
                 return
-            await _pause(node, 1.0)
-
-
-async def _pause(node: RaftNode, seconds: float) -> None:
-    await wait_until_time(node.clock, asyncio.Event(), node.clock.now() + seconds)
+            await node.pause(1.0)
 
 
 async def _hand_over(node: RaftNode, timeout: float, hurry: asyncio.Event) -> None:

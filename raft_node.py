@@ -1272,7 +1272,7 @@ class RaftNode:
                             "my disk has been full for an election timeout; a node that can "
                             "write should lead",
                         )
-                    await self._sleep(self.timing.heartbeat_interval)
+                    await self.pause(self.timing.heartbeat_interval)
                     continue
                 if full_since is not None:
                     full_since = None
@@ -1282,13 +1282,9 @@ class RaftNode:
         finally:
             self._self_flush_running = False
 
-    async def _sleep(self, seconds: float) -> None:
-        woken = asyncio.Event()
-        timer = self.clock.call_at(self.clock.now() + seconds, woken.set)
-        try:
-            await woken.wait()
-        finally:
-            timer.cancel()
+    async def pause(self, seconds: float) -> None:
+        """Wait `seconds` on this node's clock (the simulation's, in the simulation)."""
+        await wait_until_time(self.clock, asyncio.Event(), self.clock.now() + seconds)
 
     async def _retry_full_disk(self) -> None:
         try:
@@ -1636,9 +1632,7 @@ class RaftNode:
                 )
             except PeerUnreachableError as e:
                 self.narrate.debug("TimeoutNow to %d failed: %s", target, e)
-                await wait_until_time(
-                    self.clock, asyncio.Event(), self.clock.now() + self.timing.heartbeat_interval
-                )
+                await self.pause(self.timing.heartbeat_interval)
                 continue
             self._step_down_if_newer(reply.term, f"{target}'s TimeoutNow reply")
             return

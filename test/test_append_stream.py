@@ -59,14 +59,17 @@ class UnaryOnlyServicer(raft_pb2_grpc.RaftServicer):
         return await self._follower.handle_append_entries(request)
 
 
-async def serve(servicer: raft_pb2_grpc.RaftServicer) -> AsyncIterator[GrpcTransport]:
+async def serve(
+    servicer: raft_pb2_grpc.RaftServicer,
+) -> AsyncIterator[tuple[GrpcTransport, grpc.aio.Server]]:
+    """`servicer` on a local port, and a transport reaching it as peer PEER."""
     server = grpc.aio.server()
     raft_pb2_grpc.add_RaftServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     transport = GrpcTransport({PEER: f"127.0.0.1:{port}"})
     try:
-        yield transport
+        yield transport, server
     finally:
         await transport.close()
         await server.stop(None)
@@ -79,7 +82,7 @@ def follower() -> FakeFollower:
 
 @pytest.fixture
 async def transport(follower: FakeFollower) -> AsyncIterator[GrpcTransport]:
-    async for made in serve(RaftServicer(cast(RaftNode, follower))):
+    async for made, _ in serve(RaftServicer(cast(RaftNode, follower))):
         yield made
 
 
@@ -124,7 +127,7 @@ async def test_a_late_reply_is_never_taken_for_the_next_requests(
 async def test_a_follower_without_the_stream_is_reached_by_unary_calls(
     follower: FakeFollower,
 ) -> None:
-    async for transport in serve(UnaryOnlyServicer(follower)):
+    async for transport, _ in serve(UnaryOnlyServicer(follower)):
         for prev in (0, 1, 2):
             reply = await transport.append_entries(PEER, append(prev), timeout=5)
             assert (reply.success, reply.match_index) == (True, prev + 1)
@@ -133,12 +136,7 @@ async def test_a_follower_without_the_stream_is_reached_by_unary_calls(
 
 async def test_a_follower_shutting_down_ends_its_streams(follower: FakeFollower) -> None:
     servicer = RaftServicer(cast(RaftNode, follower))
-    server = grpc.aio.server()
-    raft_pb2_grpc.add_RaftServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    transport = GrpcTransport({PEER: f"127.0.0.1:{port}"})
-    try:
+    async for transport, server in serve(servicer):
         await transport.append_entries(PEER, append(0), timeout=5)
         servicer.end_streams()
         # The leader sees the follower go, instead of the stream staying open until the server's
@@ -147,9 +145,6 @@ async def test_a_follower_shutting_down_ends_its_streams(follower: FakeFollower)
             await transport.append_entries(PEER, append(1), timeout=5)
         await asyncio.wait_for(server.stop(grace=60), timeout=30)
         assert follower.handled == [0]
-    finally:
-        await transport.close()
-        await server.stop(None)
 
 
 # ---- real processes ------------------------------------------------------------------------
