@@ -21,7 +21,7 @@ from node_status import NodeObserver, Observers
 from raft_node import HANDOVER_TIMEOUTS, RaftNode, SnapshotPolicy, Timing
 from rpc import raft_pb2_grpc
 from snapshot import SnapshotError
-from tls import TlsConfig, TlsError
+from tls import NodeTlsFiles, RenewableServerCredentials, TlsConfig, TlsError
 
 if TYPE_CHECKING:
     import grpc
@@ -227,7 +227,9 @@ def _add_tls_flags(parser: argparse.ArgumentParser) -> None:
     tls.add_argument(
         "--tls-cert",
         metavar="FILE",
-        help="this node's certificate (PEM): served on both ports and presented to its peers",
+        help="this node's certificate (PEM): served on both ports and presented to its peers; "
+        "it must name the node (subject alternative name urn:raft-demo:node:ID, as make_certs.py "
+        "issues it), for peers accept Raft messages only from the member a certificate names",
     )
     tls.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
     tls.add_argument(
@@ -253,6 +255,22 @@ def _add_tls_flags(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="check peers' certificates against NAME rather than the host they are dialled at",
     )
+    peers = parser.add_argument_group(
+        "Separate trust for peers (all three or none; needs --tls-*): the Raft port then serves "
+        "and dials with these, and trusts only --peer-tls-ca, so a CA that signs client "
+        "certificates can never vouch for a peer. Certificates are read again on SIGHUP."
+    )
+    peers.add_argument(
+        "--peer-tls-cert",
+        metavar="FILE",
+        help="this node's certificate for the Raft port (PEM), naming the node as --tls-cert must",
+    )
+    peers.add_argument("--peer-tls-key", metavar="FILE", help="its private key (PEM)")
+    peers.add_argument(
+        "--peer-tls-ca",
+        metavar="FILE",
+        help="CA certificate(s) (PEM) that sign peers' certificates, and only theirs",
+    )
 
 
 def _check_tls_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -267,6 +285,17 @@ def _check_tls_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         ):
             if value:
                 parser.error(f"{flag} needs TLS: --tls-cert, --tls-key and --tls-ca")
+    peer = [args.peer_tls_cert, args.peer_tls_key, args.peer_tls_ca]
+    if any(f is not None for f in peer):
+        if not all(f is not None for f in peer):
+            parser.error(
+                "--peer-tls-cert, --peer-tls-key and --peer-tls-ca go together: give all three "
+                "or none"
+            )
+        if not any(given):
+            parser.error(
+                "--peer-tls-* need TLS for clients too: --tls-cert, --tls-key and --tls-ca"
+            )
     if args.admin_cert_name and not all(name.strip() for name in args.admin_cert_name):
         parser.error("--admin-cert-name must not be empty")
     if args.admin_cert_name and not args.client_cert_auth:
@@ -332,14 +361,15 @@ async def _serve(
         # A file that cannot be read at all (no permission, a directory in its place).
         where = e.filename if e.filename is not None else data_dir
         _fail(1, f"cannot read {where}: {e.strerror or e}; {REMEDY}")
-    tls: TlsConfig | None = args.tls_config
+    tls_files: NodeTlsFiles | None = args.tls_files
+    tls, peer_tls = _load_tls(tls_files, node_id)
     joining = args.join is not None
     if identity.cluster_id is None and not joining:
         # Every member bootstrapped from the same flags derives the same id (a joining node
         # instead adopts its leader's). Kept from now on: later flags never change it.
         await identity.keep(derive_cluster_id(cluster, args.cluster_token))
     transport = GrpcTransport(
-        {p.id: p.raft_address for p in cluster.peers_of(node_id)}, identity, tls=tls
+        {p.id: p.raft_address for p in cluster.peers_of(node_id)}, identity, tls=peer_tls
     )
     node = RaftNode(node_id, cluster, log, transport, timing, snapshot_policy=policy, join=joining)
     try:
@@ -364,20 +394,28 @@ async def _serve(
     node.observer = Observers(*observers)
     metrics_server: asyncio.Server | None = None
     servers: list[grpc.aio.Server] = []
-    raft_servicer = raft_server.RaftServicer(node, identity)
+    raft_servicer = raft_server.RaftServicer(node, identity, authenticate=tls is not None)
+    # Each server's credentials, renewed in place on SIGHUP (none: plain text).
+    raft_credentials = cluster_credentials = None
+    if tls is not None and peer_tls is not None:
+        raft_credentials = RenewableServerCredentials(peer_tls, require_client_auth=True)
+        cluster_credentials = RenewableServerCredentials(tls, args.client_cert_auth)
     exit_code = 0
     try:
-        # Per service: its name, address, servicer, message size limit, and whether it demands a
-        # client certificate under TLS (peers always).
-        services: list[tuple[str, str, Callable[[grpc.aio.Server], None], int, bool]] = [
+        # Per service: its name, address, servicer, message size limit, and its TLS credentials.
+        services: list[
+            tuple[
+                str, str, Callable[[grpc.aio.Server], None], int, RenewableServerCredentials | None
+            ]
+        ] = [
             (
                 "Raft",
                 me.raft_address,
                 lambda s: raft_server.add_refusing_malformed(
-                    raft_pb2_grpc.add_RaftServicer_to_server, raft_servicer, s
+                    raft_pb2_grpc.add_RaftServicer_to_server, raft_servicer, s, raft_servicer.gate
                 ),
                 64 * 1024 * 1024,
-                True,
+                raft_credentials,
             ),
             (
                 "Cluster",
@@ -388,10 +426,10 @@ async def _serve(
                     s,
                 ),
                 4 * 1024 * 1024,
-                args.client_cert_auth,
+                cluster_credentials,
             ),
         ]
-        for name, address, add_services, limit, client_auth in services:
+        for name, address, add_services, limit, credentials in services:
             server = grpc.aio.server(
                 # Beyond this many calls in progress a server answers RESOURCE_EXHAUSTED at once,
                 # so a flood costs bounded memory; peers need only a few calls each.
@@ -410,10 +448,10 @@ async def _serve(
             problem = _cannot_bind(bind)
             if problem is None:
                 try:
-                    if tls is None:
+                    if credentials is None:
                         port = server.add_insecure_port(bind)
                     else:
-                        port = server.add_secure_port(bind, tls.server_credentials(client_auth))
+                        port = server.add_secure_port(bind, credentials.credentials)
                     if port == 0:
                         problem = "gRPC could not bind it"
                 except RuntimeError as e:
@@ -446,6 +484,25 @@ async def _serve(
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)
+
+        def renew_certificates() -> None:
+            if tls_files is None or raft_credentials is None or cluster_credentials is None:
+                node.narrate.info("SIGHUP: nothing to read again, this node runs without TLS")
+                return
+            try:
+                clients, peers = tls_files.load(node_id)
+            except TlsError as e:
+                node.narrate.error("SIGHUP: kept the certificates in use: %s", e)
+                return
+            cluster_credentials.renew(clients)
+            raft_credentials.renew(peers)
+            transport.renew_tls(peers)
+            node.narrate.info(
+                "SIGHUP: certificates read again (%s); new connections present them",
+                peers.describe_certificate(),
+            )
+
+        loop.add_signal_handler(signal.SIGHUP, renew_certificates)
         node.narrate.info(
             "serving Raft on %s and clients on %s; data in %s; cluster %s",
             me.raft_address,
@@ -664,19 +721,38 @@ def _describe_tls(args: argparse.Namespace) -> str:
         clients = "clients need none"
     elif args.admin_cert_name:
         names = ", ".join(args.admin_cert_name)
-        clients = f"so must clients, and only {names} may make admin calls"
+        clients = f"clients need one signed by {args.tls_ca}, and only {names} may make admin calls"
     else:
-        clients = "so must clients"
+        clients = f"clients need one signed by {args.tls_ca}"
     return (
-        f"TLS on both services: peers must present a certificate signed by {args.tls_ca}; {clients}"
+        f"TLS on both services: peers must present a certificate signed by "
+        f"{args.peer_tls_ca or args.tls_ca} that names a member, and speak only for it; {clients}"
     )
 
 
-def _load_tls(args: argparse.Namespace) -> TlsConfig | None:
+def _tls_files(args: argparse.Namespace) -> NodeTlsFiles | None:
     if args.tls_cert is None:
         return None
+    return NodeTlsFiles(
+        args.tls_cert,
+        args.tls_key,
+        args.tls_ca,
+        args.tls_server_name,
+        args.peer_tls_cert,
+        args.peer_tls_key,
+        args.peer_tls_ca,
+    )
+
+
+def _load_tls(
+    files: NodeTlsFiles | None, node_id: int
+) -> tuple[TlsConfig | None, TlsConfig | None]:
+    """(for clients, for peers), or (None, None) for plain text; a file that cannot be used ends
+    the process with one line."""
+    if files is None:
+        return None, None
     try:
-        return TlsConfig.load(args.tls_cert, args.tls_key, args.tls_ca, args.tls_server_name)
+        return files.load(node_id)
     except TlsError as e:
         _fail(2, str(e))
 
@@ -715,7 +791,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     except ConfigError as e:
         _fail(2, str(e))
-    args.tls_config = _load_tls(args)
+    args.tls_files = _tls_files(args)
+    # Checked before anything starts, so a bad file is one line and exit 2; read again in _serve.
+    _load_tls(args.tls_files, node_id)
     import uvloop
 
     return uvloop.run(_serve(args, cluster, node_id, timing, policy))

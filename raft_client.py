@@ -24,6 +24,8 @@ _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
 ]
 
+# After certificates are renewed, how long a replaced channel may finish the calls it carries.
+_RETIRED_GRACE = 10.0
 # A follower that answers a stream with UNIMPLEMENTED (a node of an older version) is sent unary
 # AppendEntries calls; the stream is tried again after this long, in case it has been upgraded.
 _STREAM_RETRY_AFTER = 60.0
@@ -33,11 +35,17 @@ class _AppendStream:
     """One open AppendStream call. One request is on it at a time: the reply read next is always
     the answer to the request written last, and a stream that fails mid-exchange is discarded."""
 
-    __slots__ = ("call", "busy")
+    __slots__ = ("call", "busy", "credentials")
 
-    def __init__(self, call: grpc.aio.StreamStreamCall[bytes, raft_pb2.AppendEntriesResponse]):
+    def __init__(
+        self,
+        call: grpc.aio.StreamStreamCall[bytes, raft_pb2.AppendEntriesResponse],
+        credentials: int,
+    ):
         self.call = call
         self.busy = False
+        # Which certificates its connection presents (GrpcTransport._credentials when opened).
+        self.credentials = credentials
 
 
 class GrpcTransport:
@@ -65,6 +73,9 @@ class GrpcTransport:
         self._unary_until: dict[int, float] = {}
         self._encoded_request: raft_pb2.AppendEntriesRequest | None = None
         self._encoded = b""
+        # Counts renewals of `tls`; a stream opened before the last one is replaced once idle.
+        self._credentials = 0
+        self._closing: set[asyncio.Task[None]] = set()
 
     def update_peers(self, addresses: dict[int, str]) -> None:
         """Learn new peers and changed addresses. A peer that left stays reachable: a leader keeps
@@ -72,14 +83,36 @@ class GrpcTransport:
         for peer_id, address in addresses.items():
             if self._addresses.get(peer_id) != address:
                 self._addresses[peer_id] = address
-                self._stubs.pop(peer_id, None)
-                self._appends.pop(peer_id, None)
-                self._stream_methods.pop(peer_id, None)
                 self._unary_until.pop(peer_id, None)
                 self._drop_stream(peer_id)
-                channel = self._channels.pop(peer_id, None)
-                if channel is not None:
-                    self._retired.append(channel)  # closed with the others, never mid-call
+                self._forget_channel(peer_id)
+
+    def _forget_channel(self, peer_id: int) -> None:
+        """The next call to `peer_id` opens a new channel; the old one is closed with the others,
+        never mid-call."""
+        self._stubs.pop(peer_id, None)
+        self._appends.pop(peer_id, None)
+        self._stream_methods.pop(peer_id, None)
+        channel = self._channels.pop(peer_id, None)
+        if channel is not None:
+            self._retired.append(channel)
+
+    def renew_tls(self, tls: TlsConfig) -> None:
+        """Present `tls`'s certificate (and trust its CA) on every connection opened from now on:
+        each peer's channel is replaced; a call in progress finishes on the old one, which is then
+        closed (after a grace period, as it may still carry that call)."""
+        self._tls = tls
+        self._credentials += 1
+        for peer_id in list(self._channels):
+            stream = self._streams.get(peer_id)
+            if stream is not None and not stream.busy:
+                self._drop_stream(peer_id)
+            self._forget_channel(peer_id)
+        retired, self._retired = self._retired, []
+        for channel in retired:
+            task = asyncio.ensure_future(channel.close(grace=_RETIRED_GRACE))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     def _stub(self, peer_id: int) -> raft_pb2_grpc.RaftStub:
         stub = self._stubs.get(peer_id)
@@ -120,14 +153,17 @@ class GrpcTransport:
             self._encoded_request = request
         encoded = self._encoded
         stream = self._streams.get(peer_id)
-        if stream is not None and stream.call.done():
-            self._drop_stream(peer_id)  # broken since its last exchange: reopen it now
+        if stream is not None and (
+            stream.call.done() or (stream.credentials != self._credentials and not stream.busy)
+        ):
+            # Broken since its last exchange, or opened with certificates since renewed: reopen.
+            self._drop_stream(peer_id)
             stream = None
         if stream is None:
             if asyncio.get_running_loop().time() < self._unary_until.get(peer_id, 0.0):
                 return await self._append_unary(peer_id, encoded, timeout)
             stream = self._streams[peer_id] = _AppendStream(
-                self._stream_methods[peer_id](metadata=self._metadata())
+                self._stream_methods[peer_id](metadata=self._metadata()), self._credentials
             )
         elif stream.busy:
             # Only when two senders to one follower overlap (at a change of term): the other
@@ -240,3 +276,5 @@ class GrpcTransport:
         retired, self._retired = self._retired, []
         for channel in [*channels.values(), *retired]:
             await channel.close()
+        for task in list(self._closing):
+            task.cancel()

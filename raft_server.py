@@ -1,11 +1,13 @@
 """The `Raft` gRPC service: hands peers' messages (votes, entries, read index, timeout now, snapshot
-chunks) to the node, maps refusals to codes."""
+chunks) to the node, maps refusals to codes. It first checks who is calling: a peer of this cluster
+(its cluster id) and, under mutual TLS, the member its certificate names, who alone may speak for it.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -14,6 +16,7 @@ from cluster_identity import METADATA_KEY, ClusterIdentity
 from log import DiskFullError
 from raft_node import InvalidRequestError, RaftNode
 from rpc import raft_pb2, raft_pb2_grpc
+from tls import NODE_URI_PREFIX, certified_node
 
 # A node of another cluster calls again and again; say so once per this many seconds and caller.
 _WARN_EVERY = 10.0
@@ -43,23 +46,32 @@ class _Registration:
         self.handlers = dict(handlers)
 
 
+# Awaited before a malformed request is answered: a caller that may not use the service at all is
+# refused as such (it aborts the call), whatever it sent.
+Gate = Callable[[grpc.aio.ServicerContext[Any, Any]], Awaitable[None]]
+
+
 def add_refusing_malformed(
-    add_to_server: Callable[[Any, Any], None], servicer: Any, server: grpc.aio.Server
+    add_to_server: Callable[[Any, Any], None],
+    servicer: Any,
+    server: grpc.aio.Server,
+    gate: Gate | None = None,
 ) -> None:
     """Register `servicer` as the generated `add_to_server` would, but so that every method of
     the service, present and future, answers a request that does not parse with INVALID_ARGUMENT
-    instead of gRPC's UNKNOWN (an unhandled decoding exception). The handlers are changed once,
-    here: an interceptor would cost every call a few more objects and awaits. A streaming handler
-    reading its own messages sees a `Malformed` in their place and must refuse it."""
+    instead of gRPC's UNKNOWN (an unhandled decoding exception), once `gate` let the caller in.
+    The handlers are changed once, here: an interceptor would cost every call a few more objects
+    and awaits. A streaming handler reading its own messages sees a `Malformed` in their place and
+    must refuse it."""
     registration = _Registration()
     add_to_server(servicer, registration)
-    handlers = {name: _tolerant(h) for name, h in registration.handlers.items()}
+    handlers = {name: _tolerant(h, gate) for name, h in registration.handlers.items()}
     service = registration.service
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
     server.add_registered_method_handlers(service, handlers)
 
 
-def _tolerant(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+def _tolerant(handler: grpc.RpcMethodHandler, gate: Gate | None) -> grpc.RpcMethodHandler:
     parse = getattr(handler, "request_deserializer", None)
     if parse is None:
         return handler
@@ -73,25 +85,35 @@ def _tolerant(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
 
     changes: dict[str, Any] = {"request_deserializer": tolerant}
     if handler.unary_unary is not None:
-        changes["unary_unary"] = _refusing_malformed(handler.unary_unary)
+        changes["unary_unary"] = _refusing_malformed(handler.unary_unary, gate)
     elif handler.unary_stream is not None:
-        changes["unary_stream"] = _refusing_malformed_stream(handler.unary_stream)
+        changes["unary_stream"] = _refusing_malformed_stream(handler.unary_stream, gate)
     return handler._replace(**changes)
 
 
-def _refusing_malformed(behaviour: Callable[..., Any]) -> Callable[..., Any]:
+async def _refuse_malformed(
+    request: Malformed, context: grpc.aio.ServicerContext[Any, Any], gate: Gate | None
+) -> None:
+    if gate is not None:
+        await gate(context)
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+
+
+def _refusing_malformed(behaviour: Callable[..., Any], gate: Gate | None) -> Callable[..., Any]:
     async def refuse_or_serve(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         if isinstance(request, Malformed):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+            await _refuse_malformed(request, context, gate)
         return await behaviour(request, context)
 
     return refuse_or_serve
 
 
-def _refusing_malformed_stream(behaviour: Callable[..., Any]) -> Callable[..., Any]:
+def _refusing_malformed_stream(
+    behaviour: Callable[..., Any], gate: Gate | None
+) -> Callable[..., Any]:
     async def refuse_or_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         if isinstance(request, Malformed):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+            await _refuse_malformed(request, context, gate)
         async for reply in behaviour(request, context):
             yield reply
 
@@ -109,12 +131,19 @@ async def _refuse(context: grpc.aio.ServicerContext[Any, Any], error: Exception)
 
 
 class RaftServicer(raft_pb2_grpc.RaftServicer):
-    """Thin translation layer; every decision is the node's, except which cluster a caller is from:
-    a call without this node's cluster id is refused before the node sees it."""
+    """Thin translation layer; every decision is the node's, except who the caller is. Before the node
+    sees a message: with `authenticate` (mutual TLS), the caller's certificate must name a member
+    and the message must come from that member (PERMISSION_DENIED otherwise: a client certificate,
+    or node 2's speaking for node 3); and a call without this node's cluster id is refused
+    (FAILED_PRECONDITION). Whether that member may say what it says (a vote, entries, a read index)
+    is the node's rule."""
 
-    def __init__(self, node: RaftNode, identity: ClusterIdentity | None = None) -> None:
+    def __init__(
+        self, node: RaftNode, identity: ClusterIdentity | None = None, authenticate: bool = False
+    ) -> None:
         self._node = node
         self._identity = identity
+        self._authenticate = authenticate
         self._warned: dict[tuple[str, str], float] = {}
         # AppendStream handlers waiting for their next request, so that shutting down need not wait
         # out the server's grace period for streams that never end by themselves.
@@ -144,14 +173,80 @@ class RaftServicer(raft_pb2_grpc.RaftServicer):
         else:
             problem = f"the caller belongs to cluster {theirs[:32]}, this node to cluster {mine}"
         caller = context.peer() or "?"
+        await self._refuse_caller(
+            context, grpc.StatusCode.FAILED_PRECONDITION, what, (caller, theirs), problem
+        )
+        raise AssertionError("unreachable: abort raises")
+
+    async def _refuse_caller(
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        code: grpc.StatusCode,
+        what: str,
+        key: tuple[str, str],
+        problem: str,
+    ) -> None:
+        """Abort the call with `code`; narrate it once per `key` (who is calling) and 10 s, so that a
+        caller repeating itself cannot flood the log."""
         now = time.monotonic()
-        if now - self._warned.get((caller, theirs), -_WARN_EVERY) >= _WARN_EVERY:
-            self._warned[(caller, theirs)] = now
+        if now - self._warned.get(key, -_WARN_EVERY) >= _WARN_EVERY:
+            self._warned[key] = now
             if len(self._warned) > 1000:
                 self._warned.clear()  # bounded, whoever calls
-            self._node.narrate.warning("refused %s from %s: %s", what, caller, problem)
-        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, problem)
-        raise AssertionError("unreachable: abort raises")
+            self._node.narrate.warning(
+                "refused %s from %s: %s", what, context.peer() or "?", problem
+            )
+        await context.abort(code, problem)
+
+    async def check_member_certificate(
+        self, context: grpc.aio.ServicerContext[Any, Any], what: str = "a call"
+    ) -> int | None:
+        """Under mutual TLS, the member id the caller's certificate names; abort with
+        PERMISSION_DENIED if it names none (a client's certificate). None without authentication."""
+        if not self._authenticate:
+            return None
+        certified = certified_node(context)
+        if certified is None:
+            await self._refuse_caller(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                what,
+                ("certificate", "none"),
+                "the caller's certificate names no member of this cluster (a node's names "
+                f"{NODE_URI_PREFIX}ID): only members may speak Raft",
+            )
+        return certified
+
+    async def _check_sender(
+        self, context: grpc.aio.ServicerContext[Any, Any], what: str, sender: int
+    ) -> None:
+        """Under mutual TLS, abort with PERMISSION_DENIED unless the caller's certificate names
+        `sender`, the member the message claims to come from."""
+        if not self._authenticate:
+            return
+        certified = await self.check_member_certificate(context, what)
+        if certified != sender:
+            await self._refuse_message(context, what, certified, sender)
+
+    async def _refuse_message(
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        what: str,
+        certified: int | None,
+        sender: int,
+    ) -> None:
+        await self._refuse_caller(
+            context,
+            grpc.StatusCode.PERMISSION_DENIED,
+            what,
+            ("certificate", str(certified)),
+            f"the caller's certificate is node {certified}'s; it cannot speak for node {sender}",
+        )
+
+    async def gate(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """For `add_refusing_malformed`: a caller whose certificate names no member learns nothing
+        more, not even that its request did not parse."""
+        await self.check_member_certificate(context)
 
     async def _adopt(self, cluster_id: str | None) -> None:
         """A joining node's first accepted entries come from its cluster's leader: keep its id."""
@@ -172,6 +267,7 @@ class RaftServicer(raft_pb2_grpc.RaftServicer):
     async def RequestVote(
         self, request: raft_pb2.VoteRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> raft_pb2.RequestVoteResponse:
+        await self._check_sender(context, "RequestVote", request.requester_id)
         await self._check_cluster(context, "RequestVote")
         try:
             return await self._node.handle_request_vote(request)
@@ -182,6 +278,7 @@ class RaftServicer(raft_pb2_grpc.RaftServicer):
     async def AppendEntries(
         self, request: raft_pb2.AppendEntriesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> raft_pb2.AppendEntriesResponse:
+        await self._check_sender(context, "AppendEntries", request.requester_id)
         joining = await self._check_cluster(context, "AppendEntries")
         try:
             reply = await self._node.handle_append_entries(request)
@@ -198,6 +295,7 @@ class RaftServicer(raft_pb2_grpc.RaftServicer):
     ) -> None:
         # One request at a time, answered before the next is read: replies leave in request order,
         # each only once its entries are durable, exactly as the unary call's would.
+        certified = await self.check_member_certificate(context, "AppendStream")
         joining = await self._check_cluster(context, "AppendEntries")
         task = asyncio.current_task()
         assert task is not None
@@ -217,6 +315,8 @@ class RaftServicer(raft_pb2_grpc.RaftServicer):
                 return
             if isinstance(request, Malformed):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+            if self._authenticate and request.requester_id != certified:
+                await self._refuse_message(context, "AppendStream", certified, request.requester_id)
             try:
                 reply = await self._node.handle_append_entries(request)
             except (InvalidRequestError, OSError) as e:
@@ -230,6 +330,7 @@ class RaftServicer(raft_pb2_grpc.RaftServicer):
     async def ReadIndex(
         self, request: raft_pb2.ReadIndexRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> raft_pb2.ReadIndexResponse:
+        await self._check_sender(context, "ReadIndex", request.requester_id)
         await self._check_cluster(context, "ReadIndex")
         try:
             return await self._node.handle_read_index(request)
@@ -240,6 +341,7 @@ class RaftServicer(raft_pb2_grpc.RaftServicer):
     async def TimeoutNow(
         self, request: raft_pb2.TimeoutNowRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> raft_pb2.TimeoutNowResponse:
+        await self._check_sender(context, "TimeoutNow", request.requester_id)
         await self._check_cluster(context, "TimeoutNow")
         try:
             return await self._node.handle_timeout_now(request)
@@ -252,6 +354,7 @@ class RaftServicer(raft_pb2_grpc.RaftServicer):
         request: raft_pb2.InstallSnapshotRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> raft_pb2.InstallSnapshotResponse:
+        await self._check_sender(context, "InstallSnapshot", request.requester_id)
         joining = await self._check_cluster(context, "InstallSnapshot")
         try:
             reply = await self._node.handle_install_snapshot(request)

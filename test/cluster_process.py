@@ -107,37 +107,60 @@ def find_free_port_block(count: int, host: str = HOST, attempts: int = 200) -> i
 @dataclass
 class ClusterTls:
     """A cluster run under TLS: certificates made by make_certs.py in `directory` (a node's own
-    pair, node-<id>.pem/.key, is made when the node is first started), and the flags for it."""
+    pair, node-<id>.pem/.key, is made when the node is first started), and the flags for it. With
+    `peer_ca`, peers trust only a CA of their own (peer-ca.pem, node-<id>-peer.pem/.key)."""
 
     directory: Path
     client_cert_auth: bool = True
     admin_names: tuple[str, ...] = ()
     # The certificate (<name>.pem/.key) this cluster's clients and probes present.
     client_name: str = "client"
+    peer_ca: bool = False
+    # Checked against every node's certificate instead of the host dialled (--tls-server-name):
+    # for nodes on hosts whose addresses the certificates do not carry.
+    server_name: str | None = None
 
     @classmethod
     def create(cls, directory: Path, **options: Any) -> ClusterTls:
         """A new CA with client and admin certificates in `directory`."""
         import make_certs
 
-        make_certs.make_all(directory, [], HOST)
+        make_certs.make_all(directory, [], HOST, peer_ca=options.get("peer_ca", False))
         return cls(directory, **options)
 
     @property
     def ca(self) -> Path:
         return self.directory / "ca.pem"
 
+    def issue_node(self, node_id: int) -> None:
+        """Write node `node_id`'s certificates (again: a renewal, with new keys)."""
+        import make_certs
+
+        authority, _ = make_certs.load_or_make_authority(self.directory)
+        # "localhost" too, for nodes whose own address is another (see `server_name`).
+        hosts = make_certs.parse_hosts(f"{HOST},localhost")
+        make_certs.write_node(authority, self.directory, node_id, hosts)
+        if self.peer_ca:
+            make_certs.write_peer_node(self.directory, node_id, hosts)
+
     def node_args(self, node_id: int) -> list[str]:
         """The TLS flags of node `node_id`."""
         cert, key = self.directory / f"node-{node_id}.pem", self.directory / f"node-{node_id}.key"
         if not cert.exists():
-            import make_certs
-
-            authority, _ = make_certs.load_or_make_authority(self.directory)
-            make_certs.write_node(
-                authority, self.directory, str(node_id), make_certs.parse_hosts(HOST)
-            )
+            self.issue_node(node_id)
         args = ["--tls-cert", str(cert), "--tls-key", str(key), "--tls-ca", str(self.ca)]
+        if self.peer_ca:
+            stem = self.directory / f"node-{node_id}-peer"
+            args += [
+                "--peer-tls-cert",
+                f"{stem}.pem",
+                "--peer-tls-key",
+                f"{stem}.key",
+                "--peer-tls-ca",
+                str(self.directory / "peer-ca.pem"),
+            ]
+        if self.server_name is not None:
+            args += ["--tls-server-name", self.server_name]
         if self.client_cert_auth:
             args.append("--client-cert-auth")
         for name in self.admin_names:
@@ -147,6 +170,7 @@ class ClusterTls:
     def client_args(self, name: str | None = None) -> list[str]:
         """cluster_client.py's flags for the client certificate `name` (default: client_name)."""
         stem = self.directory / (name or self.client_name)
+        server_name = [] if self.server_name is None else ["--tls-server-name", self.server_name]
         return [
             "--tls-cert",
             f"{stem}.pem",
@@ -154,11 +178,12 @@ class ClusterTls:
             f"{stem}.key",
             "--tls-ca",
             str(self.ca),
+            *server_name,
         ]
 
     def client_config(self, name: str | None = None) -> TlsConfig:
         stem = self.directory / (name or self.client_name)
-        return TlsConfig.load(f"{stem}.pem", f"{stem}.key", self.ca)
+        return TlsConfig.load(f"{stem}.pem", f"{stem}.key", self.ca, self.server_name)
 
 
 class NodeProbe:
@@ -500,7 +525,8 @@ class LocalCluster:
         _install_signal_handlers()
 
     def kill_node(self, node_id: int, sig: int = signal.SIGKILL) -> None:
-        """Send `sig` to the node and, unless it only pauses or resumes it, reap the process.
+        """Send `sig` to the node and, unless it only pauses, resumes or reloads it (SIGHUP: it reads
+        its certificates again), reap the process.
 
         A signal the node survives (e.g. SIGTERM it ignores) is followed by SIGKILL after 10 s.
         """
@@ -508,7 +534,7 @@ class LocalCluster:
         if proc is None:
             raise RuntimeError(f"node {node_id} is not running")
         _signal_group(proc, sig)
-        if sig in (signal.SIGSTOP, signal.SIGCONT, signal.SIGTSTP):
+        if sig in (signal.SIGSTOP, signal.SIGCONT, signal.SIGTSTP, signal.SIGHUP):
             return
         if sig != signal.SIGKILL:
             # A paused node would hold any other signal pending until resumed.

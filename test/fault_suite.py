@@ -31,7 +31,7 @@ from cluster_client import (
     SessionExpiredError,
 )
 from test import linearizability
-from test.cluster_process import HostCluster, LocalCluster
+from test.cluster_process import ClusterTls, HostCluster, LocalCluster
 from test.linearizability import CheckResult, History, Operation
 from test.nemesis import (
     FAULT_KINDS,
@@ -82,6 +82,8 @@ class SuiteOptions:
     # Also grow, shrink and replace members and bring back a follower by snapshot (needs each
     # node on its own host: namespaces).
     membership: bool = False
+    # Mutual TLS with a CA of the peers' own, and client certificates required.
+    tls: bool = False
     work_dir: Path | None = None
     history_dir: Path | None = None
     say: Callable[[str], None] = print
@@ -661,6 +663,11 @@ async def run_suite(options: SuiteOptions) -> SuiteResult:
         cluster.placer = network.add_node
         cluster.cleanups.append(network.close)
         say(f"network: {network.describe()}")
+        if options.tls:
+            # Certificates name 127.0.0.1 and localhost; nodes on hosts of their own are checked
+            # against "localhost" instead of the address dialled.
+            cluster.tls = ClusterTls.create(work_dir / "tls", peer_ca=True, server_name="localhost")
+            say("TLS: peers trust only their own CA and speak only for the member they are")
         cluster.start()
         leader = await cluster.wait_for_leader(LEADER_TIMEOUT)
         say(f"five nodes up, node {leader} leads; {options.clients} clients on {options.keys} keys")

@@ -150,6 +150,31 @@ async def test_a_minute_of_mixed_faults_keeps_every_operation_linearizable(tmp_p
     assert len({op.client for op in ops}) >= 10
 
 
+async def test_faults_under_mutual_tls_with_a_ca_of_the_peers_own_keep_the_history_linearizable(
+    tmp_path: Path,
+) -> None:
+    """Every peer connection checks a certificate naming its member, from a CA that signs no
+    client's; kills and partitions reconnect through it (the nodes run as in production)."""
+    said: list[str] = []
+    result = await run_suite(
+        SuiteOptions(
+            duration=30,
+            seed=SEED,
+            timing=CI_TIMING,
+            tls=True,
+            history_dir=tmp_path,
+            work_dir=tmp_path / "run",
+            say=said.append,
+        )
+    )
+    print("\n".join(said), result.report, sep="\n")
+    assert any(line.startswith("TLS:") for line in said), said
+    assert result.ok, _explain(result)
+    assert len(result.faults) >= 3, _explain(result)
+    ok = Counter(op.kind for op in result.history.operations if op.outcome == "ok")
+    assert all(ok[kind] > 0 for kind in ("get", "put", "cas", "delete")), ok
+
+
 async def test_stale_reads_from_an_isolated_leader_are_reported_not_linearizable(
     tmp_path: Path,
 ) -> None:

@@ -539,6 +539,7 @@ async def run_faults(options: Options) -> bool:
             history_dir=options.data_root,
             say=say,
             membership=options.membership,
+            tls=options.tls is not None,
         )
     )
     print(result.report, flush=True)
@@ -690,7 +691,13 @@ def main(argv: list[str] | None = None) -> int:
         "--tls",
         action="store_true",
         help="run nodes and clients under TLS: certificates made in the data dir, mutual TLS "
-        "between peers, client certificates required (not for 'faults')",
+        "between peers (each speaking only for the member its certificate names), client "
+        "certificates required (the fault suite also gives peers a CA of their own)",
+    )
+    parser.add_argument(
+        "--peer-ca",
+        action="store_true",
+        help="with --tls: peers trust only a CA of their own (--peer-tls-*), not the clients' CA",
     )
     parser.add_argument(
         "scenarios",
@@ -709,8 +716,8 @@ def main(argv: list[str] | None = None) -> int:
             f"unknown scenario {unknown[0]!r}; choose 'up', 'faults', "
             f"{', '.join(repr(n) for n in ON_DEMAND)} or from: {', '.join(SCENARIOS)}"
         )
-    if args.tls and "faults" in names:
-        _fail("--tls is not available for the fault suite; run it without --tls")
+    if args.peer_ca and not args.tls:
+        _fail("--peer-ca goes with --tls")
     if not args.duration > 0:
         _fail(f"--duration must be a positive number of seconds, not {args.duration:g}")
     if not 1 <= args.nodes <= 99:
@@ -741,7 +748,7 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tempfile.mkdtemp(prefix="raft-demo-harness-"))
     options = Options(args.nodes, first_port, root, args.duration, args.seed, args.membership)
     if args.tls:
-        options.tls = ClusterTls.create(root / "tls")
+        options.tls = ClusterTls.create(root / "tls", peer_ca=args.peer_ca)
         print(f"TLS: certificates in {options.tls.directory}; peers and clients must present one")
     # SIGTERM unwinds like Ctrl-C, so every node is stopped by the same finally blocks.
     signal.signal(signal.SIGTERM, _interrupt)

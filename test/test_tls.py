@@ -24,9 +24,10 @@ from cluster_identity import METADATA_KEY, derive_cluster_id
 from rpc import raft_pb2, raft_pb2_grpc
 from test.cluster_process import HOST, ClusterTls, LocalCluster, find_free_port_block
 from test.conftest import REPO, log_tails
-from tls import TlsConfig, open_channel
+from tls import RenewableServerCredentials, TlsConfig, open_channel
 
 ROGUE_TERM = 10**12
+ROGUE_ID = 999
 # A client that cannot connect keeps retrying until its deadline; short, as no retry can help.
 REFUSED_DEADLINE = 1.5
 
@@ -64,7 +65,7 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
     ours = tmp_path_factory.mktemp("our-ca")
     theirs = tmp_path_factory.mktemp("their-ca")
     make_certs.make_all(ours, [], HOST)
-    make_certs.make_all(theirs, ["rogue"], HOST)
+    make_certs.make_all(theirs, [ROGUE_ID], HOST)
     return Certs(ours, theirs)
 
 
@@ -194,7 +195,7 @@ async def test_a_peer_with_another_cas_certificate_cannot_reach_raft(
     cluster: LocalCluster, certs: Certs
 ) -> None:
     before = await states(cluster)
-    rogue = certs.config("node-rogue", theirs=True)
+    rogue = certs.config(f"node-{ROGUE_ID}", theirs=True)
     failures = []
     for tls in (rogue, None):
         for node_id in cluster.node_ids:
@@ -355,12 +356,14 @@ async def test_a_server_name_other_than_the_host_dialled_is_used_only_when_asked
     directory = tmp_path_factory.mktemp("named-only")
     authority, _ = make_certs.load_or_make_authority(directory)
     # Named only by a DNS name that does not resolve here: reached at 127.0.0.1 all the same.
-    make_certs.write_node(authority, directory, "named", make_certs.parse_hosts("raft-node"))
-    served = TlsConfig.load(directory / "node-named.pem", directory / "node-named.key")
+    make_certs.write_node(authority, directory, 7, make_certs.parse_hosts("raft-node"))
+    served = TlsConfig.load(directory / "node-7.pem", directory / "node-7.key")
     server = grpc.aio.server()
     # The bare servicer answers UNIMPLEMENTED to everything: enough to tell a call that got through.
     raft_pb2_grpc.add_ClusterServicer_to_server(raft_pb2_grpc.ClusterServicer(), server)
-    port = server.add_secure_port(f"{HOST}:0", served.server_credentials(False))
+    port = server.add_secure_port(
+        f"{HOST}:0", RenewableServerCredentials(served, require_client_auth=False).credentials
+    )
     await server.start()
     try:
         codes = []
