@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from cluster_config import ClusterConfig, ConfigError, NodeAddress
-from log import DiskFullError, RaftLog
+from disk import DiskFullError
+from log import RaftLog
 from membership import (
     ChangeInProgressError,
     ConfigHistory,

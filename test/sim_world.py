@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from cluster_config import ClusterConfig, NodeAddress
-from log import LOG_FILE, DiskOp, LogCorruptionError, MemoryDisk, _scan_log
+from disk import DiskOp, MemoryDisk
+from log import LOG_FILE, LogCorruptionError, _scan_log
 from membership import Membership
 from raft_node import PeerUnreachableError, RaftNode, SnapshotPolicy, Timing
 from rpc import raft_pb2

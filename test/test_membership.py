@@ -11,7 +11,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from cluster_config import ClusterConfig, NodeAddress
-from log import MemoryDisk, RaftLog
+from disk import MemoryDisk
+from log import RaftLog
 from membership import (
     ChangeInProgressError,
     ConfigHistory,

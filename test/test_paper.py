@@ -22,7 +22,8 @@ import pytest
 
 import raft_node
 from cluster_config import ClusterConfig, NodeAddress
-from log import LOG_FILE, DiskOp, MemoryDisk, RaftLog
+from disk import DiskOp, MemoryDisk
+from log import LOG_FILE, RaftLog
 from membership import Membership
 from raft_node import (
     CommitUnknownError,
