@@ -5,14 +5,16 @@ as a daemon; the process around it lives in node_daemon.py.
 A map of the node, in the order a message flows through it:
 
 - access.py        who may talk to the node at all (every peer message is checked there first)
-- raft_node.py     this module: a vote request is answered, a leader's AppendEntries or
-                   TimeoutNow is acted on, committed entries are applied in order, and the
-                   configurations in the log are tracked (thesis 4.1)
+- raft_node.py     this module: RaftNode changes role and term, acts on a leader's
+                   AppendEntries or TimeoutNow, applies committed entries in order and tracks the
+                   configurations in the log (thesis 4.1); its Election runs pre-votes and votes
+                   and answers RequestVote
 - compaction.py    snapshots: taking them and compacting the log, receiving a leader's
 - leader.py        the leader's term, created on winning an election and dropped on stepping
                    down: per-follower progress, replication, commit from match indices, check
                    quorum, heartbeat/read rounds, sending snapshots, departing followers
 - reads.py         linearizable reads by ReadIndex, on the leader and on followers
+- proposals.py     a client's write: appended by the leader, answered once applied
 - transfer.py      leadership transfer (TimeoutNow)
 - membership_changes.py   adding and removing members, one at a time; promoting learners
 - membership.py    configurations and the quorum arithmetic (the only place a majority is counted)
@@ -48,7 +50,6 @@ from membership_changes import MembershipChanges
 from node_status import NodeEvents, NodeObserver, NodeStatus, PeerStatus
 from node_types import (
     HANDOVER_TIMEOUTS,
-    MAX_WAITING_PROPOSALS,
     MAX_WIRE_NUMBER,
     Clock,
     CommitUnknownError,
@@ -67,9 +68,10 @@ from node_types import (
     UnavailableError,
     wait_until_time,
 )
+from proposals import Writes
 from reads import Reads
 from rpc import raft_pb2
-from state_machine import ApplyResult, KeyValueStateMachine, SessionExpired
+from state_machine import ApplyResult, KeyValueStateMachine
 from task_scheduler import BackgroundTasks
 from transfer import Transfers
 
@@ -130,20 +132,13 @@ class RaftNode:
         self.leader_id: int | None = None
         # Volatile state on all servers (Figure 2); last_applied lives in the state machine.
         self.commit_index = 0
-        # Candidate state.
-        self._votes: set[int] = set()
         # Leader state, created on winning an election and dropped on stepping down.
         self.leadership: LeaderTerm | None = None
-        # Writes this node appended as leader, by index, waiting to be applied.
-        self._waiters: dict[int, tuple[int, asyncio.Future[ApplyResult]]] = {}
         # Set (and replaced) whenever commit, apply or read confirmations move; readers wait on it.
         self._changed = asyncio.Event()
 
-        # Leadership (thesis sections 9.6, 4.2.3): when this node last heard from the leader of
-        # its term, and the term it is collecting pre-votes for and who granted them.
+        # When this node last heard from the leader of its term (thesis section 4.2.3).
         self.leader_contact = float("-inf")
-        self._pre_vote_term: int | None = None
-        self._pre_votes: set[int] = set()
         # An election timeout passed since this node last heard from its leader.
         self._leader_silent = False
         self.observer: NodeObserver = NodeObserver()
@@ -152,15 +147,16 @@ class RaftNode:
         self._tasks = BackgroundTasks()
         self._election_timer: Timer | None = None
         self._timer_armed_at = 0.0
-        self._self_flush_running = False
         self._stopped = False
 
         # The parts of the node with a concern of their own (see the module docstring).
         self.access = Access(self)
+        self.election = Election(self)
         self.snapshots = Snapshots(self)
         self.reads = Reads(self)
         self.transfers = Transfers(self)
         self.changes = MembershipChanges(self)
+        self.writes = Writes(self)
 
         # Membership (thesis chapter 4): the configurations in the log, the latest in use.
         self.bootstrap_config = Membership.empty() if join else Membership.bootstrap(cluster)
@@ -233,16 +229,6 @@ class RaftNode:
         """Whether this node heard from a current leader within the minimum election timeout
         (thesis section 4.2.3); a leader counts as hearing from itself."""
         return self.access.leader_is_recent()
-
-    @property
-    def pre_vote_term(self) -> int | None:
-        """The term this node is collecting pre-votes for (thesis 9.6), if it is."""
-        return self._pre_vote_term
-
-    @property
-    def pre_votes(self) -> frozenset[int]:
-        """Who granted this node's latest pre-vote, counting itself (votes or not)."""
-        return frozenset(self._pre_votes)
 
     @property
     def election_timer(self) -> tuple[Timer, float] | None:
@@ -353,7 +339,7 @@ class RaftNode:
             return
         self._stopped = True
         self._cancel_election_timer()
-        self._fail_waiters("the node is shutting down")
+        self.writes.fail_waiting("the node is shutting down")
         self.observer.state_changed()
         await self._tasks.close()
 
@@ -409,7 +395,7 @@ class RaftNode:
     def _heard_from_leader(self) -> None:
         """The leader of our term just spoke: postpone any election (Figure 2) and note when."""
         self.leader_contact = self.clock.now()
-        self._pre_vote_term = None
+        self.election.pre_vote_term = None
         self._reset_election_timer()
         if self._leader_silent:
             self._leader_silent = False
@@ -423,7 +409,7 @@ class RaftNode:
         if term > self.current_term:
             self.log.set_hard_state(term, None)
         self._role = Role.FOLLOWER
-        self._votes.clear()
+        self.election.votes.clear()
         if was is not Role.FOLLOWER:
             self.narrate.info("became follower: %s", why)
         if was is Role.LEADER:
@@ -456,71 +442,27 @@ class RaftNode:
             self.notify()  # a transfer waits to learn who leads now
             self.observer.state_changed()
 
-    # ---- elections (section 5.2) -----------------------------------------------------------
+    # ---- elections (section 5.2; the rounds of votes are run and answered by Election) -----
 
     def start_pre_vote(self) -> None:
-        """Ask every peer whether it would vote for this node in the next term (thesis section 9.6),
-        changing nothing here: only with a majority of yeses does the real election start."""
-        if self._stopped or self._role is Role.LEADER or not self.may_stand:
-            return
-        term = self.current_term + 1
-        self._pre_vote_term = term
-        self._pre_votes = {self.node_id}
-        # Failing this round, the next timeout tries again.
-        self._reset_election_timer()
-        if len(self._pre_votes) >= self.quorum:
-            self._win_pre_vote(term)
-            return
-        request = raft_pb2.VoteRequest(
-            term=term,
-            requester_id=self.node_id,
-            last_log_index=self.log.last_index,
-            last_log_term=self.log.last_term,
-            pre_vote=True,
-        )
-        for peer_id in self.other_voters():
-            self.spawn(self._ask_for_vote(peer_id, request), name=f"pre-vote-{peer_id}")
+        """Ask every peer whether it would vote for this node in the next term (thesis 9.6)."""
+        self.election.start_pre_vote()
 
     def handle_pre_vote_reply(
         self, peer_id: int, request: raft_pb2.VoteRequest, reply: raft_pb2.RequestVoteResponse
     ) -> None:
-        """Count a pre-vote. A grant carries the term asked about, which nobody holds yet, so it
-        changes no term; a refusal carries the voter's own term, and a newer one is a real term
-        this node missed (it catches up, as Figure 2 says for any reply)."""
-        if not reply.vote_granted:
-            if self.step_down_if_newer(reply.term, f"{peer_id}'s pre-vote reply"):
-                return
-            if self._pre_vote_term == request.term:
-                self.narrate.info("%d would not vote for me in term %d", peer_id, request.term)
-            return
-        if (
-            self._role is Role.LEADER
-            or self._pre_vote_term != request.term
-            or self.current_term + 1 != request.term
-            or not self.config.is_voter(peer_id)
-        ):
-            return  # a reply to a pre-vote that is over, or from a node that does not vote
-        self._pre_votes.add(peer_id)
-        self.narrate.info(
-            "%d would vote for me in term %d (%d of %d needed)",
-            peer_id,
-            request.term,
-            self.config.count(self._pre_votes),
-            self.quorum,
-        )
-        if self.config.has_majority(self._pre_votes):
-            self._win_pre_vote(request.term)
+        self.election.handle_pre_vote_reply(peer_id, request, reply)
 
-    def _win_pre_vote(self, term: int) -> None:
-        self._pre_vote_term = None
-        self.narrate.info(
-            "a majority would elect me (%s): starting an election for term %d",
-            ", ".join(str(v) for v in sorted(self._pre_votes)),
-            term,
-        )
-        new_term = self._become_candidate(transfer=False)
-        if new_term is not None:
-            self.spawn(self._ask_for_votes(new_term, transfer=False), name="election")
+    def handle_vote_reply(
+        self, peer_id: int, request: raft_pb2.VoteRequest, reply: raft_pb2.RequestVoteResponse
+    ) -> None:
+        self.election.handle_vote_reply(peer_id, request, reply)
+
+    async def handle_request_vote(
+        self, request: raft_pb2.VoteRequest
+    ) -> raft_pb2.RequestVoteResponse:
+        """RequestVote receiver rules (Figure 2, thesis 9.6 and 4.2.3): see Election."""
+        return await self.election.handle_request_vote(request)
 
     async def start_election(self, transfer: bool = False) -> None:
         """Become a candidate: new term, vote for self, make both durable, then ask every peer.
@@ -529,190 +471,24 @@ class RaftNode:
         so, and voters grant them even though they heard from that leader moments ago."""
         term = self._become_candidate(transfer)
         if term is not None:
-            await self._ask_for_votes(term, transfer)
+            await self.election.ask_for_votes(term, transfer)
 
     def _become_candidate(self, transfer: bool) -> int | None:
         """Take the next term and vote for itself, at once (so nothing can come in between the
         decision to stand and the new term); None if this node may not stand now."""
         if self._stopped or self._role is Role.LEADER or not self.may_stand:
             return None
-        self._pre_vote_term = None
+        self.election.pre_vote_term = None
         self._role = Role.CANDIDATE
         self.leader_id = None
         term = self.current_term + 1
         self.log.set_hard_state(term, self.node_id)
-        self._votes = {self.node_id}
+        self.election.votes = {self.node_id}
         self._reset_election_timer()
         self.observer.election_started()
         self.observer.state_changed()
         self.events.standing(term, transfer)
         return term
-
-    async def _ask_for_votes(self, term: int, transfer: bool) -> None:
-        # The new term and the self-vote must be durable before any vote request leaves (seed defect 1).
-        await self.log.flush()
-        if self._role is not Role.CANDIDATE or self.current_term != term:
-            return
-        if self.config.has_majority(self._votes):
-            self._become_leader()
-            return
-        request = raft_pb2.VoteRequest(
-            term=term,
-            requester_id=self.node_id,
-            last_log_index=self.log.last_index,
-            last_log_term=self.log.last_term,
-            leadership_transfer=transfer,
-        )
-        self.narrate.info(
-            "asking for votes%s (my log: last term %d, last index %d)",
-            " to take over from the leader" if transfer else "",
-            request.last_log_term,
-            request.last_log_index,
-        )
-        for peer_id in self.other_voters():
-            self.spawn(self._ask_for_vote(peer_id, request), name=f"vote-{peer_id}")
-
-    async def _ask_for_vote(self, peer_id: int, request: raft_pb2.VoteRequest) -> None:
-        """Send a vote or pre-vote request and count its reply."""
-        what = "pre-vote" if request.pre_vote else "vote"
-        try:
-            reply = await self.transport.request_vote(
-                peer_id, request, timeout=self.timing.election_timeout_min
-            )
-        except PeerUnreachableError as e:
-            self.narrate.debug("%s request to %d failed: %s", what, peer_id, e)
-            return
-        if request.pre_vote:
-            self.handle_pre_vote_reply(peer_id, request, reply)
-        else:
-            self.handle_vote_reply(peer_id, request, reply)
-
-    def handle_vote_reply(
-        self, peer_id: int, request: raft_pb2.VoteRequest, reply: raft_pb2.RequestVoteResponse
-    ) -> None:
-        if self.step_down_if_newer(reply.term, f"{peer_id}'s vote reply"):
-            return
-        if self._role is not Role.CANDIDATE or self.current_term != request.term:
-            return  # a reply to an election that is over
-        if not reply.vote_granted:
-            self.narrate.info("%d refused its vote", peer_id)
-            return
-        if not self.config.is_voter(peer_id):
-            return  # only the votes of this node's configuration count (thesis section 4.1)
-        self._votes.add(peer_id)
-        votes = self.config.count(self._votes)
-        self.narrate.info("%d granted its vote (%d of %d needed)", peer_id, votes, self.quorum)
-        if votes >= self.quorum:
-            self._become_leader()
-
-    async def handle_request_vote(
-        self, request: raft_pb2.VoteRequest
-    ) -> raft_pb2.RequestVoteResponse:
-        """RequestVote receiver rules (Figure 2); the reply leaves only once term and vote are durable.
-
-        A pre-vote is answered without changing anything (thesis section 9.6). A real vote request
-        that arrives within the minimum election timeout of hearing from a current leader is
-        refused without adopting its term (thesis section 4.2.3), unless the leader itself asked
-        the candidate to take over (section 3.10)."""
-        self.access.check_message(
-            request.requester_id,
-            request.term,
-            request.last_log_index,
-            request.last_log_term,
-        )
-        self.access.check_candidate(request)
-        if request.pre_vote:
-            return await self._handle_pre_vote(request)
-        candidate = request.requester_id
-        if not request.leadership_transfer and self.access.leader_is_recent():
-            self.narrate.info(
-                "ignored vote request from %d for term %d: %s",
-                candidate,
-                request.term,
-                self.access.why_leader_is_recent(),
-            )
-            await self.log.flush()
-            return raft_pb2.RequestVoteResponse(term=self.current_term, vote_granted=False)
-        self.narrate.debug(
-            "vote request from %d: term %d, last log (term %d, index %d)",
-            candidate,
-            request.term,
-            request.last_log_term,
-            request.last_log_index,
-        )
-        self.step_down_if_newer(request.term, f"vote request from {candidate}")
-        term = self.current_term
-        granted = False
-        mine = (self.log.last_term, self.log.last_index)
-        theirs = (request.last_log_term, request.last_log_index)
-        if request.term < term:
-            self.narrate.info(
-                "refused vote to %d: its term %d is behind mine", candidate, request.term
-            )
-        elif self.voted_for not in (None, candidate):
-            self.narrate.info(
-                "refused vote to %d: already voted for %s in term %d",
-                candidate,
-                self.voted_for,
-                term,
-            )
-        elif theirs < mine:
-            # Section 5.4.1: the later last term wins; with equal last terms, the longer log wins.
-            self.narrate.info(
-                "refused vote to %d: its log (last term %d, index %d) is behind mine (%d, %d)",
-                candidate,
-                *theirs,
-                *mine,
-            )
-        else:
-            granted = True
-            self.log.set_hard_state(term, candidate)
-            self.narrate.info(
-                "granted vote to %d: its log (last term %d, index %d) is at least as up to date "
-                "as mine (%d, %d)",
-                candidate,
-                *theirs,
-                *mine,
-            )
-            # Granting a vote resets the election timer (Figure 2, rules for followers).
-            self._reset_election_timer()
-        await self.log.flush()
-        return raft_pb2.RequestVoteResponse(term=self.current_term, vote_granted=granted)
-
-    async def _handle_pre_vote(self, request: raft_pb2.VoteRequest) -> raft_pb2.RequestVoteResponse:
-        """Would this node vote for the candidate in `request.term`? Decided by the RequestVote rules
-        plus "no current leader heard from recently"; no term, vote or timer changes either way."""
-        candidate = request.requester_id
-        term = self.current_term
-        mine = (self.log.last_term, self.log.last_index)
-        theirs = (request.last_log_term, request.last_log_index)
-        why: str | None = None
-        if request.term < term:
-            why = f"its term {request.term} is behind mine"
-        elif request.term == term and self.voted_for not in (None, candidate):
-            why = f"I already voted for {self.voted_for} in term {term}"
-        elif self.access.leader_is_recent():
-            why = self.access.why_leader_is_recent()
-        elif theirs < mine:
-            why = "its log (last term {}, index {}) is behind mine ({}, {})".format(*theirs, *mine)
-        if why is not None:
-            self.narrate.info(
-                "would not vote for %d in term %d (pre-vote): %s", candidate, request.term, why
-            )
-            # A refusal carries this node's term, so a candidate with a stale term catches up; the
-            # term must then be durable, as for any reply that carries it.
-            await self.log.flush()
-            return raft_pb2.RequestVoteResponse(term=self.current_term, vote_granted=False)
-        self.narrate.info(
-            "would vote for %d in term %d (pre-vote): its log (last term %d, index %d) is at "
-            "least as up to date as mine (%d, %d) and I have no recent leader",
-            candidate,
-            request.term,
-            *theirs,
-            *mine,
-        )
-        # A grant carries the term asked about, so it can never look like a newer term to anyone.
-        return raft_pb2.RequestVoteResponse(term=request.term, vote_granted=True)
 
     # ---- log replication, follower side (section 5.3) --------------------------------------
 
@@ -807,7 +583,7 @@ class RaftNode:
                     "truncating my log from index %d: it conflicts with the leader's", index
                 )
                 self._truncate_log(index)
-            self._append_to_log(entries[offset:])
+            self.append_to_log(entries[offset:])
             break
         return await self._append_reply(True, prev + len(entries), request)
 
@@ -838,9 +614,9 @@ class RaftNode:
         term = self.current_term
         self.narrate.info(
             "won the election with votes from %s; appending a no-op to commit earlier entries",
-            ", ".join(str(v) for v in sorted(self._votes)),
+            ", ".join(str(v) for v in sorted(self.election.votes)),
         )
-        self._votes.clear()
+        self.election.votes.clear()
         leadership = self.leadership = LeaderTerm(self, term)
         leadership.sync_progress()
         # Section 8: a no-op of the new term lets entries of earlier terms commit without a new write.
@@ -856,73 +632,30 @@ class RaftNode:
         if leadership is not None:
             leadership.stop()
         self.notify()
-        self._fail_waiters("leadership was lost before the write committed")
+        self.writes.fail_waiting("leadership was lost before the write committed")
 
-    def _fail_waiters(self, why: str) -> None:
-        waiters, self._waiters = self._waiters, {}
-        for _, future in waiters.values():
-            if not future.done():
-                future.set_exception(CommitUnknownError(f"{why}; it may or may not be applied"))
+    # ---- writes (proposals.py appends them as leader and answers them once applied) --------
+
+    async def propose_mapping(
+        self, key: str, value: str, session: raft_pb2.Session | None = None
+    ) -> None:
+        """Store one mapping; return once it is committed and applied here (see proposals.py)."""
+        await self.writes.propose_mapping(key, value, session)
+
+    async def propose(self, command: raft_pb2.Command) -> ApplyResult:
+        """Append a command; once it is committed and applied here, return what applying it gave.
+
+        Raises NotLeaderError (nothing appended) or CommitUnknownError (outcome unknown).
+        """
+        return await self.writes.propose(command)
+
+    async def propose_entry(self, entry: raft_pb2.LogEntry) -> ApplyResult:
+        """Leader: append `entry` and wait until it is applied here (see proposals.py)."""
+        return await self.writes.propose_entry(entry)
 
     def append_as_leader(self, entry: raft_pb2.LogEntry) -> int:
         """Leader: append an entry of this term to the log and let the replicators send it."""
-        if entry.kind == raft_pb2.ENTRY_KIND_CONFIG:
-            self.events.appending_config()
-        entry.term = self.current_term
-        entry.index = self.log.last_index + 1
-        # Log time (sessions expire by it) never goes backwards, even if this clock is behind the
-        # previous leader's.
-        if entry.index - 1 > self.log.base_index:
-            previous = self.log.entry(entry.index - 1).leader_time_ms
-        else:
-            previous = self.state_machine.log_time_ms if entry.index > 1 else 0
-        entry.leader_time_ms = max(int(self.wall_clock() * 1000), previous)
-        self._append_to_log([entry])
-        self._flush_own_log()
-        if self.leadership is not None:
-            self.leadership.wake_all()
-        return entry.index
-
-    def _flush_own_log(self) -> None:
-        """Make the leader's own entries durable; the leader counts itself only for durable entries."""
-        if not self._self_flush_running:
-            self._self_flush_running = True
-            self.spawn(self._flush_own_log_loop(), name="leader-flush")
-
-    async def _flush_own_log_loop(self) -> None:
-        full_since: float | None = None
-        try:
-            while self.log.durable_index < self.log.last_index:
-                try:
-                    await self.log.flush()
-                except DiskFullError as e:
-                    now = self.clock.now()
-                    if full_since is None:
-                        full_since = now
-                        self.narrate.error(
-                            "%s: refusing writes until space returns (retrying)", e.strerror
-                        )
-                    if (
-                        self._role is Role.LEADER
-                        and now - full_since >= self.timing.election_timeout_max
-                    ):
-                        # A leader that can make nothing durable commits nothing: let a node
-                        # with a working disk lead (it stands for no election meanwhile).
-                        self.become_follower(
-                            self.current_term,
-                            None,
-                            "my disk has been full for an election timeout; a node that can "
-                            "write should lead",
-                        )
-                    await self.pause(self.timing.heartbeat_interval)
-                    continue
-                if full_since is not None:
-                    full_since = None
-                    self.narrate.info("my disk has space again: taking writes")
-                if self.leadership is not None:
-                    self.leadership.advance_commit()
-        finally:
-            self._self_flush_running = False
+        return self.writes.append_as_leader(entry)
 
     async def pause(self, seconds: float) -> None:
         """Wait `seconds` on this node's clock (the simulation's, in the simulation)."""
@@ -933,88 +666,6 @@ class RaftNode:
             await self.log.flush()
         except DiskFullError:
             pass
-
-    async def propose_mapping(
-        self, key: str, value: str, session: raft_pb2.Session | None = None
-    ) -> None:
-        """Store one mapping; return once it is committed and applied here. Raises NotLeaderError.
-
-        Without a session it is the seed's MAPPING entry; with one, a COMMAND whose result may be
-        SessionExpired, raised here as SessionExpiredError.
-        """
-        if session is None or session.client_id == 0:
-            await self.propose_entry(
-                raft_pb2.LogEntry(kind=raft_pb2.ENTRY_KIND_MAPPING, key=key, value=value)
-            )
-            return
-        batch = raft_pb2.MappingBatch(
-            mappings=[raft_pb2.Mapping(key=key, value=value)], session=session
-        )
-        result = await self.propose(raft_pb2.Command(put=batch))
-        if isinstance(result, SessionExpired):
-            raise SessionExpiredError(result.reason)
-
-    async def propose(self, command: raft_pb2.Command) -> ApplyResult:
-        """Append a command; once it is committed and applied here, return what applying it gave.
-
-        Raises NotLeaderError (nothing appended) or CommitUnknownError (outcome unknown).
-        """
-        result = await self.propose_entry(
-            raft_pb2.LogEntry(kind=raft_pb2.ENTRY_KIND_COMMAND, command=command)
-        )
-        if isinstance(result, SessionExpired):
-            self.narrate.info("refused a client's write: %s", result.reason)
-        elif command.WhichOneof("op") == "register_client":
-            self.narrate.debug("registered client session %s", result)
-        return result
-
-    async def propose_entry(self, entry: raft_pb2.LogEntry) -> ApplyResult:
-        if self._role is not Role.LEADER:
-            leader_id, address = self.leader()
-            if leader_id is not None:
-                self.narrate.info("redirecting a client to leader %d", leader_id)
-            else:
-                self.narrate.info("turning a client away: no leader known")
-            raise NotLeaderError(leader_id, address)
-        self.transfers.refuse_while_transferring()
-        if self.log.disk_full:
-            raise OverloadedError(
-                f"disk full on node {self.node_id}: it takes no writes until space returns"
-            )
-        if len(self._waiters) >= MAX_WAITING_PROPOSALS:
-            raise OverloadedError(
-                f"{len(self._waiters)} writes already wait to commit on node {self.node_id}; "
-                "try again later"
-            )
-        index = self.append_as_leader(entry)
-        future: asyncio.Future[ApplyResult] = asyncio.get_running_loop().create_future()
-        self._waiters[index] = (self.current_term, future)
-        # One timer per write, not a timeout context and a shield (each a few objects and
-        # callbacks more). A caller that is cancelled cancels the future, which apply then skips.
-        # Latency for metrics only: a finer clock than the loop's (whose ticks are milliseconds);
-        # no decision depends on it.
-        started = time.perf_counter()
-        timer = self.clock.call_at(
-            self.clock.now() + self.timing.proposal_timeout,
-            lambda: self._expire_proposal(index, future),
-        )
-        try:
-            result = await future
-        finally:
-            timer.cancel()
-            if self._waiters.get(index, (0, None))[1] is future:
-                del self._waiters[index]
-        self.observer.proposal_committed(time.perf_counter() - started)
-        return result
-
-    def _expire_proposal(self, index: int, future: asyncio.Future[ApplyResult]) -> None:
-        if not future.done():
-            future.set_exception(
-                CommitUnknownError(
-                    f"entry {index} did not commit within {self.timing.proposal_timeout:g} s; "
-                    "it may or may not be applied"
-                )
-            )
 
     def handle_append_reply(
         self,
@@ -1059,7 +710,7 @@ class RaftNode:
         )
         term = self._become_candidate(transfer=True)
         if term is not None:
-            self.spawn(self._ask_for_votes(term, transfer=True), name="election")
+            self.spawn(self.election.ask_for_votes(term, transfer=True), name="election")
         return reply
 
     # ---- linearizable reads (thesis section 6.4, ReadIndex) --------------------------------
@@ -1111,24 +762,14 @@ class RaftNode:
     def _apply_entries(self) -> None:
         while self.last_applied < self.commit_index:
             entry = self.log.entry(self.last_applied + 1)
-            result = self.state_machine.apply(entry)
-            waiter = self._waiters.pop(entry.index, None)
-            if waiter is not None:
-                term, future = waiter
-                if not future.done():
-                    if term == entry.term:
-                        future.set_result(result)
-                    else:
-                        future.set_exception(
-                            CommitUnknownError("another leader's entry took this index")
-                        )
+            self.writes.applied(entry, self.state_machine.apply(entry))
 
     # ---- membership (thesis chapter 4, one server at a time) -------------------------------
 
     def other_voters(self) -> list[int]:
         return [i for i in self.configs.latest.voters if i != self.node_id]
 
-    def _append_to_log(self, entries: list[raft_pb2.LogEntry]) -> None:
+    def append_to_log(self, entries: list[raft_pb2.LogEntry]) -> None:
         """Append to the log; a configuration among the entries is in use from now on (4.1)."""
         self.log.append(entries)
         before = self.configs.latest
@@ -1248,6 +889,258 @@ class RaftNode:
         await self.log.flush()
         reply.term = self.current_term
         return reply
+
+
+class Election:
+    """The rounds of an election (section 5.2) as this node runs and answers them: the pre-vote
+    (thesis 9.6), the vote, and the RequestVote receiver rules. The node changes role and term;
+    this counts the votes (membership.py says what makes a majority)."""
+
+    def __init__(self, node: RaftNode) -> None:
+        self.node = node
+        # Candidate state: who voted for this node in its current term.
+        self.votes: set[int] = set()
+        # The term this node is collecting pre-votes for, and who granted them (counting itself).
+        self.pre_vote_term: int | None = None
+        self.pre_votes: set[int] = set()
+
+    def start_pre_vote(self) -> None:
+        """Ask every peer whether it would vote for this node in the next term (thesis section 9.6),
+        changing nothing here: only with a majority of yeses does the real election start."""
+        node = self.node
+        if node.stopped or node.is_leader or not node.may_stand:
+            return
+        term = node.current_term + 1
+        self.pre_vote_term = term
+        self.pre_votes = {node.node_id}
+        # Failing this round, the next timeout tries again.
+        node._reset_election_timer()
+        if len(self.pre_votes) >= node.quorum:
+            self._win_pre_vote(term)
+            return
+        request = raft_pb2.VoteRequest(
+            term=term,
+            requester_id=node.node_id,
+            last_log_index=node.log.last_index,
+            last_log_term=node.log.last_term,
+            pre_vote=True,
+        )
+        for peer_id in node.other_voters():
+            node.spawn(self._ask_for_vote(peer_id, request), name=f"pre-vote-{peer_id}")
+
+    def handle_pre_vote_reply(
+        self, peer_id: int, request: raft_pb2.VoteRequest, reply: raft_pb2.RequestVoteResponse
+    ) -> None:
+        """Count a pre-vote. A grant carries the term asked about, which nobody holds yet, so it
+        changes no term; a refusal carries the voter's own term, and a newer one is a real term
+        this node missed (it catches up, as Figure 2 says for any reply)."""
+        node = self.node
+        if not reply.vote_granted:
+            if node.step_down_if_newer(reply.term, f"{peer_id}'s pre-vote reply"):
+                return
+            if self.pre_vote_term == request.term:
+                node.narrate.info("%d would not vote for me in term %d", peer_id, request.term)
+            return
+        if (
+            node.is_leader
+            or self.pre_vote_term != request.term
+            or node.current_term + 1 != request.term
+            or not node.config.is_voter(peer_id)
+        ):
+            return  # a reply to a pre-vote that is over, or from a node that does not vote
+        self.pre_votes.add(peer_id)
+        node.narrate.info(
+            "%d would vote for me in term %d (%d of %d needed)",
+            peer_id,
+            request.term,
+            node.config.count(self.pre_votes),
+            node.quorum,
+        )
+        if node.config.has_majority(self.pre_votes):
+            self._win_pre_vote(request.term)
+
+    def _win_pre_vote(self, term: int) -> None:
+        node = self.node
+        self.pre_vote_term = None
+        node.narrate.info(
+            "a majority would elect me (%s): starting an election for term %d",
+            ", ".join(str(v) for v in sorted(self.pre_votes)),
+            term,
+        )
+        new_term = node._become_candidate(transfer=False)
+        if new_term is not None:
+            node.spawn(self.ask_for_votes(new_term, transfer=False), name="election")
+
+    async def ask_for_votes(self, term: int, transfer: bool) -> None:
+        node = self.node
+        # The new term and the self-vote must be durable before any vote request leaves (seed defect 1).
+        await node.log.flush()
+        if node._role is not Role.CANDIDATE or node.current_term != term:
+            return
+        if node.config.has_majority(self.votes):
+            node._become_leader()
+            return
+        request = raft_pb2.VoteRequest(
+            term=term,
+            requester_id=node.node_id,
+            last_log_index=node.log.last_index,
+            last_log_term=node.log.last_term,
+            leadership_transfer=transfer,
+        )
+        node.narrate.info(
+            "asking for votes%s (my log: last term %d, last index %d)",
+            " to take over from the leader" if transfer else "",
+            request.last_log_term,
+            request.last_log_index,
+        )
+        for peer_id in node.other_voters():
+            node.spawn(self._ask_for_vote(peer_id, request), name=f"vote-{peer_id}")
+
+    async def _ask_for_vote(self, peer_id: int, request: raft_pb2.VoteRequest) -> None:
+        """Send a vote or pre-vote request and count its reply."""
+        node = self.node
+        what = "pre-vote" if request.pre_vote else "vote"
+        try:
+            reply = await node.transport.request_vote(
+                peer_id, request, timeout=node.timing.election_timeout_min
+            )
+        except PeerUnreachableError as e:
+            node.narrate.debug("%s request to %d failed: %s", what, peer_id, e)
+            return
+        if request.pre_vote:
+            self.handle_pre_vote_reply(peer_id, request, reply)
+        else:
+            self.handle_vote_reply(peer_id, request, reply)
+
+    def handle_vote_reply(
+        self, peer_id: int, request: raft_pb2.VoteRequest, reply: raft_pb2.RequestVoteResponse
+    ) -> None:
+        node = self.node
+        if node.step_down_if_newer(reply.term, f"{peer_id}'s vote reply"):
+            return
+        if node._role is not Role.CANDIDATE or node.current_term != request.term:
+            return  # a reply to an election that is over
+        if not reply.vote_granted:
+            node.narrate.info("%d refused its vote", peer_id)
+            return
+        if not node.config.is_voter(peer_id):
+            return  # only the votes of this node's configuration count (thesis section 4.1)
+        self.votes.add(peer_id)
+        votes = node.config.count(self.votes)
+        node.narrate.info("%d granted its vote (%d of %d needed)", peer_id, votes, node.quorum)
+        if votes >= node.quorum:
+            node._become_leader()
+
+    async def handle_request_vote(
+        self, request: raft_pb2.VoteRequest
+    ) -> raft_pb2.RequestVoteResponse:
+        """RequestVote receiver rules (Figure 2); the reply leaves only once term and vote are durable.
+
+        A pre-vote is answered without changing anything (thesis section 9.6). A real vote request
+        that arrives within the minimum election timeout of hearing from a current leader is
+        refused without adopting its term (thesis section 4.2.3), unless the leader itself asked
+        the candidate to take over (section 3.10)."""
+        node = self.node
+        node.access.check_message(
+            request.requester_id,
+            request.term,
+            request.last_log_index,
+            request.last_log_term,
+        )
+        node.access.check_candidate(request)
+        if request.pre_vote:
+            return await self._handle_pre_vote(request)
+        candidate = request.requester_id
+        if not request.leadership_transfer and node.access.leader_is_recent():
+            node.narrate.info(
+                "ignored vote request from %d for term %d: %s",
+                candidate,
+                request.term,
+                node.access.why_leader_is_recent(),
+            )
+            await node.log.flush()
+            return raft_pb2.RequestVoteResponse(term=node.current_term, vote_granted=False)
+        node.narrate.debug(
+            "vote request from %d: term %d, last log (term %d, index %d)",
+            candidate,
+            request.term,
+            request.last_log_term,
+            request.last_log_index,
+        )
+        node.step_down_if_newer(request.term, f"vote request from {candidate}")
+        term = node.current_term
+        granted = False
+        mine = (node.log.last_term, node.log.last_index)
+        theirs = (request.last_log_term, request.last_log_index)
+        if request.term < term:
+            node.narrate.info(
+                "refused vote to %d: its term %d is behind mine", candidate, request.term
+            )
+        elif node.voted_for not in (None, candidate):
+            node.narrate.info(
+                "refused vote to %d: already voted for %s in term %d",
+                candidate,
+                node.voted_for,
+                term,
+            )
+        elif theirs < mine:
+            # Section 5.4.1: the later last term wins; with equal last terms, the longer log wins.
+            node.narrate.info(
+                "refused vote to %d: its log (last term %d, index %d) is behind mine (%d, %d)",
+                candidate,
+                *theirs,
+                *mine,
+            )
+        else:
+            granted = True
+            node.log.set_hard_state(term, candidate)
+            node.narrate.info(
+                "granted vote to %d: its log (last term %d, index %d) is at least as up to date "
+                "as mine (%d, %d)",
+                candidate,
+                *theirs,
+                *mine,
+            )
+            # Granting a vote resets the election timer (Figure 2, rules for followers).
+            node._reset_election_timer()
+        await node.log.flush()
+        return raft_pb2.RequestVoteResponse(term=node.current_term, vote_granted=granted)
+
+    async def _handle_pre_vote(self, request: raft_pb2.VoteRequest) -> raft_pb2.RequestVoteResponse:
+        """Would this node vote for the candidate in `request.term`? Decided by the RequestVote rules
+        plus "no current leader heard from recently"; no term, vote or timer changes either way."""
+        node = self.node
+        candidate = request.requester_id
+        term = node.current_term
+        mine = (node.log.last_term, node.log.last_index)
+        theirs = (request.last_log_term, request.last_log_index)
+        why: str | None = None
+        if request.term < term:
+            why = f"its term {request.term} is behind mine"
+        elif request.term == term and node.voted_for not in (None, candidate):
+            why = f"I already voted for {node.voted_for} in term {term}"
+        elif node.access.leader_is_recent():
+            why = node.access.why_leader_is_recent()
+        elif theirs < mine:
+            why = "its log (last term {}, index {}) is behind mine ({}, {})".format(*theirs, *mine)
+        if why is not None:
+            node.narrate.info(
+                "would not vote for %d in term %d (pre-vote): %s", candidate, request.term, why
+            )
+            # A refusal carries this node's term, so a candidate with a stale term catches up; the
+            # term must then be durable, as for any reply that carries it.
+            await node.log.flush()
+            return raft_pb2.RequestVoteResponse(term=node.current_term, vote_granted=False)
+        node.narrate.info(
+            "would vote for %d in term %d (pre-vote): its log (last term %d, index %d) is at "
+            "least as up to date as mine (%d, %d) and I have no recent leader",
+            candidate,
+            request.term,
+            *theirs,
+            *mine,
+        )
+        # A grant carries the term asked about, so it can never look like a newer term to anyone.
+        return raft_pb2.RequestVoteResponse(term=request.term, vote_granted=True)
 
 
 if __name__ == "__main__":

@@ -497,8 +497,8 @@ async def test_a_node_an_uncommitted_configuration_removes_still_stands_for_elec
     appended = await receive_removal_of_1(node, leader=2)
     assert appended.success and not node.is_voter and node.may_stand
 
-    await c.until(lambda: node.pre_vote_term is not None, "the node asks for pre-votes")
-    assert node.config.count(node.pre_votes) == 0
+    await c.until(lambda: node.election.pre_vote_term is not None, "the node asks for pre-votes")
+    assert node.config.count(node.election.pre_votes) == 0
 
 
 async def test_removing_a_node_again_while_its_removal_is_pending_waits_for_the_commit(
