@@ -11,7 +11,7 @@ import zlib
 from dataclasses import dataclass, field
 
 from cluster_config import ClusterConfig
-from log import Disk, RealDisk, replace_file
+from disk import Disk, RealDisk, replace_file
 
 # The gRPC metadata key every `Raft` call carries (lower case, as gRPC requires).
 METADATA_KEY = "raft-demo-cluster"

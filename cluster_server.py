@@ -17,7 +17,7 @@ from membership import (
     check_new_member,
 )
 from node_status import NodeStatus
-from raft_node import (
+from node_types import (
     MAX_WIRE_NUMBER,
     CommitUnknownError,
     NotLeaderError,

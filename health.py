@@ -4,15 +4,21 @@ both of a node's servers."""
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import grpc
 
 from node_status import NodeObserver
-from raft_node import RaftNode
 
 if TYPE_CHECKING:
     from grpc_health.v1 import _async as health_aio
+
+
+class HealthNode(Protocol):
+    """What health checks read of the node."""
+
+    @property
+    def serving(self) -> bool: ...
 
 
 class NodeHealth(NodeObserver):
@@ -20,7 +26,7 @@ class NodeHealth(NodeObserver):
     node: SERVING for "" and the server's own service while `node.serving`, else NOT_SERVING.
     Driven by the node's state changes, never by polling."""
 
-    def __init__(self, node: RaftNode) -> None:
+    def __init__(self, node: HealthNode) -> None:
         self._node = node
         self._servicers: list[tuple[health_aio.HealthServicer, tuple[str, ...]]] = []
         self._changed = asyncio.Event()

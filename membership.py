@@ -1,5 +1,6 @@
 """Cluster membership (thesis chapter 4): who votes, who only learns, which ids are gone for good, and
-the history of configurations in the log, so a node always uses the latest one it holds.
+the history of configurations in the log, so a node always uses the latest one it holds. Also the
+quorum arithmetic: this is the only place a majority is counted.
 
 A configuration is a log entry like any other, in use from the moment it is appended (committed or
 not); truncating the log or installing a snapshot brings back the configuration in force at that
@@ -10,13 +11,17 @@ configurations overlapping.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from cluster_config import ClusterConfig, ConfigError, NodeAddress, parse_host_port
 from rpc import raft_pb2
 
 MAX_NODE_ID = 2**62
+
+# What a majority is counted over: log indices (commit), times (check quorum).
+Value = TypeVar("Value", int, float)
 
 
 class MembershipError(Exception):
@@ -62,6 +67,30 @@ class Membership:
     def quorum(self) -> int:
         """The votes or acknowledgements that make a majority of the voters."""
         return len(self.voters) // 2 + 1
+
+    # ---- quorum arithmetic (the only place a majority is counted) ----------------------------
+
+    def counts(self, node_id: int) -> bool:
+        """Whether `node_id`'s vote or acknowledgement counts toward this configuration's
+        majorities: only a voter's does (thesis 4.1). A leader this configuration removes is
+        therefore not counted, not even by itself, while it leads on to commit its removal
+        (thesis 4.2.2); nor is a learner, or a removed follower still being told of its removal."""
+        return node_id in self.voters
+
+    def count(self, ids: Iterable[int]) -> int:
+        """How many of `ids` count (votes, acknowledgements)."""
+        return sum(1 for i in ids if self.counts(i))
+
+    def has_majority(self, ids: Iterable[int]) -> bool:
+        """Whether `ids` (votes, or acknowledgements of a read round) make a majority."""
+        return self.count(ids) >= self.quorum
+
+    def majority_value(self, values: Mapping[int, Value]) -> Value | None:
+        """The largest value that a majority holds at least, counting each node's own (a leader
+        passes its own too): from match indices, the index a majority has durably stored (section
+        5.3); from the times each answered, when a majority last had. None without a majority."""
+        counted = sorted((v for i, v in values.items() if self.counts(i)), reverse=True)
+        return counted[self.quorum - 1] if len(counted) >= self.quorum else None
 
     def address(self, node_id: int) -> NodeAddress | None:
         return self.voters.get(node_id) or self.learners.get(node_id)

@@ -5,16 +5,28 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
+from typing import Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from node_status import NodeObserver
-from raft_node import RaftNode, Role
+from log import RaftLog
+from node_status import NodeObserver, NodeStatus
+from node_types import Role
 
 PREFIX = "raft_demo"
+
+
+class MetricsNode(Protocol):
+    """What the metrics read of the node."""
+
+    log: RaftLog
+    leader_id: int | None
+
+    def status(self) -> NodeStatus: ...
+
 
 # Latencies on a loaded machine run from well under a millisecond (an fsync on a fast disk) to
 # seconds (a write waiting out an election): buckets doubling from 0.25 ms to about 8 s.
@@ -31,7 +43,7 @@ class NodeMetrics(NodeObserver):
     fsyncs are observed from its opening on), then `attach`ed to it."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.node: RaftNode | None = None
+        self.node: MetricsNode | None = None
         self._leader: int | None = None
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
@@ -76,7 +88,7 @@ class NodeMetrics(NodeObserver):
             registry=r,
         )
 
-    def attach(self, node: RaftNode) -> None:
+    def attach(self, node: MetricsNode) -> None:
         """Report this node's state; make this the node's observer (or one of them) too."""
         self.node = node
         self._leader = node.leader_id
@@ -121,7 +133,7 @@ class NodeMetrics(NodeObserver):
 class _StateCollector(Collector):
     """The node's state, read when a scrape asks for it: nothing on the node's own path."""
 
-    def __init__(self, node: RaftNode) -> None:
+    def __init__(self, node: MetricsNode) -> None:
         self._node = node
 
     def collect(self) -> Iterable[Metric]:

@@ -1,5 +1,6 @@
-"""What a node tells the world about itself: observer hooks (for health checks and metrics) and
-its status as operators see it (the `Status` call, `cluster_client.py status`)."""
+"""What a node tells the world about itself: observer hooks (for health checks and metrics), event
+hooks (for checks that watch a run) and its status as operators see it (the `Status` call,
+`cluster_client.py status`)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,39 @@ class NodeObserver:
 
     def snapshot_installed(self) -> None:
         """This node installed a snapshot received from a leader."""
+
+
+class NodeEvents:
+    """Told of the node's consensus decisions at the moment it makes them, for checks that watch
+    a run (the simulation's invariants); every method here does nothing.
+
+    Called synchronously, in the middle of the node's work: a hook may read the node's state,
+    never change it."""
+
+    def standing(self, term: int, transfer: bool) -> None:
+        """This node just became a candidate in `term` (`transfer`: the leader asked it to)."""
+
+    def elected(self) -> None:
+        """This node won an election; its log is still as the election left it (no no-op yet)."""
+
+    def leading(self) -> None:
+        """This node now leads: its term's leadership has started and its no-op is appended."""
+
+    def appending_config(self) -> None:
+        """As leader, this node is about to append a configuration entry."""
+
+    def log_changed(self) -> None:
+        """Entries were appended or truncated, or the configurations were rebuilt from a
+        snapshot: the configuration in use may have changed."""
+
+    def config_changed(self) -> None:
+        """The node has reacted to a (possible) change of the configuration in use."""
+
+    def snapshot_restored(self, at_start: bool) -> None:
+        """The state machine was replaced by a snapshot's (restored at start, or installed)."""
+
+    def snapshot_writing(self) -> None:
+        """This node starts writing a snapshot of its own state."""
 
 
 class Observers(NodeObserver):

@@ -10,7 +10,7 @@ import grpc
 from google.protobuf.message import Message
 
 from cluster_identity import ClusterIdentity
-from raft_node import PeerUnreachableError
+from node_types import PeerUnreachableError
 from rpc import raft_pb2, raft_pb2_grpc
 from tls import TlsConfig, open_channel
 

@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
-from log import SYNC_EVERY_BYTES, Disk, DiskFile, replace_file
+from disk import SYNC_EVERY_BYTES, Disk, DiskFile, replace_file
 from membership import Membership
 from state_machine import SnapshotState, StateDecoder
 

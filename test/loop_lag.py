@@ -69,6 +69,7 @@ def stalls(text: str, start: datetime, end: datetime) -> list[Stall]:
 
 
 def main() -> int:
+    import node_daemon
     import raft_node
 
     threshold = float(os.environ.get("RAFT_DEMO_LOOP_LAG_MS", DEFAULT_THRESHOLD_MS)) / 1000
@@ -80,7 +81,7 @@ def main() -> int:
         probes.append(asyncio.get_running_loop().create_task(watch_loop_lag(threshold)))
 
     raft_node.RaftNode.start = start_with_probe  # type: ignore[method-assign]
-    return raft_node.main(sys.argv[1:])
+    return node_daemon.main(sys.argv[1:])
 
 
 if __name__ == "__main__":

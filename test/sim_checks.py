@@ -7,15 +7,16 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from google.protobuf import text_format
 
 from log import RaftLog
 from membership import Membership
+from node_status import NodeEvents
 from raft_node import RaftNode
 from rpc import raft_pb2
-from snapshot import LoadedSnapshot
-from state_machine import ApplyResult, KeyValueStateMachine, SnapshotState
+from state_machine import ApplyResult, KeyValueStateMachine
 
 # What identifies an entry's command: (kind, key, value).
 Command = tuple[int, str, str]
@@ -336,7 +337,7 @@ class Invariants:
     def check_config_in_use(self, node: RaftNode, log: ObservedRaftLog) -> None:
         """The node's configuration is the one its log implies (after appends, truncations,
         snapshot installs and restarts)."""
-        implied = self.implied_config(log, log.last_index, node._bootstrap)
+        implied = self.implied_config(log, log.last_index, node.bootstrap_config)
         if node.configs.latest != implied:
             self._fail(
                 "configuration matches the log",
@@ -599,78 +600,64 @@ class LeadershipChecks:
 
 
 class ObservedRaftNode(RaftNode):
-    """The project's RaftNode, unchanged but for telling the checks when it stands for election,
-    when it wins one, when it appends a configuration as leader, and when its configuration may
-    have changed."""
+    """The project's RaftNode, unchanged: the checks learn through its event hooks (NodeEvents)
+    when it stands for election, when it wins one, when it appends a configuration as leader, and
+    when its configuration may have changed."""
 
     invariants: Invariants | None = None
-    leadership: LeadershipChecks | None = None
+    leadership_checks: LeadershipChecks | None = None
     on_elected: Callable[[RaftNode], None] | None = None
     stats: Counter[str] | None = None
-    _at_start = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.events = _Observed(self)
 
     @property
     def observed_log(self) -> ObservedRaftLog:
         assert isinstance(self.log, ObservedRaftLog)
         return self.log
 
-    def start_from_snapshot(self) -> None:
-        self._at_start = True
-        try:
-            super().start_from_snapshot()
-        finally:
-            self._at_start = False
 
-    def _restore(self, loaded: LoadedSnapshot) -> None:
-        super()._restore(loaded)
-        if self.stats is not None:
-            self.stats["snapshot restores" if self._at_start else "snapshots installed"] += 1
+class _Observed(NodeEvents):
+    """Tells one node's checks what it just decided."""
 
-    async def _write_snapshot(
-        self, state: SnapshotState, members: Membership, index: int, term: int
-    ) -> None:
-        if self.stats is not None:
-            self.stats["snapshots taken"] += 1
-        await super()._write_snapshot(state, members, index, term)
+    def __init__(self, node: ObservedRaftNode) -> None:
+        self.node = node
 
-    def _become_candidate(self, transfer: bool) -> int | None:
-        term = super()._become_candidate(transfer)
-        if term is not None and self.leadership is not None:
-            self.leadership.standing(self, term, transfer)
-        return term
+    def standing(self, term: int, transfer: bool) -> None:
+        if self.node.leadership_checks is not None:
+            self.node.leadership_checks.standing(self.node, term, transfer)
 
-    def _become_leader(self) -> None:
+    def elected(self) -> None:
         # Checked on the log as the election left it, before the new leader appends its no-op.
-        if self.invariants is not None:
-            self.invariants.became_leader(self)
-        if self.leadership is not None:
-            self.leadership.elected(self)
-        super()._become_leader()
-        if self.on_elected is not None:
-            self.on_elected(self)
+        node = self.node
+        if node.invariants is not None:
+            node.invariants.became_leader(node)
+        if node.leadership_checks is not None:
+            node.leadership_checks.elected(node)
 
-    def _append_as_leader(self, entry: raft_pb2.LogEntry) -> int:
-        if entry.kind == raft_pb2.ENTRY_KIND_CONFIG and self.invariants is not None:
-            self.invariants.appending_config(self, self.observed_log)
-        return super()._append_as_leader(entry)
+    def leading(self) -> None:
+        if self.node.on_elected is not None:
+            self.node.on_elected(self.node)
 
-    def _append_to_log(self, entries: list[raft_pb2.LogEntry]) -> None:
-        super()._append_to_log(entries)
-        self._check_config()
+    def appending_config(self) -> None:
+        if self.node.invariants is not None:
+            self.node.invariants.appending_config(self.node, self.node.observed_log)
 
-    def _truncate_log(self, index: int) -> None:
-        super()._truncate_log(index)
-        self._check_config()
+    def log_changed(self) -> None:
+        if self.node.invariants is not None:
+            self.node.invariants.check_config_in_use(self.node, self.node.observed_log)
 
-    def _rebuild_configs(self, base: Membership, base_index: int) -> None:
-        super()._rebuild_configs(base, base_index)
-        self._check_config()
+    def config_changed(self) -> None:
+        node = self.node
+        if node.leadership_checks is not None and node.role == "leader":
+            node.leadership_checks.config_changed(node)
 
-    def _check_config(self) -> None:
-        if self.invariants is not None:
-            self.invariants.check_config_in_use(self, self.observed_log)
+    def snapshot_restored(self, at_start: bool) -> None:
+        if self.node.stats is not None:
+            self.node.stats["snapshot restores" if at_start else "snapshots installed"] += 1
 
-    def _config_changed(self, before: Membership) -> None:
-        super()._config_changed(before)
-        if self.leadership is not None and self.role == "leader":
-            self.leadership.config_changed(self)
+    def snapshot_writing(self) -> None:
+        if self.node.stats is not None:
+            self.node.stats["snapshots taken"] += 1

@@ -12,9 +12,12 @@ from contextlib import ExitStack, contextmanager
 from unittest import mock
 
 import log as log_module
+from leader import LeaderTerm
 from log import RaftLog
 from membership import Membership
-from raft_node import NotLeaderError, RaftNode, Role
+from membership_changes import MembershipChanges
+from raft_node import NotLeaderError, RaftNode
+from reads import Reads
 from rpc import raft_pb2
 from state_machine import ApplyResult
 
@@ -34,20 +37,20 @@ def _commit_earlier_terms_by_counting(stack: ExitStack) -> None:
     """(2) An entry from an earlier term counts as committed once a majority holds it (section 5.4.2
     forbids this: only entries of the leader's own term commit by counting replicas)."""
 
-    def advance_commit(self: RaftNode) -> None:
+    def advance_commit(self: LeaderTerm) -> None:
+        node = self.node
         matches = sorted(
-            [self.log.durable_index] + [p.match_index for p in self.progress.values()],
+            [node.log.durable_index] + [p.match_index for p in self.progress.values()],
             reverse=True,
         )
-        candidate = matches[self.quorum - 1]
-        if candidate <= self.commit_index:
+        candidate = matches[node.config.quorum - 1]
+        if candidate <= node.commit_index:
             return
-        self.commit_index = candidate
-        self._apply_committed()
-        for progress in self.progress.values():
-            progress.wake.set()
+        node.commit_index = candidate
+        node.apply_committed()
+        self.wake_all()
 
-    stack.enter_context(mock.patch.object(RaftNode, "_advance_commit", advance_commit))
+    stack.enter_context(mock.patch.object(LeaderTerm, "advance_commit", advance_commit))
 
 
 def _acknowledge_before_fsync(stack: ExitStack) -> None:
@@ -118,12 +121,13 @@ def _read_without_confirmation(stack: ExitStack) -> None:
     """(5) A leader answers reads from its own state machine without confirming it still leads, so
     a deposed leader that has not heard of its successor serves stale values."""
 
-    async def read(self: RaftNode, key: str) -> str | None:
-        if self.role != "leader":
-            raise NotLeaderError(*self.leader())
-        return self.state_machine.get(key)
+    async def read(self: Reads, key: str) -> str | None:
+        node = self.node
+        if not node.is_leader:
+            raise NotLeaderError(*node.leader())
+        return node.state_machine.get(key)
 
-    stack.enter_context(mock.patch.object(RaftNode, "read", read))
+    stack.enter_context(mock.patch.object(Reads, "read", read))
 
 
 def _no_pre_vote(stack: ExitStack) -> None:
@@ -131,7 +135,7 @@ def _no_pre_vote(stack: ExitStack) -> None:
     cut off from the others drives its term up and, back again, deposes a healthy leader."""
 
     def start_pre_vote(self: RaftNode) -> None:
-        self._spawn(self.start_election(), name="election")
+        self.spawn(self.start_election(), name="election")
 
     stack.enter_context(mock.patch.object(RaftNode, "start_pre_vote", start_pre_vote))
 
@@ -140,10 +144,10 @@ def _no_check_quorum(stack: ExitStack) -> None:
     """(7) No check quorum: a leader cut off from the majority goes on leading (and turning
     clients away or leaving them waiting) until it hears of a newer term."""
 
-    async def check_quorum(self: RaftNode, term: int) -> None:
+    async def check_quorum(self: LeaderTerm, term: int) -> None:
         return None
 
-    stack.enter_context(mock.patch.object(RaftNode, "_check_quorum", check_quorum))
+    stack.enter_context(mock.patch.object(LeaderTerm, "check_quorum", check_quorum))
 
 
 def _compact_past_the_snapshot(stack: ExitStack) -> None:
@@ -165,28 +169,28 @@ def _two_changes_at_once(stack: ExitStack) -> None:
     for changes without waiting for each other (see sim_faults.MembershipChanges)."""
 
     async def change_config(
-        self: RaftNode, change: Callable[[Membership], Membership], what: str
+        self: MembershipChanges, change: Callable[[Membership], Membership], what: str
     ) -> ApplyResult:
-        new = change(self.configs.latest)
-        self.narrate.info("%s", what)
-        return await self._propose_entry(
+        node = self.node
+        new = change(node.configs.latest)
+        node.narrate.info("%s", what)
+        return await node.propose_entry(
             raft_pb2.LogEntry(kind=raft_pb2.ENTRY_KIND_CONFIG, config=new.to_proto())
         )
 
-    stack.enter_context(mock.patch.object(RaftNode, "_change_config", change_config))
+    stack.enter_context(mock.patch.object(MembershipChanges, "change_config", change_config))
 
 
 def _removed_leader_counts_itself(stack: ExitStack) -> None:
-    """(10) A leader whose configuration no longer lists it goes on counting itself in majorities
-    (commit, read confirmation, check quorum) until it steps down; thesis section 4.2.2 says it
-    must not: with it, an entry can commit on fewer than a majority of the new voters."""
-    voter = RaftNode.__dict__["is_voter"].fget
-    assert voter is not None
+    """(10) A node a configuration removes still counts in that configuration's majorities, so a
+    leader removing itself goes on counting itself (commit, read confirmation, check quorum) until
+    it steps down; thesis section 4.2.2 says it must not: with it, an entry can commit on fewer
+    than a majority of the new voters."""
 
-    def is_voter(self: RaftNode) -> bool:
-        return self._role is Role.LEADER or bool(voter(self))
+    def counts(self: Membership, node_id: int) -> bool:
+        return node_id in self.voters or node_id in self.removed
 
-    stack.enter_context(mock.patch.object(RaftNode, "is_voter", property(is_voter)))
+    stack.enter_context(mock.patch.object(Membership, "counts", counts))
 
 
 VARIANTS: dict[str, Callable[[ExitStack], None]] = {

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from cluster_config import ClusterConfig, NodeAddress
-from log import LOG_FILE, DiskOp, LogCorruptionError, MemoryDisk, _scan_log
+from disk import DiskOp, MemoryDisk
+from log import LOG_FILE, LogCorruptionError, _scan_log
 from membership import Membership
 from raft_node import PeerUnreachableError, RaftNode, SnapshotPolicy, Timing
 from rpc import raft_pb2
@@ -341,7 +342,7 @@ class Host:
         )
         node.stats = world.network.stats
         node.invariants = world.invariants
-        node.leadership = world.leadership
+        node.leadership_checks = world.leadership
         node.on_elected = world.elected
         node.state_machine = RecordingStateMachine(world.invariants, node)
         log.invariants = world.invariants
@@ -384,7 +385,7 @@ class Host:
         self.disk_terms = [log.known_term(i) for i in range(1, log.durable_index + 1)]
         self.disk_config = process.node.configs.at(log.durable_index)
         node = process.node
-        if node._incoming is not None or any(p.snapshot for p in node.progress.values()):
+        if node.transferring_snapshot:
             self.world.network.stats["crashes mid-transfer"] += 1
         self.paused = False
         self.held.clear()

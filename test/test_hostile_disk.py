@@ -12,7 +12,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from cluster_config import ClusterConfig, NodeAddress
-from log import DiskFullError, DiskOp, FsyncError, MemoryDisk, RaftLog
+from disk import DiskFullError, DiskOp, FsyncError, MemoryDisk
+from log import RaftLog
 from raft_node import OverloadedError, RaftNode, Timing
 from rpc import raft_pb2
 from test.memory_transport import InMemoryNetwork

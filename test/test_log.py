@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from log import LOG_FILE, STATE_FILE, DiskOp, LogCorruptionError, MemoryDisk, RaftLog
+from disk import DiskOp, MemoryDisk
+from log import LOG_FILE, STATE_FILE, LogCorruptionError, RaftLog
 from rpc.raft_pb2 import ENTRY_KIND_MAPPING, ENTRY_KIND_NOOP, LogEntry
 
 DATA = "/sim/node1"

@@ -11,7 +11,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from cluster_config import ClusterConfig, NodeAddress
-from log import MemoryDisk, RaftLog
+from disk import MemoryDisk
+from log import RaftLog
 from membership import (
     ChangeInProgressError,
     ConfigHistory,
@@ -406,7 +407,7 @@ async def test_entries_from_a_leader_the_configuration_does_not_list_yet_are_acc
     assert (follower.current_term, follower.leader_id) == (2, 1)
 
     # No word from leader 1 for longer than the minimum election timeout: now it is accepted.
-    await c.until(lambda: not follower._leader_is_recent(), "leader 1 is no longer recent")
+    await c.until(lambda: not follower.leader_is_recent(), "leader 1 is no longer recent")
     reply = await follower.handle_append_entries(from_unlisted)
     assert reply.success and (follower.current_term, follower.leader_id) == (5, 9)
 
@@ -496,8 +497,8 @@ async def test_a_node_an_uncommitted_configuration_removes_still_stands_for_elec
     appended = await receive_removal_of_1(node, leader=2)
     assert appended.success and not node.is_voter and node.may_stand
 
-    await c.until(lambda: node._pre_vote_term is not None, "the node asks for pre-votes")
-    assert node._count_voters(node._pre_votes) == 0
+    await c.until(lambda: node.election.pre_vote_term is not None, "the node asks for pre-votes")
+    assert node.config.count(node.election.pre_votes) == 0
 
 
 async def test_removing_a_node_again_while_its_removal_is_pending_waits_for_the_commit(

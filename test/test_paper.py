@@ -20,9 +20,10 @@ from dataclasses import dataclass
 
 import pytest
 
-import raft_node
+import leader
 from cluster_config import ClusterConfig, NodeAddress
-from log import LOG_FILE, DiskOp, MemoryDisk, RaftLog
+from disk import DiskOp, MemoryDisk
+from log import LOG_FILE, RaftLog
 from membership import Membership
 from raft_node import (
     CommitUnknownError,
@@ -143,17 +144,19 @@ def append(
 
 
 def election_timer(node: RaftNode) -> asyncio.TimerHandle | None:
-    """The node's armed election timer. With `armed_for`, the one place these tests look at private
-    attributes: Figure 2's timer rules are about when the timer is (re)armed, which nothing else
-    shows. These tests run the node on the event loop's own clock, whose timers are TimerHandles."""
-    timer = node._election_timer
+    """The node's armed election timer. These tests run the node on the event loop's own clock,
+    whose timers are TimerHandles."""
+    armed = node.election_timer
+    timer = armed[0] if armed is not None else None
     assert timer is None or isinstance(timer, asyncio.TimerHandle)
     return timer
 
 
 def armed_for(node: RaftNode, timer: asyncio.TimerHandle) -> float:
     """How long the node's current election timer waits, from when it was armed."""
-    return timer.when() - node._timer_armed_at
+    armed = node.election_timer
+    assert armed is not None and armed[0] is timer
+    return timer.when() - armed[1]
 
 
 def crashed_copy(disk: MemoryDisk) -> MemoryDisk:
@@ -1652,7 +1655,7 @@ async def test_a_leader_sends_its_snapshot_in_chunks_to_a_follower_whose_next_en
     follower". One chunk at a time; the offset the follower answers is where the next starts (so
     a follower that restarted mid-transfer gets it again from 0); once installed, replication
     resumes after the snapshot. Reference: thesis chapter 5."""
-    monkeypatch.setattr(raft_node, "SNAPSHOT_CHUNK_BYTES", 200)
+    monkeypatch.setattr(leader, "SNAPSHOT_CHUNK_BYTES", 200)
     m = await h.member(terms=[1] * 12, term=1)
     assert m.log.snapshots is not None
     meta = await m.log.snapshots.write(10, 1, m.node.config, snapshot_state(m, 10))

@@ -16,15 +16,8 @@ from pathlib import Path
 import pytest
 
 from cluster_config import NodeAddress
-from log import (
-    COMPACT_LOG_MAGIC,
-    LOG_FILE,
-    DiskOp,
-    LogCorruptionError,
-    MemoryDisk,
-    RaftLog,
-    _scan_log,
-)
+from disk import DiskOp, MemoryDisk
+from log import COMPACT_LOG_MAGIC, LOG_FILE, LogCorruptionError, RaftLog, _scan_log
 from membership import Membership
 from rpc import raft_pb2
 from rpc.raft_pb2 import LogEntry

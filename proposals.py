@@ -1,0 +1,229 @@
+"""Writes: a client's proposal is appended by the leader, made durable on its own disk, and
+answered once it is applied (or once its outcome can no longer be known)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
+
+from disk import DiskFullError
+from leader import LeaderTerm
+from log import RaftLog
+from node_status import NodeEvents, NodeObserver
+from node_types import (
+    MAX_WAITING_PROPOSALS,
+    Clock,
+    CommitUnknownError,
+    NotLeaderError,
+    OverloadedError,
+    SessionExpiredError,
+    Timing,
+)
+from rpc import raft_pb2
+from state_machine import ApplyResult, KeyValueStateMachine, SessionExpired
+from transfer import Transfers
+
+
+class WritesNode(Protocol):
+    """What writes need of their node."""
+
+    log: RaftLog
+    clock: Clock
+    timing: Timing
+    wall_clock: Callable[[], float]
+    state_machine: KeyValueStateMachine
+    observer: NodeObserver
+    events: NodeEvents
+    leadership: LeaderTerm | None
+    transfers: Transfers
+
+    @property
+    def narrate(self) -> logging.LoggerAdapter[Any]: ...
+    @property
+    def node_id(self) -> int: ...
+    @property
+    def current_term(self) -> int: ...
+    @property
+    def is_leader(self) -> bool: ...
+
+    def leader(self) -> tuple[int | None, str | None]: ...
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any] | None: ...
+    def become_follower(self, term: int, leader_id: int | None, why: str) -> None: ...
+    def append_to_log(self, entries: list[raft_pb2.LogEntry]) -> None: ...
+    async def pause(self, seconds: float) -> None: ...
+
+
+class Writes:
+    """One node's writes: those it appended as leader and waits to apply, by index."""
+
+    def __init__(self, node: WritesNode) -> None:
+        self.node = node
+        self._waiters: dict[int, tuple[int, asyncio.Future[ApplyResult]]] = {}
+        self._self_flush_running = False
+
+    async def propose_mapping(
+        self, key: str, value: str, session: raft_pb2.Session | None = None
+    ) -> None:
+        """Store one mapping; return once it is committed and applied here. Raises NotLeaderError.
+
+        Without a session it is the seed's MAPPING entry; with one, a COMMAND whose result may be
+        SessionExpired, raised here as SessionExpiredError.
+        """
+        if session is None or session.client_id == 0:
+            await self.propose_entry(
+                raft_pb2.LogEntry(kind=raft_pb2.ENTRY_KIND_MAPPING, key=key, value=value)
+            )
+            return
+        batch = raft_pb2.MappingBatch(
+            mappings=[raft_pb2.Mapping(key=key, value=value)], session=session
+        )
+        result = await self.propose(raft_pb2.Command(put=batch))
+        if isinstance(result, SessionExpired):
+            raise SessionExpiredError(result.reason)
+
+    async def propose(self, command: raft_pb2.Command) -> ApplyResult:
+        """Append a command; once it is committed and applied here, return what applying it gave.
+
+        Raises NotLeaderError (nothing appended) or CommitUnknownError (outcome unknown).
+        """
+        node = self.node
+        result = await self.propose_entry(
+            raft_pb2.LogEntry(kind=raft_pb2.ENTRY_KIND_COMMAND, command=command)
+        )
+        if isinstance(result, SessionExpired):
+            node.narrate.info("refused a client's write: %s", result.reason)
+        elif command.WhichOneof("op") == "register_client":
+            node.narrate.debug("registered client session %s", result)
+        return result
+
+    async def propose_entry(self, entry: raft_pb2.LogEntry) -> ApplyResult:
+        node = self.node
+        if not node.is_leader:
+            leader_id, address = node.leader()
+            if leader_id is not None:
+                node.narrate.info("redirecting a client to leader %d", leader_id)
+            else:
+                node.narrate.info("turning a client away: no leader known")
+            raise NotLeaderError(leader_id, address)
+        node.transfers.refuse_while_transferring()
+        if node.log.disk_full:
+            raise OverloadedError(
+                f"disk full on node {node.node_id}: it takes no writes until space returns"
+            )
+        if len(self._waiters) >= MAX_WAITING_PROPOSALS:
+            raise OverloadedError(
+                f"{len(self._waiters)} writes already wait to commit on node {node.node_id}; "
+                "try again later"
+            )
+        index = self.append_as_leader(entry)
+        future: asyncio.Future[ApplyResult] = asyncio.get_running_loop().create_future()
+        self._waiters[index] = (node.current_term, future)
+        # One timer per write, not a timeout context and a shield (each a few objects and
+        # callbacks more). A caller that is cancelled cancels the future, which apply then skips.
+        # Latency for metrics only: a finer clock than the loop's (whose ticks are milliseconds);
+        # no decision depends on it.
+        started = time.perf_counter()
+        timer = node.clock.call_at(
+            node.clock.now() + node.timing.proposal_timeout,
+            lambda: self._expire_proposal(index, future),
+        )
+        try:
+            result = await future
+        finally:
+            timer.cancel()
+            if self._waiters.get(index, (0, None))[1] is future:
+                del self._waiters[index]
+        node.observer.proposal_committed(time.perf_counter() - started)
+        return result
+
+    def _expire_proposal(self, index: int, future: asyncio.Future[ApplyResult]) -> None:
+        node = self.node
+        if not future.done():
+            future.set_exception(
+                CommitUnknownError(
+                    f"entry {index} did not commit within {node.timing.proposal_timeout:g} s; "
+                    "it may or may not be applied"
+                )
+            )
+
+    def fail_waiting(self, why: str) -> None:
+        waiters, self._waiters = self._waiters, {}
+        for _, future in waiters.values():
+            if not future.done():
+                future.set_exception(CommitUnknownError(f"{why}; it may or may not be applied"))
+
+    def append_as_leader(self, entry: raft_pb2.LogEntry) -> int:
+        """Leader: append an entry of this term to the log and let the replicators send it."""
+        node = self.node
+        if entry.kind == raft_pb2.ENTRY_KIND_CONFIG:
+            node.events.appending_config()
+        entry.term = node.current_term
+        entry.index = node.log.last_index + 1
+        # Log time (sessions expire by it) never goes backwards, even if this clock is behind the
+        # previous leader's.
+        if entry.index - 1 > node.log.base_index:
+            previous = node.log.entry(entry.index - 1).leader_time_ms
+        else:
+            previous = node.state_machine.log_time_ms if entry.index > 1 else 0
+        entry.leader_time_ms = max(int(node.wall_clock() * 1000), previous)
+        node.append_to_log([entry])
+        self._flush_own_log()
+        if node.leadership is not None:
+            node.leadership.wake_all()
+        return entry.index
+
+    def _flush_own_log(self) -> None:
+        """Make the leader's own entries durable; the leader counts itself only for durable entries."""
+        node = self.node
+        if not self._self_flush_running:
+            self._self_flush_running = True
+            node.spawn(self._flush_own_log_loop(), name="leader-flush")
+
+    async def _flush_own_log_loop(self) -> None:
+        node = self.node
+        full_since: float | None = None
+        try:
+            while node.log.durable_index < node.log.last_index:
+                try:
+                    await node.log.flush()
+                except DiskFullError as e:
+                    now = node.clock.now()
+                    if full_since is None:
+                        full_since = now
+                        node.narrate.error(
+                            "%s: refusing writes until space returns (retrying)", e.strerror
+                        )
+                    if node.is_leader and now - full_since >= node.timing.election_timeout_max:
+                        # A leader that can make nothing durable commits nothing: let a node
+                        # with a working disk lead (it stands for no election meanwhile).
+                        node.become_follower(
+                            node.current_term,
+                            None,
+                            "my disk has been full for an election timeout; a node that can "
+                            "write should lead",
+                        )
+                    await node.pause(node.timing.heartbeat_interval)
+                    continue
+                if full_since is not None:
+                    full_since = None
+                    node.narrate.info("my disk has space again: taking writes")
+                if node.leadership is not None:
+                    node.leadership.advance_commit()
+        finally:
+            self._self_flush_running = False
+
+    def applied(self, entry: raft_pb2.LogEntry, result: ApplyResult) -> None:
+        """The entry at `entry.index` was just applied: answer the write waiting for it, if any."""
+        waiter = self._waiters.pop(entry.index, None)
+        if waiter is not None:
+            term, future = waiter
+            if not future.done():
+                if term == entry.term:
+                    future.set_result(result)
+                else:
+                    future.set_exception(
+                        CommitUnknownError("another leader's entry took this index")
+                    )
