@@ -6,20 +6,48 @@ chunks) to the node, maps refusals to codes. It first checks who is calling: a p
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
 from cluster_identity import METADATA_KEY, ClusterIdentity
-from log import DiskFullError
-from raft_node import InvalidRequestError, RaftNode
+from disk import DiskFullError
+from node_types import InvalidRequestError
 from rpc import raft_pb2, raft_pb2_grpc
 from tls import NODE_URI_PREFIX, certified_node
 
 # A node of another cluster calls again and again; say so once per this many seconds and caller.
 _WARN_EVERY = 10.0
+
+
+class PeerNode(Protocol):
+    """What this service needs from a node: its handlers of peers' messages, and its voice."""
+
+    @property
+    def narrate(self) -> logging.LoggerAdapter[logging.Logger]: ...
+
+    async def handle_request_vote(
+        self, request: raft_pb2.VoteRequest
+    ) -> raft_pb2.RequestVoteResponse: ...
+
+    async def handle_append_entries(
+        self, request: raft_pb2.AppendEntriesRequest
+    ) -> raft_pb2.AppendEntriesResponse: ...
+
+    async def handle_read_index(
+        self, request: raft_pb2.ReadIndexRequest
+    ) -> raft_pb2.ReadIndexResponse: ...
+
+    async def handle_timeout_now(
+        self, request: raft_pb2.TimeoutNowRequest
+    ) -> raft_pb2.TimeoutNowResponse: ...
+
+    async def handle_install_snapshot(
+        self, request: raft_pb2.InstallSnapshotRequest
+    ) -> raft_pb2.InstallSnapshotResponse: ...
 
 
 class Malformed:
@@ -139,7 +167,7 @@ class RaftServicer(raft_pb2_grpc.RaftServicer):
     is the node's rule."""
 
     def __init__(
-        self, node: RaftNode, identity: ClusterIdentity | None = None, authenticate: bool = False
+        self, node: PeerNode, identity: ClusterIdentity | None = None, authenticate: bool = False
     ) -> None:
         self._node = node
         self._identity = identity

@@ -5,28 +5,91 @@ membership calls (add and remove a member) to the nodes, as a client would."""
 from __future__ import annotations
 
 import asyncio
+import random
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
+from cluster_config import NodeAddress
 from membership import ChangeInProgressError, MembershipError
 from raft_node import (
     CommitUnknownError,
     InvalidRequestError,
     NotLeaderError,
     PeerUnreachableError,
+    RaftNode,
     SessionExpiredError,
     UnavailableError,
 )
 from rpc import raft_pb2
 from state_machine import CasResult, SessionExpired
 from test.memory_transport import Reply, Request
-
-if TYPE_CHECKING:
-    from test.sim_world import Process, World
+from test.sim_checks import Invariants
+from test.sim_loop import Trace
 
 Link = tuple[int, int]
+
+
+# What the network needs of the simulated world (test/sim_world.py builds it on the network, so the
+# network states its needs instead of importing the world).
+class Host(Protocol):
+    """A machine: the process running on it now, if any."""
+
+    @property
+    def node_id(self) -> int: ...
+
+    @property
+    def departed(self) -> bool: ...
+
+    @property
+    def paused(self) -> bool: ...
+
+    @property
+    def process(self) -> Process | None: ...
+
+
+class Process(Protocol):
+    """One run of a node on its host: messages are handled inside it, and die with it."""
+
+    @property
+    def host(self) -> Host: ...
+
+    @property
+    def node(self) -> RaftNode: ...
+
+    def enter(self, action: Callable[[], object]) -> None: ...
+
+    def spawn(self, coro: Coroutine[Any, Any, None], what: str) -> None: ...
+
+
+class World(Protocol):
+    """The simulation: its loop, trace, randomness for the network, hosts and invariants."""
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop: ...
+
+    @property
+    def trace(self) -> Trace: ...
+
+    @property
+    def net_rng(self) -> random.Random: ...
+
+    @property
+    def invariants(self) -> Invariants: ...
+
+    @property
+    def hosts(self) -> Mapping[int, Host]: ...
+
+    def address(self, node_id: int) -> NodeAddress: ...
+
+    def fail(self, invariant: str, detail: str) -> None: ...
+
+    def voted(self, node_id: int) -> None: ...
+
+    def catching_up(self, node_id: int, mid_snapshot: bool) -> None: ...
+
+    def heard(self, node_id: int, src: int) -> None: ...
 
 
 @dataclass(frozen=True)
