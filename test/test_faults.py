@@ -127,6 +127,8 @@ def test_a_saved_history_reads_back_the_same(tmp_path: Path) -> None:
 # -- real processes ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 async def test_a_minute_of_mixed_faults_keeps_every_operation_linearizable(tmp_path: Path) -> None:
     result = await run_suite(
         SuiteOptions(
@@ -150,6 +152,7 @@ async def test_a_minute_of_mixed_faults_keeps_every_operation_linearizable(tmp_p
     assert len({op.client for op in ops}) >= 10
 
 
+@pytest.mark.slow
 async def test_stale_reads_from_an_isolated_leader_are_reported_not_linearizable(
     tmp_path: Path,
 ) -> None:
@@ -173,6 +176,7 @@ async def test_stale_reads_from_an_isolated_leader_are_reported_not_linearizable
     assert "not linearizable" in result.report
 
 
+@pytest.mark.slow
 async def test_partitions_through_per_link_proxies_keep_the_history_linearizable() -> None:
     """The fallback where namespaces are not available: nodes on loopback behind proxies."""
     result = await run_suite(

@@ -6,10 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = ("basic", "leader-dies", "full-restart", "follower-catch-up")
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_the_harness_passes_every_scenario() -> None:
     # --first-port 0: free ports, so a cluster someone left on 12345 does not collide with CI.
     result = subprocess.run(

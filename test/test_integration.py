@@ -121,6 +121,7 @@ def test_cli_usage_error(cluster: LocalCluster) -> None:
 # ---- crashes ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_writes_continue_after_the_leader_is_killed(make_cluster: MakeCluster) -> None:
     cluster = make_cluster(nodes=5)
     old_leader, old_address = await leader_of(cluster)
@@ -180,6 +181,7 @@ async def test_writes_continue_after_the_leader_is_killed(make_cluster: MakeClus
     await wait_converged(cluster, [new_leader], {k: v for k, v, _, _ in acked}, timeout=10)
 
 
+@pytest.mark.slow
 async def test_acknowledged_writes_survive_killing_every_node(
     make_cluster: MakeCluster, stubs: Stubs
 ) -> None:
