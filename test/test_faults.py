@@ -205,6 +205,7 @@ def test_a_bad_duration_is_one_line_and_exit_code_2() -> None:
     assert run.stderr.strip().count("\n") == 0 and "--duration" in run.stderr
 
 
+@pytest.mark.slow
 def test_sigterm_removes_every_node_namespace_and_interface(tmp_path: Path) -> None:
     """The harness is ended mid-run: it must leave no node process and nothing in the network."""
     proc = subprocess.Popen(
