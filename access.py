@@ -1,6 +1,11 @@
 """Who may talk to a node, and whether it may stand for election: every check a peer's message
 passes before the node acts on it, in one place.
 
+Before a message gets here, the transport has said who sent it: under mutual TLS raft_server.py
+refuses (PERMISSION_DENIED) a call whose certificate names no member, or whose message claims to come
+from another member than the one its certificate names (tls.py: `urn:raft-demo:node:<id>`); without
+TLS, whoever reaches the Raft port is taken at its word, as with etcd.
+
 The whole rule. A message is refused (InvalidRequestError, nothing changes) when:
 
 - it claims to come from this node's own id, or an id that is not positive; or carries a term or

@@ -26,7 +26,7 @@ from tls import NodeTlsFiles, RenewableServerCredentials, TlsConfig, TlsError
 if TYPE_CHECKING:
     import grpc
 
-# Limits every gRPC server of a node sets (see "Hostile input and failing disks" in the README).
+# Limits every gRPC server of a node sets (see "Hostile input" in docs/failures.md).
 SERVER_MAX_CALLS = 4096
 SERVER_LIMITS: list[tuple[str, int]] = [
     # One connection cannot hold more than this many calls open at once.

@@ -1,1 +1,1 @@
-"""Code generated from protos/raft.proto; never edited by hand (see README, "Regenerating rpc/")."""
+"""Code generated from protos/raft.proto; never edited by hand (see docs/testing.md, "Regenerating rpc/")."""

@@ -82,7 +82,7 @@ def format_table(cells: list[Cell]) -> str:
 
 
 def markdown_table(cells: list[Cell]) -> str:
-    """The same rows as a Markdown table, for the README."""
+    """The same rows as a Markdown table, for bench/results.md and docs/benchmarks.md."""
     lines = [
         "| system | workload | nodes | value B | clients | ops/s | p50 ms | p99 ms | p99.9 ms "
         "| cluster CPU s / 1,000 ops | errors |",

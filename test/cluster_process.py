@@ -12,6 +12,7 @@ import asyncio
 import atexit
 import contextlib
 import errno
+import fcntl
 import os
 import random
 import shutil
@@ -48,6 +49,13 @@ HOST = "127.0.0.1"
 # Ports are drawn below Linux's default ephemeral range (32768-60999), so outgoing connections of
 # other programs do not take them between the check and the node's bind.
 _PORT_RANGE = (20000, 32000)
+# Ports are bound by node processes a second or more after they are picked. In between, a pick
+# by this process or by another one on this machine (a second test run, the harness) must not
+# hand them out again: every pick is recorded in this file, under an exclusive lock, for
+# RESERVATION_SECONDS or until the process that picked them ends.
+_RESERVATIONS = Path(tempfile.gettempdir()) / "raft-demo-port-reservations"
+RESERVATION_SECONDS = 600.0
+_local_reservations: dict[int, tuple[int, float]] = {}
 # A node that was stopped or killed must not keep a channel in a long reconnect backoff, or polling
 # it after a restart would see "unavailable" for seconds after it is back.
 CHANNEL_OPTIONS: list[tuple[str, int]] = [
@@ -58,8 +66,8 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
 ]
 
 
-# A node's `log` file (see "On disk" in the README): a magic header, for a compacted log followed by
-# [u64 base index][u64 base term][u32 CRC32]; then records [u32 length][u32 CRC32][entry].
+# A node's `log` file (see "Data files" in docs/failures.md): a magic header, for a compacted log
+# followed by [u64 base index][u64 base term][u32 CRC32]; then records [u32 length][u32 CRC32][entry].
 _LOG_MAGIC = b"RAFTLOG1"
 _COMPACT_LOG_MAGIC = b"RAFTLOG2"
 _LOG_BASE = struct.Struct(">QQI")
@@ -95,13 +103,62 @@ def busy_ports(first_port: int, count: int, host: str = HOST) -> list[int]:
 
 
 def find_free_port_block(count: int, host: str = HOST, attempts: int = 200) -> int:
-    """The first port of `count` consecutive ports that are all free now."""
+    """The first port of `count` consecutive ports that are all free now, and reserved: no other
+    pick on this machine hands any of them out before they are bound (see _RESERVATIONS)."""
     low, high = _PORT_RANGE
-    for _ in range(attempts):
-        first = random.randrange(low, high - count)
-        if all(port_is_free(p, host, strict=True) for p in range(first, first + count)):
-            return first
+    with _reservations() as reserved:
+        for _ in range(attempts):
+            first = random.randrange(low, high - count)
+            block = range(first, first + count)
+            if any(p in reserved for p in block):
+                continue
+            if all(port_is_free(p, host, strict=True) for p in block):
+                until = time.time() + RESERVATION_SECONDS
+                reserved.update((p, (os.getpid(), until)) for p in block)
+                return first
     raise PortBusyError(f"found no {count} consecutive free ports in {low}-{high} on {host}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _reservations() -> Iterator[dict[int, tuple[int, float]]]:
+    """The ports picked on this machine and not yet expired, by port: (pid, until), held under an
+    exclusive lock; what the caller leaves in the dict is written back. Where the shared file
+    cannot be used, only this process's own picks are known."""
+    try:
+        file = open(_RESERVATIONS, "a+", encoding="ascii")
+    except OSError:
+        yield _local_reservations
+        return
+    with file:
+        fcntl.flock(file, fcntl.LOCK_EX)
+        file.seek(0)
+        now = time.time()
+        reserved: dict[int, tuple[int, float]] = {}
+        for line in file.read().splitlines():
+            try:
+                port, pid, until = (int(word) for word in line.split())
+            except ValueError:
+                continue  # a line cut short by a process killed mid-write
+            if until > now and _alive(pid):
+                reserved[port] = (pid, float(until))
+        reserved.update((p, v) for p, v in _local_reservations.items() if v[1] > now)
+        yield reserved
+        _local_reservations.clear()
+        _local_reservations.update((p, v) for p, v in reserved.items() if v[0] == os.getpid())
+        file.seek(0)
+        file.truncate()
+        file.write("".join(f"{p} {pid} {until:.0f}\n" for p, (pid, until) in reserved.items()))
+        file.flush()
 
 
 @dataclass

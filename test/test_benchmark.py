@@ -40,6 +40,7 @@ def quick_run(
     return result, out
 
 
+@pytest.mark.slow
 def test_quick_run_writes_json_with_a_measured_cell_per_system_workload_and_concurrency(
     quick_run: tuple[subprocess.CompletedProcess[str], Path],
 ) -> None:
@@ -59,6 +60,7 @@ def test_quick_run_writes_json_with_a_measured_cell_per_system_workload_and_conc
     assert report["machine"] and report["command"].startswith("python -m test.benchmark")
 
 
+@pytest.mark.slow
 def test_quick_run_prints_the_table_and_draws_one_png_per_workload(
     quick_run: tuple[subprocess.CompletedProcess[str], Path],
 ) -> None:
@@ -81,6 +83,7 @@ def test_quick_run_prints_the_table_and_draws_one_png_per_workload(
     assert full.startswith("| system |") and len(full.splitlines()) == 2 + 8
 
 
+@pytest.mark.slow
 def test_a_saved_run_is_drawn_again_without_measuring(
     quick_run: tuple[subprocess.CompletedProcess[str], Path], tmp_path: Path
 ) -> None:
@@ -95,6 +98,7 @@ def test_a_saved_run_is_drawn_again_without_measuring(
     )
 
 
+@pytest.mark.slow
 def test_a_system_that_is_not_installed_is_skipped_with_how_to_install_it(
     tmp_path: Path,
 ) -> None:

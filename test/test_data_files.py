@@ -61,6 +61,16 @@ def golden(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Golden]:
             async with cluster.client(deadline=15) as client:
                 for i in range(KEYS):
                     await client.propose_mapping(f"k{i}", f"v{i}")
+                # A node waits longer between snapshots when taking one was slow (a loaded
+                # machine), so KEYS writes may not yet have compacted the log: more writes, until
+                # its header shows a compacted prefix.
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + 30
+                extra = 0
+                while cluster.log_bounds(node_id, whole=False)[0] == 0:
+                    assert loop.time() < deadline, "the log was never compacted"
+                    await client.propose_mapping(f"extra{extra}", "x")
+                    extra += 1
 
         asyncio.run(write())
         assert cluster.stop_node(node_id) == 0

@@ -127,6 +127,8 @@ def test_a_saved_history_reads_back_the_same(tmp_path: Path) -> None:
 # -- real processes ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 async def test_a_minute_of_mixed_faults_keeps_every_operation_linearizable(tmp_path: Path) -> None:
     result = await run_suite(
         SuiteOptions(
@@ -150,6 +152,7 @@ async def test_a_minute_of_mixed_faults_keeps_every_operation_linearizable(tmp_p
     assert len({op.client for op in ops}) >= 10
 
 
+@pytest.mark.slow
 async def test_faults_under_mutual_tls_with_a_ca_of_the_peers_own_keep_the_history_linearizable(
     tmp_path: Path,
 ) -> None:
@@ -175,6 +178,7 @@ async def test_faults_under_mutual_tls_with_a_ca_of_the_peers_own_keep_the_histo
     assert all(ok[kind] > 0 for kind in ("get", "put", "cas", "delete")), ok
 
 
+@pytest.mark.slow
 async def test_stale_reads_from_an_isolated_leader_are_reported_not_linearizable(
     tmp_path: Path,
 ) -> None:
@@ -198,6 +202,7 @@ async def test_stale_reads_from_an_isolated_leader_are_reported_not_linearizable
     assert "not linearizable" in result.report
 
 
+@pytest.mark.slow
 async def test_partitions_through_per_link_proxies_keep_the_history_linearizable() -> None:
     """The fallback where namespaces are not available: nodes on loopback behind proxies."""
     result = await run_suite(
@@ -226,6 +231,7 @@ def test_a_bad_duration_is_one_line_and_exit_code_2() -> None:
     assert run.stderr.strip().count("\n") == 0 and "--duration" in run.stderr
 
 
+@pytest.mark.slow
 def test_sigterm_removes_every_node_namespace_and_interface(tmp_path: Path) -> None:
     """The harness is ended mid-run: it must leave no node process and nothing in the network."""
     proc = subprocess.Popen(

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
@@ -637,15 +638,19 @@ def _seed() -> int:
     return int(raw) if raw else random.randrange(2**32)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(_duration() + 600)
 async def test_nodes_shrug_off_garbage_at_every_rpc(tmp_path: Path) -> None:
     """Random and mutated requests at every RPC of both services on every node, under a recorded
     workload: no node exits or balloons, every refusal has a meaningful code, and the history
     stays linearizable with no acknowledged write lost."""
     seed = _seed()
-    print(f"fuzz seed {seed} (RAFT_FUZZ_SEED={seed} repeats this run)", flush=True)
+    replay = f"replay: RAFT_FUZZ_SEED={seed} python -m pytest test/test_fuzz.py"
+    # Printed first, so that a run that hangs (and is ended by the timeout) still shows it.
+    print(f"fuzz seed {seed} ({replay})", flush=True)
     result = await run_fuzz(_duration(), seed, tmp_path)
     print(result.report(), flush=True)
-    assert result.ok, result.report()
+    assert result.ok, f"{result.report()}\n{replay}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = ("basic", "leader-dies", "full-restart", "follower-catch-up")
 
@@ -25,6 +27,8 @@ def harness(*args: str) -> str:
     return output
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_the_harness_passes_every_scenario() -> None:
     output = harness()
     for name in SCENARIOS:
@@ -32,6 +36,8 @@ def test_the_harness_passes_every_scenario() -> None:
     assert "4 of 4 scenarios passed" in output, output
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_the_harness_passes_every_scenario_under_mutual_tls_with_a_peer_ca() -> None:
     output = harness("--tls", "--peer-ca")
     assert "TLS: certificates in" in output, output

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+import log as log_module
 from cluster_config import ClusterConfig, NodeAddress
 from disk import DiskFullError, DiskOp, FsyncError, MemoryDisk
 from log import RaftLog
@@ -60,7 +61,12 @@ async def wait_for(check: object, what: str) -> None:
         await asyncio.sleep(0.01)
 
 
-async def test_a_full_disk_counts_nothing_durable_and_recovers_when_space_returns() -> None:
+async def test_a_full_disk_counts_nothing_durable_and_recovers_when_space_returns(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The first wait after a full disk is 50 ms; a whole second here, so that "the next flush
+    # comes within the backoff" holds on a loaded machine too.
+    monkeypatch.setattr(log_module, "DISK_FULL_RETRY_MIN", 1.0)
     disk = FillableDisk()
     log = await RaftLog.open("/data/1", disk)
     log.append([entry(1)])
@@ -78,12 +84,19 @@ async def test_a_full_disk_counts_nothing_durable_and_recovers_when_space_return
     assert disk.refused == tried
 
     disk.full = False
-    for _ in range(100):
+
+    async def flushed() -> bool:
         try:
             await log.flush()
-            break
         except DiskFullError:
-            await asyncio.sleep(0.02)
+            return False
+        return True
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + DEADLINE
+    while not await flushed():
+        assert loop.time() < deadline, "the log never wrote again once the disk had space"
+        await asyncio.sleep(0.02)
     assert log.durable_index == 3 and not log.disk_full
     disk.crash()
     reopened = await RaftLog.open("/data/1", disk)

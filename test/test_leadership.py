@@ -60,6 +60,7 @@ async def test_transfer_leadership_moves_leadership_to_the_named_node(
     assert await put(stubs, cluster, "after", "transfer") == cluster.client_address(target)
 
 
+@pytest.mark.slow
 async def test_a_leader_stopped_with_sigterm_hands_leadership_over_before_it_exits(
     make_cluster: MakeCluster, stubs: Stubs
 ) -> None:

@@ -20,6 +20,9 @@ from test.conftest import Stubs, log_tails, wait_until
 from test.fault_suite import RecordedLoad
 from test.nemesis import REMOVED_NARRATION, Change, MembershipChanges
 
+# Each test grows, shrinks or replaces members of a real cluster under load: tens of seconds.
+pytestmark = pytest.mark.slow
+
 # Small snapshot thresholds, so that a follower down for a few seconds needs a snapshot.
 NODE_FLAGS = ["--snapshot-entries", "100", "--snapshot-keep-entries", "20"]
 LEADER_TIMEOUT = 20.0

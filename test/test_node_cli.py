@@ -212,6 +212,7 @@ async def test_cluster_file_form_elects_and_serves(toml_cluster: TomlCluster, st
     ), log_tails(toml_cluster, [leader])
 
 
+@pytest.mark.slow
 async def test_sigterm_stops_a_node_cleanly(toml_cluster: TomlCluster, stubs: Stubs) -> None:
     leader, _ = await leader_of(toml_cluster)
     await put(stubs, toml_cluster, "before-sigterm", "kept")

@@ -148,6 +148,7 @@ async def test_a_write_under_an_unknown_session_is_refused_and_not_applied(
         assert await client.get_value("no-session", default=None) is None
 
 
+@pytest.mark.slow
 async def test_a_follower_without_a_leader_refuses_a_linearizable_read_but_serves_a_stale_one(
     make_cluster: MakeCluster,
 ) -> None:

@@ -1404,6 +1404,7 @@ async def test_timeout_now_starts_an_election_at_once_that_voters_honour(h: Harn
     assert (granted.term, granted.vote_granted) == (2, True)
 
 
+@pytest.mark.slow
 async def test_a_cut_off_node_does_not_raise_its_term_or_depose_the_leader_when_it_returns(
     h: Harness,
 ) -> None:

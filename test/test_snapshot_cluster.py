@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import grpc
+import pytest
 
 from cluster_client import Client
 from rpc import raft_pb2, raft_pb2_grpc
@@ -74,6 +75,7 @@ async def test_a_follower_behind_the_compacted_log_catches_up_by_snapshot(
     assert snapshot_files(cluster, follower)
 
 
+@pytest.mark.slow
 async def test_a_cluster_restarted_from_snapshots_keeps_acknowledged_writes_and_sessions(
     make_cluster: MakeCluster,
 ) -> None:
