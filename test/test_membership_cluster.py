@@ -20,7 +20,8 @@ from test.conftest import Stubs, log_tails, wait_until
 from test.fault_suite import RecordedLoad
 from test.nemesis import REMOVED_NARRATION, Change, MembershipChanges
 
-# Each test grows, shrinks or replaces members of a real cluster under load: tens of seconds.
+# Each test starts a real cluster under load and grows, shrinks or replaces its members: 3 to 4 s
+# each here, with the cluster's start.
 pytestmark = pytest.mark.slow
 
 # Small snapshot thresholds, so that a follower down for a few seconds needs a snapshot.
