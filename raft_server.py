@@ -322,9 +322,12 @@ class RaftServicer(raft_pb2_grpc.RaftServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
         # One request at a time, answered before the next is read: replies leave in request order,
-        # each only once its entries are durable, exactly as the unary call's would.
-        certified = await self.check_member_certificate(context, "AppendStream")
-        joining = await self._check_cluster(context, "AppendEntries")
+        # each only once its entries are durable, exactly as the unary call's would. Who calls is
+        # checked once the first request has arrived, as for a unary call: a caller refused before
+        # it finished sending would see its own failed write rather than the refusal.
+        certified: int | None = None
+        joining: str | None = None
+        first = True
         task = asyncio.current_task()
         assert task is not None
         while not self._ending:
@@ -341,6 +344,10 @@ class RaftServicer(raft_pb2_grpc.RaftServicer):
                 self._idle_streams.discard(task)
             if request is grpc.aio.EOF:
                 return
+            if first:
+                first = False
+                certified = await self.check_member_certificate(context, "AppendStream")
+                joining = await self._check_cluster(context, "AppendEntries")
             if isinstance(request, Malformed):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
             if self._authenticate and request.requester_id != certified:

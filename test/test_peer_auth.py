@@ -135,12 +135,12 @@ async def call(channel: grpc.aio.Channel, name: str, request: Any, metadata: Any
     stub = raft_pb2_grpc.RaftStub(channel)
     try:
         if name == "AppendStream":
-            stream = stub.AppendStream(metadata=metadata, timeout=5)
-            await stream.write(request)
-            reply = await stream.read()
-            if reply is grpc.aio.EOF:
-                return await stream.code()
-            return reply
+            # The request goes from an iterator, as gRPC's own client sends it: a stream the server
+            # ends before reading (a refused certificate) then ends with the server's status, not a
+            # failed write of ours.
+            async for reply in stub.AppendStream(iter([request]), metadata=metadata, timeout=5):
+                return reply
+            raise AssertionError("the stream ended without a reply or a status")
         method = {
             "RequestVote": stub.RequestVote,
             "pre-vote": stub.RequestVote,
