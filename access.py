@@ -31,16 +31,15 @@ configuration that an uncommitted one removes (thesis 4.2.2).
 
 from __future__ import annotations
 
-import logging
-from typing import Any, Protocol
+from typing import Protocol
 
 from log import RaftLog
 from membership import ConfigHistory, Membership, MembershipError
-from node_types import MAX_WIRE_NUMBER, Clock, InvalidRequestError, Timing
+from node_types import MAX_WIRE_NUMBER, Clock, InvalidRequestError, NodeBasics, Timing
 from rpc import raft_pb2
 
 
-class AccessNode(Protocol):
+class AccessNode(NodeBasics, Protocol):
     """What the rules read of the node."""
 
     log: RaftLog
@@ -52,17 +51,9 @@ class AccessNode(Protocol):
     leader_contact: float
 
     @property
-    def narrate(self) -> logging.LoggerAdapter[Any]: ...
-    @property
-    def node_id(self) -> int: ...
-    @property
-    def current_term(self) -> int: ...
-    @property
     def config(self) -> Membership: ...
     @property
     def is_voter(self) -> bool: ...
-    @property
-    def is_leader(self) -> bool: ...
 
 
 class Access:

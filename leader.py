@@ -8,7 +8,6 @@ of one term's leadership survives into the next (Figure 2: "reinitialized after 
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -21,6 +20,7 @@ from node_types import (
     MAX_ENTRIES_PER_MESSAGE,
     SNAPSHOT_CHUNK_BYTES,
     Clock,
+    NodeBasics,
     PeerUnreachableError,
     SnapshotPolicy,
     Timer,
@@ -72,7 +72,7 @@ class MembershipSteps(Protocol):
     def after_leader_commit(self) -> None: ...
 
 
-class LeaderNode(Protocol):
+class LeaderNode(NodeBasics, Protocol):
     """What the leader's term needs of its node."""
 
     log: RaftLog
@@ -85,19 +85,11 @@ class LeaderNode(Protocol):
     peers: dict[int, NodeAddress]
 
     @property
-    def narrate(self) -> logging.LoggerAdapter[Any]: ...
-    @property
     def changes(self) -> MembershipSteps: ...
-    @property
-    def node_id(self) -> int: ...
-    @property
-    def current_term(self) -> int: ...
     @property
     def config(self) -> Membership: ...
     @property
     def cluster_size(self) -> int: ...
-    @property
-    def is_leader(self) -> bool: ...
     @property
     def stopped(self) -> bool: ...
 

@@ -5,7 +5,6 @@ members, promoting a learner once it has caught up, and a leader leaving once it
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
@@ -13,13 +12,13 @@ from cluster_config import NodeAddress
 from leader import LeaderTerm
 from log import RaftLog
 from membership import ChangeInProgressError, ConfigHistory, Membership, MembershipError
-from node_types import MAX_ENTRIES_PER_MESSAGE, PROMOTION_WAIT, NotLeaderError, Timing
+from node_types import MAX_ENTRIES_PER_MESSAGE, PROMOTION_WAIT, NodeBasics, NotLeaderError, Timing
 from rpc import raft_pb2
 from state_machine import ApplyResult
 from transfer import Transfers
 
 
-class ChangesNode(Protocol):
+class ChangesNode(NodeBasics, Protocol):
     """What membership changes need of their node."""
 
     log: RaftLog
@@ -28,15 +27,6 @@ class ChangesNode(Protocol):
     commit_index: int
     leadership: LeaderTerm | None
     transfers: Transfers
-
-    @property
-    def narrate(self) -> logging.LoggerAdapter[Any]: ...
-    @property
-    def node_id(self) -> int: ...
-    @property
-    def current_term(self) -> int: ...
-    @property
-    def is_leader(self) -> bool: ...
 
     def leader(self) -> tuple[int | None, str | None]: ...
     def membership(self) -> tuple[Membership, int, bool]: ...

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -203,3 +204,17 @@ def retrieve_exception(future: asyncio.Future[Any]) -> None:
 def size_text(n: int) -> str:
     """A size for the narration: bytes, or MB once it is large."""
     return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n} bytes"
+
+
+class NodeBasics(Protocol):
+    """What every part of a node reads of it: who it is, its term, whether it leads, and its voice
+    (the narration). Each part's own Protocol adds what else it needs."""
+
+    @property
+    def narrate(self) -> logging.LoggerAdapter[Any]: ...
+    @property
+    def node_id(self) -> int: ...
+    @property
+    def current_term(self) -> int: ...
+    @property
+    def is_leader(self) -> bool: ...

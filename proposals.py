@@ -4,7 +4,6 @@ answered once it is applied (or once its outcome can no longer be known)."""
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
@@ -17,6 +16,7 @@ from node_types import (
     MAX_WAITING_PROPOSALS,
     Clock,
     CommitUnknownError,
+    NodeBasics,
     NotLeaderError,
     OverloadedError,
     SessionExpiredError,
@@ -27,7 +27,7 @@ from state_machine import ApplyResult, KeyValueStateMachine, SessionExpired
 from transfer import Transfers
 
 
-class WritesNode(Protocol):
+class WritesNode(NodeBasics, Protocol):
     """What writes need of their node."""
 
     log: RaftLog
@@ -39,15 +39,6 @@ class WritesNode(Protocol):
     events: NodeEvents
     leadership: LeaderTerm | None
     transfers: Transfers
-
-    @property
-    def narrate(self) -> logging.LoggerAdapter[Any]: ...
-    @property
-    def node_id(self) -> int: ...
-    @property
-    def current_term(self) -> int: ...
-    @property
-    def is_leader(self) -> bool: ...
 
     def leader(self) -> tuple[int | None, str | None]: ...
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any] | None: ...

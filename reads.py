@@ -4,7 +4,6 @@ round of heartbeats; a follower asks the leader for a read index and applies up 
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
@@ -15,6 +14,7 @@ from log import RaftLog
 from node_status import NodeObserver
 from node_types import (
     MAX_WAITING_READS,
+    NodeBasics,
     NotLeaderError,
     OverloadedError,
     PeerUnreachableError,
@@ -27,7 +27,7 @@ from rpc import raft_pb2
 from state_machine import KeyValueStateMachine
 
 
-class ReadNode(Protocol):
+class ReadNode(NodeBasics, Protocol):
     """What reads need of their node."""
 
     log: RaftLog
@@ -41,15 +41,7 @@ class ReadNode(Protocol):
     leadership: LeaderTerm | None
 
     @property
-    def narrate(self) -> logging.LoggerAdapter[Any]: ...
-    @property
-    def node_id(self) -> int: ...
-    @property
-    def current_term(self) -> int: ...
-    @property
     def last_applied(self) -> int: ...
-    @property
-    def is_leader(self) -> bool: ...
 
     def leader(self) -> tuple[int | None, str | None]: ...
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any] | None: ...

@@ -4,14 +4,14 @@
 from __future__ import annotations
 
 import asyncio
-import logging
-from typing import Any, Protocol
+from typing import Protocol
 
 from leader import LeaderTerm, Progress, Transfer
 from log import RaftLog
 from membership import Membership
 from node_types import (
     Clock,
+    NodeBasics,
     NotLeaderError,
     PeerUnreachableError,
     Timing,
@@ -21,7 +21,7 @@ from node_types import (
 from rpc import raft_pb2
 
 
-class TransferNode(Protocol):
+class TransferNode(NodeBasics, Protocol):
     """What a transfer needs of its node."""
 
     log: RaftLog
@@ -32,15 +32,7 @@ class TransferNode(Protocol):
     leadership: LeaderTerm | None
 
     @property
-    def narrate(self) -> logging.LoggerAdapter[Any]: ...
-    @property
-    def node_id(self) -> int: ...
-    @property
-    def current_term(self) -> int: ...
-    @property
     def config(self) -> Membership: ...
-    @property
-    def is_leader(self) -> bool: ...
 
     def leader(self) -> tuple[int | None, str | None]: ...
     def other_voters(self) -> list[int]: ...
