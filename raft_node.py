@@ -918,13 +918,7 @@ class Election:
         if len(self.pre_votes) >= node.quorum:
             self._win_pre_vote(term)
             return
-        request = raft_pb2.VoteRequest(
-            term=term,
-            requester_id=node.node_id,
-            last_log_index=node.log.last_index,
-            last_log_term=node.log.last_term,
-            pre_vote=True,
-        )
+        request = self._vote_request(term, pre_vote=True)
         for peer_id in node.other_voters():
             node.spawn(self._ask_for_vote(peer_id, request), name=f"pre-vote-{peer_id}")
 
@@ -980,13 +974,7 @@ class Election:
         if node.config.has_majority(self.votes):
             node._become_leader()
             return
-        request = raft_pb2.VoteRequest(
-            term=term,
-            requester_id=node.node_id,
-            last_log_index=node.log.last_index,
-            last_log_term=node.log.last_term,
-            leadership_transfer=transfer,
-        )
+        request = self._vote_request(term, leadership_transfer=transfer)
         node.narrate.info(
             "asking for votes%s (my log: last term %d, last index %d)",
             " to take over from the leader" if transfer else "",
@@ -995,6 +983,17 @@ class Election:
         )
         for peer_id in node.other_voters():
             node.spawn(self._ask_for_vote(peer_id, request), name=f"vote-{peer_id}")
+
+    def _vote_request(self, term: int, **flags: bool) -> raft_pb2.VoteRequest:
+        """A (pre-)vote request for `term`, carrying this node's last log entry (section 5.4.1)."""
+        node = self.node
+        return raft_pb2.VoteRequest(
+            term=term,
+            requester_id=node.node_id,
+            last_log_index=node.log.last_index,
+            last_log_term=node.log.last_term,
+            **flags,
+        )
 
     async def _ask_for_vote(self, peer_id: int, request: raft_pb2.VoteRequest) -> None:
         """Send a vote or pre-vote request and count its reply."""

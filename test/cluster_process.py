@@ -119,7 +119,8 @@ def find_free_port_block(count: int, host: str = HOST, attempts: int = 200) -> i
     raise PortBusyError(f"found no {count} consecutive free ports in {low}-{high} on {host}")
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (one of another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -149,7 +150,7 @@ def _reservations() -> Iterator[dict[int, tuple[int, float]]]:
                 port, pid, until = (int(word) for word in line.split())
             except ValueError:
                 continue  # a line cut short by a process killed mid-write
-            if until > now and _alive(pid):
+            if until > now and process_alive(pid):
                 reserved[port] = (pid, float(until))
         reserved.update((p, v) for p, v in _local_reservations.items() if v[1] > now)
         yield reserved

@@ -32,7 +32,13 @@ from typing import Any, Protocol
 
 import cluster_client
 from cluster_config import ClusterConfig, NodeAddress
-from test.cluster_process import HOST, HostCluster, LocalCluster, find_free_port_block
+from test.cluster_process import (
+    HOST,
+    HostCluster,
+    LocalCluster,
+    find_free_port_block,
+    process_alive,
+)
 
 # Names of everything a run creates start with this, then the creating process's pid (6 hex
 # digits) and a per-process sequence digit, so two runs never collide and a later run can tell
@@ -111,16 +117,6 @@ def namespaces_available() -> bool:
         return False
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def sweep_stale() -> list[str]:
     """Remove namespaces and interfaces left by runs whose process is gone, ending the node
     processes still inside those namespaces; the names removed."""
@@ -128,7 +124,7 @@ def sweep_stale() -> list[str]:
 
     def stale(name: str) -> bool:
         match = _NAME.match(name)
-        return match is not None and not _process_alive(int(match.group(1), 16))
+        return match is not None and not process_alive(int(match.group(1), 16))
 
     links = _ip("-o", "link", "show", check=False).stdout
     for line in links.splitlines():
