@@ -176,6 +176,8 @@ class GrpcTransport:
     ) -> raft_pb2.AppendEntriesResponse:
         stream.busy = True
         loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
         # A timer that cancels the call is cheaper than a timeout context around two awaits.
         expired = False
 
@@ -183,6 +185,10 @@ class GrpcTransport:
             nonlocal expired
             expired = True
             stream.call.cancel()
+            # A write still waiting for the call to start (its connection not yet up) is not woken
+            # by cancelling the call: gRPC's client waits for the call's first metadata to go out,
+            # which then never happens. Cancel the wait itself too.
+            task.cancel()
 
         timer = loop.call_at(loop.time() + timeout, expire)
         try:
@@ -190,8 +196,7 @@ class GrpcTransport:
             reply = await stream.call.read()
         except asyncio.CancelledError:
             self._drop_stream(peer_id, stream)
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
+            if task.cancelling() > (1 if expired else 0):
                 raise  # our caller is being cancelled, not the call
             if expired:
                 raise PeerUnreachableError(f"no append reply within {timeout:g} s") from None
@@ -208,6 +213,8 @@ class GrpcTransport:
             raise PeerUnreachableError(f"the append stream ended: {e}") from None
         finally:
             timer.cancel()
+            if expired:
+                task.uncancel()  # our own cancellation, delivered and handled above
         if reply is grpc.aio.EOF:
             self._drop_stream(peer_id, stream)
             raise PeerUnreachableError("the follower ended the append stream")

@@ -1,7 +1,8 @@
 """AppendEntries on one stream per follower: replies match their requests, a reply that comes too
 late is never taken for a later request's, a follower without the stream is still reached, a
-follower shutting down ends its streams, and a follower killed while entries are in flight takes
-part in replication again once restarted."""
+follower shutting down ends its streams, a follower whose connection never comes up costs each
+append no more than its timeout, and a follower killed while entries are in flight takes part in
+replication again once restarted."""
 
 from __future__ import annotations
 
@@ -183,6 +184,35 @@ class Writer:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         return dict(self.acknowledged)
+
+
+async def test_an_append_to_a_follower_whose_connection_never_comes_up_ends_at_its_timeout(
+    tmp_path: Any,
+) -> None:
+    """A peer that accepts TCP but never finishes the TLS handshake: the stream's first write waits
+    for a call that never starts. Each append must still end at its timeout (once it waited
+    forever, and the leader never sent that follower anything again)."""
+    import make_certs
+    from tls import TlsConfig
+
+    make_certs.make_all(tmp_path, [1], "127.0.0.1")
+    tls = TlsConfig.load(tmp_path / "node-1.pem", tmp_path / "node-1.key", tmp_path / "ca.pem")
+    held: list[Any] = []
+    silent = await asyncio.start_server(lambda r, w: held.append(w), "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    transport = GrpcTransport({PEER: f"127.0.0.1:{port}"}, tls=tls)
+    request = raft_pb2.AppendEntriesRequest(term=1, requester_id=1)
+    try:
+        for _ in range(3):
+            with pytest.raises(PeerUnreachableError):
+                await asyncio.wait_for(transport.append_entries(PEER, request, timeout=0.05), 5)
+        assert not asyncio.current_task().cancelling()  # type: ignore[union-attr]
+    finally:
+        await transport.close()
+        for writer in held:
+            writer.close()
+        silent.close()
+        await silent.wait_closed()
 
 
 async def test_a_follower_killed_mid_stream_is_replicated_to_again_after_restart(
