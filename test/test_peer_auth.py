@@ -11,6 +11,7 @@ import socket
 import ssl
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,45 @@ async def statuses(cluster: LocalCluster) -> dict[int, tuple[int, int | None, in
         leader = status.leader_id if status.HasField("leader_id") else None
         result[node_id] = (status.term, leader, status.last_log_index, status.commit_index)
     return result
+
+
+@dataclass
+class Before:
+    """The cluster as an attack found it: each node's status, and where its log file stood."""
+
+    statuses: dict[int, tuple[int, int | None, int, int]]
+    offsets: dict[int, int]
+    started: float
+
+    @property
+    def leader(self) -> int:
+        leader = next(iter(self.statuses.values()))[1]
+        assert leader is not None, self.statuses
+        return leader
+
+
+async def observe(cluster: LocalCluster) -> Before:
+    offsets = {n: cluster.log_size(n) for n in cluster.node_ids}
+    return Before(await statuses(cluster), offsets, time.monotonic())
+
+
+async def assert_unchanged(cluster: LocalCluster, before: Before) -> None:
+    """Term, leader, log and commit of every node are as the attack found them. On a loaded
+    machine the cluster may hold an election of its own meanwhile (a node that heard no leader in
+    time says so); then no node may have reached the forged term."""
+    after = await statuses(cluster)
+    if after == before.statuses:
+        return
+    own_election = [
+        n
+        for n in cluster.node_ids
+        if "heard no leader" in cluster.node_log_since(n, before.offsets[n])
+    ]
+    assert own_election, (
+        f"changed with no election of the cluster's own: {before.statuses} -> {after}\n"
+        + log_tails(cluster)
+    )
+    assert all(term < FORGED_TERM for term, *_ in after.values()), after
 
 
 def forged_calls(sender: int, last_index: int) -> list[tuple[str, Any]]:
@@ -197,23 +237,23 @@ def refusals_narrated(cluster: LocalCluster, node_id: int, text: str) -> int:
 async def test_a_client_certificate_from_the_clusters_ca_cannot_speak_raft(
     cluster: LocalCluster,
 ) -> None:
-    before = await statuses(cluster)
-    leader = next(iter(before.values()))[1]
-    assert leader is not None
+    before = await observe(cluster)
+    leader = before.leader
+    nodes = cluster.node_ids
     # As the attack goes: the real leader's id, or any member other than the node called.
-    sender_of = {n: leader if n != leader else next(m for m in before if m != n) for n in before}
+    sender_of = {n: leader if n != leader else next(m for m in nodes if m != n) for n in nodes}
     for stem in ("client", "admin"):
         got = await forge_everywhere(cluster, config(cluster, stem), sender_of.__getitem__)
         wrong = {call: code for call, code in got.items() if code != DENIED}
         assert not wrong, f"{stem}.pem was not refused: {wrong}"
         assert len(got) == 8 * len(cluster.node_ids)
 
-    after = await statuses(cluster)
-    assert after == before, log_tails(cluster)
+    await assert_unchanged(cluster, before)
+    # One line per 10 s of attack (rate-limited), naming why.
+    most = 2 + int((time.monotonic() - before.started) // 10)
     for node_id in cluster.node_ids:
-        # One line for the whole attack (rate-limited), naming why.
         count = refusals_narrated(cluster, node_id, REFUSAL)
-        assert 1 <= count <= 2, f"node {node_id} narrated {count} refusals"
+        assert 1 <= count <= most, f"node {node_id} narrated {count} refusals"
     async with cluster.probe() as probe:
         for node_id in cluster.node_ids:
             assert await probe.get_value(node_id, FORGED_KEY) is None
@@ -224,7 +264,7 @@ async def test_a_client_certificate_from_the_clusters_ca_cannot_speak_raft(
 
 
 async def test_a_members_certificate_speaks_only_for_that_member(cluster: LocalCluster) -> None:
-    before = await statuses(cluster)
+    before = await observe(cluster)
     first, second, third = cluster.node_ids
     impostor = config(cluster, f"node-{second}")
     for sender in (third, NOT_A_MEMBER):
@@ -238,11 +278,11 @@ async def test_a_members_certificate_speaks_only_for_that_member(cluster: LocalC
         }
         wrong = {call: code for call, code in got.items() if code != expected[call]}
         assert not wrong, f"node {second}'s certificate spoke for {sender}: {wrong}"
-    assert await statuses(cluster) == before, log_tails(cluster)
+    await assert_unchanged(cluster, before)
     assert refusals_narrated(cluster, first, f"it cannot speak for node {third}") >= 1
 
     # Speaking for itself, the same certificate is heard: a pre-vote, which changes nothing.
-    term = before[first][0]
+    term = (await statuses(cluster))[first][0]
     channel = open_channel(raft_address(cluster, first), [], impostor)
     try:
         reply = await raft_pb2_grpc.RaftStub(channel).RequestVote(
@@ -267,13 +307,13 @@ async def test_a_certificate_naming_a_node_the_configuration_does_not_list_chang
     make_certs.write_node(
         authority, cluster.tls.directory, NOT_A_MEMBER, make_certs.parse_hosts("localhost")
     )
-    before = await statuses(cluster)
+    before = await observe(cluster)
     got = await forge_everywhere(
         cluster, config(cluster, f"node-{NOT_A_MEMBER}"), lambda _node: NOT_A_MEMBER
     )
     wrong = {c: code for c, code in got.items() if code != grpc.StatusCode.INVALID_ARGUMENT}
     assert not wrong, f"a node no configuration lists was heard: {wrong}"
-    assert await statuses(cluster) == before, log_tails(cluster)
+    await assert_unchanged(cluster, before)
     await writes_flow(cluster, "after-the-stranger")
 
 
@@ -321,9 +361,8 @@ async def test_with_a_peer_ca_no_certificate_of_the_clients_ca_reaches_the_raft_
     peer_ca_cluster: LocalCluster,
 ) -> None:
     cluster = peer_ca_cluster
-    before = await statuses(cluster)
-    leader = next(iter(before.values()))[1]
-    assert leader is not None
+    before = await observe(cluster)
+    leader = before.leader
     tries = [
         # A client's certificate, trusting either CA.
         config(cluster, "client", ca="ca"),
@@ -335,7 +374,7 @@ async def test_with_a_peer_ca_no_certificate_of_the_clients_ca_reaches_the_raft_
         got = await forge_everywhere(cluster, tls, lambda _node: leader)
         wrong = {call: code for call, code in got.items() if code != grpc.StatusCode.UNAVAILABLE}
         assert not wrong, f"reached the Raft port: {wrong}"
-    assert await statuses(cluster) == before, log_tails(cluster)
+    await assert_unchanged(cluster, before)
     # Peers and clients work end to end, each with their own CA.
     await writes_flow(cluster, "two-cas")
     follower = next(n for n in cluster.node_ids if n != leader)
