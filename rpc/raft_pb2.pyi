@@ -433,3 +433,57 @@ class StatusResponse(_message.Message):
     serving: bool
     peers: _containers.RepeatedCompositeFieldContainer[PeerStatus]
     def __init__(self, node_id: _Optional[int] = ..., raft_address: _Optional[str] = ..., client_address: _Optional[str] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., leader_id: _Optional[int] = ..., commit_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., last_log_index: _Optional[int] = ..., snapshot_index: _Optional[int] = ..., voter: _Optional[bool] = ..., learner: _Optional[bool] = ..., leader_contact_seconds: _Optional[float] = ..., config: _Optional[_Union[Configuration, _Mapping]] = ..., config_index: _Optional[int] = ..., serving: _Optional[bool] = ..., peers: _Optional[_Iterable[_Union[PeerStatus, _Mapping]]] = ...) -> None: ...
+
+class EventsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class NodeEvent(_message.Message):
+    __slots__ = ("seq", "node_id", "time", "kind", "text", "role", "term", "leader_id", "voted_for", "last_index", "last_term", "commit_index", "applied_index", "snapshot_index", "peer", "index", "count", "ok", "detail", "deadline", "entry_terms", "time_scale", "members")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    TERM_FIELD_NUMBER: _ClassVar[int]
+    LEADER_ID_FIELD_NUMBER: _ClassVar[int]
+    VOTED_FOR_FIELD_NUMBER: _ClassVar[int]
+    LAST_INDEX_FIELD_NUMBER: _ClassVar[int]
+    LAST_TERM_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_INDEX_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_FIELD_NUMBER: _ClassVar[int]
+    ENTRY_TERMS_FIELD_NUMBER: _ClassVar[int]
+    TIME_SCALE_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    node_id: int
+    time: float
+    kind: str
+    text: str
+    role: str
+    term: int
+    leader_id: int
+    voted_for: int
+    last_index: int
+    last_term: int
+    commit_index: int
+    applied_index: int
+    snapshot_index: int
+    peer: int
+    index: int
+    count: int
+    ok: bool
+    detail: str
+    deadline: float
+    entry_terms: _containers.RepeatedScalarFieldContainer[int]
+    time_scale: float
+    members: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, seq: _Optional[int] = ..., node_id: _Optional[int] = ..., time: _Optional[float] = ..., kind: _Optional[str] = ..., text: _Optional[str] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., leader_id: _Optional[int] = ..., voted_for: _Optional[int] = ..., last_index: _Optional[int] = ..., last_term: _Optional[int] = ..., commit_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., snapshot_index: _Optional[int] = ..., peer: _Optional[int] = ..., index: _Optional[int] = ..., count: _Optional[int] = ..., ok: _Optional[bool] = ..., detail: _Optional[str] = ..., deadline: _Optional[float] = ..., entry_terms: _Optional[_Iterable[int]] = ..., time_scale: _Optional[float] = ..., members: _Optional[_Iterable[int]] = ...) -> None: ...
