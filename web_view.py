@@ -95,7 +95,14 @@ def event_json(event: raft_pb2.NodeEvent) -> dict[str, Any]:
         "entry_terms": list(event.entry_terms),
         "time_scale": event.time_scale,
         "members": list(event.members),
+        # Which step of the kind (field 24, added to the contract after it was first written).
+        "action": getattr(event, "action", ""),
     }
+
+
+def is_routine(ev: dict[str, Any]) -> bool:
+    """Heartbeats and election timer resets: many a second, narrated only when asked for."""
+    return bool(ev["kind"] == "timer" or (ev["kind"] == "replicate" and ev["count"] == 0))
 
 
 @dataclass

@@ -56,49 +56,46 @@ function roleOf(node) {
 
 // -- messages between nodes ------------------------------------------------------------------
 
-// Which message an event shows, as {from, to, cls, label}; null when it shows none. Each exchange
-// is drawn once: from the side that reports sending it (the leader for AppendEntries and
-// snapshots, the voter for a vote's answer, the client's request to the node it reached).
-function messageOf(ev) {
-  const me = ev.node_id, peer = ev.peer;
+// Which messages an event shows, as [{from, to, cls, label}]. Each exchange is drawn once, from
+// the side that reports sending it: the leader's "send" of a batch or snapshot chunk, a voter's
+// "answer", a candidate's "ask" (to every other member), a client's request to the node it reached.
+function messagesOf(ev) {
+  const me = ev.node_id, peer = ev.peer, action = ev.action || "";
+  const prevote = ev.kind === "pre_vote";
   switch (ev.kind) {
     case "replicate":
-      if (!peer) return null;
-      if (ev.role !== "leader") return null;
-      return { from: me, to: peer, cls: ev.ok ? "m-append" : "m-refused", label: ev.count ? String(ev.count) : "" };
+      if (!peer || (action ? action !== "send" : ev.role !== "leader")) return [];
+      return [{ from: me, to: peer, cls: ev.ok ? "m-append" : "m-refused", label: ev.count ? String(ev.count) : "", heartbeat: !ev.count }];
     case "vote":
-    case "pre_vote": {
-      if (!peer) return null;
-      const cls = !ev.ok ? "m-refused" : ev.kind === "vote" ? "m-vote" : "m-prevote";
-      // The candidate's own report (it asked, or counted an answer) is drawn as the answer coming in.
-      const asker = ev.role === "candidate" || ev.voted_for === me;
-      return asker ? { from: peer, to: me, cls, label: "" } : { from: me, to: peer, cls, label: "" };
-    }
+    case "pre_vote":
+      if (action === "ask") {
+        return (ev.members || []).filter((m) => m !== me)
+          .map((m) => ({ from: me, to: m, cls: prevote ? "m-prevote" : "m-vote", label: "?" }));
+      }
+      if (!peer || (action && action !== "answer")) return [];
+      return [{ from: me, to: peer, cls: !ev.ok ? "m-refused" : prevote ? "m-prevote" : "m-vote", label: ev.ok ? "✓" : "✗" }];
     case "snapshot":
-      if (!peer) return null;
-      return ev.role === "leader" ? { from: me, to: peer, cls: "m-snapshot", label: "" } : null;
+      if (!peer || (action ? action !== "send" : ev.role !== "leader")) return [];
+      return [{ from: me, to: peer, cls: "m-snapshot", label: "" }];
     case "transfer":
-      return peer ? { from: me, to: peer, cls: "m-transfer", label: "" } : null;
+      if (!peer || (action && action !== "timeout_now")) return [];
+      return [{ from: me, to: peer, cls: "m-transfer", label: "" }];
     case "client":
-      return { from: "client", to: me, cls: ev.ok ? "m-client" : "m-refused", label: "" };
+      return [{ from: "client", to: me, cls: ev.ok ? "m-client" : "m-refused", label: action === "redirect" ? "↪" : "" }];
     default:
-      return null;
+      return [];
   }
 }
 
-const recent = new Map();      // dedupe: the same exchange reported by both ends
 function drawMessage(msg) {
-  const key = `${msg.cls}:${[msg.from, msg.to].sort().join("-")}`;
-  const t = performance.now();
-  if (msg.cls !== "m-append" && recent.has(key) && t - recent.get(key) < 250) return;
-  recent.set(key, t);
   const a = positions.get(String(msg.from)), b = positions.get(String(msg.to));
   if (!a || !b) return;
   const colours = { "m-append": "#3a78c2", "m-vote": "#2f9e44", "m-refused": "#d6336c", "m-prevote": "#94d82d",
     "m-snapshot": "#7048e8", "m-transfer": "#f08c00", "m-client": "#111" };
   const g = document.createElementNS(SVG_NS, "g");
   const dot = document.createElementNS(SVG_NS, "circle");
-  dot.setAttribute("r", msg.cls === "m-snapshot" ? 8 : 5);
+  dot.setAttribute("r", msg.cls === "m-snapshot" ? 8 : msg.heartbeat ? 3.5 : 5.5);
+  if (msg.heartbeat) dot.setAttribute("opacity", "0.55");
   dot.setAttribute("fill", colours[msg.cls]);
   g.appendChild(dot);
   if (msg.label) {
@@ -370,9 +367,8 @@ function onMessage(message) {
       const n = takeNode(message.node);
       const ev = message.event;
       setScale(ev.time_scale);
-      if (ev.text) addNarration({ node_id: ev.node_id, time: ev.time, text: ev.text });
-      const msg = messageOf(ev);
-      if (msg && n) drawMessage(msg);
+      if (ev.text && (!ev.routine || $("routine").checked)) addNarration({ node_id: ev.node_id, time: ev.time, text: ev.text });
+      if (n) for (const msg of messagesOf(ev)) drawMessage(msg);
       break;
     }
     case "reach":
