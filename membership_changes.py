@@ -5,7 +5,6 @@ members, promoting a learner once it has caught up, and a leader leaving once it
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
@@ -13,6 +12,7 @@ from cluster_config import NodeAddress
 from leader import LeaderTerm
 from log import RaftLog
 from membership import ChangeInProgressError, ConfigHistory, Membership, MembershipError
+from node_events import EventNarrator
 from node_types import MAX_ENTRIES_PER_MESSAGE, PROMOTION_WAIT, NotLeaderError, Timing
 from rpc import raft_pb2
 from state_machine import ApplyResult
@@ -30,7 +30,7 @@ class ChangesNode(Protocol):
     transfers: Transfers
 
     @property
-    def narrate(self) -> logging.LoggerAdapter[Any]: ...
+    def narrate(self) -> EventNarrator: ...
     @property
     def node_id(self) -> int: ...
     @property
@@ -131,7 +131,7 @@ class MembershipChanges:
                 "one change at a time"
             )
         new = change(node.configs.latest)
-        node.narrate.info("%s", what)
+        node.narrate.tell("membership", "%s", what, action="request", detail=new.describe())
         return await node.propose_entry(
             raft_pb2.LogEntry(kind=raft_pb2.ENTRY_KIND_CONFIG, config=new.to_proto())
         )
@@ -173,10 +173,13 @@ class MembershipChanges:
         behind = node.log.last_index - progress.match_index
         if progress.match_index < node.configs.latest_index or behind > MAX_ENTRIES_PER_MESSAGE:
             return
-        node.narrate.info(
+        node.narrate.tell(
+            "membership",
             "learner %d has caught up (%d entries behind me): promoting it to voter",
             peer_id,
             behind,
+            action="promote",
+            peer=peer_id,
         )
         promoted = node.configs.latest.with_voter(peer_id)
         node.append_as_leader(
@@ -203,9 +206,12 @@ class MembershipChanges:
         up-to-date voter, so the others need not wait out an election timeout, then step down
         (thesis section 4.2.2)."""
         node = self.node
-        node.narrate.info(
+        node.narrate.tell(
+            "membership",
             "the configuration without me committed at index %d: handing over and stepping down",
             node.configs.latest_index,
+            action="leave",
+            index=node.configs.latest_index,
         )
         await node.transfers.hand_over(term)
         if node.is_leader and node.current_term == term:

@@ -141,3 +141,5 @@ class NodeStatus:
     config_index: int
     serving: bool
     peers: tuple[PeerStatus, ...] = ()
+    # The factor this node's Raft timers are multiplied by (--time-scale).
+    time_scale: float = 1.0

@@ -32,11 +32,10 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import logging
 import random
 import sys
 import time
-from collections.abc import Callable, Coroutine, MutableMapping
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from access import Access
@@ -47,6 +46,7 @@ from leader import LeaderTerm, Progress
 from log import RaftLog
 from membership import ConfigHistory, Membership
 from membership_changes import MembershipChanges
+from node_events import EventFeed, EventNarrator
 from node_status import NodeEvents, NodeObserver, NodeStatus, PeerStatus
 from node_types import (
     HANDOVER_TIMEOUTS,
@@ -76,21 +76,9 @@ from task_scheduler import BackgroundTasks
 from transfer import Transfers
 
 
-class _Narrator(logging.LoggerAdapter):  # type: ignore[type-arg]
-    """Prefixes every line with the node's id, role and term, as the seed's narration did."""
-
-    def __init__(self, node: RaftNode) -> None:
-        super().__init__(logging.getLogger("raft"), {})
-        self.node = node
-
-    def process(
-        self, msg: Any, kwargs: MutableMapping[str, Any]
-    ) -> tuple[Any, MutableMapping[str, Any]]:
-        n = self.node
-        # The same fields ride on the record, so a structured log format need not parse the prefix.
-        fields = {"node": n.node_id, "role": n.role, "term": n.current_term}
-        kwargs["extra"] = {**(kwargs.get("extra") or {}), **fields}
-        return f"[{n.node_id} {n.role} t={n.current_term}] {msg}", kwargs
+class _Narrator(EventNarrator):
+    """Prefixes every line with the node's id, role and term, as the seed's narration did; lines
+    said with `tell` also go to the node's event stream (node_events.py)."""
 
 
 class RaftNode:
@@ -125,6 +113,8 @@ class RaftNode:
         self.wall_clock: Callable[[], float] = wall_clock or time.time
         self.state_machine = KeyValueStateMachine()
         self.narrate = _Narrator(self)
+        # What this node does, for Cluster.Events subscribers; `feed.active` guards every hook.
+        self.feed = EventFeed(self)
         # None: this node never takes snapshots of its own (it still installs a leader's).
         self.snapshot_policy = snapshot_policy
 
@@ -188,6 +178,15 @@ class RaftNode:
     @property
     def last_applied(self) -> int:
         return self.state_machine.last_applied
+
+    @property
+    def time_scale(self) -> float:
+        return self.timing.time_scale
+
+    def log_position(self) -> tuple[int, int, int]:
+        """(last index, last term, the last index the newest snapshot covers; 0: none)."""
+        latest = self.log.snapshots.latest if self.log.snapshots is not None else None
+        return self.log.last_index, self.log.last_term, latest.index if latest is not None else 0
 
     @property
     def config(self) -> Membership:
@@ -313,6 +312,7 @@ class RaftNode:
             config_index=self.configs.latest_index,
             serving=self.serving,
             peers=tuple(peers),
+            time_scale=self.time_scale,
         )
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -338,7 +338,7 @@ class RaftNode:
         if self._stopped:
             return
         self._stopped = True
-        self._cancel_election_timer()
+        self._cancel_election_timer("stopping")
         self.writes.fail_waiting("the node is shutting down")
         self.observer.state_changed()
         await self._tasks.close()
@@ -363,11 +363,21 @@ class RaftNode:
         self._election_timer = self.clock.call_at(
             self._timer_armed_at + timeout, self._on_election_timeout
         )
+        if self.feed.active:
+            self.feed.emit(
+                "timer",
+                f"election timer armed: {timeout * 1000:.0f} ms without a leader and I stand",
+                action="armed",
+                deadline=self.wall_clock() + timeout,
+            )
 
-    def _cancel_election_timer(self) -> None:
+    def _cancel_election_timer(self, why: str = "") -> None:
+        """Stop the election timer; `why` (for the event stream) when none is armed after it."""
         if self._election_timer is not None:
             self._election_timer.cancel()
             self._election_timer = None
+            if why and self.feed.active:
+                self.feed.emit("timer", f"election timer stopped: {why}", action="stopped")
 
     def _on_election_timeout(self) -> None:
         self._election_timer = None
@@ -384,11 +394,14 @@ class RaftNode:
             self._reset_election_timer()
             return
         waited = self.clock.now() - self._timer_armed_at
-        self.narrate.info(
+        self.narrate.tell(
+            "pre_vote",
             "heard no leader for %d ms: asking whether a majority would elect me in term %d "
             "(pre-vote)",
             waited * 1000,
             self.current_term + 1,
+            action="ask",
+            count=self.quorum,
         )
         self.start_pre_vote()
 
@@ -406,12 +419,15 @@ class RaftNode:
     def become_follower(self, term: int, leader_id: int | None, why: str) -> None:
         """Adopt `term` (if newer) and follow. Figure 2: any newer term makes a server a follower."""
         was = self._role
-        if term > self.current_term:
+        newer = term > self.current_term
+        if newer:
             self.log.set_hard_state(term, None)
         self._role = Role.FOLLOWER
         self.election.votes.clear()
         if was is not Role.FOLLOWER:
-            self.narrate.info("became follower: %s", why)
+            self.narrate.tell("role", "became follower: %s", why, detail=why)
+        elif newer and self.feed.active:
+            self.feed.emit("role", f"now in term {term}: {why}", detail=why)
         if was is Role.LEADER:
             self._stop_leading()
         self._set_leader(leader_id)
@@ -434,11 +450,13 @@ class RaftNode:
         return True
 
     def _set_leader(self, leader_id: int | None) -> None:
-        if leader_id != self.leader_id and leader_id is not None and leader_id != self.node_id:
-            self.narrate.info("following leader %d", leader_id)
         changed = leader_id != self.leader_id
         self.leader_id = leader_id
         if changed:
+            if leader_id is not None and leader_id != self.node_id:
+                self.narrate.tell("leader", "following leader %d", leader_id, peer=leader_id)
+            elif self.feed.active:
+                self.feed.emit("leader", "no leader known" if leader_id is None else "I lead")
             self.notify()  # a transfer waits to learn who leads now
             self.observer.state_changed()
 
@@ -488,6 +506,13 @@ class RaftNode:
         self.observer.election_started()
         self.observer.state_changed()
         self.events.standing(term, transfer)
+        if self.feed.active:
+            how = " to take over from the leader" if transfer else ""
+            self.feed.emit(
+                "role",
+                f"became candidate in term {term}{how}, voting for myself",
+                detail="transfer" if transfer else "",
+            )
         return term
 
     # ---- log replication, follower side (section 5.3) --------------------------------------
@@ -496,6 +521,28 @@ class RaftNode:
         self, request: raft_pb2.AppendEntriesRequest
     ) -> raft_pb2.AppendEntriesResponse:
         """AppendEntries receiver rules (Figure 2); the reply leaves only once the entries are durable."""
+        reply = await self._receive_append(request)
+        if self.feed.active:
+            count = len(request.log_entries)
+            what = (
+                f"{count} {'entry' if count == 1 else 'entries'} after index {request.prev_log_index}"
+                if count
+                else "heartbeat"
+            )
+            self.feed.emit(
+                "replicate",
+                f"{what} from {request.requester_id}: {'ok' if reply.success else 'refused'}",
+                action="receive",
+                peer=request.requester_id,
+                index=request.prev_log_index + 1,
+                count=count,
+                ok=reply.success,
+            )
+        return reply
+
+    async def _receive_append(
+        self, request: raft_pb2.AppendEntriesRequest
+    ) -> raft_pb2.AppendEntriesResponse:
         self.access.check_message(
             request.requester_id,
             request.term,
@@ -579,8 +626,12 @@ class RaftNode:
                         index,
                     )
                     return raft_pb2.AppendEntriesResponse(term=term, success=False)
-                self.narrate.info(
-                    "truncating my log from index %d: it conflicts with the leader's", index
+                self.narrate.tell(
+                    "append",
+                    "truncating my log from index %d: it conflicts with the leader's",
+                    index,
+                    action="truncate",
+                    index=index,
                 )
                 self._truncate_log(index)
             self.append_to_log(entries[offset:])
@@ -595,7 +646,12 @@ class RaftNode:
             new_commit = min(request.leader_commit, match_index)
             if new_commit > self.commit_index:
                 self.commit_index = new_commit
-                self.narrate.info("commit index now %d (told by the leader)", new_commit)
+                self.narrate.tell(
+                    "commit",
+                    "commit index now %d (told by the leader)",
+                    new_commit,
+                    index=new_commit,
+                )
                 self.apply_committed()
         await self.log.flush()
         # The term as it is now: if a newer leader appeared while the entries were being written,
@@ -610,12 +666,16 @@ class RaftNode:
         self.events.elected()
         self._role = Role.LEADER
         self.leader_id = self.node_id
-        self._cancel_election_timer()
+        self._cancel_election_timer("I lead")
         term = self.current_term
-        self.narrate.info(
+        self.narrate.tell(
+            "role",
             "won the election with votes from %s; appending a no-op to commit earlier entries",
             ", ".join(str(v) for v in sorted(self.election.votes)),
+            count=len(self.election.votes),
         )
+        if self.feed.active:
+            self.feed.emit("leader", f"I lead term {term}", peer=self.node_id)
         self.election.votes.clear()
         leadership = self.leadership = LeaderTerm(self, term)
         leadership.sync_progress()
@@ -703,10 +763,13 @@ class RaftNode:
                 request.term,
             )
             return reply
-        self.narrate.info(
+        self.narrate.tell(
+            "transfer",
             "leader %d asked me to take over: starting an election for term %d now",
             leader,
             self.current_term + 1,
+            action="take_over",
+            peer=leader,
         )
         term = self._become_candidate(transfer=True)
         if term is not None:
@@ -760,9 +823,14 @@ class RaftNode:
             self.check_removed()
 
     def _apply_entries(self) -> None:
+        first = self.last_applied + 1
         while self.last_applied < self.commit_index:
             entry = self.log.entry(self.last_applied + 1)
             self.writes.applied(entry, self.state_machine.apply(entry))
+        if self.feed.active:
+            last = self.last_applied
+            span = f"entry {last}" if first == last else f"entries {first} to {last}"
+            self.feed.emit("apply", f"applied {span}", index=last, count=last - first + 1)
 
     # ---- membership (thesis chapter 4, one server at a time) -------------------------------
 
@@ -772,6 +840,8 @@ class RaftNode:
     def append_to_log(self, entries: list[raft_pb2.LogEntry]) -> None:
         """Append to the log; a configuration among the entries is in use from now on (4.1)."""
         self.log.append(entries)
+        if self.feed.active:
+            self.feed.appended(entries)
         before = self.configs.latest
         for entry in entries:
             if entry.kind == raft_pb2.ENTRY_KIND_CONFIG:
@@ -808,18 +878,21 @@ class RaftNode:
             self.events.config_changed()
             return
         index = self.configs.latest_index
-        self.narrate.info(
+        self.narrate.tell(
+            "membership",
             "configuration now: %s (from index %d%s)",
             config.describe(),
             index,
             ", not yet committed" if index > self.commit_index else "",
+            action="change",
+            index=index,
         )
         if self.leadership is not None:
             self.leadership.config_changed()
         elif not self.may_stand:
             if self._role is Role.CANDIDATE:
                 self.become_follower(self.current_term, None, "I no longer vote")
-            self._cancel_election_timer()
+            self._cancel_election_timer("I do not vote")
         elif self._election_timer is None and self._timer_armed_at and not self._stopped:
             # Promoted to voter (after start): from now on this node may stand for election.
             self._reset_election_timer()
@@ -832,11 +905,13 @@ class RaftNode:
             return
         if self.node_id not in self.configs.at(self.commit_index).removed:
             return
-        self.narrate.info(
+        self.narrate.tell(
+            "membership",
             "removed from the cluster (the change committed by index %d): no longer taking part",
             self.commit_index,
+            action="removed",
         )
-        self._cancel_election_timer()
+        self._cancel_election_timer("removed from the cluster")
         self.removed.set()
         self.observer.state_changed()
 
@@ -939,7 +1014,14 @@ class Election:
             if node.step_down_if_newer(reply.term, f"{peer_id}'s pre-vote reply"):
                 return
             if self.pre_vote_term == request.term:
-                node.narrate.info("%d would not vote for me in term %d", peer_id, request.term)
+                node.narrate.tell(
+                    "pre_vote",
+                    "%d would not vote for me in term %d",
+                    peer_id,
+                    request.term,
+                    action="reply",
+                    peer=peer_id,
+                )
             return
         if (
             node.is_leader
@@ -949,12 +1031,18 @@ class Election:
         ):
             return  # a reply to a pre-vote that is over, or from a node that does not vote
         self.pre_votes.add(peer_id)
-        node.narrate.info(
+        granted = node.config.count(self.pre_votes)
+        node.narrate.tell(
+            "pre_vote",
             "%d would vote for me in term %d (%d of %d needed)",
             peer_id,
             request.term,
-            node.config.count(self.pre_votes),
+            granted,
             node.quorum,
+            action="reply",
+            peer=peer_id,
+            ok=True,
+            count=granted,
         )
         if node.config.has_majority(self.pre_votes):
             self._win_pre_vote(request.term)
@@ -962,10 +1050,14 @@ class Election:
     def _win_pre_vote(self, term: int) -> None:
         node = self.node
         self.pre_vote_term = None
-        node.narrate.info(
+        node.narrate.tell(
+            "pre_vote",
             "a majority would elect me (%s): starting an election for term %d",
             ", ".join(str(v) for v in sorted(self.pre_votes)),
             term,
+            action="won",
+            ok=True,
+            count=len(self.pre_votes),
         )
         new_term = node._become_candidate(transfer=False)
         if new_term is not None:
@@ -987,11 +1079,14 @@ class Election:
             last_log_term=node.log.last_term,
             leadership_transfer=transfer,
         )
-        node.narrate.info(
+        node.narrate.tell(
+            "vote",
             "asking for votes%s (my log: last term %d, last index %d)",
             " to take over from the leader" if transfer else "",
             request.last_log_term,
             request.last_log_index,
+            action="ask",
+            count=node.quorum,
         )
         for peer_id in node.other_voters():
             node.spawn(self._ask_for_vote(peer_id, request), name=f"vote-{peer_id}")
@@ -1021,13 +1116,23 @@ class Election:
         if node._role is not Role.CANDIDATE or node.current_term != request.term:
             return  # a reply to an election that is over
         if not reply.vote_granted:
-            node.narrate.info("%d refused its vote", peer_id)
+            node.narrate.tell("vote", "%d refused its vote", peer_id, action="reply", peer=peer_id)
             return
         if not node.config.is_voter(peer_id):
             return  # only the votes of this node's configuration count (thesis section 4.1)
         self.votes.add(peer_id)
         votes = node.config.count(self.votes)
-        node.narrate.info("%d granted its vote (%d of %d needed)", peer_id, votes, node.quorum)
+        node.narrate.tell(
+            "vote",
+            "%d granted its vote (%d of %d needed)",
+            peer_id,
+            votes,
+            node.quorum,
+            action="reply",
+            peer=peer_id,
+            ok=True,
+            count=votes,
+        )
         if votes >= node.quorum:
             node._become_leader()
 
@@ -1052,11 +1157,16 @@ class Election:
             return await self._handle_pre_vote(request)
         candidate = request.requester_id
         if not request.leadership_transfer and node.access.leader_is_recent():
-            node.narrate.info(
+            why = node.access.why_leader_is_recent()
+            node.narrate.tell(
+                "vote",
                 "ignored vote request from %d for term %d: %s",
                 candidate,
                 request.term,
-                node.access.why_leader_is_recent(),
+                why,
+                action="answer",
+                peer=candidate,
+                detail=why,
             )
             await node.log.flush()
             return raft_pb2.RequestVoteResponse(term=node.current_term, vote_granted=False)
@@ -1073,33 +1183,52 @@ class Election:
         mine = (node.log.last_term, node.log.last_index)
         theirs = (request.last_log_term, request.last_log_index)
         if request.term < term:
-            node.narrate.info(
-                "refused vote to %d: its term %d is behind mine", candidate, request.term
+            node.narrate.tell(
+                "vote",
+                "refused vote to %d: its term %d is behind mine",
+                candidate,
+                request.term,
+                action="answer",
+                peer=candidate,
+                detail="its term is behind mine",
             )
         elif node.voted_for not in (None, candidate):
-            node.narrate.info(
+            node.narrate.tell(
+                "vote",
                 "refused vote to %d: already voted for %s in term %d",
                 candidate,
                 node.voted_for,
                 term,
+                action="answer",
+                peer=candidate,
+                detail=f"already voted for {node.voted_for}",
             )
         elif theirs < mine:
             # Section 5.4.1: the later last term wins; with equal last terms, the longer log wins.
-            node.narrate.info(
+            node.narrate.tell(
+                "vote",
                 "refused vote to %d: its log (last term %d, index %d) is behind mine (%d, %d)",
                 candidate,
                 *theirs,
                 *mine,
+                action="answer",
+                peer=candidate,
+                detail="its log is behind mine",
             )
         else:
             granted = True
             node.log.set_hard_state(term, candidate)
-            node.narrate.info(
+            node.narrate.tell(
+                "vote",
                 "granted vote to %d: its log (last term %d, index %d) is at least as up to date "
                 "as mine (%d, %d)",
                 candidate,
                 *theirs,
                 *mine,
+                action="answer",
+                peer=candidate,
+                ok=True,
+                detail="its log is at least as up to date as mine",
             )
             # Granting a vote resets the election timer (Figure 2, rules for followers).
             node._reset_election_timer()
@@ -1124,20 +1253,32 @@ class Election:
         elif theirs < mine:
             why = "its log (last term {}, index {}) is behind mine ({}, {})".format(*theirs, *mine)
         if why is not None:
-            node.narrate.info(
-                "would not vote for %d in term %d (pre-vote): %s", candidate, request.term, why
+            node.narrate.tell(
+                "pre_vote",
+                "would not vote for %d in term %d (pre-vote): %s",
+                candidate,
+                request.term,
+                why,
+                action="answer",
+                peer=candidate,
+                detail=why,
             )
             # A refusal carries this node's term, so a candidate with a stale term catches up; the
             # term must then be durable, as for any reply that carries it.
             await node.log.flush()
             return raft_pb2.RequestVoteResponse(term=node.current_term, vote_granted=False)
-        node.narrate.info(
+        node.narrate.tell(
+            "pre_vote",
             "would vote for %d in term %d (pre-vote): its log (last term %d, index %d) is at "
             "least as up to date as mine (%d, %d) and I have no recent leader",
             candidate,
             request.term,
             *theirs,
             *mine,
+            action="answer",
+            peer=candidate,
+            ok=True,
+            detail="its log is at least as up to date as mine and I have no recent leader",
         )
         # A grant carries the term asked about, so it can never look like a newer term to anyone.
         return raft_pb2.RequestVoteResponse(term=request.term, vote_granted=True)

@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import asyncio
-import logging
-from typing import Any, Protocol
+from typing import Protocol
 
 from leader import LeaderTerm, Progress, Transfer
 from log import RaftLog
 from membership import Membership
+from node_events import EventNarrator
 from node_types import (
     Clock,
     NotLeaderError,
@@ -32,7 +32,7 @@ class TransferNode(Protocol):
     leadership: LeaderTerm | None
 
     @property
-    def narrate(self) -> logging.LoggerAdapter[Any]: ...
+    def narrate(self) -> EventNarrator: ...
     @property
     def node_id(self) -> int: ...
     @property
@@ -92,12 +92,15 @@ class Transfers:
 
         target = target_id or max(voters, key=readiness)
         transfer = leadership.transfer = Transfer(target, term)
-        node.narrate.info(
+        node.narrate.tell(
+            "transfer",
             "handing leadership to %d: refusing new writes until it takes over (its log matches "
             "mine up to index %d of %d)",
             target,
             leadership.progress[target].match_index,
             node.log.last_index,
+            action="start",
+            peer=target,
         )
         try:
             async with asyncio.timeout(window):
@@ -107,11 +110,14 @@ class Transfers:
                     await node.wait_for_change()
         except TimeoutError:
             if node.is_leader and node.current_term == term:
-                node.narrate.info(
+                node.narrate.tell(
+                    "transfer",
                     "gave up handing leadership to %d: it did not take over within %d ms; "
                     "accepting writes again",
                     target,
                     window * 1000,
+                    action="failed",
+                    peer=target,
                 )
                 raise TransferFailedError(
                     f"{target} did not take over within {window:g} s; {node.node_id} still leads"
@@ -150,10 +156,14 @@ class Transfers:
             await node.wait_for_change()
         request = raft_pb2.TimeoutNowRequest(term=term, requester_id=node.node_id)
         while progress() is not None:
-            node.narrate.info(
+            node.narrate.tell(
+                "transfer",
                 "%d holds my whole log (up to index %d): telling it to start an election now",
                 target,
                 node.log.last_index,
+                action="timeout_now",
+                peer=target,
+                index=node.log.last_index,
             )
             try:
                 reply = await node.transport.timeout_now(
@@ -172,7 +182,13 @@ class Transfers:
         leadership = node.leadership
         transfer = leadership.transfer if leadership is not None else None
         if transfer is not None:
-            node.narrate.info("turning a client away: handing leadership to %d", transfer.target)
+            node.narrate.tell(
+                "client",
+                "turning a client away: handing leadership to %d",
+                transfer.target,
+                action="redirect",
+                peer=transfer.target,
+            )
             target = node.config.address(transfer.target)
             raise NotLeaderError(transfer.target, target.client_address if target else None)
 
