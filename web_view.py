@@ -95,8 +95,7 @@ def event_json(event: raft_pb2.NodeEvent) -> dict[str, Any]:
         "entry_terms": list(event.entry_terms),
         "time_scale": event.time_scale,
         "members": list(event.members),
-        # Which step of the kind (field 24, added to the contract after it was first written).
-        "action": getattr(event, "action", ""),
+        "action": event.action,
     }
 
 
@@ -253,7 +252,8 @@ class View:
 
     def _event(self, node: NodeModel, ev: dict[str, Any]) -> None:
         node.apply(ev)
-        if ev["text"]:
+        ev["routine"] = is_routine(ev)
+        if ev["text"] and not ev["routine"]:
             self.narration.append(
                 {"node_id": ev["node_id"], "time": ev["time"], "text": ev["text"]}
             )

@@ -32,9 +32,7 @@ class LiveCluster:
         self.network = ProxyNetwork(list(range(1, nodes + 1)))
         try:
             files = self.network.cluster_files(data_root)
-            # --time-scale is passed only when it changes something, so the harness also runs
-            # nodes that predate the flag.
-            extra = [] if time_scale == 1 else ["--time-scale", f"{time_scale:g}"]
+            extra = ["--time-scale", f"{time_scale:g}"]
             self.cluster = HostCluster(self.network.config, files, None, data_root, extra)
         except BaseException:
             self.network.close()

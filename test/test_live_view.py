@@ -274,25 +274,36 @@ def test_the_live_view_shows_failover_writes_and_catch_up(tmp_path: Path) -> Non
 
 
 def take_screenshot(path: Path) -> None:
-    """Start the harness's view, write a few keys from the page, kill a follower, and save the page."""
+    """Start the harness's view; from the page, write keys, kill the leader, write again and kill
+    a follower; then save the page as it stands."""
+
+    def put(driver: Any, key: str) -> None:
+        field = driver.find_element("id", "key")
+        field.clear()
+        field.send_keys(key)
+        click(driver, "put")
+        wait_for(lambda: f"✔ put {key}=" in last_request(driver), 30, lambda: f"no put {key}")
+
     with tempfile.TemporaryDirectory(prefix="raft-demo-screenshot-") as work:
         harness = Harness(Path(work))
         try:
-            with browser(1500, 980) as driver:
+            with browser(1500, 1120) as driver:
                 driver.get(harness.url())
-                leader = wait_for(
-                    lambda: one_leader(driver, 5), LEADER_TIMEOUT, lambda: "no leader"
+                first = wait_for(lambda: one_leader(driver, 5), LEADER_TIMEOUT, lambda: "no leader")
+                for key in ("color", "size", "shape"):
+                    put(driver, key)
+                click(driver, "kill", first["id"])
+                second = wait_for(
+                    lambda: next((c for c in leaders(driver) if c["id"] != first["id"]), None),
+                    LEADER_TIMEOUT,
+                    lambda: "no new leader",
                 )
-                for n in range(3):
-                    key = driver.find_element("id", "key")
-                    key.clear()
-                    key.send_keys(f"color{n}")
-                    click(driver, "put")
-                    wait_for(lambda: "✔ put" in last_request(driver), 20, lambda: "no put")
-                victim = next(i for i in cards(driver) if i != leader["id"])
-                click(driver, "kill", victim)
-                click(driver, "put")
-                time.sleep(1.5)
+                for key in ("weight", "height"):
+                    put(driver, key)
+                victim = next(i for i in cards(driver) if i not in (first["id"], second["id"]))
+                click(driver, "pause", victim)
+                put(driver, "depth")
+                time.sleep(1.0)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 driver.save_screenshot(str(path))
         finally:

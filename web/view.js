@@ -222,7 +222,8 @@ function nodeCard(n) {
     card.innerHTML = `<div class="head"><span class="name"></span><span class="badge"></span>` +
       `<span class="state"></span><span class="stat term"></span><span class="stat vote"></span>` +
       `<span class="stat leader"></span><span class="stat timer-wrap">timer <span class="timer"><i></i></span></span>` +
-      `<span class="stat contact"></span><span class="acts"></span></div><div class="log"></div><div class="marks"></div>`;
+      `<span class="stat contact"></span></div><div class="row"><div class="log"></div><span class="acts"></span></div>` +
+      `<div class="marks"></div>`;
     const acts = card.querySelector(".acts");
     if (n.node_id != null) {
       acts.append(
@@ -268,7 +269,7 @@ function render() {
     const f = timerFraction(n, t);
     card.querySelector(".timer-wrap").style.visibility = f != null && state === "up" ? "visible" : "hidden";
     card.querySelector(".timer i").style.width = f != null ? `${(f * 100).toFixed(1)}%` : "0";
-    const contact = role === "leader" ? "leads" : `heard from leader <b>${ago(n.leader_contact ? t - n.leader_contact : null)}</b>`;
+    const contact = role === "leader" ? "leads" : `heard from leader <b>${ago(n.leader_contact ? Math.max(0, t - n.leader_contact) : null)}</b>`;
     card.querySelector(".contact").innerHTML = contact;
     for (const b of card.querySelectorAll(".acts button")) {
       const a = b.dataset.action;
