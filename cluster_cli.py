@@ -195,6 +195,10 @@ def _build_parser() -> _Parser:
         help="ask every member for its status and print a table: id, addresses, role, term, "
         "commit and applied index, and (from the leader) lag and last contact",
     )
+    web = commands.add_parser(
+        "web", help="serve the live view on http://127.0.0.1:PORT/ (default 8080) until Ctrl-C"
+    )
+    web.add_argument("port", nargs="?", type=int, default=8080, metavar="PORT")
     status.add_argument("--json", action="store_true", help="print one JSON document instead")
     status.add_argument(
         "--watch",
@@ -514,6 +518,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, TlsError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    if args.command == "web":
+        import web_view
+
+        return web_view.run_for_client(client, args.port, _tls_from_args(parser, args))
     try:
         return _run_coroutine(_run_command(client, args))
     except MembershipRefusedError as e:

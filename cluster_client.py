@@ -5,6 +5,7 @@ retries through elections and crashes. The command line (`python cluster_client.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import random
 import sys
 from collections import deque
@@ -912,13 +913,7 @@ def _newest_configuration(
     return max(replies, key=lambda r: r.config_index).config
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line (`cluster_cli.main`); returns the exit code."""
-    # Imported here, not at the top: the command line is built on this library, never the reverse.
-    import cluster_cli
-
-    return cluster_cli.main(argv)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python cluster_client.py` runs the command line, which is built on this library, never the
+    # reverse: run as a program, this file only hands over to it (as raft_node.py does).
+    sys.exit(importlib.import_module("cluster_cli").main())

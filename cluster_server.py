@@ -3,7 +3,7 @@ node's answer (or refusal) into the reply and status code the client expects."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Collection
+from collections.abc import AsyncIterator, Awaitable, Collection
 from typing import Protocol, TypeVar
 
 import grpc
@@ -16,6 +16,7 @@ from membership import (
     MembershipError,
     check_new_member,
 )
+from node_events import EventFeed, TooManySubscribersError
 from node_status import NodeStatus
 from node_types import (
     MAX_WIRE_NUMBER,
@@ -85,6 +86,9 @@ class ClusterNode(Protocol):
     async def remove_member(self, node_id: int) -> tuple[Membership, int, bool]: ...
 
     def status(self) -> NodeStatus: ...
+
+    # What the node does, as it happens (node_events.py).
+    feed: EventFeed
 
 
 def key_problem(key: str) -> str | None:
@@ -416,6 +420,22 @@ class ClusterServicer(raft_pb2_grpc.ClusterServicer):
         every node answers, whatever its role."""
         return status_to_proto(self._node.status())
 
+    async def Events(
+        self, request: raft_pb2.EventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[raft_pb2.NodeEvent]:
+        """What this node does, as it happens, until the caller goes away; the first event is the
+        node as it stands. Every node answers. A caller that reads too slowly is told how many
+        events it missed (node_events.py); the node never waits for it."""
+        try:
+            subscription = self._node.feed.subscribe()
+        except TooManySubscribersError as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        try:
+            while True:
+                yield await subscription.next()
+        finally:
+            subscription.close()
+
 
 def status_to_proto(status: NodeStatus) -> raft_pb2.StatusResponse:
     response = raft_pb2.StatusResponse(
@@ -433,6 +453,7 @@ def status_to_proto(status: NodeStatus) -> raft_pb2.StatusResponse:
         config=status.config.to_proto(),
         config_index=status.config_index,
         serving=status.serving,
+        time_scale=status.time_scale,
     )
     if status.leader_id is not None:
         response.leader_id = status.leader_id

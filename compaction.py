@@ -4,13 +4,13 @@ them, restoring one at start, and receiving a leader's chunk by chunk and instal
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Coroutine
 from typing import Any, Protocol
 
 from leader import Progress
 from log import RaftLog
 from membership import ConfigHistory, Membership
+from node_events import EventFeed, EventNarrator
 from node_status import NodeEvents, NodeObserver
 from node_types import Clock, InvalidRequestError, SnapshotPolicy, size_text
 from rpc import raft_pb2
@@ -34,9 +34,10 @@ class SnapshotNode(Protocol):
     observer: NodeObserver
     events: NodeEvents
     snapshot_policy: SnapshotPolicy | None
+    feed: EventFeed
 
     @property
-    def narrate(self) -> logging.LoggerAdapter[Any]: ...
+    def narrate(self) -> EventNarrator: ...
     @property
     def last_applied(self) -> int: ...
     @property
@@ -85,8 +86,13 @@ class Snapshots:
         """Replace the state machine with a snapshot's; the log already starts after it."""
         node = self.node
         node.state_machine.install(_state_of(loaded))
+        advanced = loaded.index > node.commit_index
         node.commit_index = max(node.commit_index, loaded.index)
         node.events.snapshot_restored(at_start)
+        if advanced and node.feed.active:
+            node.feed.emit(
+                "commit", f"commit index now {loaded.index} (from a snapshot)", index=loaded.index
+            )
 
     def maybe_snapshot(self) -> None:
         """Snapshot once the log has grown past the policy's thresholds since the last snapshot."""
@@ -122,8 +128,15 @@ class Snapshots:
             del state
             meta = await store.write(index, term, members, pieces)
             del pieces
-            node.narrate.info(
-                "took a snapshot up to index %d (term %d, %s)", index, term, size_text(meta.size)
+            node.narrate.tell(
+                "snapshot",
+                "took a snapshot up to index %d (term %d, %s)",
+                index,
+                term,
+                size_text(meta.size),
+                action="take",
+                index=index,
+                count=meta.size,
             )
             # Followers being sent a snapshot still need the entries after it (else each install
             # would be followed by another: the snapshot install loop).
@@ -218,7 +231,8 @@ class Snapshots:
         node.log.reset(loaded.index, loaded.term)
         node.rebuild_configs(loaded.members, loaded.index)
         self.restore(loaded)
-        node.narrate.info(
+        node.narrate.tell(
+            "snapshot",
             "installed snapshot up to index %d (term %d, %s); %s",
             loaded.index,
             loaded.term,
@@ -228,6 +242,10 @@ class Snapshots:
                 if kept and node.log.last_index > loaded.index
                 else "my log now starts after it"
             ),
+            action="install",
+            peer=request.requester_id,
+            index=loaded.index,
+            ok=True,
         )
         node.observer.snapshot_installed()
         node.notify()

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from cluster_config import NodeAddress
 from log import RaftLog
 from membership import ConfigHistory, Membership
+from node_events import EventFeed
 from node_types import (
     MAX_BYTES_PER_MESSAGE,
     MAX_ENTRIES_PER_MESSAGE,
@@ -83,6 +84,7 @@ class LeaderNode(NodeBasics, Protocol):
     commit_index: int
     snapshot_policy: SnapshotPolicy | None
     peers: dict[int, NodeAddress]
+    feed: EventFeed
 
     @property
     def changes(self) -> MembershipSteps: ...
@@ -293,6 +295,8 @@ class LeaderTerm:
             node.narrate.debug("append to %d failed: %s", peer_id, e)
             progress.retry_at = node.clock.now() + node.timing.heartbeat_interval
             return
+        if node.feed.active:
+            self._tell_sent(peer_id, request, reply)
         if reply.term == term:
             # The follower heard from us after `sent_at`; that is what check quorum counts.
             progress.heard_at = max(progress.heard_at, sent_at)
@@ -301,6 +305,28 @@ class LeaderTerm:
             progress.acked_round = read_round
             node.notify()
         self.handle_append_reply(peer_id, request, reply)
+
+    def _tell_sent(
+        self,
+        peer_id: int,
+        request: raft_pb2.AppendEntriesRequest,
+        reply: raft_pb2.AppendEntriesResponse,
+    ) -> None:
+        count = len(request.log_entries)
+        what = (
+            f"{count} {'entry' if count == 1 else 'entries'} after index {request.prev_log_index}"
+            if count
+            else "heartbeat"
+        )
+        self.node.feed.emit(
+            "replicate",
+            f"{what} to {peer_id}: {'ok' if reply.success else 'refused'}",
+            action="send",
+            peer=peer_id,
+            index=request.prev_log_index + 1,
+            count=count,
+            ok=reply.success,
+        )
 
     def handle_append_reply(
         self,
@@ -365,11 +391,13 @@ class LeaderTerm:
         if candidate <= node.commit_index or node.log.term_at(candidate) != node.current_term:
             return
         node.commit_index = candidate
-        node.narrate.info(
+        node.narrate.tell(
+            "commit",
             "committed up to index %d (durable on %d of %d nodes)",
             candidate,
             node.config.count(i for i, m in matches.items() if m >= candidate),
             node.cluster_size,
+            index=candidate,
         )
         node.apply_committed()
         if self._commit_notice is None:
@@ -436,11 +464,15 @@ class LeaderTerm:
             store.pin(meta)
             progress.snapshot_offset = 0
             progress.snapshot_heard = node.clock.now()
-            node.narrate.info(
+            node.narrate.tell(
+                "snapshot",
                 "sending snapshot up to index %d (%s) to %d",
                 meta.index,
                 size_text(meta.size),
                 peer_id,
+                action="send",
+                peer=peer_id,
+                index=meta.index,
             )
         offset = progress.snapshot_offset
         policy = node.snapshot_policy
@@ -465,6 +497,15 @@ class LeaderTerm:
         )
         sent_at = progress.last_sent = node.clock.now()
         read_round = progress.sent_round = self.read_round
+        if node.feed.active:
+            node.feed.emit(
+                "snapshot",
+                f"snapshot chunk to {peer_id}: {len(data)} bytes at offset {offset} of {meta.size}",
+                action="send",
+                peer=peer_id,
+                index=meta.index,
+                count=len(data),
+            )
         try:
             reply = await node.transport.install_snapshot(
                 peer_id, request, timeout=node.timing.append_timeout
@@ -496,7 +537,16 @@ class LeaderTerm:
             self.end_snapshot_transfer(progress)
             progress.match_index = max(progress.match_index, meta.index)
             progress.next_index = max(progress.next_index, meta.index + 1)
-            node.narrate.info("%d installed my snapshot up to index %d", peer_id, meta.index)
+            node.narrate.tell(
+                "snapshot",
+                "%d installed my snapshot up to index %d",
+                peer_id,
+                meta.index,
+                action="sent",
+                peer=peer_id,
+                index=meta.index,
+                ok=True,
+            )
             self.advance_commit()
             self.after_follower_progress(peer_id, progress)
             return

@@ -121,7 +121,7 @@ class MembershipChanges:
                 "one change at a time"
             )
         new = change(node.configs.latest)
-        node.narrate.info("%s", what)
+        node.narrate.tell("membership", "%s", what, action="request", detail=new.describe())
         return await node.propose_entry(
             raft_pb2.LogEntry(kind=raft_pb2.ENTRY_KIND_CONFIG, config=new.to_proto())
         )
@@ -163,10 +163,13 @@ class MembershipChanges:
         behind = node.log.last_index - progress.match_index
         if progress.match_index < node.configs.latest_index or behind > MAX_ENTRIES_PER_MESSAGE:
             return
-        node.narrate.info(
+        node.narrate.tell(
+            "membership",
             "learner %d has caught up (%d entries behind me): promoting it to voter",
             peer_id,
             behind,
+            action="promote",
+            peer=peer_id,
         )
         promoted = node.configs.latest.with_voter(peer_id)
         node.append_as_leader(
@@ -193,9 +196,12 @@ class MembershipChanges:
         up-to-date voter, so the others need not wait out an election timeout, then step down
         (thesis section 4.2.2)."""
         node = self.node
-        node.narrate.info(
+        node.narrate.tell(
+            "membership",
             "the configuration without me committed at index %d: handing over and stepping down",
             node.configs.latest_index,
+            action="leave",
+            index=node.configs.latest_index,
         )
         await node.transfers.hand_over(term)
         if node.is_leader and node.current_term == term:

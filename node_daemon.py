@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import ctypes
 import logging
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -52,6 +53,17 @@ class _OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _time_scale(text: str) -> float:
+    """--time-scale's value: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
+    return value
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -147,6 +159,14 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--election-timeout-max-ms", type=int, default=1600, help="longest election timeout (1600)"
+    )
+    parser.add_argument(
+        "--time-scale",
+        type=_time_scale,
+        default=1.0,
+        metavar="N",
+        help="multiply every Raft timer (heartbeat, election timeouts, a peer call's timeout) by "
+        "N, e.g. 10 to watch an election step by step; reported by Status and Events (1)",
     )
     parser.add_argument(
         "--proposal-timeout-ms",
@@ -386,6 +406,15 @@ async def _serve(
                 node.config.describe(),
             )
 
+    if timing.time_scale != 1:
+        node.narrate.info(
+            "every Raft timer is %g times as long (--time-scale): heartbeat %d ms, election "
+            "timeout %d to %d ms",
+            timing.time_scale,
+            timing.heartbeat_interval * 1000,
+            timing.election_timeout_min * 1000,
+            timing.election_timeout_max * 1000,
+        )
     health = NodeHealth(node)
     observers: list[NodeObserver] = [health, _MemoryTrim()]
     if metrics is not None:
@@ -782,7 +811,7 @@ def main(argv: list[str] | None = None) -> int:
             election_timeout_min=args.election_timeout_min_ms / 1000,
             election_timeout_max=args.election_timeout_max_ms / 1000,
             proposal_timeout=args.proposal_timeout_ms / 1000,
-        )
+        ).scaled(args.time_scale)
         policy = SnapshotPolicy(
             entries=args.snapshot_entries,
             bytes=args.snapshot_bytes,

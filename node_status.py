@@ -5,8 +5,15 @@ hooks (for checks that watch a run) and its status as operators see it (the `Sta
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
-from membership import Membership
+from cluster_config import NodeAddress
+from membership import ConfigHistory, Membership
+
+if TYPE_CHECKING:
+    from leader import Progress
+    from log import RaftLog
+    from node_types import Clock
 
 
 class NodeObserver:
@@ -141,3 +148,74 @@ class NodeStatus:
     config_index: int
     serving: bool
     peers: tuple[PeerStatus, ...] = ()
+    # The factor this node's Raft timers are multiplied by (--time-scale).
+    time_scale: float = 1.0
+
+
+class StatusSource(Protocol):
+    """What a node's status is read from."""
+
+    node_id: int
+    me: NodeAddress
+    configs: ConfigHistory
+    log: RaftLog
+    clock: Clock
+    commit_index: int
+    leader_id: int | None
+    leader_contact: float
+
+    @property
+    def role(self) -> str: ...
+    @property
+    def current_term(self) -> int: ...
+    @property
+    def last_applied(self) -> int: ...
+    @property
+    def progress(self) -> dict[int, Progress]: ...
+    @property
+    def serving(self) -> bool: ...
+    @property
+    def time_scale(self) -> float: ...
+
+
+def status_of(node: StatusSource) -> NodeStatus:
+    """This node's view of itself and, when it leads, of every other member."""
+    now = node.clock.now()
+    config = node.configs.latest
+    last_index = node.log.last_index
+    peers: list[PeerStatus] = []
+    for peer_id, progress in sorted(node.progress.items()):
+        heard = progress.heard_at
+        peers.append(
+            PeerStatus(
+                id=peer_id,
+                voter=config.is_voter(peer_id),
+                match_index=progress.match_index,
+                lag=max(last_index - progress.match_index, 0),
+                last_contact=now - heard if heard > float("-inf") else None,
+            )
+        )
+    following = node.role != "leader" and node.leader_id is not None
+    latest = node.log.snapshots.latest if node.log.snapshots is not None else None
+    return NodeStatus(
+        node_id=node.node_id,
+        raft_address=node.me.raft_address,
+        client_address=node.me.client_address,
+        role=node.role,
+        term=node.current_term,
+        leader_id=node.leader_id,
+        commit_index=node.commit_index,
+        applied_index=node.last_applied,
+        last_log_index=last_index,
+        snapshot_index=latest.index if latest is not None else 0,
+        voter=config.is_voter(node.node_id),
+        learner=node.node_id in config.learners,
+        leader_contact=(
+            now - node.leader_contact if following and node.leader_contact > float("-inf") else None
+        ),
+        config=config,
+        config_index=node.configs.latest_index,
+        serving=node.serving,
+        peers=tuple(peers),
+        time_scale=node.time_scale,
+    )

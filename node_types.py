@@ -4,13 +4,15 @@ small protocols through which it reaches time (`Clock`, `Timer`) and its peers (
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
-import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from cluster_config import ConfigError
+from node_events import EventNarrator
 from rpc import raft_pb2
 
 # Terms and indices travel as int64; refusing anything this large keeps `term + 1` from overflowing
@@ -181,6 +183,24 @@ class Timing:
     # the commit does the leader send one just to tell it. Under a steady stream of writes that
     # halves the messages per write; followers' stale reads may lag by this much more.
     commit_notice_delay: float = 0.01
+    # The factor the Raft timers above were multiplied by (--time-scale), to report; see scaled().
+    time_scale: float = 1.0
+
+    def scaled(self, factor: float) -> Timing:
+        """These settings with every Raft timer (heartbeat, election timeouts, a peer call's
+        timeout, the commit notice delay) `factor` times as long, so that an election can be
+        watched step by step. A client's proposal timeout is the client's, and stays."""
+        if not (factor > 0 and math.isfinite(factor)):
+            raise ConfigError(f"the time scale must be a positive number, not {factor:g}")
+        return dataclasses.replace(
+            self,
+            heartbeat_interval=self.heartbeat_interval * factor,
+            election_timeout_min=self.election_timeout_min * factor,
+            election_timeout_max=self.election_timeout_max * factor,
+            append_timeout=self.append_timeout * factor,
+            commit_notice_delay=self.commit_notice_delay * factor,
+            time_scale=self.time_scale * factor,
+        )
 
     def __post_init__(self) -> None:
         if self.heartbeat_interval <= 0:
@@ -211,7 +231,7 @@ class NodeBasics(Protocol):
     (the narration). Each part's own Protocol adds what else it needs."""
 
     @property
-    def narrate(self) -> logging.LoggerAdapter[Any]: ...
+    def narrate(self) -> EventNarrator: ...
     @property
     def node_id(self) -> int: ...
     @property

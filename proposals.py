@@ -11,6 +11,7 @@ from typing import Any, Protocol
 from disk import DiskFullError
 from leader import LeaderTerm
 from log import RaftLog
+from node_events import EventFeed, entry_summary
 from node_status import NodeEvents, NodeObserver
 from node_types import (
     MAX_WAITING_PROPOSALS,
@@ -39,6 +40,7 @@ class WritesNode(NodeBasics, Protocol):
     events: NodeEvents
     leadership: LeaderTerm | None
     transfers: Transfers
+    feed: EventFeed
 
     def leader(self) -> tuple[int | None, str | None]: ...
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any] | None: ...
@@ -95,9 +97,17 @@ class Writes:
         if not node.is_leader:
             leader_id, address = node.leader()
             if leader_id is not None:
-                node.narrate.info("redirecting a client to leader %d", leader_id)
+                node.narrate.tell(
+                    "client",
+                    "redirecting a client to leader %d",
+                    leader_id,
+                    action="redirect",
+                    peer=leader_id,
+                )
             else:
-                node.narrate.info("turning a client away: no leader known")
+                node.narrate.tell(
+                    "client", "turning a client away: no leader known", action="redirect"
+                )
             raise NotLeaderError(leader_id, address)
         node.transfers.refuse_while_transferring()
         if node.log.disk_full:
@@ -123,12 +133,29 @@ class Writes:
         )
         try:
             result = await future
+        except Exception as e:
+            if node.feed.active:
+                self._tell_outcome(entry, index, f"failed: {e}", ok=False)
+            raise
         finally:
             timer.cancel()
             if self._waiters.get(index, (0, None))[1] is future:
                 del self._waiters[index]
         node.observer.proposal_committed(time.perf_counter() - started)
+        if node.feed.active:
+            self._tell_outcome(entry, index, "committed and applied", ok=True)
         return result
+
+    def _tell_outcome(self, entry: raft_pb2.LogEntry, index: int, outcome: str, ok: bool) -> None:
+        what = entry_summary([entry])
+        self.node.feed.emit(
+            "client",
+            f"a client's write ({what}) at index {index}: {outcome}",
+            action="write",
+            index=index,
+            ok=ok,
+            detail=what,
+        )
 
     def _expire_proposal(self, index: int, future: asyncio.Future[ApplyResult]) -> None:
         node = self.node

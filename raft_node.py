@@ -6,16 +6,18 @@ A map of the node, in the order a message flows through it:
 
 - access.py        who may talk to the node at all (every peer message is checked there first)
 - raft_node.py     this module: RaftNode changes role and term, acts on a leader's
-                   AppendEntries or TimeoutNow, applies committed entries in order and tracks the
-                   configurations in the log (thesis 4.1); its Election runs pre-votes and votes
-                   and answers RequestVote
+                   AppendEntries, applies committed entries in order and tracks the
+                   configurations in the log (thesis 4.1)
+- election.py      the rounds of an election: pre-votes and votes asked, counted and answered
 - compaction.py    snapshots: taking them and compacting the log, receiving a leader's
 - leader.py        the leader's term, created on winning an election and dropped on stepping
                    down: per-follower progress, replication, commit from match indices, check
                    quorum, heartbeat/read rounds, sending snapshots, departing followers
 - reads.py         linearizable reads by ReadIndex, on the leader and on followers
 - proposals.py     a client's write: appended by the leader, answered once applied
-- transfer.py      leadership transfer (TimeoutNow)
+- transfer.py      leadership transfer: sending TimeoutNow, and acting on one received
+- node_events.py   what the node does, as events for Cluster.Events subscribers (`feed.active`
+                   guards every hook, so a node nobody watches builds none)
 - membership_changes.py   adding and removing members, one at a time; promoting learners
 - membership.py    configurations and the quorum arithmetic (the only place a majority is counted)
 - node_types.py    the shared names: roles, errors, settings, Clock/Timer/Transport protocols
@@ -32,22 +34,23 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import logging
 import random
 import sys
 import time
-from collections.abc import Callable, Coroutine, MutableMapping
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from access import Access
 from cluster_config import ClusterConfig, NodeAddress
 from compaction import Snapshots
 from disk import DiskFullError
+from election import Election
 from leader import LeaderTerm, Progress
 from log import RaftLog
 from membership import ConfigHistory, Membership
 from membership_changes import MembershipChanges
-from node_status import NodeEvents, NodeObserver, NodeStatus, PeerStatus
+from node_events import EventFeed, EventNarrator
+from node_status import NodeEvents, NodeObserver, NodeStatus, status_of
 from node_types import (
     HANDOVER_TIMEOUTS,
     MAX_WIRE_NUMBER,
@@ -76,21 +79,9 @@ from task_scheduler import BackgroundTasks
 from transfer import Transfers
 
 
-class _Narrator(logging.LoggerAdapter):  # type: ignore[type-arg]
-    """Prefixes every line with the node's id, role and term, as the seed's narration did."""
-
-    def __init__(self, node: RaftNode) -> None:
-        super().__init__(logging.getLogger("raft"), {})
-        self.node = node
-
-    def process(
-        self, msg: Any, kwargs: MutableMapping[str, Any]
-    ) -> tuple[Any, MutableMapping[str, Any]]:
-        n = self.node
-        # The same fields ride on the record, so a structured log format need not parse the prefix.
-        fields = {"node": n.node_id, "role": n.role, "term": n.current_term}
-        kwargs["extra"] = {**(kwargs.get("extra") or {}), **fields}
-        return f"[{n.node_id} {n.role} t={n.current_term}] {msg}", kwargs
+class _Narrator(EventNarrator):
+    """Prefixes every line with the node's id, role and term, as the seed's narration did; lines
+    said with `tell` also go to the node's event stream (node_events.py)."""
 
 
 class RaftNode:
@@ -125,6 +116,8 @@ class RaftNode:
         self.wall_clock: Callable[[], float] = wall_clock or time.time
         self.state_machine = KeyValueStateMachine()
         self.narrate = _Narrator(self)
+        # What this node does, for Cluster.Events subscribers; `feed.active` guards every hook.
+        self.feed = EventFeed(self)
         # None: this node never takes snapshots of its own (it still installs a leader's).
         self.snapshot_policy = snapshot_policy
 
@@ -188,6 +181,15 @@ class RaftNode:
     @property
     def last_applied(self) -> int:
         return self.state_machine.last_applied
+
+    @property
+    def time_scale(self) -> float:
+        return self.timing.time_scale
+
+    def log_position(self) -> tuple[int, int, int]:
+        """(last index, last term, the last index the newest snapshot covers; 0: none)."""
+        latest = self.log.snapshots.latest if self.log.snapshots is not None else None
+        return self.log.last_index, self.log.last_term, latest.index if latest is not None else 0
 
     @property
     def config(self) -> Membership:
@@ -274,46 +276,7 @@ class RaftNode:
 
     def status(self) -> NodeStatus:
         """This node's view of itself and, when it leads, of every other member."""
-        now = self.clock.now()
-        config = self.configs.latest
-        last_index = self.log.last_index
-        peers: list[PeerStatus] = []
-        for peer_id, progress in sorted(self.progress.items()):
-            heard = progress.heard_at
-            peers.append(
-                PeerStatus(
-                    id=peer_id,
-                    voter=config.is_voter(peer_id),
-                    match_index=progress.match_index,
-                    lag=max(last_index - progress.match_index, 0),
-                    last_contact=now - heard if heard > float("-inf") else None,
-                )
-            )
-        following = self._role is not Role.LEADER and self.leader_id is not None
-        latest = self.log.snapshots.latest if self.log.snapshots is not None else None
-        return NodeStatus(
-            node_id=self.node_id,
-            raft_address=self.me.raft_address,
-            client_address=self.me.client_address,
-            role=self.role,
-            term=self.current_term,
-            leader_id=self.leader_id,
-            commit_index=self.commit_index,
-            applied_index=self.last_applied,
-            last_log_index=last_index,
-            snapshot_index=latest.index if latest is not None else 0,
-            voter=config.is_voter(self.node_id),
-            learner=self.node_id in config.learners,
-            leader_contact=(
-                now - self.leader_contact
-                if following and self.leader_contact > float("-inf")
-                else None
-            ),
-            config=config,
-            config_index=self.configs.latest_index,
-            serving=self.serving,
-            peers=tuple(peers),
-        )
+        return status_of(self)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -331,14 +294,14 @@ class RaftNode:
             self.log.last_term,
             self.voted_for if self.voted_for is not None else "nobody",
         )
-        self._reset_election_timer()
+        self.reset_election_timer()
 
     async def stop(self) -> None:
         """Stop taking part: cancel timers and background work; fail waiting proposals."""
         if self._stopped:
             return
         self._stopped = True
-        self._cancel_election_timer()
+        self._cancel_election_timer("stopping")
         self.writes.fail_waiting("the node is shutting down")
         self.observer.state_changed()
         await self._tasks.close()
@@ -351,7 +314,7 @@ class RaftNode:
 
     # ---- timers ----------------------------------------------------------------------------
 
-    def _reset_election_timer(self) -> None:
+    def reset_election_timer(self) -> None:
         """Arm the election timer with a fresh random timeout (section 5.2: randomized per wait)."""
         self._cancel_election_timer()
         if self._stopped or self._role is Role.LEADER or not self.may_stand:
@@ -363,11 +326,16 @@ class RaftNode:
         self._election_timer = self.clock.call_at(
             self._timer_armed_at + timeout, self._on_election_timeout
         )
+        if self.feed.active:
+            self.feed.timer_armed(timeout, self.wall_clock() + timeout)
 
-    def _cancel_election_timer(self) -> None:
+    def _cancel_election_timer(self, why: str = "") -> None:
+        """Stop the election timer; `why` (for the event stream) when none is armed after it."""
         if self._election_timer is not None:
             self._election_timer.cancel()
             self._election_timer = None
+            if why and self.feed.active:
+                self.feed.emit("timer", f"election timer stopped: {why}", action="stopped")
 
     def _on_election_timeout(self) -> None:
         self._election_timer = None
@@ -381,14 +349,17 @@ class RaftNode:
             # tries the disk again, so a node alone still notices when space returns.
             self.narrate.info("heard no leader, but my disk is full: not standing for election")
             self.spawn(self._retry_full_disk(), name="retry-disk")
-            self._reset_election_timer()
+            self.reset_election_timer()
             return
         waited = self.clock.now() - self._timer_armed_at
-        self.narrate.info(
+        self.narrate.tell(
+            "pre_vote",
             "heard no leader for %d ms: asking whether a majority would elect me in term %d "
             "(pre-vote)",
             waited * 1000,
             self.current_term + 1,
+            action="ask",
+            count=self.quorum,
         )
         self.start_pre_vote()
 
@@ -396,7 +367,7 @@ class RaftNode:
         """The leader of our term just spoke: postpone any election (Figure 2) and note when."""
         self.leader_contact = self.clock.now()
         self.election.pre_vote_term = None
-        self._reset_election_timer()
+        self.reset_election_timer()
         if self._leader_silent:
             self._leader_silent = False
             self.observer.state_changed()
@@ -406,12 +377,15 @@ class RaftNode:
     def become_follower(self, term: int, leader_id: int | None, why: str) -> None:
         """Adopt `term` (if newer) and follow. Figure 2: any newer term makes a server a follower."""
         was = self._role
-        if term > self.current_term:
+        newer = term > self.current_term
+        if newer:
             self.log.set_hard_state(term, None)
         self._role = Role.FOLLOWER
         self.election.votes.clear()
         if was is not Role.FOLLOWER:
-            self.narrate.info("became follower: %s", why)
+            self.narrate.tell("role", "became follower: %s", why, detail=why)
+        elif newer and self.feed.active:
+            self.feed.emit("role", f"now in term {term}: {why}", detail=why)
         if was is Role.LEADER:
             self._stop_leading()
         self._set_leader(leader_id)
@@ -421,7 +395,7 @@ class RaftNode:
         # keeps its timer: Figure 2 resets it only for the current leader or a granted vote, and
         # resetting it for every refused candidate would starve the nodes able to win.
         if self._election_timer is None:
-            self._reset_election_timer()
+            self.reset_election_timer()
 
     def step_down_if_newer(self, term: int, source: str) -> bool:
         """Figure 2: a term in a request or reply newer than ours makes us a follower of that term."""
@@ -434,11 +408,13 @@ class RaftNode:
         return True
 
     def _set_leader(self, leader_id: int | None) -> None:
-        if leader_id != self.leader_id and leader_id is not None and leader_id != self.node_id:
-            self.narrate.info("following leader %d", leader_id)
         changed = leader_id != self.leader_id
         self.leader_id = leader_id
         if changed:
+            if leader_id is not None and leader_id != self.node_id:
+                self.narrate.tell("leader", "following leader %d", leader_id, peer=leader_id)
+            elif self.feed.active:
+                self.feed.emit("leader", "no leader known" if leader_id is None else "I lead")
             self.notify()  # a transfer waits to learn who leads now
             self.observer.state_changed()
 
@@ -469,11 +445,11 @@ class RaftNode:
 
         `transfer`: the leader asked this node to take over (TimeoutNow), so its vote requests say
         so, and voters grant them even though they heard from that leader moments ago."""
-        term = self._become_candidate(transfer)
+        term = self.become_candidate(transfer)
         if term is not None:
             await self.election.ask_for_votes(term, transfer)
 
-    def _become_candidate(self, transfer: bool) -> int | None:
+    def become_candidate(self, transfer: bool) -> int | None:
         """Take the next term and vote for itself, at once (so nothing can come in between the
         decision to stand and the new term); None if this node may not stand now."""
         if self._stopped or self._role is Role.LEADER or not self.may_stand:
@@ -484,10 +460,12 @@ class RaftNode:
         term = self.current_term + 1
         self.log.set_hard_state(term, self.node_id)
         self.election.votes = {self.node_id}
-        self._reset_election_timer()
+        self.reset_election_timer()
         self.observer.election_started()
         self.observer.state_changed()
         self.events.standing(term, transfer)
+        if self.feed.active:
+            self.feed.candidate(term, transfer)
         return term
 
     # ---- log replication, follower side (section 5.3) --------------------------------------
@@ -496,6 +474,14 @@ class RaftNode:
         self, request: raft_pb2.AppendEntriesRequest
     ) -> raft_pb2.AppendEntriesResponse:
         """AppendEntries receiver rules (Figure 2); the reply leaves only once the entries are durable."""
+        reply = await self._receive_append(request)
+        if self.feed.active:
+            self.feed.received(request, reply)
+        return reply
+
+    async def _receive_append(
+        self, request: raft_pb2.AppendEntriesRequest
+    ) -> raft_pb2.AppendEntriesResponse:
         self.access.check_message(
             request.requester_id,
             request.term,
@@ -579,8 +565,12 @@ class RaftNode:
                         index,
                     )
                     return raft_pb2.AppendEntriesResponse(term=term, success=False)
-                self.narrate.info(
-                    "truncating my log from index %d: it conflicts with the leader's", index
+                self.narrate.tell(
+                    "append",
+                    "truncating my log from index %d: it conflicts with the leader's",
+                    index,
+                    action="truncate",
+                    index=index,
                 )
                 self._truncate_log(index)
             self.append_to_log(entries[offset:])
@@ -595,7 +585,12 @@ class RaftNode:
             new_commit = min(request.leader_commit, match_index)
             if new_commit > self.commit_index:
                 self.commit_index = new_commit
-                self.narrate.info("commit index now %d (told by the leader)", new_commit)
+                self.narrate.tell(
+                    "commit",
+                    "commit index now %d (told by the leader)",
+                    new_commit,
+                    index=new_commit,
+                )
                 self.apply_committed()
         await self.log.flush()
         # The term as it is now: if a newer leader appeared while the entries were being written,
@@ -606,16 +601,20 @@ class RaftNode:
 
     # ---- leadership (sections 5.3, 5.4) ----------------------------------------------------
 
-    def _become_leader(self) -> None:
+    def become_leader(self) -> None:
         self.events.elected()
         self._role = Role.LEADER
         self.leader_id = self.node_id
-        self._cancel_election_timer()
+        self._cancel_election_timer("I lead")
         term = self.current_term
-        self.narrate.info(
+        self.narrate.tell(
+            "role",
             "won the election with votes from %s; appending a no-op to commit earlier entries",
             ", ".join(str(v) for v in sorted(self.election.votes)),
+            count=len(self.election.votes),
         )
+        if self.feed.active:
+            self.feed.emit("leader", f"I lead term {term}", peer=self.node_id)
         self.election.votes.clear()
         leadership = self.leadership = LeaderTerm(self, term)
         leadership.sync_progress()
@@ -689,29 +688,8 @@ class RaftNode:
     async def handle_timeout_now(
         self, request: raft_pb2.TimeoutNowRequest
     ) -> raft_pb2.TimeoutNowResponse:
-        """The leader hands leadership over: start an election at once, without a pre-vote, with
-        vote requests that voters grant despite having just heard from that leader."""
-        self.access.check_message(request.requester_id, request.term)
-        self.access.check_member(request.requester_id, "TimeoutNow", request.term)
-        leader = request.requester_id
-        self.step_down_if_newer(request.term, f"TimeoutNow from {leader}")
-        reply = raft_pb2.TimeoutNowResponse(term=self.current_term)
-        if request.term < self.current_term or self._role is Role.LEADER:
-            self.narrate.info(
-                "ignored TimeoutNow from %d: its term %d is not my current term",
-                leader,
-                request.term,
-            )
-            return reply
-        self.narrate.info(
-            "leader %d asked me to take over: starting an election for term %d now",
-            leader,
-            self.current_term + 1,
-        )
-        term = self._become_candidate(transfer=True)
-        if term is not None:
-            self.spawn(self.election.ask_for_votes(term, transfer=True), name="election")
-        return reply
+        """The leader hands leadership over: see transfer.Transfers.handle_timeout_now."""
+        return await self.transfers.handle_timeout_now(request)
 
     # ---- linearizable reads (thesis section 6.4, ReadIndex) --------------------------------
 
@@ -760,9 +738,12 @@ class RaftNode:
             self.check_removed()
 
     def _apply_entries(self) -> None:
+        first = self.last_applied + 1
         while self.last_applied < self.commit_index:
             entry = self.log.entry(self.last_applied + 1)
             self.writes.applied(entry, self.state_machine.apply(entry))
+        if self.feed.active:
+            self.feed.applied(first, self.last_applied)
 
     # ---- membership (thesis chapter 4, one server at a time) -------------------------------
 
@@ -772,6 +753,8 @@ class RaftNode:
     def append_to_log(self, entries: list[raft_pb2.LogEntry]) -> None:
         """Append to the log; a configuration among the entries is in use from now on (4.1)."""
         self.log.append(entries)
+        if self.feed.active:
+            self.feed.appended(entries)
         before = self.configs.latest
         for entry in entries:
             if entry.kind == raft_pb2.ENTRY_KIND_CONFIG:
@@ -808,21 +791,24 @@ class RaftNode:
             self.events.config_changed()
             return
         index = self.configs.latest_index
-        self.narrate.info(
+        self.narrate.tell(
+            "membership",
             "configuration now: %s (from index %d%s)",
             config.describe(),
             index,
             ", not yet committed" if index > self.commit_index else "",
+            action="change",
+            index=index,
         )
         if self.leadership is not None:
             self.leadership.config_changed()
         elif not self.may_stand:
             if self._role is Role.CANDIDATE:
                 self.become_follower(self.current_term, None, "I no longer vote")
-            self._cancel_election_timer()
+            self._cancel_election_timer("I do not vote")
         elif self._election_timer is None and self._timer_armed_at and not self._stopped:
             # Promoted to voter (after start): from now on this node may stand for election.
-            self._reset_election_timer()
+            self.reset_election_timer()
         self.observer.state_changed()
         self.events.config_changed()
 
@@ -832,11 +818,13 @@ class RaftNode:
             return
         if self.node_id not in self.configs.at(self.commit_index).removed:
             return
-        self.narrate.info(
+        self.narrate.tell(
+            "membership",
             "removed from the cluster (the change committed by index %d): no longer taking part",
             self.commit_index,
+            action="removed",
         )
-        self._cancel_election_timer()
+        self._cancel_election_timer("removed from the cluster")
         self.removed.set()
         self.observer.state_changed()
 
@@ -889,257 +877,6 @@ class RaftNode:
         await self.log.flush()
         reply.term = self.current_term
         return reply
-
-
-class Election:
-    """The rounds of an election (section 5.2) as this node runs and answers them: the pre-vote
-    (thesis 9.6), the vote, and the RequestVote receiver rules. The node changes role and term;
-    this counts the votes (membership.py says what makes a majority)."""
-
-    def __init__(self, node: RaftNode) -> None:
-        self.node = node
-        # Candidate state: who voted for this node in its current term.
-        self.votes: set[int] = set()
-        # The term this node is collecting pre-votes for, and who granted them (counting itself).
-        self.pre_vote_term: int | None = None
-        self.pre_votes: set[int] = set()
-
-    def start_pre_vote(self) -> None:
-        """Ask every peer whether it would vote for this node in the next term (thesis section 9.6),
-        changing nothing here: only with a majority of yeses does the real election start."""
-        node = self.node
-        if node.stopped or node.is_leader or not node.may_stand:
-            return
-        term = node.current_term + 1
-        self.pre_vote_term = term
-        self.pre_votes = {node.node_id}
-        # Failing this round, the next timeout tries again.
-        node._reset_election_timer()
-        if len(self.pre_votes) >= node.quorum:
-            self._win_pre_vote(term)
-            return
-        request = self._vote_request(term, pre_vote=True)
-        for peer_id in node.other_voters():
-            node.spawn(self._ask_for_vote(peer_id, request), name=f"pre-vote-{peer_id}")
-
-    def handle_pre_vote_reply(
-        self, peer_id: int, request: raft_pb2.VoteRequest, reply: raft_pb2.RequestVoteResponse
-    ) -> None:
-        """Count a pre-vote. A grant carries the term asked about, which nobody holds yet, so it
-        changes no term; a refusal carries the voter's own term, and a newer one is a real term
-        this node missed (it catches up, as Figure 2 says for any reply)."""
-        node = self.node
-        if not reply.vote_granted:
-            if node.step_down_if_newer(reply.term, f"{peer_id}'s pre-vote reply"):
-                return
-            if self.pre_vote_term == request.term:
-                node.narrate.info("%d would not vote for me in term %d", peer_id, request.term)
-            return
-        if (
-            node.is_leader
-            or self.pre_vote_term != request.term
-            or node.current_term + 1 != request.term
-            or not node.config.is_voter(peer_id)
-        ):
-            return  # a reply to a pre-vote that is over, or from a node that does not vote
-        self.pre_votes.add(peer_id)
-        node.narrate.info(
-            "%d would vote for me in term %d (%d of %d needed)",
-            peer_id,
-            request.term,
-            node.config.count(self.pre_votes),
-            node.quorum,
-        )
-        if node.config.has_majority(self.pre_votes):
-            self._win_pre_vote(request.term)
-
-    def _win_pre_vote(self, term: int) -> None:
-        node = self.node
-        self.pre_vote_term = None
-        node.narrate.info(
-            "a majority would elect me (%s): starting an election for term %d",
-            ", ".join(str(v) for v in sorted(self.pre_votes)),
-            term,
-        )
-        new_term = node._become_candidate(transfer=False)
-        if new_term is not None:
-            node.spawn(self.ask_for_votes(new_term, transfer=False), name="election")
-
-    async def ask_for_votes(self, term: int, transfer: bool) -> None:
-        node = self.node
-        # The new term and the self-vote must be durable before any vote request leaves (seed defect 1).
-        await node.log.flush()
-        if node._role is not Role.CANDIDATE or node.current_term != term:
-            return
-        if node.config.has_majority(self.votes):
-            node._become_leader()
-            return
-        request = self._vote_request(term, leadership_transfer=transfer)
-        node.narrate.info(
-            "asking for votes%s (my log: last term %d, last index %d)",
-            " to take over from the leader" if transfer else "",
-            request.last_log_term,
-            request.last_log_index,
-        )
-        for peer_id in node.other_voters():
-            node.spawn(self._ask_for_vote(peer_id, request), name=f"vote-{peer_id}")
-
-    def _vote_request(self, term: int, **flags: bool) -> raft_pb2.VoteRequest:
-        """A (pre-)vote request for `term`, carrying this node's last log entry (section 5.4.1)."""
-        node = self.node
-        return raft_pb2.VoteRequest(
-            term=term,
-            requester_id=node.node_id,
-            last_log_index=node.log.last_index,
-            last_log_term=node.log.last_term,
-            **flags,
-        )
-
-    async def _ask_for_vote(self, peer_id: int, request: raft_pb2.VoteRequest) -> None:
-        """Send a vote or pre-vote request and count its reply."""
-        node = self.node
-        what = "pre-vote" if request.pre_vote else "vote"
-        try:
-            reply = await node.transport.request_vote(
-                peer_id, request, timeout=node.timing.election_timeout_min
-            )
-        except PeerUnreachableError as e:
-            node.narrate.debug("%s request to %d failed: %s", what, peer_id, e)
-            return
-        if request.pre_vote:
-            self.handle_pre_vote_reply(peer_id, request, reply)
-        else:
-            self.handle_vote_reply(peer_id, request, reply)
-
-    def handle_vote_reply(
-        self, peer_id: int, request: raft_pb2.VoteRequest, reply: raft_pb2.RequestVoteResponse
-    ) -> None:
-        node = self.node
-        if node.step_down_if_newer(reply.term, f"{peer_id}'s vote reply"):
-            return
-        if node._role is not Role.CANDIDATE or node.current_term != request.term:
-            return  # a reply to an election that is over
-        if not reply.vote_granted:
-            node.narrate.info("%d refused its vote", peer_id)
-            return
-        if not node.config.is_voter(peer_id):
-            return  # only the votes of this node's configuration count (thesis section 4.1)
-        self.votes.add(peer_id)
-        votes = node.config.count(self.votes)
-        node.narrate.info("%d granted its vote (%d of %d needed)", peer_id, votes, node.quorum)
-        if votes >= node.quorum:
-            node._become_leader()
-
-    async def handle_request_vote(
-        self, request: raft_pb2.VoteRequest
-    ) -> raft_pb2.RequestVoteResponse:
-        """RequestVote receiver rules (Figure 2); the reply leaves only once term and vote are durable.
-
-        A pre-vote is answered without changing anything (thesis section 9.6). A real vote request
-        that arrives within the minimum election timeout of hearing from a current leader is
-        refused without adopting its term (thesis section 4.2.3), unless the leader itself asked
-        the candidate to take over (section 3.10)."""
-        node = self.node
-        node.access.check_message(
-            request.requester_id,
-            request.term,
-            request.last_log_index,
-            request.last_log_term,
-        )
-        node.access.check_candidate(request)
-        if request.pre_vote:
-            return await self._handle_pre_vote(request)
-        candidate = request.requester_id
-        if not request.leadership_transfer and node.access.leader_is_recent():
-            node.narrate.info(
-                "ignored vote request from %d for term %d: %s",
-                candidate,
-                request.term,
-                node.access.why_leader_is_recent(),
-            )
-            await node.log.flush()
-            return raft_pb2.RequestVoteResponse(term=node.current_term, vote_granted=False)
-        node.narrate.debug(
-            "vote request from %d: term %d, last log (term %d, index %d)",
-            candidate,
-            request.term,
-            request.last_log_term,
-            request.last_log_index,
-        )
-        node.step_down_if_newer(request.term, f"vote request from {candidate}")
-        term = node.current_term
-        granted = False
-        mine = (node.log.last_term, node.log.last_index)
-        theirs = (request.last_log_term, request.last_log_index)
-        if request.term < term:
-            node.narrate.info(
-                "refused vote to %d: its term %d is behind mine", candidate, request.term
-            )
-        elif node.voted_for not in (None, candidate):
-            node.narrate.info(
-                "refused vote to %d: already voted for %s in term %d",
-                candidate,
-                node.voted_for,
-                term,
-            )
-        elif theirs < mine:
-            # Section 5.4.1: the later last term wins; with equal last terms, the longer log wins.
-            node.narrate.info(
-                "refused vote to %d: its log (last term %d, index %d) is behind mine (%d, %d)",
-                candidate,
-                *theirs,
-                *mine,
-            )
-        else:
-            granted = True
-            node.log.set_hard_state(term, candidate)
-            node.narrate.info(
-                "granted vote to %d: its log (last term %d, index %d) is at least as up to date "
-                "as mine (%d, %d)",
-                candidate,
-                *theirs,
-                *mine,
-            )
-            # Granting a vote resets the election timer (Figure 2, rules for followers).
-            node._reset_election_timer()
-        await node.log.flush()
-        return raft_pb2.RequestVoteResponse(term=node.current_term, vote_granted=granted)
-
-    async def _handle_pre_vote(self, request: raft_pb2.VoteRequest) -> raft_pb2.RequestVoteResponse:
-        """Would this node vote for the candidate in `request.term`? Decided by the RequestVote rules
-        plus "no current leader heard from recently"; no term, vote or timer changes either way."""
-        node = self.node
-        candidate = request.requester_id
-        term = node.current_term
-        mine = (node.log.last_term, node.log.last_index)
-        theirs = (request.last_log_term, request.last_log_index)
-        why: str | None = None
-        if request.term < term:
-            why = f"its term {request.term} is behind mine"
-        elif request.term == term and node.voted_for not in (None, candidate):
-            why = f"I already voted for {node.voted_for} in term {term}"
-        elif node.access.leader_is_recent():
-            why = node.access.why_leader_is_recent()
-        elif theirs < mine:
-            why = "its log (last term {}, index {}) is behind mine ({}, {})".format(*theirs, *mine)
-        if why is not None:
-            node.narrate.info(
-                "would not vote for %d in term %d (pre-vote): %s", candidate, request.term, why
-            )
-            # A refusal carries this node's term, so a candidate with a stale term catches up; the
-            # term must then be durable, as for any reply that carries it.
-            await node.log.flush()
-            return raft_pb2.RequestVoteResponse(term=node.current_term, vote_granted=False)
-        node.narrate.info(
-            "would vote for %d in term %d (pre-vote): its log (last term %d, index %d) is at "
-            "least as up to date as mine (%d, %d) and I have no recent leader",
-            candidate,
-            request.term,
-            *theirs,
-            *mine,
-        )
-        # A grant carries the term asked about, so it can never look like a newer term to anyone.
-        return raft_pb2.RequestVoteResponse(term=request.term, vote_granted=True)
 
 
 if __name__ == "__main__":

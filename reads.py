@@ -11,6 +11,7 @@ from typing import Any, Protocol
 from access import Access
 from leader import LeaderTerm
 from log import RaftLog
+from node_events import EventFeed
 from node_status import NodeObserver
 from node_types import (
     MAX_WAITING_READS,
@@ -39,6 +40,7 @@ class ReadNode(NodeBasics, Protocol):
     commit_index: int
     leader_id: int | None
     leadership: LeaderTerm | None
+    feed: EventFeed
 
     @property
     def last_applied(self) -> int: ...
@@ -94,9 +96,25 @@ class Reads:
             )
         self._reads_waiting += 1
         try:
-            return await self._linearizable_read(key)
+            value = await self._linearizable_read(key)
+        except Exception as e:
+            if node.feed.active:
+                node.feed.emit(
+                    "client", f"read of {key!r} failed: {e}", action="read", detail=f"get {key}"
+                )
+            raise
         finally:
             self._reads_waiting -= 1
+        if node.feed.active:
+            node.feed.emit(
+                "client",
+                f"answered a read of {key!r} (applied up to index {node.last_applied})",
+                action="read",
+                index=node.last_applied,
+                ok=True,
+                detail=f"get {key}",
+            )
+        return value
 
     async def _linearizable_read(self, key: str) -> str | None:
         node = self.node

@@ -1,11 +1,15 @@
 """Leadership transfer (thesis section 3.10): bring the target up to date, tell it to stand now
-(TimeoutNow), and turn writes away meanwhile; also the hand-over of a leader that removed itself."""
+(TimeoutNow), and turn writes away meanwhile; the hand-over of a leader that removed itself; and,
+on the target, TimeoutNow received: stand at once."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol
+from collections.abc import Coroutine
+from typing import Any, Protocol
 
+from access import Access
+from election import Election
 from leader import LeaderTerm, Progress, Transfer
 from log import RaftLog
 from membership import Membership
@@ -39,6 +43,13 @@ class TransferNode(NodeBasics, Protocol):
     def step_down_if_newer(self, term: int, source: str) -> bool: ...
     async def pause(self, seconds: float) -> None: ...
     async def wait_for_change(self) -> None: ...
+
+    # Receiving TimeoutNow: stand at once.
+    access: Access
+    election: Election
+
+    def become_candidate(self, transfer: bool) -> int | None: ...
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> Any: ...
 
 
 class Transfers:
@@ -84,12 +95,15 @@ class Transfers:
 
         target = target_id or max(voters, key=readiness)
         transfer = leadership.transfer = Transfer(target, term)
-        node.narrate.info(
+        node.narrate.tell(
+            "transfer",
             "handing leadership to %d: refusing new writes until it takes over (its log matches "
             "mine up to index %d of %d)",
             target,
             leadership.progress[target].match_index,
             node.log.last_index,
+            action="start",
+            peer=target,
         )
         try:
             async with asyncio.timeout(window):
@@ -99,11 +113,14 @@ class Transfers:
                     await node.wait_for_change()
         except TimeoutError:
             if node.is_leader and node.current_term == term:
-                node.narrate.info(
+                node.narrate.tell(
+                    "transfer",
                     "gave up handing leadership to %d: it did not take over within %d ms; "
                     "accepting writes again",
                     target,
                     window * 1000,
+                    action="failed",
+                    peer=target,
                 )
                 raise TransferFailedError(
                     f"{target} did not take over within {window:g} s; {node.node_id} still leads"
@@ -142,10 +159,14 @@ class Transfers:
             await node.wait_for_change()
         request = raft_pb2.TimeoutNowRequest(term=term, requester_id=node.node_id)
         while progress() is not None:
-            node.narrate.info(
+            node.narrate.tell(
+                "transfer",
                 "%d holds my whole log (up to index %d): telling it to start an election now",
                 target,
                 node.log.last_index,
+                action="timeout_now",
+                peer=target,
+                index=node.log.last_index,
             )
             try:
                 reply = await node.transport.timeout_now(
@@ -164,7 +185,13 @@ class Transfers:
         leadership = node.leadership
         transfer = leadership.transfer if leadership is not None else None
         if transfer is not None:
-            node.narrate.info("turning a client away: handing leadership to %d", transfer.target)
+            node.narrate.tell(
+                "client",
+                "turning a client away: handing leadership to %d",
+                transfer.target,
+                action="redirect",
+                peer=transfer.target,
+            )
             target = node.config.address(transfer.target)
             raise NotLeaderError(transfer.target, target.client_address if target else None)
 
@@ -185,3 +212,34 @@ class Transfers:
             finally:
                 if leadership.transfer is transfer:
                     leadership.transfer = None
+
+    async def handle_timeout_now(
+        self, request: raft_pb2.TimeoutNowRequest
+    ) -> raft_pb2.TimeoutNowResponse:
+        """The leader hands leadership over: start an election at once, without a pre-vote, with
+        vote requests that voters grant despite having just heard from that leader (thesis 3.10)."""
+        node = self.node
+        node.access.check_message(request.requester_id, request.term)
+        node.access.check_member(request.requester_id, "TimeoutNow", request.term)
+        leader = request.requester_id
+        node.step_down_if_newer(request.term, f"TimeoutNow from {leader}")
+        reply = raft_pb2.TimeoutNowResponse(term=node.current_term)
+        if request.term < node.current_term or node.is_leader:
+            node.narrate.info(
+                "ignored TimeoutNow from %d: its term %d is not my current term",
+                leader,
+                request.term,
+            )
+            return reply
+        node.narrate.tell(
+            "transfer",
+            "leader %d asked me to take over: starting an election for term %d now",
+            leader,
+            node.current_term + 1,
+            action="take_over",
+            peer=leader,
+        )
+        term = node.become_candidate(transfer=True)
+        if term is not None:
+            node.spawn(node.election.ask_for_votes(term, transfer=True), name="election")
+        return reply

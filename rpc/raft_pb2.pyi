@@ -397,7 +397,7 @@ class PeerStatus(_message.Message):
     def __init__(self, id: _Optional[int] = ..., voter: _Optional[bool] = ..., match_index: _Optional[int] = ..., lag: _Optional[int] = ..., last_contact_seconds: _Optional[float] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("node_id", "raft_address", "client_address", "role", "term", "leader_id", "commit_index", "applied_index", "last_log_index", "snapshot_index", "voter", "learner", "leader_contact_seconds", "config", "config_index", "serving", "peers")
+    __slots__ = ("node_id", "raft_address", "client_address", "role", "term", "leader_id", "commit_index", "applied_index", "last_log_index", "snapshot_index", "voter", "learner", "leader_contact_seconds", "config", "config_index", "serving", "peers", "time_scale")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     RAFT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -415,6 +415,7 @@ class StatusResponse(_message.Message):
     CONFIG_INDEX_FIELD_NUMBER: _ClassVar[int]
     SERVING_FIELD_NUMBER: _ClassVar[int]
     PEERS_FIELD_NUMBER: _ClassVar[int]
+    TIME_SCALE_FIELD_NUMBER: _ClassVar[int]
     node_id: int
     raft_address: str
     client_address: str
@@ -432,4 +433,61 @@ class StatusResponse(_message.Message):
     config_index: int
     serving: bool
     peers: _containers.RepeatedCompositeFieldContainer[PeerStatus]
-    def __init__(self, node_id: _Optional[int] = ..., raft_address: _Optional[str] = ..., client_address: _Optional[str] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., leader_id: _Optional[int] = ..., commit_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., last_log_index: _Optional[int] = ..., snapshot_index: _Optional[int] = ..., voter: _Optional[bool] = ..., learner: _Optional[bool] = ..., leader_contact_seconds: _Optional[float] = ..., config: _Optional[_Union[Configuration, _Mapping]] = ..., config_index: _Optional[int] = ..., serving: _Optional[bool] = ..., peers: _Optional[_Iterable[_Union[PeerStatus, _Mapping]]] = ...) -> None: ...
+    time_scale: float
+    def __init__(self, node_id: _Optional[int] = ..., raft_address: _Optional[str] = ..., client_address: _Optional[str] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., leader_id: _Optional[int] = ..., commit_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., last_log_index: _Optional[int] = ..., snapshot_index: _Optional[int] = ..., voter: _Optional[bool] = ..., learner: _Optional[bool] = ..., leader_contact_seconds: _Optional[float] = ..., config: _Optional[_Union[Configuration, _Mapping]] = ..., config_index: _Optional[int] = ..., serving: _Optional[bool] = ..., peers: _Optional[_Iterable[_Union[PeerStatus, _Mapping]]] = ..., time_scale: _Optional[float] = ...) -> None: ...
+
+class EventsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class NodeEvent(_message.Message):
+    __slots__ = ("seq", "node_id", "time", "kind", "text", "role", "term", "leader_id", "voted_for", "last_index", "last_term", "commit_index", "applied_index", "snapshot_index", "peer", "index", "count", "ok", "detail", "deadline", "entry_terms", "time_scale", "members", "action")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    TERM_FIELD_NUMBER: _ClassVar[int]
+    LEADER_ID_FIELD_NUMBER: _ClassVar[int]
+    VOTED_FOR_FIELD_NUMBER: _ClassVar[int]
+    LAST_INDEX_FIELD_NUMBER: _ClassVar[int]
+    LAST_TERM_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_INDEX_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_FIELD_NUMBER: _ClassVar[int]
+    ENTRY_TERMS_FIELD_NUMBER: _ClassVar[int]
+    TIME_SCALE_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    node_id: int
+    time: float
+    kind: str
+    text: str
+    role: str
+    term: int
+    leader_id: int
+    voted_for: int
+    last_index: int
+    last_term: int
+    commit_index: int
+    applied_index: int
+    snapshot_index: int
+    peer: int
+    index: int
+    count: int
+    ok: bool
+    detail: str
+    deadline: float
+    entry_terms: _containers.RepeatedScalarFieldContainer[int]
+    time_scale: float
+    members: _containers.RepeatedScalarFieldContainer[int]
+    action: str
+    def __init__(self, seq: _Optional[int] = ..., node_id: _Optional[int] = ..., time: _Optional[float] = ..., kind: _Optional[str] = ..., text: _Optional[str] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., leader_id: _Optional[int] = ..., voted_for: _Optional[int] = ..., last_index: _Optional[int] = ..., last_term: _Optional[int] = ..., commit_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., snapshot_index: _Optional[int] = ..., peer: _Optional[int] = ..., index: _Optional[int] = ..., count: _Optional[int] = ..., ok: _Optional[bool] = ..., detail: _Optional[str] = ..., deadline: _Optional[float] = ..., entry_terms: _Optional[_Iterable[int]] = ..., time_scale: _Optional[float] = ..., members: _Optional[_Iterable[int]] = ..., action: _Optional[str] = ...) -> None: ...

@@ -396,6 +396,11 @@ class ClusterStub:
                 request_serializer=rpc_dot_raft__pb2.StatusRequest.SerializeToString,
                 response_deserializer=rpc_dot_raft__pb2.StatusResponse.FromString,
                 _registered_method=True)
+        self.Events = channel.unary_stream(
+                '/Cluster/Events',
+                request_serializer=rpc_dot_raft__pb2.EventsRequest.SerializeToString,
+                response_deserializer=rpc_dot_raft__pb2.NodeEvent.FromString,
+                _registered_method=True)
 
 
 class ClusterServicer:
@@ -488,6 +493,18 @@ class ClusterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Events(self, request, context):
+        """Added by raft-demo: what this node does, as it happens, one message per event, in
+        order (role and term changes, election timers, votes, leaders, entries appended,
+        commit and apply, replication batches, snapshots, membership, transfers, client
+        requests). The first event describes the node as it stands. A subscriber that
+        falls behind is sent one "dropped" event counting what it missed; the node never
+        waits for a subscriber. Every node answers; never redirected.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClusterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -550,6 +567,11 @@ def add_ClusterServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=rpc_dot_raft__pb2.StatusRequest.FromString,
                     response_serializer=rpc_dot_raft__pb2.StatusResponse.SerializeToString,
+            ),
+            'Events': grpc.unary_stream_rpc_method_handler(
+                    servicer.Events,
+                    request_deserializer=rpc_dot_raft__pb2.EventsRequest.FromString,
+                    response_serializer=rpc_dot_raft__pb2.NodeEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -877,6 +899,33 @@ class Cluster:
             '/Cluster/Status',
             rpc_dot_raft__pb2.StatusRequest.SerializeToString,
             rpc_dot_raft__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Events(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/Cluster/Events',
+            rpc_dot_raft__pb2.EventsRequest.SerializeToString,
+            rpc_dot_raft__pb2.NodeEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import pytest
@@ -52,6 +53,8 @@ class FakeNode:
     config: tuple[Membership, int, bool] = field(default_factory=lambda: (three_voters(), 0, True))
     member_refusal: Exception | None = None
     member_calls: list[tuple[object, ...]] = field(default_factory=list)
+    # The event stream is tested against real nodes (test_node_events.py).
+    feed: Any = None
 
     def leader(self) -> tuple[int | None, str | None]:
         return self.known_leader

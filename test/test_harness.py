@@ -1,6 +1,7 @@
 """Run real node processes and check what a user relies on: `python -m test.test_harness [scenario]`.
 
-`python -m test.test_harness up` instead starts a cluster and keeps it running until Ctrl-C;
+`python -m test.test_harness up` instead starts a cluster and keeps it running until Ctrl-C (with
+`--web [PORT]`, behind proxies and with the live view, test/live_cluster.py);
 `python -m test.test_harness faults --duration S --seed N` runs the fault suite (test/fault_suite.py);
 `python -m test.test_harness membership` grows, shrinks and repairs a cluster under load.
 """
@@ -700,6 +701,23 @@ def main(argv: list[str] | None = None) -> int:
         help="with --tls: peers trust only a CA of their own (--peer-tls-*), not the clients' CA",
     )
     parser.add_argument(
+        "--web",
+        nargs="?",
+        const=8080,
+        type=int,
+        metavar="PORT",
+        help="up: also serve the live view on http://127.0.0.1:PORT/ (default 8080; 0 picks a "
+        "free port), with nodes 1..N on free ports behind per-link proxies so its buttons can "
+        "kill, pause, cut off, add and remove them (docs/live-view.md)",
+    )
+    parser.add_argument(
+        "--time-scale",
+        type=float,
+        default=1.0,
+        metavar="N",
+        help="up --web: run every node N times slower (each node's --time-scale)",
+    )
+    parser.add_argument(
         "scenarios",
         nargs="*",
         metavar="SCENARIO",
@@ -716,6 +734,12 @@ def main(argv: list[str] | None = None) -> int:
             f"unknown scenario {unknown[0]!r}; choose 'up', 'faults', "
             f"{', '.join(repr(n) for n in ON_DEMAND)} or from: {', '.join(SCENARIOS)}"
         )
+    if (args.web is not None or args.time_scale != 1) and not up:
+        _fail("--web and --time-scale go with 'up'")
+    if args.web is not None and not 0 <= args.web <= 65535:
+        _fail(f"--web takes a port, not {args.web}")
+    if not args.time_scale > 0:
+        _fail(f"--time-scale must be a positive number, not {args.time_scale:g}")
     if args.peer_ca and not args.tls:
         _fail("--peer-ca goes with --tls")
     if not args.duration > 0:
@@ -730,7 +754,8 @@ def main(argv: list[str] | None = None) -> int:
     # The fault suite and the membership scenario pick their own addresses; only the other
     # scenarios use these ports.
     own_addresses = {"faults", *ON_DEMAND}
-    busy = busy_ports(first_port, 2 * args.nodes) if not set(names) <= own_addresses else []
+    own = set(names) <= own_addresses or args.web is not None
+    busy = busy_ports(first_port, 2 * args.nodes) if not own else []
     if busy:
         _fail(
             f"port {busy[0]} on {HOST} is already in use (the cluster needs "
@@ -757,7 +782,11 @@ def main(argv: list[str] | None = None) -> int:
     interrupted = False
     started = time.monotonic()
     try:
-        if up:
+        if up and args.web is not None:
+            from test.live_cluster import run_up_web
+
+            asyncio.run(run_up_web(args.nodes, root, args.web, options.tls, args.time_scale))
+        elif up:
             asyncio.run(run_up(options))
         else:
             if set(names) == {"faults"}:
