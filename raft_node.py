@@ -502,10 +502,6 @@ class RaftNode:
         term = self.current_term + 1
         self.log.set_hard_state(term, self.node_id)
         self.election.votes = {self.node_id}
-        self._reset_election_timer()
-        self.observer.election_started()
-        self.observer.state_changed()
-        self.events.standing(term, transfer)
         if self.feed.active:
             how = " to take over from the leader" if transfer else ""
             self.feed.emit(
@@ -513,6 +509,10 @@ class RaftNode:
                 f"became candidate in term {term}{how}, voting for myself",
                 detail="transfer" if transfer else "",
             )
+        self._reset_election_timer()
+        self.observer.election_started()
+        self.observer.state_changed()
+        self.events.standing(term, transfer)
         return term
 
     # ---- log replication, follower side (section 5.3) --------------------------------------
@@ -666,7 +666,6 @@ class RaftNode:
         self.events.elected()
         self._role = Role.LEADER
         self.leader_id = self.node_id
-        self._cancel_election_timer("I lead")
         term = self.current_term
         self.narrate.tell(
             "role",
@@ -674,6 +673,7 @@ class RaftNode:
             ", ".join(str(v) for v in sorted(self.election.votes)),
             count=len(self.election.votes),
         )
+        self._cancel_election_timer("I lead")
         if self.feed.active:
             self.feed.emit("leader", f"I lead term {term}", peer=self.node_id)
         self.election.votes.clear()
