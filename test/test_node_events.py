@@ -199,6 +199,8 @@ async def test_a_subscriber_that_does_not_read_is_told_how_many_events_it_missed
     for i in range(40):
         await leader.propose_mapping(f"k{i}", str(i))  # the node goes on committing
     assert leader.commit_index >= 41
+    for node in world.nodes.values():
+        await node.stop()  # no more heartbeats: what is queued now is all there will be
     events = await drain_all(idle)
     check_seq(events)
     dropped = [e for e in events if e.kind == "dropped"]
