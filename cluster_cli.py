@@ -7,9 +7,11 @@ import argparse
 import asyncio
 import json
 import sys
+import time
 from collections.abc import Coroutine, Sequence
 from typing import Any, NoReturn, TypeVar
 
+from cli_view import EventPrinter, LiveTable, contact_style, is_terminal, lag_style
 from cluster_client import (
     DEFAULT_ADD_MEMBER_TIMEOUT,
     DEFAULT_DEADLINE,
@@ -54,6 +56,7 @@ exit codes:
   {EXIT_NOT_SWAPPED}  cas: the key did not hold EXPECTED (or was not absent); nothing changed
   status: {EXIT_OK} when every member answered and one of them leads, else {EXIT_UNAVAILABLE}
      (the table is printed either way); with --watch, {EXIT_OK} on Ctrl-C
+  events: {EXIT_OK} on Ctrl-C; {EXIT_USAGE} when a node refuses this client
 """
 
 
@@ -206,7 +209,20 @@ def _build_parser() -> _Parser:
         const=2.0,
         type=_positive_seconds,
         metavar="SECONDS",
-        help="print it again every SECONDS (2) until Ctrl-C",
+        help="print it again every SECONDS (2) until Ctrl-C; on a terminal, redrawn in place",
+    )
+    events = commands.add_parser(
+        "events",
+        help="print what the nodes do as it happens, one line per event (every node's, merged "
+        "by time, or one node's), until Ctrl-C",
+    )
+    events.add_argument(
+        "--node",
+        metavar="ID_OR_ADDRESS",
+        help="only this node: its id, or its client address (host:port)",
+    )
+    events.add_argument(
+        "--json", action="store_true", help="one JSON object per event (every NodeEvent field)"
     )
     return parser
 
@@ -312,6 +328,8 @@ async def _run_command(client: Client, args: argparse.Namespace) -> int:
             return await _run_member_command(client, args)
         if args.command == "status":
             return await _run_status_command(client, args)
+        if args.command == "events":
+            return await _run_events_command(client, args)
         leader_id, address = await client.leader()
         print(f"{leader_id} {address}")
         return EXIT_OK
@@ -364,6 +382,13 @@ _STATUS_COLUMNS = (
     "LAG",
     "LAST CONTACT",
 )
+ROLE_STYLES = {
+    "leader": "bold green",
+    "candidate": "bold yellow",
+    "learner": "cyan",
+    "unreachable": "bold red",
+    "not a member": "dim",
+}
 
 
 def _status_cells(node: MemberStatus) -> list[str]:
@@ -436,6 +461,7 @@ def _status_json(status: ClusterStatus) -> str:
                 voter=n.voter,
                 learner=n.learner,
                 serving=n.serving,
+                time_scale=n.time_scale,
             )
         # The leader's view, known also for a node that did not answer.
         entry.update(lag=n.lag, last_contact_seconds=_rounded(n.last_contact))
@@ -443,25 +469,95 @@ def _status_json(status: ClusterStatus) -> str:
     return json.dumps({"leader": status.leader_id, "nodes": nodes})
 
 
+def _status_notes(status: ClusterStatus) -> list[str]:
+    notes = []
+    for node in status.unreachable:
+        name = node.id if node.id is not None else node.client_address
+        notes.append(f"{PROG}: {name} is unreachable: {node.error}")
+    if status.leader_id is None:
+        notes.append(f"{PROG}: no node reports itself leader")
+    return notes
+
+
+def _time_scale_note(status: ClusterStatus) -> str | None:
+    scales = sorted({n.time_scale for n in status.nodes if n.reachable and n.time_scale != 1})
+    if not scales:
+        return None
+    return "Raft timers scaled by " + ", ".join(f"{s:g}" for s in scales) + " (--time-scale)"
+
+
+def _row_style(node: MemberStatus) -> Any:
+    role = _status_cells(node)[3]
+
+    def style(column: int) -> str:
+        if column == 3:
+            return ROLE_STYLES.get(role, "")
+        if column == 7:
+            return lag_style(node.lag)
+        if column == 8:
+            return contact_style(node.last_contact)
+        return "dim" if not node.reachable else ""
+
+    return style
+
+
 async def _run_status_command(client: Client, args: argparse.Namespace) -> int:
-    clear = args.watch is not None and not args.json and sys.stdout.isatty()
-    while True:
-        status = await client.status()
-        if args.json:
-            print(_status_json(status), flush=True)
-        else:
-            text = "\n".join(_status_table(status))
-            # Redrawn in place on a terminal; one table after another when piped.
-            print(("\x1b[H\x1b[2J" if clear else "") + text, flush=True)
-            for node in status.unreachable:
-                name = node.id if node.id is not None else node.client_address
-                print(f"{PROG}: {name} is unreachable: {node.error}", file=sys.stderr)
-            if status.leader_id is None:
-                print(f"{PROG}: no node reports itself leader", file=sys.stderr)
-        if args.watch is None:
-            healthy = status.leader_id is not None and not status.unreachable
-            return EXIT_OK if healthy else EXIT_UNAVAILABLE
-        await asyncio.sleep(args.watch)
+    live = None
+    if args.watch is not None and not args.json and is_terminal(sys.stdout):
+        # Redrawn in place on a terminal; one table after another when piped.
+        live = LiveTable(_STATUS_COLUMNS)
+    try:
+        while True:
+            status = await client.status()
+            scale = _time_scale_note(status)
+            if args.json:
+                print(_status_json(status), flush=True)
+            elif live is not None:
+                rows = [_status_cells(n) for n in status.nodes]
+                styles = [_row_style(n) for n in status.nodes]
+                live.show(rows, styles, ([scale] if scale else []) + _status_notes(status))
+            else:
+                print("\n".join(_status_table(status)), flush=True)
+                if scale:
+                    print(scale, flush=True)
+                for note in _status_notes(status):
+                    print(note, file=sys.stderr)
+            if args.watch is None:
+                healthy = status.leader_id is not None and not status.unreachable
+                return EXIT_OK if healthy else EXIT_UNAVAILABLE
+            await asyncio.sleep(args.watch)
+    finally:
+        if live is not None:
+            live.stop()
+
+
+async def _run_events_command(client: Client, args: argparse.Namespace) -> int:
+    """Print events until Ctrl-C (which main turns into exit 0)."""
+    try:
+        client.event_addresses(args.node)
+    except ConfigError as e:
+        print(f"{PROG}: error: --node: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    merge = args.node is None
+    printer = EventPrinter(args.json, merge)
+
+    def unreachable(address: str, reason: str) -> None:
+        printer.note(f"{PROG}: {address} is unreachable ({reason}); trying again")
+
+    async def flush_held() -> None:
+        while True:
+            await asyncio.sleep(0.1)
+            printer.flush(time.time())
+
+    flusher = asyncio.create_task(flush_held()) if merge else None
+    try:
+        async for event in client.events(args.node, on_unreachable=unreachable):
+            printer.add(event, time.time())
+    finally:
+        if flusher is not None:
+            flusher.cancel()
+        printer.flush()
+    return EXIT_OK
 
 
 async def _run_member_command(client: Client, args: argparse.Namespace) -> int:
@@ -540,8 +636,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: outcome unknown: the client session expired: {e}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     except KeyboardInterrupt:
-        if args.command == "status" and args.watch is not None:
-            return EXIT_OK  # how --watch is meant to end
+        if args.command == "events" or (args.command == "status" and args.watch is not None):
+            return EXIT_OK  # how --watch and events are meant to end
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
 

@@ -9,7 +9,7 @@ import importlib
 import random
 import sys
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -62,6 +62,13 @@ _REJECTED = frozenset(
 
 # Who is asking is at fault: another node would refuse as well.
 _DENIED = frozenset({grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED})
+
+# An event stream that broke is opened again after this many seconds, doubling up to the most.
+EVENTS_RETRY_MIN = 0.5
+EVENTS_RETRY_MAX = 5.0
+# Events read from the nodes but not yet taken by the caller; beyond them, the nodes are left to
+# hold them (and to drop them, saying how many, if the caller falls far behind).
+EVENTS_BUFFER = 1024
 
 _T = TypeVar("_T")
 
@@ -160,6 +167,8 @@ class MemberStatus:
     learner: bool = False
     # Its health check's answer: a voter with a live leader.
     serving: bool = False
+    # The factor its Raft timers are multiplied by (--time-scale; 1 normally).
+    time_scale: float = 1.0
     # From the leader's view (also for a node that did not answer here): entries this node has
     # not acknowledged (0 for the leader itself), and seconds since it last answered the leader.
     # None when unknown. For an unreachable node, voter and learner are as the membership says.
@@ -617,6 +626,7 @@ class Client:
                 voter=reply.voter,
                 learner=reply.learner,
                 serving=reply.serving,
+                time_scale=reply.time_scale or 1.0,
                 lag=lag,
                 last_contact=contact,
             )
@@ -649,6 +659,84 @@ class Client:
                 )
         nodes = sorted(rows.values(), key=lambda n: (n.id is None, n.id or 0, n.client_address))
         return ClusterStatus(nodes, leader.node_id if leader is not None else None)
+
+    def event_addresses(self, node: str | None = None) -> list[str]:
+        """The client addresses `events(node)` follows: `node` as a node id this client knows or
+        as a client address ("host:port"); None: every node this client knows."""
+        if node is None:
+            known = list(self._addresses) + list(self._address_of.values())
+            return list(dict.fromkeys(known))
+        if node.isdigit() and int(node) in self._address_of:
+            return [self._address_of[int(node)]]
+        try:
+            parse_host_port(node)
+        except ConfigError:
+            raise ConfigError(f"{node!r} is neither a known node id nor a host:port") from None
+        return [node]
+
+    async def events(
+        self,
+        node: str | None = None,
+        on_unreachable: Callable[[str, str], None] | None = None,
+    ) -> AsyncIterator[raft_pb2.NodeEvent]:
+        """What the nodes do, as it happens (Cluster.Events): from one node (`node`: its id or
+        client address) or, with None, from every node this client knows, merged as the events
+        arrive. Each node's events are in order; each stream starts with a "state" event, and
+        again after a reconnection. Never ends by itself: stop iterating (or cancel) to end it.
+
+        A node that cannot be reached, or whose stream breaks, is asked again every few seconds;
+        `on_unreachable(address, reason)` is told once per outage. Raises PermissionDeniedError
+        when a node refuses this client, RequestRejectedError when it has no event stream."""
+        queue: asyncio.Queue[raft_pb2.NodeEvent | BaseException] = asyncio.Queue(EVENTS_BUFFER)
+        tasks = [
+            asyncio.create_task(self._follow_events(address, queue, on_unreachable))
+            for address in self.event_addresses(node)
+        ]
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _follow_events(
+        self,
+        address: str,
+        queue: asyncio.Queue[raft_pb2.NodeEvent | BaseException],
+        on_unreachable: Callable[[str, str], None] | None,
+    ) -> None:
+        """One node's events into `queue`, reconnecting with backoff for as long as it runs."""
+        pause = EVENTS_RETRY_MIN
+        reported = False
+        while True:
+            call = self._stub(address).Events(raft_pb2.EventsRequest())
+            try:
+                async for event in call:
+                    reported = False
+                    pause = EVENTS_RETRY_MIN
+                    await queue.put(event)
+                reason = "the node ended the stream"
+            except grpc.aio.AioRpcError as e:
+                code: grpc.StatusCode = e.code()
+                details = _one_line(e.details())
+                if code in _DENIED:
+                    await queue.put(PermissionDeniedError(details or code.name))
+                    return
+                if code in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.INVALID_ARGUMENT):
+                    await queue.put(RequestRejectedError(f"{address}: {details or code.name}"))
+                    return
+                reason = f"{code.name}: {details}" if details else code.name
+            finally:
+                call.cancel()
+            if not reported and on_unreachable is not None:
+                on_unreachable(address, reason)
+            reported = True
+            await asyncio.sleep(random.uniform(pause / 2, pause))
+            pause = min(pause * 2, EVENTS_RETRY_MAX)
 
     async def close(self) -> None:
         """Close every connection; the client may be used again afterwards (it reconnects)."""

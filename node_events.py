@@ -365,7 +365,7 @@ class EventNarrator(logging.LoggerAdapter):  # type: ignore[type-arg]
         detail: str = "",
     ) -> None:
         """Narrate `msg % args` at INFO; also an event of `kind` while anyone subscribes."""
-        self.info(msg, *args)
+        self.info(msg, *args, stacklevel=2)
         feed = self.node.feed
         if feed.active:
             feed.emit(

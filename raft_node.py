@@ -460,12 +460,12 @@ class RaftNode:
         term = self.current_term + 1
         self.log.set_hard_state(term, self.node_id)
         self.election.votes = {self.node_id}
+        if self.feed.active:
+            self.feed.candidate(term, transfer)
         self.reset_election_timer()
         self.observer.election_started()
         self.observer.state_changed()
         self.events.standing(term, transfer)
-        if self.feed.active:
-            self.feed.candidate(term, transfer)
         return term
 
     # ---- log replication, follower side (section 5.3) --------------------------------------
@@ -605,7 +605,6 @@ class RaftNode:
         self.events.elected()
         self._role = Role.LEADER
         self.leader_id = self.node_id
-        self._cancel_election_timer("I lead")
         term = self.current_term
         self.narrate.tell(
             "role",
@@ -613,6 +612,7 @@ class RaftNode:
             ", ".join(str(v) for v in sorted(self.election.votes)),
             count=len(self.election.votes),
         )
+        self._cancel_election_timer("I lead")
         if self.feed.active:
             self.feed.emit("leader", f"I lead term {term}", peer=self.node_id)
         self.election.votes.clear()

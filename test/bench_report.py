@@ -186,7 +186,7 @@ def draw_charts(cells: list[Cell], folder: Path) -> list[Path]:
 
 
 class Progress:
-    """A one-line progress bar on stderr, redrawn in place (plain lines when not a terminal)."""
+    """A progress bar on stderr, drawn by rich on a terminal (plain lines when not a terminal)."""
 
     def __init__(self, total: int, stream: TextIO = sys.stderr, width: int = 30) -> None:
         self.total = max(total, 1)
@@ -195,8 +195,40 @@ class Progress:
         self.width = width
         self.started = time.monotonic()
         self.tty = stream.isatty()
+        self._bar: Any = None
+        if self.tty:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                TextColumn,
+                TimeRemainingColumn,
+            )
+            from rich.progress import Progress as Bar
+
+            self._bar = Bar(
+                BarColumn(bar_width=width),
+                MofNCompleteColumn(),
+                TextColumn("{task.description}"),
+                TimeRemainingColumn(),
+                console=Console(file=stream, highlight=False),
+            )
+            self._task = self._bar.add_task("", total=self.total)
+            self._bar.start()
+
+    def print(self, row: str) -> None:
+        """A line of results on stdout, above the bar."""
+        if self._bar is not None:
+            self._bar.stop()
+            print(row, flush=True)
+            self._bar.start()
+        else:
+            print(row, flush=True)
 
     def show(self, label: str) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, completed=self.done, description=label)
+            return
         filled = self.width * self.done // self.total
         bar = "#" * filled + "." * (self.width - filled)
         elapsed = time.monotonic() - self.started
@@ -219,6 +251,5 @@ class Progress:
             self.show(label)
 
     def finish(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
+        if self._bar is not None:
+            self._bar.stop()

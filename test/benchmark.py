@@ -239,9 +239,7 @@ async def run_system(
 
 
 def _print_row(progress: Progress, row: str) -> None:
-    if progress.tty:
-        sys.stderr.write("\r\033[K")
-    print(row, flush=True)
+    progress.print(row)
 
 
 def run_plan(plan: Plan, report: Report) -> None:
