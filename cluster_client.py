@@ -715,10 +715,11 @@ class Client:
         while True:
             call = self._stub(address).Events(raft_pb2.EventsRequest())
             try:
-                async for event in call:
+                async for batch in call:
                     reported = False
                     pause = EVENTS_RETRY_MIN
-                    await queue.put(event)
+                    for event in batch.events:
+                        await queue.put(event)
                 reason = "the node ended the stream"
             except grpc.aio.AioRpcError as e:
                 code: grpc.StatusCode = e.code()

@@ -422,17 +422,18 @@ class ClusterServicer(raft_pb2_grpc.ClusterServicer):
 
     async def Events(
         self, request: raft_pb2.EventsRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[raft_pb2.NodeEvent]:
-        """What this node does, as it happens, until the caller goes away; the first event is the
-        node as it stands. Every node answers. A caller that reads too slowly is told how many
-        events it missed (node_events.py); the node never waits for it."""
+    ) -> AsyncIterator[raft_pb2.NodeEvents]:
+        """What this node does, as it happens, until the caller goes away, in batches of what
+        accumulated; the first event is the node as it stands. Every node answers. A caller that
+        reads too slowly is told how many events it missed (node_events.py); the node never waits
+        for it."""
         try:
             subscription = self._node.feed.subscribe()
         except TooManySubscribersError as e:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         try:
             while True:
-                yield await subscription.next()
+                yield raft_pb2.NodeEvents(events=await subscription.next_batch())
         finally:
             subscription.close()
 

@@ -26,6 +26,8 @@ from rpc import raft_pb2
 
 # Events one subscriber may have waiting; beyond them it is sent a "dropped" count instead.
 QUEUE_EVENTS = 4096
+# Events sent in one message at most (each is a few hundred bytes).
+BATCH_EVENTS = 512
 # Subscribers one node serves at once (each costs a copy of every event); more are refused.
 MAX_SUBSCRIBERS = 64
 
@@ -117,6 +119,17 @@ class Subscription:
                 return self._marker(self._seq)
             self._wake.clear()
             await self._wake.wait()
+
+    async def next_batch(self, most: int = BATCH_EVENTS) -> list[raft_pb2.NodeEvent]:
+        """Every event queued now (at most `most`), waiting for the first if need be: one message
+        on the wire per batch, not per event."""
+        batch = [await self.next()]
+        queue = self._queue
+        while queue and len(batch) < most:
+            batch.append(queue.popleft())
+        if not queue and self._dropped and len(batch) < most:
+            batch.append(self._marker(self._seq))
+        return batch
 
     def close(self) -> None:
         self._feed.unsubscribe(self)

@@ -215,10 +215,11 @@ class View:
             try:
                 stub = raft_pb2_grpc.ClusterStub(channel)
                 call = stub.Events(raft_pb2.EventsRequest())
-                async for event in call:
+                async for batch in call:
                     backoff = RECONNECT_FIRST
                     self._set_reachable(node, True, "")
-                    self._event(node, event_json(event))
+                    for event in batch.events:
+                        self._event(node, event_json(event))
                 problem = "its event stream ended"
             except grpc.aio.AioRpcError as e:
                 problem = f"{e.code().name}: {(e.details() or '')[:100]}".strip()

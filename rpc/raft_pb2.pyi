@@ -440,6 +440,12 @@ class EventsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class NodeEvents(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[NodeEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[NodeEvent, _Mapping]]] = ...) -> None: ...
+
 class NodeEvent(_message.Message):
     __slots__ = ("seq", "node_id", "time", "kind", "text", "role", "term", "leader_id", "voted_for", "last_index", "last_term", "commit_index", "applied_index", "snapshot_index", "peer", "index", "count", "ok", "detail", "deadline", "entry_terms", "time_scale", "members", "action")
     SEQ_FIELD_NUMBER: _ClassVar[int]

@@ -399,7 +399,7 @@ class ClusterStub:
         self.Events = channel.unary_stream(
                 '/Cluster/Events',
                 request_serializer=rpc_dot_raft__pb2.EventsRequest.SerializeToString,
-                response_deserializer=rpc_dot_raft__pb2.NodeEvent.FromString,
+                response_deserializer=rpc_dot_raft__pb2.NodeEvents.FromString,
                 _registered_method=True)
 
 
@@ -497,9 +497,11 @@ class ClusterServicer:
         """Added by raft-demo: what this node does, as it happens, one message per event, in
         order (role and term changes, election timers, votes, leaders, entries appended,
         commit and apply, replication batches, snapshots, membership, transfers, client
-        requests). The first event describes the node as it stands. A subscriber that
-        falls behind is sent one "dropped" event counting what it missed; the node never
-        waits for a subscriber. Every node answers; never redirected.
+        requests). The first event describes the node as it stands. Each message carries
+        every event that accumulated since the last one left (at least one), so a busy
+        node sends a message per batch, not per event. A subscriber that falls behind is
+        sent one "dropped" event counting what it missed; the node never waits for a
+        subscriber. Every node answers; never redirected.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -571,7 +573,7 @@ def add_ClusterServicer_to_server(servicer, server):
             'Events': grpc.unary_stream_rpc_method_handler(
                     servicer.Events,
                     request_deserializer=rpc_dot_raft__pb2.EventsRequest.FromString,
-                    response_serializer=rpc_dot_raft__pb2.NodeEvent.SerializeToString,
+                    response_serializer=rpc_dot_raft__pb2.NodeEvents.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -925,7 +927,7 @@ class Cluster:
             target,
             '/Cluster/Events',
             rpc_dot_raft__pb2.EventsRequest.SerializeToString,
-            rpc_dot_raft__pb2.NodeEvent.FromString,
+            rpc_dot_raft__pb2.NodeEvents.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,10 +45,11 @@ async def _writes(cluster: LocalCluster, clients: int, duration: float) -> float
 async def _subscribe(address: str, counts: dict[str, int]) -> None:
     """Read one node's events until cancelled, counting them (and those it was told it missed)."""
     async with grpc.aio.insecure_channel(address) as channel:
-        async for event in raft_pb2_grpc.ClusterStub(channel).Events(raft_pb2.EventsRequest()):
-            counts["events"] += 1
-            if event.kind == "dropped":
-                counts["dropped"] += event.count
+        async for batch in raft_pb2_grpc.ClusterStub(channel).Events(raft_pb2.EventsRequest()):
+            for event in batch.events:
+                counts["events"] += 1
+                if event.kind == "dropped":
+                    counts["dropped"] += event.count
 
 
 async def run(clients: int, rounds: int, duration: float, nodes: int) -> None:

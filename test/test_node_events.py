@@ -370,7 +370,7 @@ async def test_events_refuses_a_malformed_request_and_reports_an_unknown_node(
             raw = channel.unary_stream(
                 "/Cluster/Events",
                 request_serializer=lambda b: b,
-                response_deserializer=raft_pb2.NodeEvent.FromString,
+                response_deserializer=raft_pb2.NodeEvents.FromString,
             )
             for garbage in (b"\xff\xff\xff", b"\x0a\x05abc", b"\x08"):
                 with pytest.raises(grpc.aio.AioRpcError) as refused:
@@ -378,7 +378,7 @@ async def test_events_refuses_a_malformed_request_and_reports_an_unknown_node(
                         pass
                 assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             stream = raft_pb2_grpc.ClusterStub(channel).Events(raft_pb2.EventsRequest())
-            first = await stream.read()
+            first = (await stream.read()).events[0]
             assert first.kind == "state" and first.seq == 1 and first.role == "leader"
             stream.cancel()
         async with Client.from_endpoints([address]) as client:

@@ -261,7 +261,8 @@ function render() {
     card.dataset.applied = ev ? ev.applied_index : "";
     card.querySelector(".name").textContent = n.node_id != null ? `node ${n.node_id}` : n.address;
     card.querySelector(".name").title = n.address;
-    card.querySelector(".badge").textContent = role;
+    // A node that is not up shows that, not the role it last reported (kept in data-role).
+    card.querySelector(".badge").textContent = state === "up" ? role : state;
     card.querySelector(".state").textContent = why;
     card.querySelector(".term").innerHTML = `term <b>${ev ? ev.term : "?"}</b>`;
     card.querySelector(".vote").innerHTML = `voted for <b>${ev && ev.voted_for != null ? ev.voted_for : "—"}</b>`;
@@ -269,7 +270,7 @@ function render() {
     const f = timerFraction(n, t);
     card.querySelector(".timer-wrap").style.visibility = f != null && state === "up" ? "visible" : "hidden";
     card.querySelector(".timer i").style.width = f != null ? `${(f * 100).toFixed(1)}%` : "0";
-    const contact = role === "leader" ? "leads" : `heard from leader <b>${ago(n.leader_contact ? Math.max(0, t - n.leader_contact) : null)}</b>`;
+    const contact = state !== "up" ? "" : role === "leader" ? "leads" : `heard from leader <b>${ago(n.leader_contact ? Math.max(0, t - n.leader_contact) : null)}</b>`;
     card.querySelector(".contact").innerHTML = contact;
     for (const b of card.querySelectorAll(".acts button")) {
       const a = b.dataset.action;
