@@ -426,8 +426,35 @@ def _node(body: dict[str, Any], allow_zero: bool = False) -> int:
     return value
 
 
+@web.middleware
+async def same_origin_only(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """The view's page may use the view; another site's page in the same browser may not. Without
+    this, any page a user visits could read the cluster's events over a WebSocket, or press the
+    view's buttons (kill a node, write a key) with a form post, since the view listens on
+    localhost without a password. A browser always says where a page came from (Origin) on
+    WebSocket and POST requests; tools that send none (curl) are let in. Actions also need a JSON
+    body, which no cross-site form can send without the browser asking first."""
+    origin = request.headers.get("Origin")
+    if origin is not None and origin != f"{request.scheme}://{request.host}":
+        return web.json_response(
+            {
+                "ok": False,
+                "text": f"requests from {origin[:100]} are refused: not this view's page",
+            },
+            status=403,
+        )
+    if request.method == "POST" and request.content_type != "application/json":
+        return web.json_response(
+            {"ok": False, "text": "actions take a JSON body (Content-Type: application/json)"},
+            status=415,
+        )
+    return await handler(request)
+
+
 def make_app(view: View) -> web.Application:
-    app = web.Application()
+    app = web.Application(middlewares=[same_origin_only])
 
     async def index(request: web.Request) -> web.FileResponse:
         return web.FileResponse(WEB_DIR / "index.html")

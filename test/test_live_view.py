@@ -314,3 +314,37 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m test.test_live_view")
     parser.add_argument("--screenshot", type=Path, required=True, metavar="FILE")
     take_screenshot(parser.parse_args().screenshot)
+
+
+@pytest.mark.parametrize(
+    ("method", "origin", "content_type", "status"),
+    [
+        ("GET", None, None, 200),  # curl, a script: no Origin
+        ("GET", "http://127.0.0.1:8080", None, 200),  # the view's own page
+        ("GET", "http://evil.example", None, 403),  # another site's page opening the WebSocket
+        ("POST", "http://127.0.0.1:8080", "application/json", 200),
+        ("POST", "http://evil.example", "application/json", 403),
+        ("POST", "http://127.0.0.1:8080", "text/plain", 415),  # what a cross-site form can send
+        ("POST", None, "application/x-www-form-urlencoded", 415),
+    ],
+)
+async def test_only_the_views_own_page_may_read_events_or_press_buttons(
+    method: str, origin: str | None, content_type: str | None, status: int
+) -> None:
+    from aiohttp import web
+    from aiohttp.test_utils import make_mocked_request
+
+    from web_view import same_origin_only
+
+    headers = {"Host": "127.0.0.1:8080"}
+    if origin is not None:
+        headers["Origin"] = origin
+    if content_type is not None:
+        headers["Content-Type"] = content_type
+    request = make_mocked_request(method, "/api/kill" if method == "POST" else "/events", headers)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return web.Response(text="done")
+
+    response = await same_origin_only(request, handler)
+    assert response.status == status
