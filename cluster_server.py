@@ -3,6 +3,7 @@ node's answer (or refusal) into the reply and status code the client expects."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Collection
 from typing import Protocol, TypeVar
 
@@ -16,7 +17,7 @@ from membership import (
     MembershipError,
     check_new_member,
 )
-from node_events import EventFeed, TooManySubscribersError
+from node_events import SEND_PACE, EventFeed, TooManySubscribersError
 from node_status import NodeStatus
 from node_types import (
     MAX_WIRE_NUMBER,
@@ -434,6 +435,7 @@ class ClusterServicer(raft_pb2_grpc.ClusterServicer):
         try:
             while True:
                 yield raft_pb2.NodeEvents(events=await subscription.next_batch())
+                await asyncio.sleep(SEND_PACE)
         finally:
             subscription.close()
 

@@ -28,6 +28,10 @@ from rpc import raft_pb2
 QUEUE_EVENTS = 4096
 # Events sent in one message at most (each is a few hundred bytes).
 BATCH_EVENTS = 512
+# After sending a batch, a subscriber's stream rests this long, so that under a steady flow each message
+# carries what a twentieth of a second brings rather than one or two events: the per-message cost of
+# a gRPC stream is most of what a watcher costs the node. An event after a quiet spell leaves at once.
+SEND_PACE = 0.05
 # Subscribers one node serves at once (each costs a copy of every event); more are refused.
 MAX_SUBSCRIBERS = 64
 
@@ -275,9 +279,13 @@ class EventFeed:
         )
 
     def received(
-        self, request: raft_pb2.AppendEntriesRequest, reply: raft_pb2.AppendEntriesResponse
+        self,
+        request: raft_pb2.AppendEntriesRequest,
+        reply: raft_pb2.AppendEntriesResponse,
+        deadline: float = 0.0,
     ) -> None:
-        """A leader's AppendEntries arrived, and this is how it was answered."""
+        """A leader's AppendEntries arrived, and this is how it was answered; `deadline`: when the
+        election timer it re-armed fires (no separate "timer" event for that)."""
         count = len(request.log_entries)
         what = (
             f"{count} {'entry' if count == 1 else 'entries'} after index {request.prev_log_index}"
@@ -292,6 +300,7 @@ class EventFeed:
             index=request.prev_log_index + 1,
             count=count,
             ok=reply.success,
+            deadline=deadline,
         )
 
     def applied(self, first: int, last: int) -> None:

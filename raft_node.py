@@ -140,6 +140,7 @@ class RaftNode:
         self._tasks = BackgroundTasks()
         self._election_timer: Timer | None = None
         self._timer_armed_at = 0.0
+        self._timer_deadline = 0.0  # when it fires, by the wall clock (for the event stream)
         self._stopped = False
 
         # The parts of the node with a concern of their own (see the module docstring).
@@ -314,8 +315,9 @@ class RaftNode:
 
     # ---- timers ----------------------------------------------------------------------------
 
-    def reset_election_timer(self) -> None:
-        """Arm the election timer with a fresh random timeout (section 5.2: randomized per wait)."""
+    def reset_election_timer(self, quietly: bool = False) -> None:
+        """Arm the election timer with a fresh random timeout (section 5.2: randomized per wait);
+        `quietly`: the event that caused it reports the new deadline itself."""
         self._cancel_election_timer()
         if self._stopped or self._role is Role.LEADER or not self.may_stand:
             return  # a learner or a removed node never stands for election
@@ -326,8 +328,9 @@ class RaftNode:
         self._election_timer = self.clock.call_at(
             self._timer_armed_at + timeout, self._on_election_timeout
         )
-        if self.feed.active:
-            self.feed.timer_armed(timeout, self.wall_clock() + timeout)
+        self._timer_deadline = self.wall_clock() + timeout
+        if self.feed.active and not quietly:
+            self.feed.timer_armed(timeout, self._timer_deadline)
 
     def _cancel_election_timer(self, why: str = "") -> None:
         """Stop the election timer; `why` (for the event stream) when none is armed after it."""
@@ -363,11 +366,11 @@ class RaftNode:
         )
         self.start_pre_vote()
 
-    def _heard_from_leader(self) -> None:
+    def _heard_from_leader(self, quietly: bool = False) -> None:
         """The leader of our term just spoke: postpone any election (Figure 2) and note when."""
         self.leader_contact = self.clock.now()
         self.election.pre_vote_term = None
-        self.reset_election_timer()
+        self.reset_election_timer(quietly)
         if self._leader_silent:
             self._leader_silent = False
             self.observer.state_changed()
@@ -476,7 +479,8 @@ class RaftNode:
         """AppendEntries receiver rules (Figure 2); the reply leaves only once the entries are durable."""
         reply = await self._receive_append(request)
         if self.feed.active:
-            self.feed.received(request, reply)
+            armed = self._election_timer is not None
+            self.feed.received(request, reply, self._timer_deadline if armed else 0.0)
         return reply
 
     async def _receive_append(
@@ -513,7 +517,7 @@ class RaftNode:
             return raft_pb2.AppendEntriesResponse(term=self.current_term, success=False)
         term = self.current_term
         self._set_leader(leader)
-        self._heard_from_leader()
+        self._heard_from_leader(quietly=True)
 
         prev = request.prev_log_index
         prev_term = request.prev_log_term

@@ -135,7 +135,8 @@ class NodeModel:
         low = max(ev["snapshot_index"], last_index - LOG_WINDOW)
         for index in [i for i in self.terms if i > last_index or i <= low]:
             del self.terms[index]
-        if ev["kind"] == "timer" and ev["deadline"]:
+        # A timer event, or a leader's batch received (which re-arms the timer), says when it fires.
+        if ev["deadline"]:
             self.timer_start, self.timer_deadline = ev["time"], ev["deadline"]
         if ev["role"] != "leader" and ev["leader_id"] is not None:
             if ev["kind"] in ("replicate", "timer", "append", "commit", "snapshot", "leader"):
