@@ -148,6 +148,8 @@ class EventFeed:
         self._capacity = capacity
         self._subscribers: list[Subscription] = []
         self.active = False
+        self._config: Membership | None = None
+        self._members: list[int] = []
 
     def subscribe(self) -> Subscription:
         """A new subscription whose first event is a "state" event: the node as it stands."""
@@ -174,6 +176,12 @@ class EventFeed:
         if subscription in self._subscribers:
             self._subscribers.remove(subscription)
         self.active = bool(self._subscribers)
+
+    def _members_of(self, config: Membership) -> list[int]:
+        """The configuration's members in order, sorted once per configuration, not per event."""
+        if config is not self._config:
+            self._config, self._members = config, sorted(config.members)
+        return self._members
 
     def build(
         self,
@@ -213,7 +221,7 @@ class EventFeed:
             deadline=deadline,
             entry_terms=entry_terms,
             time_scale=node.time_scale,
-            members=sorted(node.config.members),
+            members=self._members_of(node.config),
         )
         if node.leader_id is not None:
             event.leader_id = node.leader_id
