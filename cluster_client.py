@@ -17,6 +17,7 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 
+from client_batching import CallBatcher
 from cluster_config import (
     DEFAULT_FIRST_PORT,
     DEFAULT_NODES,
@@ -238,6 +239,10 @@ class Client:
     proposal and `read_attempt_timeout` seconds for a read, within what is left of the deadline.
     With `tls` every connection, to nodes given or learnt from redirects and membership alike,
     uses TLS with those settings (`TlsConfig.load(cert, key, ca)`); without it, plain text.
+
+    With `batching` (the default), the puts, deletes and gets that the client's tasks ask of one
+    node in one event-loop turn travel as one `Batch` call (client_batching.py); each keeps its
+    own session, deadline and retries. Without it, each is a call of its own, as the seed's.
     """
 
     def __init__(
@@ -250,6 +255,7 @@ class Client:
         attempt_timeout: float = DEFAULT_ATTEMPT_TIMEOUT,
         read_attempt_timeout: float = DEFAULT_READ_ATTEMPT_TIMEOUT,
         tls: TlsConfig | None = None,
+        batching: bool = True,
     ) -> None:
         if sum(x is not None for x in (all_raft_ports, config, endpoints)) != 1:
             raise ValueError("give exactly one of all_raft_ports, config or endpoints")
@@ -292,7 +298,8 @@ class Client:
         self._next_sequence = 1
         # Sequence numbers whose replies this client has not seen yet.
         self._outstanding: set[int] = set()
-        self._register_lock: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
+        self._registering: tuple[asyncio.AbstractEventLoop, asyncio.Task[int | None]] | None = None
+        self._batcher = CallBatcher() if batching else None
 
     @classmethod
     def seed_scheme(
@@ -444,8 +451,8 @@ class Client:
         async def attempt(
             address: str, stub: raft_pb2_grpc.ClusterStub, seconds: float
         ) -> _Done[str | None]:
-            response: raft_pb2.GetValueResponse = await stub.GetValue(
-                raft_pb2.Key(key=key, allow_stale=stale), timeout=seconds
+            response: raft_pb2.GetValueResponse = await self._call(
+                address, stub, "GetValue", raft_pb2.Key(key=key, allow_stale=stale), seconds
             )
             return _Done(response.value if response.HasField("value") else default)
 
@@ -741,6 +748,8 @@ class Client:
 
     async def close(self) -> None:
         """Close every connection; the client may be used again afterwards (it reconnects)."""
+        if self._batcher is not None:
+            await self._batcher.close()
         channels = list(self._channels.values())
         self._channels.clear()
         self._stubs.clear()
@@ -775,34 +784,40 @@ class Client:
     async def _session(self) -> int | None:
         """This client's session id, registering one first if needed (once, however many tasks
         ask at the same time); None when the cluster offers no sessions."""
-        loop = asyncio.get_running_loop()
-        if self._register_lock is None or self._register_lock[0] is not loop:
-            self._register_lock = (loop, asyncio.Lock())
-        async with self._register_lock[1]:
-            if self._client_id is None and self._sessions_offered:
-
-                async def attempt(
-                    address: str, stub: raft_pb2_grpc.ClusterStub, seconds: float
-                ) -> _Done[int] | _Next:
-                    response: raft_pb2.RegisterClientResponse = await stub.RegisterClient(
-                        raft_pb2.RegisterClientRequest(), timeout=seconds
-                    )
-                    if response.success:
-                        self._leader = address
-                        return _Done(response.client_id)
-                    leader_id = (
-                        response.current_leader if response.HasField("current_leader") else None
-                    )
-                    return self._redirect(address, leader_id, response.leader_address)
-
-                try:
-                    self._client_id = await self._retry(
-                        "register a client session", self._attempt_timeout, attempt
-                    )
-                except RequestRejectedError:
-                    # The seed's nodes have no sessions; write to them as the seed's client did.
-                    self._sessions_offered = False
+        if self._client_id is not None or not self._sessions_offered:
             return self._client_id
+        loop = asyncio.get_running_loop()
+        if (
+            self._registering is None
+            or self._registering[0] is not loop
+            or self._registering[1].done()
+        ):
+            self._registering = (loop, loop.create_task(self._register()))
+        # Every task waiting for the session resumes in the same turn once it is known, so their
+        # writes travel together; one waiter that gives up does not cancel it for the others.
+        return await asyncio.shield(self._registering[1])
+
+    async def _register(self) -> int | None:
+        async def attempt(
+            address: str, stub: raft_pb2_grpc.ClusterStub, seconds: float
+        ) -> _Done[int] | _Next:
+            response: raft_pb2.RegisterClientResponse = await stub.RegisterClient(
+                raft_pb2.RegisterClientRequest(), timeout=seconds
+            )
+            if response.success:
+                self._leader = address
+                return _Done(response.client_id)
+            leader_id = response.current_leader if response.HasField("current_leader") else None
+            return self._redirect(address, leader_id, response.leader_address)
+
+        try:
+            self._client_id = await self._retry(
+                "register a client session", self._attempt_timeout, attempt
+            )
+        except RequestRejectedError:
+            # The seed's nodes have no sessions; write to them as the seed's client did.
+            self._sessions_offered = False
+        return self._client_id
 
     async def _write(
         self,
@@ -828,7 +843,7 @@ class Client:
         async def attempt(
             address: str, stub: raft_pb2_grpc.ClusterStub, seconds: float
         ) -> _Done[_T] | _Next:
-            response = await getattr(stub, method)(request, timeout=seconds)
+            response = await self._call(address, stub, method, request, seconds)
             if response.success:
                 self._leader = address
                 return _Done(result(response))
@@ -890,6 +905,19 @@ class Client:
             refused=MembershipRefusedError,
             busy_retries=CHANGE_BUSY_RETRIES,
         )
+
+    async def _call(
+        self,
+        address: str,
+        stub: raft_pb2_grpc.ClusterStub,
+        method: str,
+        request: Any,
+        seconds: float,
+    ) -> Any:
+        """One unary call, or one op of this turn's Batch call to that node."""
+        if self._batcher is None:
+            return await getattr(stub, method)(request, timeout=seconds)
+        return await self._batcher.call(address, stub, method, request, seconds)
 
     def _stub(self, address: str) -> raft_pb2_grpc.ClusterStub:
         stub = self._stubs.get(address)

@@ -27,6 +27,7 @@ from node_types import (
     SessionExpiredError,
     TransferFailedError,
     UnavailableError,
+    put_entry,
 )
 from rpc import raft_pb2, raft_pb2_grpc
 from state_machine import ApplyResult, CasResult, SessionExpired
@@ -37,6 +38,10 @@ MAX_VALUE_BYTES = 1024 * 1024
 # One ProposeMappings batch is one log entry: bounded so it fits a message to the followers.
 MAX_BATCH_MAPPINGS = 1000
 MAX_BATCH_BYTES = 2 * 1024 * 1024
+# One Batch call holds at most this many ops; the gets among them are answered within this many
+# bytes of values (a message to the client stays under 4 MiB), the rest told to ask alone.
+MAX_CALL_OPS = 1000
+BATCH_REPLY_BUDGET = 3 * 1024 * 1024
 
 # The write replies that carry a redirect (success, current_leader, leader_address).
 _WriteReply = TypeVar(
@@ -68,6 +73,10 @@ class ClusterNode(Protocol):
     ) -> None: ...
 
     async def propose(self, command: raft_pb2.Command) -> ApplyResult: ...
+
+    async def propose_entries(
+        self, entries: list[raft_pb2.LogEntry]
+    ) -> list[ApplyResult | Exception]: ...
 
     def get_value(self, key: str) -> str | None: ...
 
@@ -218,13 +227,7 @@ class ClusterServicer(raft_pb2_grpc.ClusterServicer):
         self, request: raft_pb2.MappingBatch, context: grpc.aio.ServicerContext
     ) -> raft_pb2.ProposeMappingResponse:
         await self._check(context, batch_problem(request), session_problem(request.session))
-        batch = request
-        if any(m.HasField("session") for m in request.mappings):
-            # A mapping's own session means nothing in a batch; it is not worth a place in the log.
-            batch = raft_pb2.MappingBatch(
-                mappings=[raft_pb2.Mapping(key=m.key, value=m.value) for m in request.mappings],
-                session=request.session,
-            )
+        batch = _without_mapping_sessions(request)
         try:
             await self._propose(raft_pb2.Command(put=batch), context)
         except NotLeaderError as e:
@@ -289,6 +292,85 @@ class ClusterServicer(raft_pb2_grpc.ClusterServicer):
         if value is None:
             return raft_pb2.GetValueResponse(key=request.key)
         return raft_pb2.GetValueResponse(key=request.key, value=value)
+
+    async def Batch(
+        self, request: raft_pb2.BatchRequest, context: grpc.aio.ServicerContext
+    ) -> raft_pb2.BatchResponse:
+        """Several independent requests: each answered as its own call would have been. The
+        writes are appended to the log together (one append, one flush, one message per
+        follower); the reads share the node's read rounds."""
+        ops = request.ops
+        if len(ops) > MAX_CALL_OPS:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"a batch holds {len(ops)} ops; the limit is {MAX_CALL_OPS}",
+            )
+        results = [raft_pb2.BatchResult() for _ in ops]
+        writes: list[tuple[raft_pb2.BatchResult, str, raft_pb2.LogEntry]] = []
+        reads: list[tuple[raft_pb2.BatchResult, raft_pb2.Key]] = []
+        for op, result in zip(ops, results, strict=True):
+            which = op.WhichOneof("op")
+            problem = _op_problem(op, which)
+            if problem is not None:
+                result.code = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+                result.details = problem
+            elif which == "get":
+                reads.append((result, op.get))
+            else:
+                assert which is not None
+                writes.append((result, which, _op_entry(op, which)))
+        await asyncio.gather(self._batch_writes(writes), self._batch_reads(reads))
+        return raft_pb2.BatchResponse(results=results)
+
+    async def _batch_writes(
+        self, writes: list[tuple[raft_pb2.BatchResult, str, raft_pb2.LogEntry]]
+    ) -> None:
+        if not writes:
+            return
+        outcomes: list[ApplyResult | Exception]
+        try:
+            outcomes = await self._node.propose_entries([entry for _, _, entry in writes])
+        except (NotLeaderError, OverloadedError) as e:
+            outcomes = [e] * len(writes)
+        for (result, which, _), outcome in zip(writes, outcomes, strict=True):
+            reply = getattr(result, which)
+            if isinstance(outcome, NotLeaderError):
+                _redirect(reply, outcome)
+            elif isinstance(outcome, Exception) or isinstance(outcome, SessionExpired):
+                code, details = _write_failure(outcome)
+                result.code = code.value[0]
+                result.details = details
+            else:
+                reply.success = True
+                if which == "delete":
+                    reply.existed = bool(outcome)
+
+    async def _batch_reads(self, reads: list[tuple[raft_pb2.BatchResult, raft_pb2.Key]]) -> None:
+        if not reads:
+            return
+
+        async def read(key: raft_pb2.Key) -> str | None:
+            if key.allow_stale:
+                return self._node.get_value(key.key)
+            return await self._node.linearizable_read(key.key)
+
+        values = await asyncio.gather(*(read(key) for _, key in reads), return_exceptions=True)
+        budget = BATCH_REPLY_BUDGET
+        for (result, key), value in zip(reads, values, strict=True):
+            if isinstance(value, BaseException):
+                if not isinstance(value, Exception):
+                    raise value
+                code, details = _read_failure(value)
+                result.code = code.value[0]
+                result.details = details
+                continue
+            if value is not None:
+                budget -= len(value) if value.isascii() else len(value.encode("utf-8"))
+                if budget < 0:
+                    result.resend_alone = True
+                    continue
+                result.get.value = value
+            result.get.key = key.key
 
     async def TransferLeadership(
         self, request: raft_pb2.TransferLeadershipRequest, context: grpc.aio.ServicerContext
@@ -469,3 +551,61 @@ def status_to_proto(status: NodeStatus) -> raft_pb2.StatusResponse:
         if peer.last_contact is not None:
             made.last_contact_seconds = peer.last_contact
     return response
+
+
+def _op_problem(op: raft_pb2.BatchOp, which: str | None) -> str | None:
+    """Why one op of a Batch call cannot be done, or None: the checks of its own call."""
+    if which == "put":
+        return (
+            key_problem(op.put.key)
+            or value_problem(op.put.value)
+            or session_problem(op.put.session)
+        )
+    if which == "put_many":
+        return batch_problem(op.put_many) or session_problem(op.put_many.session)
+    if which == "delete":
+        return key_problem(op.delete.key) or session_problem(op.delete.session)
+    if which == "get":
+        return key_problem(op.get.key)
+    return "an op needs one of put, put_many, delete or get"
+
+
+def _op_entry(op: raft_pb2.BatchOp, which: str) -> raft_pb2.LogEntry:
+    """The log entry of one write op, as its own call would have appended it."""
+    if which == "put":
+        return put_entry(op.put.key, op.put.value, op.put.session)
+    if which == "put_many":
+        command = raft_pb2.Command(put=_without_mapping_sessions(op.put_many))
+    else:
+        command = raft_pb2.Command(delete=op.delete)
+    return raft_pb2.LogEntry(kind=raft_pb2.ENTRY_KIND_COMMAND, command=command)
+
+
+def _without_mapping_sessions(batch: raft_pb2.MappingBatch) -> raft_pb2.MappingBatch:
+    """A mapping's own session means nothing in a batch; it is not worth a place in the log."""
+    if not any(m.HasField("session") for m in batch.mappings):
+        return batch
+    return raft_pb2.MappingBatch(
+        mappings=[raft_pb2.Mapping(key=m.key, value=m.value) for m in batch.mappings],
+        session=batch.session,
+    )
+
+
+def _write_failure(outcome: Exception | SessionExpired) -> tuple[grpc.StatusCode, str]:
+    """The status a write's own call ends with when it was not done (or not known to be)."""
+    if isinstance(outcome, SessionExpired):
+        return grpc.StatusCode.FAILED_PRECONDITION, outcome.reason
+    if isinstance(outcome, OverloadedError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(outcome)
+    if isinstance(outcome, CommitUnknownError):
+        return grpc.StatusCode.UNAVAILABLE, str(outcome)
+    return grpc.StatusCode.UNKNOWN, f"{type(outcome).__name__}: {outcome}"
+
+
+def _read_failure(error: Exception) -> tuple[grpc.StatusCode, str]:
+    """The status a linearizable read's own call ends with when it could not be served."""
+    if isinstance(error, OverloadedError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
+    if isinstance(error, UnavailableError):
+        return grpc.StatusCode.UNAVAILABLE, str(error)
+    return grpc.StatusCode.UNKNOWN, f"{type(error).__name__}: {error}"

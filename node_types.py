@@ -238,3 +238,14 @@ class NodeBasics(Protocol):
     def current_term(self) -> int: ...
     @property
     def is_leader(self) -> bool: ...
+
+
+def put_entry(key: str, value: str, session: raft_pb2.Session | None = None) -> raft_pb2.LogEntry:
+    """The log entry of one client's put: the seed's MAPPING entry without a session; with one,
+    a COMMAND whose session makes it exactly-once."""
+    if session is None or session.client_id == 0:
+        return raft_pb2.LogEntry(kind=raft_pb2.ENTRY_KIND_MAPPING, key=key, value=value)
+    batch = raft_pb2.MappingBatch(
+        mappings=[raft_pb2.Mapping(key=key, value=value)], session=session
+    )
+    return raft_pb2.LogEntry(kind=raft_pb2.ENTRY_KIND_COMMAND, command=raft_pb2.Command(put=batch))

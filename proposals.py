@@ -22,6 +22,7 @@ from node_types import (
     OverloadedError,
     SessionExpiredError,
     Timing,
+    put_entry,
 )
 from rpc import raft_pb2
 from state_machine import ApplyResult, KeyValueStateMachine, SessionExpired
@@ -65,15 +66,11 @@ class Writes:
         Without a session it is the seed's MAPPING entry; with one, a COMMAND whose result may be
         SessionExpired, raised here as SessionExpiredError.
         """
-        if session is None or session.client_id == 0:
-            await self.propose_entry(
-                raft_pb2.LogEntry(kind=raft_pb2.ENTRY_KIND_MAPPING, key=key, value=value)
-            )
+        entry = put_entry(key, value, session)
+        if entry.kind == raft_pb2.ENTRY_KIND_MAPPING:
+            await self.propose_entry(entry)
             return
-        batch = raft_pb2.MappingBatch(
-            mappings=[raft_pb2.Mapping(key=key, value=value)], session=session
-        )
-        result = await self.propose(raft_pb2.Command(put=batch))
+        result = await self.propose(entry.command)
         if isinstance(result, SessionExpired):
             raise SessionExpiredError(result.reason)
 
@@ -93,6 +90,36 @@ class Writes:
         return result
 
     async def propose_entry(self, entry: raft_pb2.LogEntry) -> ApplyResult:
+        self._check_can_append(1)
+        return await self._wait_applied([entry], [self.append_as_leader(entry)])[0]
+
+    async def propose_entries(
+        self, entries: list[raft_pb2.LogEntry]
+    ) -> list[ApplyResult | Exception]:
+        """Append several clients' entries at once (one log append, one flush, one wake-up of the
+        replicators) and return, in order, what applying each gave or why its outcome is unknown.
+
+        Raises NotLeaderError or OverloadedError before appending anything.
+        """
+        if not entries:
+            return []
+        self._check_can_append(len(entries))
+        outcomes = await asyncio.gather(
+            *self._wait_applied(entries, self.append_many_as_leader(entries)),
+            return_exceptions=True,
+        )
+        node = self.node
+        results: list[ApplyResult | Exception] = []
+        for outcome in outcomes:
+            if isinstance(outcome, SessionExpired):
+                node.narrate.info("refused a client's write: %s", outcome.reason)
+            if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
+                raise outcome
+            results.append(outcome)
+        return results
+
+    def _check_can_append(self, count: int) -> None:
+        """Raise why this node cannot take `count` more writes now, if it cannot."""
         node = self.node
         if not node.is_leader:
             leader_id, address = node.leader()
@@ -114,23 +141,52 @@ class Writes:
             raise OverloadedError(
                 f"disk full on node {node.node_id}: it takes no writes until space returns"
             )
-        if len(self._waiters) >= MAX_WAITING_PROPOSALS:
+        if len(self._waiters) + count > MAX_WAITING_PROPOSALS:
             raise OverloadedError(
                 f"{len(self._waiters)} writes already wait to commit on node {node.node_id}; "
                 "try again later"
             )
-        index = self.append_as_leader(entry)
-        future: asyncio.Future[ApplyResult] = asyncio.get_running_loop().create_future()
-        self._waiters[index] = (node.current_term, future)
-        # One timer per write, not a timeout context and a shield (each a few objects and
-        # callbacks more). A caller that is cancelled cancels the future, which apply then skips.
+
+    def _wait_applied(
+        self, entries: list[raft_pb2.LogEntry], indexes: list[int]
+    ) -> list[Coroutine[Any, Any, ApplyResult]]:
+        """One waiter per appended entry, all expired by a single timer."""
+        node = self.node
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[ApplyResult]] = []
+        for index in indexes:
+            future: asyncio.Future[ApplyResult] = loop.create_future()
+            self._waiters[index] = (node.current_term, future)
+            futures.append(future)
+        # One timer per batch, not a timeout context and a shield per write (each a few objects
+        # and callbacks more). A caller that is cancelled cancels its future, which apply skips.
+        timer = node.clock.call_at(
+            node.clock.now() + node.timing.proposal_timeout,
+            lambda: self._expire_proposals(indexes, futures),
+        )
+        remaining = [len(futures)]
+
+        def settled() -> None:
+            remaining[0] -= 1
+            if remaining[0] == 0:
+                timer.cancel()
+
+        return [
+            self._await_one(entry, index, future, settled)
+            for entry, index, future in zip(entries, indexes, futures, strict=True)
+        ]
+
+    async def _await_one(
+        self,
+        entry: raft_pb2.LogEntry,
+        index: int,
+        future: asyncio.Future[ApplyResult],
+        settled: Callable[[], None],
+    ) -> ApplyResult:
+        node = self.node
         # Latency for metrics only: a finer clock than the loop's (whose ticks are milliseconds);
         # no decision depends on it.
         started = time.perf_counter()
-        timer = node.clock.call_at(
-            node.clock.now() + node.timing.proposal_timeout,
-            lambda: self._expire_proposal(index, future),
-        )
         try:
             result = await future
         except Exception as e:
@@ -138,7 +194,7 @@ class Writes:
                 self._tell_outcome(entry, index, f"failed: {e}", ok=False)
             raise
         finally:
-            timer.cancel()
+            settled()
             if self._waiters.get(index, (0, None))[1] is future:
                 del self._waiters[index]
         node.observer.proposal_committed(time.perf_counter() - started)
@@ -157,15 +213,18 @@ class Writes:
             detail=what,
         )
 
-    def _expire_proposal(self, index: int, future: asyncio.Future[ApplyResult]) -> None:
+    def _expire_proposals(
+        self, indexes: list[int], futures: list[asyncio.Future[ApplyResult]]
+    ) -> None:
         node = self.node
-        if not future.done():
-            future.set_exception(
-                CommitUnknownError(
-                    f"entry {index} did not commit within {node.timing.proposal_timeout:g} s; "
-                    "it may or may not be applied"
+        for index, future in zip(indexes, futures, strict=True):
+            if not future.done():
+                future.set_exception(
+                    CommitUnknownError(
+                        f"entry {index} did not commit within {node.timing.proposal_timeout:g} s; "
+                        "it may or may not be applied"
+                    )
                 )
-            )
 
     def fail_waiting(self, why: str) -> None:
         waiters, self._waiters = self._waiters, {}
@@ -175,23 +234,31 @@ class Writes:
 
     def append_as_leader(self, entry: raft_pb2.LogEntry) -> int:
         """Leader: append an entry of this term to the log and let the replicators send it."""
+        return self.append_many_as_leader([entry])[0]
+
+    def append_many_as_leader(self, entries: list[raft_pb2.LogEntry]) -> list[int]:
+        """Leader: append entries of this term in one go; their indexes, in order."""
         node = self.node
-        if entry.kind == raft_pb2.ENTRY_KIND_CONFIG:
-            node.events.appending_config()
-        entry.term = node.current_term
-        entry.index = node.log.last_index + 1
+        index = node.log.last_index
         # Log time (sessions expire by it) never goes backwards, even if this clock is behind the
         # previous leader's.
-        if entry.index - 1 > node.log.base_index:
-            previous = node.log.entry(entry.index - 1).leader_time_ms
+        if index > node.log.base_index:
+            previous = node.log.entry(index).leader_time_ms
         else:
-            previous = node.state_machine.log_time_ms if entry.index > 1 else 0
-        entry.leader_time_ms = max(int(node.wall_clock() * 1000), previous)
-        node.append_to_log([entry])
+            previous = node.state_machine.log_time_ms if index > 0 else 0
+        now_ms = max(int(node.wall_clock() * 1000), previous)
+        for entry in entries:
+            if entry.kind == raft_pb2.ENTRY_KIND_CONFIG:
+                node.events.appending_config()
+            index += 1
+            entry.term = node.current_term
+            entry.index = index
+            entry.leader_time_ms = now_ms
+        node.append_to_log(entries)
         self._flush_own_log()
         if node.leadership is not None:
             node.leadership.wake_all()
-        return entry.index
+        return [entry.index for entry in entries]
 
     def _flush_own_log(self) -> None:
         """Make the leader's own entries durable; the leader counts itself only for durable entries."""

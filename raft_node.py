@@ -646,11 +646,14 @@ class RaftNode:
         await self.writes.propose_mapping(key, value, session)
 
     async def propose(self, command: raft_pb2.Command) -> ApplyResult:
-        """Append a command; once it is committed and applied here, return what applying it gave.
-
-        Raises NotLeaderError (nothing appended) or CommitUnknownError (outcome unknown).
-        """
+        """Append a command; what applying it gave, once applied here (see proposals.py)."""
         return await self.writes.propose(command)
+
+    async def propose_entries(
+        self, entries: list[raft_pb2.LogEntry]
+    ) -> list[ApplyResult | Exception]:
+        """Append several clients' entries at once; each one's outcome (see proposals.py)."""
+        return await self.writes.propose_entries(entries)
 
     async def propose_entry(self, entry: raft_pb2.LogEntry) -> ApplyResult:
         """Leader: append `entry` and wait until it is applied here (see proposals.py)."""

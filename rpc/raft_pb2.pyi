@@ -497,3 +497,45 @@ class NodeEvent(_message.Message):
     members: _containers.RepeatedScalarFieldContainer[int]
     action: str
     def __init__(self, seq: _Optional[int] = ..., node_id: _Optional[int] = ..., time: _Optional[float] = ..., kind: _Optional[str] = ..., text: _Optional[str] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., leader_id: _Optional[int] = ..., voted_for: _Optional[int] = ..., last_index: _Optional[int] = ..., last_term: _Optional[int] = ..., commit_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., snapshot_index: _Optional[int] = ..., peer: _Optional[int] = ..., index: _Optional[int] = ..., count: _Optional[int] = ..., ok: _Optional[bool] = ..., detail: _Optional[str] = ..., deadline: _Optional[float] = ..., entry_terms: _Optional[_Iterable[int]] = ..., time_scale: _Optional[float] = ..., members: _Optional[_Iterable[int]] = ..., action: _Optional[str] = ...) -> None: ...
+
+class BatchOp(_message.Message):
+    __slots__ = ("put", "delete", "put_many", "get")
+    PUT_FIELD_NUMBER: _ClassVar[int]
+    DELETE_FIELD_NUMBER: _ClassVar[int]
+    PUT_MANY_FIELD_NUMBER: _ClassVar[int]
+    GET_FIELD_NUMBER: _ClassVar[int]
+    put: Mapping
+    delete: DeleteRequest
+    put_many: MappingBatch
+    get: Key
+    def __init__(self, put: _Optional[_Union[Mapping, _Mapping]] = ..., delete: _Optional[_Union[DeleteRequest, _Mapping]] = ..., put_many: _Optional[_Union[MappingBatch, _Mapping]] = ..., get: _Optional[_Union[Key, _Mapping]] = ...) -> None: ...
+
+class BatchRequest(_message.Message):
+    __slots__ = ("ops",)
+    OPS_FIELD_NUMBER: _ClassVar[int]
+    ops: _containers.RepeatedCompositeFieldContainer[BatchOp]
+    def __init__(self, ops: _Optional[_Iterable[_Union[BatchOp, _Mapping]]] = ...) -> None: ...
+
+class BatchResult(_message.Message):
+    __slots__ = ("code", "details", "put", "delete", "put_many", "get", "resend_alone")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    PUT_FIELD_NUMBER: _ClassVar[int]
+    DELETE_FIELD_NUMBER: _ClassVar[int]
+    PUT_MANY_FIELD_NUMBER: _ClassVar[int]
+    GET_FIELD_NUMBER: _ClassVar[int]
+    RESEND_ALONE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    details: str
+    put: ProposeMappingResponse
+    delete: DeleteResponse
+    put_many: ProposeMappingResponse
+    get: GetValueResponse
+    resend_alone: bool
+    def __init__(self, code: _Optional[int] = ..., details: _Optional[str] = ..., put: _Optional[_Union[ProposeMappingResponse, _Mapping]] = ..., delete: _Optional[_Union[DeleteResponse, _Mapping]] = ..., put_many: _Optional[_Union[ProposeMappingResponse, _Mapping]] = ..., get: _Optional[_Union[GetValueResponse, _Mapping]] = ..., resend_alone: _Optional[bool] = ...) -> None: ...
+
+class BatchResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[BatchResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[BatchResult, _Mapping]]] = ...) -> None: ...

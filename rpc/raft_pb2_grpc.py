@@ -401,6 +401,11 @@ class ClusterStub:
                 request_serializer=rpc_dot_raft__pb2.EventsRequest.SerializeToString,
                 response_deserializer=rpc_dot_raft__pb2.NodeEvents.FromString,
                 _registered_method=True)
+        self.Batch = channel.unary_unary(
+                '/Cluster/Batch',
+                request_serializer=rpc_dot_raft__pb2.BatchRequest.SerializeToString,
+                response_deserializer=rpc_dot_raft__pb2.BatchResponse.FromString,
+                _registered_method=True)
 
 
 class ClusterServicer:
@@ -507,6 +512,16 @@ class ClusterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Batch(self, request, context):
+        """Added by raft-demo: several independent requests in one call, as the project's
+        Client sends what its tasks asked of one node in one event-loop turn. Each op is
+        answered as its own call would have been (its reply, or the status code its call
+        would have ended with); the writes among them are appended to the log together.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClusterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -574,6 +589,11 @@ def add_ClusterServicer_to_server(servicer, server):
                     servicer.Events,
                     request_deserializer=rpc_dot_raft__pb2.EventsRequest.FromString,
                     response_serializer=rpc_dot_raft__pb2.NodeEvents.SerializeToString,
+            ),
+            'Batch': grpc.unary_unary_rpc_method_handler(
+                    servicer.Batch,
+                    request_deserializer=rpc_dot_raft__pb2.BatchRequest.FromString,
+                    response_serializer=rpc_dot_raft__pb2.BatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -928,6 +948,33 @@ class Cluster:
             '/Cluster/Events',
             rpc_dot_raft__pb2.EventsRequest.SerializeToString,
             rpc_dot_raft__pb2.NodeEvents.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Batch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/Cluster/Batch',
+            rpc_dot_raft__pb2.BatchRequest.SerializeToString,
+            rpc_dot_raft__pb2.BatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

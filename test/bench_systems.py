@@ -20,6 +20,7 @@ from typing import IO, Any
 
 import grpc
 
+from cluster_client import Client, ClientError
 from rpc import raft_pb2, raft_pb2_grpc
 from test.cluster_process import CHANNEL_OPTIONS, HOST, LocalCluster, find_free_port_block
 
@@ -409,7 +410,7 @@ class RaftDemo(System):
         cluster = self._cluster()
         return [cluster.client_address(n) for n in cluster.node_ids]
 
-    def driver(self) -> ClusterApiDriver:
+    def driver(self) -> Driver:
         return ClusterApiDriver(self.addresses())
 
     async def wait_ready(self, timeout: float = 20) -> None:
@@ -561,4 +562,53 @@ class NullServer(_ProcessSystem):
     write_when_ready = False
 
 
-SYSTEMS: dict[str, type[System]] = {s.name: s for s in (RaftDemo, Etcd, PySyncObj, NullServer)}
+class ClientDriver(Driver):
+    """This project's own `Client` (cluster_client.py): one client session for every task, and the
+    requests the tasks make in one event-loop turn sent as one Batch call to the leader."""
+
+    def __init__(self, addresses: Sequence[str]) -> None:
+        self._client = Client.from_endpoints(
+            list(addresses), deadline=OPERATION_DEADLINE, attempt_timeout=RPC_TIMEOUT
+        )
+
+    async def put(self, key: str, value: str) -> None:
+        await self._client.propose_mapping(key, value)
+
+    async def put_many(self, mappings: dict[str, str]) -> None:
+        await self._client.propose_mappings(mappings)
+
+    async def cas(self, key: str, expected: str | None, new: str) -> bool:
+        swapped, _ = await self._client.compare_and_swap(key, expected, new)
+        return swapped
+
+    async def get(self, key: str, stale: bool) -> str | None:
+        return await self._client.get_value(key, None, stale=stale)
+
+    async def find_leader(self, timeout: float) -> str:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            with contextlib.suppress(ClientError):
+                _, address = await self._client.leader()
+                return address
+            if loop.time() >= deadline:
+                raise BenchError(f"no leader found in {timeout:g} s")
+            await asyncio.sleep(0.1)
+
+    async def close(self) -> None:
+        await self._client.close()
+
+
+class RaftDemoClient(RaftDemo):
+    """This project's nodes driven through its own Client (sessions, batched calls), where
+    `raft-demo` drives them through the seed's unary calls without sessions."""
+
+    name = "raft-demo-client"
+
+    def driver(self) -> ClientDriver:
+        return ClientDriver(self.addresses())
+
+
+SYSTEMS: dict[str, type[System]] = {
+    s.name: s for s in (RaftDemo, RaftDemoClient, Etcd, PySyncObj, NullServer)
+}

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from cluster_config import NodeAddress
 from membership import ChangeInProgressError, MembershipError
+from node_types import put_entry
 from raft_node import (
     CommitUnknownError,
     InvalidRequestError,
@@ -23,7 +24,7 @@ from raft_node import (
     UnavailableError,
 )
 from rpc import raft_pb2
-from state_machine import CasResult, SessionExpired
+from state_machine import ApplyResult, CasResult, SessionExpired
 from test.memory_transport import Reply, Request
 from test.sim_checks import Invariants
 from test.sim_loop import Trace
@@ -217,6 +218,11 @@ def describe(message: Request | Reply) -> str:
     return f"vote {'yes' if message.vote_granted else 'no'} t{message.term}"
 
 
+# Client writes reaching one node within this many (simulated) seconds of each other are appended
+# in one batch, as the writes of one Batch call are.
+BATCH_WINDOW = 0.005
+
+
 class Network:
     """Directed links between nodes (and between clients and nodes) with faults layered on them.
 
@@ -235,6 +241,10 @@ class Network:
         self._newest_arrival: dict[Link, int] = {}
         self.client_drop = 0.0
         self.stats: Counter[str] = Counter()
+        # Client writes that reached a process and wait to be appended in one batch.
+        self._batches: dict[
+            Process, list[tuple[raft_pb2.LogEntry, asyncio.Future[ApplyResult]]]
+        ] = {}
 
     # ---- faults on links -------------------------------------------------------------------
 
@@ -555,12 +565,20 @@ class Network:
                 reply = ClientReply("ok", result=await node.remove_member(op.member))
             elif op.kind == "put":
                 assert op.value is not None
-                await node.propose_mapping(op.key, op.value)
+                # The seed's put, in a batch with the writes that reach this node close to it,
+                # as the Cluster service's Batch call appends them (propose_entries).
+                await self._batched_write(process, put_entry(op.key, op.value))
                 reply = ClientReply("ok")
                 self.world.invariants.acknowledged_put(node.node_id, op.key, op.value)
             elif op.kind == "get":
                 # Any node serves it: the leader confirms itself, a follower asks it (ReadIndex).
                 reply = ClientReply("ok", await node.linearizable_read(op.key))
+            elif op.kind in ("put-many", "delete"):
+                entry = raft_pb2.LogEntry(kind=raft_pb2.ENTRY_KIND_COMMAND, command=op.command())
+                result = await self._batched_write(process, entry)
+                reply = ClientReply(
+                    "expired" if isinstance(result, SessionExpired) else "ok", result=result
+                )
             else:
                 result = await node.propose(op.command())
                 if isinstance(result, SessionExpired):
@@ -581,6 +599,46 @@ class Network:
         except MembershipError as e:
             reply = ClientReply("refused", result=str(e))
         process.enter(lambda: self._client_reply(process, client, reply, future))
+
+    async def _batched_write(self, process: Process, entry: raft_pb2.LogEntry) -> ApplyResult:
+        """Append `entry` together with the other writes that reach this process within
+        BATCH_WINDOW, in one propose_entries call, and return its own outcome."""
+        future: asyncio.Future[ApplyResult] = self.world.loop.create_future()
+        waiting = self._batches.setdefault(process, [])
+        waiting.append((entry, future))
+        if len(waiting) == 1:
+            self.world.loop.call_at(
+                self.world.loop.time() + BATCH_WINDOW,
+                lambda: process.enter(lambda: self._send_batch(process)),
+            )
+        return await future
+
+    def _send_batch(self, process: Process) -> None:
+        waiting = self._batches.pop(process, [])
+        if not waiting:
+            return
+        self.stats["client write batches"] += 1
+        self.stats["client writes batched"] += len(waiting)
+        if len(waiting) > 1:
+            self.stats["client batches of several"] += 1
+
+        async def send() -> None:
+            try:
+                outcomes = await process.node.propose_entries([entry for entry, _ in waiting])
+            except Exception as e:  # NotLeaderError, OverloadedError: nothing appended
+                for _, future in waiting:
+                    if not future.done():
+                        future.set_exception(e)
+                return
+            for (_, future), outcome in zip(waiting, outcomes, strict=True):
+                if future.done():
+                    continue
+                if isinstance(outcome, Exception):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome)
+
+        process.spawn(send(), "a batch of client writes")
 
     def _client_reply(
         self,

@@ -783,6 +783,9 @@ def summarize(results: Sequence[RunResult], wall: float, jobs: int) -> str:
         f"messages: {network['messages']} ({network['dropped']} dropped, "
         f"{network['lost to partitions']} cut by partitions, {network['duplicated']} duplicated, "
         f"{network['reordered']} reordered, {network['lost to crashed nodes']} to crashed nodes)",
+        f"client writes appended in batches: {network['client writes batched']} in "
+        f"{network['client write batches']} batches, {network['client batches of several']} "
+        "of several",
         f"wall time: {wall:.1f} s with {jobs} process{'es' if jobs > 1 else ''}; "
         f"{sim_time / wall if wall else 0:.0f} simulated seconds per wall second",
     ]

@@ -30,6 +30,20 @@ from rpc import raft_pb2, raft_pb2_grpc
 REPO = Path(__file__).resolve().parent.parent
 
 
+class _OpAborted(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+class _OpContext:
+    """Stands in for a call's context while one op of a Batch call is answered."""
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise _OpAborted(code, details)
+
+
 class FakeNode(raft_pb2_grpc.ClusterServicer):
     """A scripted node: it leads when `leader` is itself, otherwise it redirects to `leader`
     (by id, and by address unless `tell_address` is off). `aborts` are answered first, in order."""
@@ -43,6 +57,12 @@ class FakeNode(raft_pb2_grpc.ClusterServicer):
         self.aborts: list[tuple[grpc.StatusCode, str]] = []
         self.store: dict[str, str] = {}
         self.calls: list[str] = []
+        # Whether it offers Batch, and how many ops each Batch call carried.
+        self.batching = True
+        self.batch_calls: list[int] = []
+        self.batch_refusals = 0
+        # Whole Batch calls answered with these first, in order.
+        self.batch_aborts: list[tuple[grpc.StatusCode, str]] = []
         # Membership: this node's configuration and its log index; whether an added node is a
         # voter by the time the reply is sent (if the request waits for that); how long a change
         # takes to answer; and the change requests received.
@@ -51,6 +71,37 @@ class FakeNode(raft_pb2_grpc.ClusterServicer):
         self.promote = True
         self.change_delay = 0.0
         self.changes: list[raft_pb2.AddMemberRequest | raft_pb2.RemoveMemberRequest] = []
+
+    async def Batch(
+        self, request: raft_pb2.BatchRequest, context: grpc.aio.ServicerContext
+    ) -> raft_pb2.BatchResponse:
+        """Each op answered by its own method, as a real node does; UNIMPLEMENTED, as the seed's
+        nodes answer, unless `batching`."""
+        if not self.batching:
+            self.batch_refusals += 1
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+        self.batch_calls.append(len(request.ops))
+        if self.batch_aborts:
+            code, message = self.batch_aborts.pop(0)
+            await context.abort(code, message)
+        methods = {
+            "put": self.ProposeMapping,
+            "put_many": self.ProposeMappings,
+            "delete": self.DeleteKey,
+            "get": self.GetValue,
+        }
+
+        async def answer(op: raft_pb2.BatchOp) -> raft_pb2.BatchResult:
+            which = op.WhichOneof("op")
+            assert which is not None
+            try:
+                reply = await methods[which](getattr(op, which), _OpContext())
+            except _OpAborted as e:
+                return raft_pb2.BatchResult(code=e.code.value[0], details=e.details)
+            return raft_pb2.BatchResult(**{which: reply})
+
+        results = [await answer(op) for op in request.ops]
+        return raft_pb2.BatchResponse(results=results)
 
     async def _answer_abort(self, method: str, context: grpc.aio.ServicerContext) -> None:
         self.calls.append(method)
@@ -172,8 +223,15 @@ def configure(node: FakeNode, *members: FakeNode, learners: tuple[int, ...] = ()
 StartNode = Callable[[], Awaitable[FakeNode]]
 
 
+# Every test runs against nodes that offer Batch (the Client batches its calls) and against nodes
+# that do not (the seed's: the Client falls back to a call per request).
+@pytest.fixture(params=["batch", "unary"])
+def batching(request: pytest.FixtureRequest) -> bool:
+    return bool(request.param == "batch")
+
+
 @pytest.fixture
-async def start_node() -> AsyncIterator[StartNode]:
+async def start_node(batching: bool) -> AsyncIterator[StartNode]:
     """Starts fake nodes on free ports (id = port until a test says otherwise); stops them all."""
     servers: list[grpc.aio.Server] = []
 
@@ -182,6 +240,7 @@ async def start_node() -> AsyncIterator[StartNode]:
         servers.append(server)
         port = server.add_insecure_port("127.0.0.1:0")
         node = FakeNode(port, f"127.0.0.1:{port}", server)
+        node.batching = batching
         raft_pb2_grpc.add_ClusterServicer_to_server(node, server)
         await server.start()
         return node
@@ -534,10 +593,11 @@ class SessionNode(FakeNode):
 
 
 @pytest.fixture
-async def session_node() -> AsyncIterator[SessionNode]:
+async def session_node(batching: bool) -> AsyncIterator[SessionNode]:
     server = grpc.aio.server()
     port = server.add_insecure_port("127.0.0.1:0")
     node = SessionNode(port, f"127.0.0.1:{port}", server)
+    node.batching = batching
     node.leader = node
     raft_pb2_grpc.add_ClusterServicer_to_server(node, server)
     await server.start()
@@ -938,3 +998,72 @@ async def test_cli_member_usage_errors_exit_2_with_one_line(args: list[str]) -> 
     code, out, err = await run_cli("--endpoints", dead_address(), *args)
     assert (code, out) == (2, "")
     assert_one_line(err)
+
+
+async def test_sixty_four_concurrent_writers_cost_the_leader_a_few_calls(
+    session_node: SessionNode, batching: bool
+) -> None:
+    async with Client.from_endpoints([session_node.address]) as client:
+        await asyncio.gather(*(client.propose_mapping(f"k{i}", str(i)) for i in range(64)))
+        await asyncio.gather(*(client.delete(f"k{i}") for i in range(0, 64, 2)))
+        values = await asyncio.gather(*(client.get_value(f"k{i}", None) for i in range(64)))
+    assert values == [None if i % 2 == 0 else str(i) for i in range(64)]
+    # Every write kept its own place in the session, batched or not.
+    assert sorted(s[2] for s in session_node.sessions) == list(range(1, 64 + 32 + 1))
+    if batching:
+        # The writers that started together travel together: the first write of all registers
+        # the session, which the others wait for, so the puts take at most a few calls.
+        assert sum(session_node.batch_calls) == 64 + 32 + 64
+        assert len(session_node.batch_calls) <= 6, session_node.batch_calls
+        assert session_node.calls.count("ProposeMapping") == 64
+    else:
+        # The seed's nodes: asked once whether they take batches, then call by call.
+        assert session_node.batch_refusals == 1
+        assert session_node.batch_calls == []
+        assert session_node.calls.count("ProposeMapping") == 64
+
+
+@pytest.mark.parametrize("batching", [True], ids=["batch"])
+async def test_a_batch_call_that_fails_whole_is_retried_op_by_op_with_the_same_sequences(
+    session_node: SessionNode,
+) -> None:
+    session_node.batch_aborts.append((grpc.StatusCode.UNAVAILABLE, "connection reset"))
+    async with Client.from_endpoints([session_node.address], deadline=5) as client:
+        await asyncio.gather(*(client.propose_mapping(f"k{i}", "v") for i in range(4)))
+    # The first call failed as a whole (nothing applied); each op was retried after its own
+    # backoff, carrying the sequence number it had.
+    assert session_node.batch_calls[0] == 4
+    assert sum(session_node.batch_calls[1:]) == 4
+    assert sorted(s[2] for s in session_node.sessions) == [1, 2, 3, 4]
+    assert session_node.store == {f"k{i}": "v" for i in range(4)}
+
+
+async def test_one_op_refused_in_a_batch_raises_for_its_caller_alone(
+    session_node: SessionNode,
+) -> None:
+    async with Client.from_endpoints([session_node.address], deadline=5) as client:
+        await client.propose_mapping("warm", "up")  # registers the session first
+        session_node.aborts.append((grpc.StatusCode.INVALID_ARGUMENT, "value too large"))
+        outcomes = await asyncio.gather(
+            client.propose_mapping("a", "1"),
+            client.propose_mapping("b", "2"),
+            return_exceptions=True,
+        )
+    assert isinstance(outcomes[0], RequestRejectedError)
+    assert "value too large" in str(outcomes[0])
+    assert outcomes[1] is None
+    assert session_node.store == {"warm": "up", "b": "2"}
+
+
+async def test_a_cancelled_writer_leaves_the_others_of_its_batch_alone(
+    session_node: SessionNode,
+) -> None:
+    async with Client.from_endpoints([session_node.address], deadline=5) as client:
+        await client.propose_mapping("warm", "up")
+        doomed = asyncio.ensure_future(client.propose_mapping("a", "1"))
+        kept = [asyncio.ensure_future(client.propose_mapping(f"k{i}", "v")) for i in range(3)]
+        await asyncio.sleep(0)
+        doomed.cancel()
+        await asyncio.gather(*kept)
+        assert doomed.cancelled()
+    assert all(session_node.store[f"k{i}"] == "v" for i in range(3))

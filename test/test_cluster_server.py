@@ -15,13 +15,14 @@ from cluster_config import NodeAddress
 from cluster_server import (
     MAX_BATCH_BYTES,
     MAX_BATCH_MAPPINGS,
+    MAX_CALL_OPS,
     MAX_KEY_BYTES,
     MAX_VALUE_BYTES,
     ClusterServicer,
 )
 from membership import ChangeInProgressError, Membership, MembershipError
 from node_status import NodeStatus, PeerStatus
-from raft_node import CommitUnknownError, NotLeaderError, UnavailableError
+from raft_node import CommitUnknownError, NotLeaderError, OverloadedError, UnavailableError
 from rpc import raft_pb2, raft_pb2_grpc
 from state_machine import ApplyResult, CasResult, SessionExpired
 
@@ -44,6 +45,8 @@ class FakeNode:
     store: dict[str, str] = field(default_factory=dict)
     proposals: list[tuple[str, str]] = field(default_factory=list)
     commands: list[raft_pb2.Command] = field(default_factory=list)
+    # How many entries each propose_entries call (a Batch call's writes) appended together.
+    entry_batches: list[int] = field(default_factory=list)
     # What applying any command returns instead of its real result (e.g. SessionExpired).
     result_override: ApplyResult = None
     read_refusal: Exception | None = None
@@ -88,6 +91,24 @@ class FakeNode:
             self.store[cas.key] = cas.new_value
             return CasResult(True, cas.new_value)
         return CasResult(False, current)
+
+    async def propose_entries(
+        self, entries: list[raft_pb2.LogEntry]
+    ) -> list[ApplyResult | Exception]:
+        self.entry_batches.append(len(entries))
+        if isinstance(self.refusal, (NotLeaderError, OverloadedError)):
+            raise self.refusal
+        outcomes: list[ApplyResult | Exception] = []
+        for entry in entries:
+            try:
+                if entry.kind == raft_pb2.ENTRY_KIND_MAPPING:
+                    await self.propose_mapping(entry.key, entry.value)
+                    outcomes.append(None)
+                else:
+                    outcomes.append(await self.propose(entry.command))
+            except Exception as e:
+                outcomes.append(e)
+        return outcomes
 
     def get_value(self, key: str) -> str | None:
         return self.store.get(key)
@@ -644,3 +665,141 @@ async def test_status_on_a_follower_without_a_leader_answers_too_not_a_redirect(
     assert not response.HasField("leader_id")
     assert not response.serving
     assert list(response.peers) == []
+
+
+# ---- Batch: several independent ops in one call, each answered as its own call would be ----
+
+
+def put_op(key: str, value: str, client_id: int = 0, sequence: int = 0) -> raft_pb2.BatchOp:
+    session = raft_pb2.Session(client_id=client_id, sequence=sequence)
+    return raft_pb2.BatchOp(put=raft_pb2.Mapping(key=key, value=value, session=session))
+
+
+async def batch(served: Served, *ops: raft_pb2.BatchOp) -> list[raft_pb2.BatchResult]:
+    response: raft_pb2.BatchResponse = await served.stub.Batch(
+        raft_pb2.BatchRequest(ops=ops), timeout=5
+    )
+    assert len(response.results) == len(ops)
+    return list(response.results)
+
+
+async def test_a_batch_appends_its_writes_together_and_answers_each_op_in_order(
+    served: Served,
+) -> None:
+    served.node.store["old"] = "x"
+    results = await batch(
+        served,
+        put_op("a", "1"),
+        put_op("b", "2", client_id=5, sequence=1),
+        raft_pb2.BatchOp(delete=raft_pb2.DeleteRequest(key="old")),
+        raft_pb2.BatchOp(delete=raft_pb2.DeleteRequest(key="never")),
+        raft_pb2.BatchOp(
+            put_many=raft_pb2.MappingBatch(
+                mappings=[raft_pb2.Mapping(key="c", value="3"), raft_pb2.Mapping(key="d")]
+            )
+        ),
+        raft_pb2.BatchOp(get=raft_pb2.Key(key="missing")),
+    )
+    assert served.node.entry_batches == [5]
+    assert [r.code for r in results] == [0] * 6
+    assert [r.WhichOneof("reply") for r in results] == [
+        "put",
+        "put",
+        "delete",
+        "delete",
+        "put_many",
+        "get",
+    ]
+    assert results[0].put.success and results[1].put.success and results[4].put_many.success
+    assert (results[2].delete.existed, results[3].delete.existed) == (True, False)
+    assert (results[5].get.key, results[5].get.HasField("value")) == ("missing", False)
+    assert served.node.store == {"a": "1", "b": "2", "c": "3", "d": ""}
+    # Without a session a put is the seed's MAPPING entry; with one, an exactly-once command.
+    assert served.node.proposals == [("a", "1")]
+    assert served.node.commands[0].put.session.client_id == 5
+
+
+async def test_an_invalid_op_is_refused_alone_and_the_others_are_done(served: Served) -> None:
+    results = await batch(
+        served,
+        put_op("", "v"),
+        put_op("ok", "v"),
+        raft_pb2.BatchOp(),
+        put_op("k", "v", client_id=0, sequence=3),
+        raft_pb2.BatchOp(get=raft_pb2.Key(key="k" * (MAX_KEY_BYTES + 1))),
+    )
+    invalid = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert [r.code for r in results] == [invalid, 0, invalid, invalid, invalid]
+    assert "key must not be empty" in results[0].details
+    assert "one of put" in results[2].details
+    assert "needs the client_id" in results[3].details
+    assert served.node.store == {"ok": "v"}
+
+
+async def test_a_follower_redirects_a_batch_s_writes_and_answers_its_reads(served: Served) -> None:
+    served.node.refusal = NotLeaderError(12345, "127.0.0.1:12350")
+    served.node.store["k"] = "v"
+    results = await batch(
+        served,
+        put_op("a", "1"),
+        raft_pb2.BatchOp(get=raft_pb2.Key(key="k", allow_stale=True)),
+        raft_pb2.BatchOp(get=raft_pb2.Key(key="k")),
+    )
+    assert [r.code for r in results] == [0, 0, 0]
+    assert not results[0].put.success
+    assert (results[0].put.current_leader, results[0].put.leader_address) == (
+        12345,
+        "127.0.0.1:12350",
+    )
+    assert results[1].get.value == "v" and results[2].get.value == "v"
+    # One of the two reads was stale: only the other one asked for a read round.
+    assert served.node.linearizable_reads == 1
+
+
+@pytest.mark.parametrize(
+    "outcome, code, details",
+    [
+        (CommitUnknownError("lost leadership"), grpc.StatusCode.UNAVAILABLE, "lost leadership"),
+        (SessionExpired("session 5 expired"), grpc.StatusCode.FAILED_PRECONDITION, "expired"),
+        (OverloadedError("1000 writes wait"), grpc.StatusCode.RESOURCE_EXHAUSTED, "1000 writes"),
+    ],
+    ids=["unknown outcome", "session expired", "overloaded"],
+)
+async def test_a_write_that_fails_in_a_batch_ends_with_its_own_call_s_status(
+    served: Served, outcome: Any, code: grpc.StatusCode, details: str
+) -> None:
+    if isinstance(outcome, SessionExpired):
+        served.node.result_override = outcome
+    else:
+        served.node.refusal = outcome
+    results = await batch(served, put_op("k", "v", client_id=5, sequence=1))
+    assert results[0].code == code.value[0]
+    assert details in results[0].details
+
+
+async def test_a_read_that_cannot_be_served_in_a_batch_is_unavailable(served: Served) -> None:
+    served.node.read_refusal = UnavailableError("no leader to confirm the read")
+    results = await batch(served, raft_pb2.BatchOp(get=raft_pb2.Key(key="k")))
+    assert results[0].code == grpc.StatusCode.UNAVAILABLE.value[0]
+    assert results[0].details == "no leader to confirm the read"
+
+
+async def test_gets_whose_values_do_not_fit_one_reply_are_sent_back_to_ask_alone(
+    served: Served,
+) -> None:
+    served.node.store.update({f"big{i}": "v" * MAX_VALUE_BYTES for i in range(5)})
+    results = await batch(
+        served, *(raft_pb2.BatchOp(get=raft_pb2.Key(key=f"big{i}")) for i in range(5))
+    )
+    answered = [r for r in results if r.HasField("get")]
+    assert 1 <= len(answered) < 5
+    assert all(r.get.value == "v" * MAX_VALUE_BYTES for r in answered)
+    assert all(r.resend_alone and r.code == 0 for r in results if not r.HasField("get"))
+
+
+async def test_a_batch_of_too_many_ops_is_refused_whole(served: Served) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await batch(served, *(put_op(f"k{i}", "v") for i in range(MAX_CALL_OPS + 1)))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"the limit is {MAX_CALL_OPS}" in caught.value.details()
+    assert served.node.store == {}

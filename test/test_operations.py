@@ -4,6 +4,7 @@ through client sessions, and the cluster_client.py commands for them."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -129,6 +130,65 @@ async def test_a_retried_cas_whose_first_reply_was_lost_reports_its_original_out
         )
         answer = await stub.CompareAndSwap(fresh, timeout=6)
         assert (answer.swapped, answer.current_value) == (False, "theirs")
+
+
+async def test_a_retried_batch_call_reports_each_write_s_original_outcome(
+    cluster: LocalCluster, stubs: Stubs
+) -> None:
+    _, stub = await leader_stub(stubs, cluster)
+    registered = await stub.RegisterClient(raft_pb2.RegisterClientRequest(), timeout=6)
+    client_id = registered.client_id
+
+    def session(sequence: int) -> raft_pb2.Session:
+        return raft_pb2.Session(client_id=client_id, sequence=sequence, first_outstanding=1)
+
+    async with cluster.client() as other:
+        await other.propose_mapping("batched-doomed", "here")
+    request = raft_pb2.BatchRequest(
+        ops=[
+            raft_pb2.BatchOp(
+                delete=raft_pb2.DeleteRequest(key="batched-doomed", session=session(1))
+            ),
+            raft_pb2.BatchOp(
+                put=raft_pb2.Mapping(key="batched-new", value="1", session=session(2))
+            ),
+            raft_pb2.BatchOp(get=raft_pb2.Key(key="batched-doomed")),
+        ]
+    )
+    # The first call is applied, but say its reply never reached the client.
+    first = await stub.Batch(request, timeout=6)
+    assert [r.code for r in first.results] == [0, 0, 0]
+    assert first.results[0].delete.existed
+    # Meanwhile another client writes both keys again.
+    async with cluster.client() as other:
+        await other.propose_mappings({"batched-doomed": "back", "batched-new": "2"})
+    # The same call again: each write answers as it first did and changes nothing.
+    _, stub = await leader_stub(stubs, cluster)
+    again = await stub.Batch(request, timeout=6)
+    assert [r.code for r in again.results] == [0, 0, 0]
+    assert (again.results[0].delete.success, again.results[0].delete.existed) == (True, True)
+    assert again.results[1].put.success
+    # The read is not a write: it reads afresh, linearizably.
+    assert again.results[2].get.value == "back"
+    async with cluster.client() as other:
+        assert await other.get_value("batched-doomed") == "back"
+        assert await other.get_value("batched-new") == "2"
+
+
+async def test_sixty_four_writers_sharing_a_client_are_acknowledged_and_served_everywhere(
+    cluster: LocalCluster,
+) -> None:
+    written = {f"shared-{i}": f"value-{i}" for i in range(64)}
+    async with cluster.client() as client:
+        for _ in range(3):
+            await asyncio.gather(*(client.propose_mapping(k, v) for k, v in written.items()))
+        deleted = await asyncio.gather(*(client.delete(f"shared-{i}") for i in range(0, 64, 2)))
+        assert deleted == [True] * 32
+        for address in cluster.client_addresses:
+            got = await asyncio.gather(
+                *(client.get_value(k, default=None, node=address) for k in written)
+            )
+            assert got == [None if i % 2 == 0 else f"value-{i}" for i in range(64)], address
 
 
 async def test_a_write_under_an_unknown_session_is_refused_and_not_applied(
