@@ -104,18 +104,29 @@ class Writes:
         if not entries:
             return []
         self._check_can_append(len(entries))
+        indexes = self.append_many_as_leader(entries)
+        # One event for the whole batch, as it was one request: a subscriber's cost stays per
+        # batch, not per write.
         outcomes = await asyncio.gather(
-            *self._wait_applied(entries, self.append_many_as_leader(entries)),
+            *self._wait_applied(entries, indexes, tell=len(entries) == 1),
             return_exceptions=True,
         )
         node = self.node
         results: list[ApplyResult | Exception] = []
+        failed = 0
         for outcome in outcomes:
             if isinstance(outcome, SessionExpired):
                 node.narrate.info("refused a client's write: %s", outcome.reason)
             if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
                 raise outcome
+            failed += isinstance(outcome, Exception)
             results.append(outcome)
+        if len(entries) > 1 and node.feed.active:
+            what = f"batch of {len(entries)} writes"
+            text = f"a client's {what} at indexes {indexes[0]}-{indexes[-1]}: " + (
+                f"{failed} failed" if failed else "committed and applied"
+            )
+            self._tell(text, what, indexes[-1], len(entries), ok=not failed)
         return results
 
     def _check_can_append(self, count: int) -> None:
@@ -148,7 +159,7 @@ class Writes:
             )
 
     def _wait_applied(
-        self, entries: list[raft_pb2.LogEntry], indexes: list[int]
+        self, entries: list[raft_pb2.LogEntry], indexes: list[int], tell: bool = True
     ) -> list[Coroutine[Any, Any, ApplyResult]]:
         """One waiter per appended entry, all expired by a single timer."""
         node = self.node
@@ -172,7 +183,7 @@ class Writes:
                 timer.cancel()
 
         return [
-            self._await_one(entry, index, future, settled)
+            self._await_one(entry, index, future, settled, tell)
             for entry, index, future in zip(entries, indexes, futures, strict=True)
         ]
 
@@ -182,6 +193,7 @@ class Writes:
         index: int,
         future: asyncio.Future[ApplyResult],
         settled: Callable[[], None],
+        tell: bool,
     ) -> ApplyResult:
         node = self.node
         # Latency for metrics only: a finer clock than the loop's (whose ticks are milliseconds);
@@ -190,7 +202,7 @@ class Writes:
         try:
             result = await future
         except Exception as e:
-            if node.feed.active:
+            if tell and node.feed.active:
                 self._tell_outcome(entry, index, f"failed: {e}", ok=False)
             raise
         finally:
@@ -198,19 +210,17 @@ class Writes:
             if self._waiters.get(index, (0, None))[1] is future:
                 del self._waiters[index]
         node.observer.proposal_committed(time.perf_counter() - started)
-        if node.feed.active:
+        if tell and node.feed.active:
             self._tell_outcome(entry, index, "committed and applied", ok=True)
         return result
 
     def _tell_outcome(self, entry: raft_pb2.LogEntry, index: int, outcome: str, ok: bool) -> None:
         what = entry_summary([entry])
+        self._tell(f"a client's write ({what}) at index {index}: {outcome}", what, index, 1, ok)
+
+    def _tell(self, text: str, what: str, index: int, count: int, ok: bool) -> None:
         self.node.feed.emit(
-            "client",
-            f"a client's write ({what}) at index {index}: {outcome}",
-            action="write",
-            index=index,
-            ok=ok,
-            detail=what,
+            "client", text, action="write", index=index, count=count, ok=ok, detail=what
         )
 
     def _expire_proposals(

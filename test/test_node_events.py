@@ -24,6 +24,7 @@ from cluster_config import ClusterConfig, NodeAddress
 from disk import MemoryDisk
 from log import RaftLog
 from node_events import EventFeed, Subscription
+from node_types import put_entry
 from raft_node import RaftNode, Timing
 from rpc import raft_pb2, raft_pb2_grpc
 from test.cluster_process import REPO_ROOT, ClusterTls, LocalCluster
@@ -212,6 +213,36 @@ async def test_a_subscriber_that_does_not_read_is_told_how_many_events_it_missed
     assert marker.seq == delivered[29].seq + marker.count  # it came right after the full queue
     idle.close()
     assert not leader.feed.active
+
+
+async def test_a_batch_of_client_writes_is_one_append_and_one_client_event(
+    world: InProcess,
+) -> None:
+    """What a subscriber costs grows with the batches a node handles, not with the writes in them."""
+    ids = (1, 2, 3)
+    await world.start(ids)
+    leader = await world.leader()
+    subscription = leader.feed.subscribe()
+    await drain_all(subscription)
+    entries = [put_entry(f"k{i}", str(i)) for i in range(10)]
+    outcomes = await leader.propose_entries(entries)
+    assert outcomes == [None] * 10
+    await leader.propose_mapping("alone", "1")
+    events = await drain_all(subscription)
+    appends = [e for e in events if e.kind == "append"]
+    clients = [e for e in events if e.kind == "client"]
+    assert [(e.count, e.index) for e in appends] == [
+        (10, entries[0].index),
+        (1, entries[-1].index + 1),
+    ]
+    assert [(e.count, e.detail, e.ok) for e in clients] == [
+        (10, "batch of 10 writes", True),
+        (1, "mapping alone", True),
+    ], [e.text for e in clients]
+    assert (
+        f"indexes {entries[0].index}-{entries[-1].index}: committed and applied" in clients[0].text
+    )
+    subscription.close()
 
 
 async def test_a_node_nobody_watches_builds_no_events(world: InProcess) -> None:
