@@ -497,3 +497,25 @@ class NodeEvent(_message.Message):
     members: _containers.RepeatedScalarFieldContainer[int]
     action: str
     def __init__(self, seq: _Optional[int] = ..., node_id: _Optional[int] = ..., time: _Optional[float] = ..., kind: _Optional[str] = ..., text: _Optional[str] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., leader_id: _Optional[int] = ..., voted_for: _Optional[int] = ..., last_index: _Optional[int] = ..., last_term: _Optional[int] = ..., commit_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., snapshot_index: _Optional[int] = ..., peer: _Optional[int] = ..., index: _Optional[int] = ..., count: _Optional[int] = ..., ok: _Optional[bool] = ..., detail: _Optional[str] = ..., deadline: _Optional[float] = ..., entry_terms: _Optional[_Iterable[int]] = ..., time_scale: _Optional[float] = ..., members: _Optional[_Iterable[int]] = ..., action: _Optional[str] = ...) -> None: ...
+
+class SaveSnapshotRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SnapshotChunk(_message.Message):
+    __slots__ = ("success", "current_leader", "leader_address", "index", "term", "cluster_id", "data")
+    SUCCESS_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_LEADER_FIELD_NUMBER: _ClassVar[int]
+    LEADER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    TERM_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    success: bool
+    current_leader: int
+    leader_address: str
+    index: int
+    term: int
+    cluster_id: str
+    data: bytes
+    def __init__(self, success: _Optional[bool] = ..., current_leader: _Optional[int] = ..., leader_address: _Optional[str] = ..., index: _Optional[int] = ..., term: _Optional[int] = ..., cluster_id: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
