@@ -206,6 +206,15 @@ def test_restore_builds_each_node_of_a_new_cluster_with_a_new_identity(
     assert {p.name for p in target.iterdir()} == set(before)
     assert not [p for p in root.iterdir() if p.name.startswith(".")], "leftovers beside it"
 
+    # Onto other members: those the flags give, never the backup's, and another id again.
+    elsewhere = ClusterConfig.seed_scheme(find_free_port_block(6), 3)
+    moved = tmp_path / "elsewhere"
+    code, _, err = _restore(min(elsewhere.nodes), min(elsewhere.nodes), moved, path)
+    assert code == 0, err
+    *_, members, machine = asyncio.run(opened(moved))
+    assert members == Membership.bootstrap(elsewhere) and machine.last_applied == meta.index
+    assert _cluster_id(moved) not in (meta.cluster_id, *ids, derive_cluster_id(elsewhere))
+
 
 # ---- on real clusters ----------------------------------------------------------------------
 
