@@ -338,50 +338,56 @@ async def test_a_restored_cluster_serves_every_key_and_session_and_refuses_the_o
 async def test_a_backup_taken_during_writes_is_the_state_at_one_index(
     make_cluster: MakeCluster, tmp_path: Path
 ) -> None:
-    """Writes go on, one after another, while the backup is taken and streamed: the backup holds
-    a prefix of them (no later write without every earlier one), at least every write
-    acknowledged before it was asked for, and a counter consistent with that prefix."""
+    """Writes go on, each sequence one write after another, while the backup is taken and
+    streamed: the backup holds a prefix of every sequence (no later write without every earlier
+    one), at least every write acknowledged before it was asked for, and counters consistent
+    with those prefixes; and it is taken at the first try."""
     cluster = make_cluster(nodes=3)
     await cluster.wait_for_leader(timeout=15)
     path = tmp_path / "backup.db"
+    sequences = ("a", "b", "c")
     async with cluster.client(deadline=20) as client:
-        # Enough state (a few MB) that streaming it takes many chunks while writes go on.
-        filler = "f" * 200
+        # Enough state (about 10 MB) that streaming it takes many chunks while writes go on.
+        filler = "f" * 500
         for batch in range(20):
             await client.propose_mappings({f"fill-{batch}-{i}": filler for i in range(1000)})
-        acked = 0
+        acked = dict.fromkeys(sequences, 0)
         stop = asyncio.Event()
 
-        async def writer() -> None:
-            nonlocal acked
+        async def writer(name: str) -> None:
             i = 0
             while not stop.is_set():
-                await client.propose_mapping(f"seq-{i:06d}", str(i))
-                await client.propose_mapping("counter", str(i))
+                await client.propose_mapping(f"{name}-{i:06d}", str(i))
+                await client.propose_mapping(f"{name}-counter", str(i))
                 i += 1
-                acked = i
+                acked[name] = i
 
         async def acked_at_least(count: int) -> bool:
-            return acked >= count
+            return min(acked.values()) >= count
 
-        task = asyncio.create_task(writer())
+        tasks = [asyncio.create_task(writer(name)) for name in sequences]
         try:
             await wait_until(functools.partial(acked_at_least, 10), 20, "10 writes acknowledged")
-            before = acked
-            saved = await client.save_snapshot(path)
+            before = dict(acked)
+            saved = await client.save_snapshot(path, timeout=30)
+            after = min(acked.values())
             await wait_until(
-                functools.partial(acked_at_least, acked + 5), 20, "writes go on after the backup"
+                functools.partial(acked_at_least, after + 5), 20, "writes go on after the backup"
             )
         finally:
             stop.set()
-            await task
+            await asyncio.gather(*tasks)
+    taken = sum(cluster.node_log(n).count("taking a backup for a client") for n in cluster.node_ids)
+    assert taken == 1, f"the backup took {taken} tries\n{log_tails(cluster)}"
     backup = read_backup(str(path))
     assert backup.meta.index == saved.meta.index
     state = decode_state(b"".join(backup.state))
     assert state.last_applied == backup.meta.index
-    sequence = sorted(k for k in state.data if k.startswith("seq-"))
-    count = len(sequence)
-    assert sequence == [f"seq-{i:06d}" for i in range(count)], "not a prefix of the writes"
-    assert count >= before, f"the backup lacks writes acknowledged before it ({count} < {before})"
-    assert int(state.data["counter"]) in (count - 1, count - 2), (state.data["counter"], count)
+    for name in sequences:
+        sequence = sorted(k for k in state.data if k.startswith(f"{name}-0"))
+        count = len(sequence)
+        assert sequence == [f"{name}-{i:06d}" for i in range(count)], f"{name}: not a prefix"
+        assert count >= before[name], f"{name}: writes acknowledged before the backup are missing"
+        counter = int(state.data[f"{name}-counter"])
+        assert counter in (count - 1, count - 2), (name, counter, count)
     assert sum(1 for k in state.data if k.startswith("fill-")) == 20_000
