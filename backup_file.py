@@ -278,7 +278,11 @@ async def write_backup_file(path: str, chunks: AsyncIterator[bytes]) -> Backup:
     the temporary file removed; BackupError if what arrived is not a valid backup."""
     directory = os.path.dirname(path) or os.curdir
     tmp = f"{path}.{os.getpid()}{TMP_SUFFIX}"
-    f = await asyncio.to_thread(open, tmp, "wb")
+    try:
+        f = await asyncio.to_thread(open, tmp, "wb")
+    except OSError as e:
+        # Named as the file asked for: the temporary one beside it is a detail.
+        raise OSError(e.errno, e.strerror, path) from None
     try:
         try:
             async for chunk in chunks:

@@ -271,6 +271,11 @@ async def test_a_restored_cluster_serves_every_key_and_session_and_refuses_the_o
     )
     assert saved.returncode == 0, saved.stderr + log_tails(old)
     assert saved.stdout.startswith(f"saved {backup}: cluster "), saved.stdout
+    nowhere = tmp_path / "missing" / "backup.db"
+    failed = run_script(
+        ["cluster_client.py", *_seed(old.first_port), "snapshot", "save", str(nowhere)]
+    )
+    assert failed.returncode == 1 and f"cannot write {nowhere}" in _one_line(failed.stderr)
     old_id = _cluster_id(old.node_data_dir(leader))
     assert old_id is not None and read_backup(str(backup)).meta.cluster_id == old_id
     assert "taking a backup for a client" in old.node_log(await old.wait_for_leader())
