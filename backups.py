@@ -13,16 +13,20 @@ happen in small pieces afterwards, while the node goes on serving.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
 from backup_file import BackupMeta, backup_chunks, now_ms
 from log import RaftLog
 from membership import ConfigHistory
-from node_types import NodeBasics, Timing, UnavailableError, size_text
+from node_types import NodeBasics, OverloadedError, Timing, UnavailableError, size_text
 from reads import Reads
 from state_machine import KeyValueStateMachine, SnapshotState
+
+# Backups one node takes at the same time: each holds a copy of the whole state until it is sent.
+MAX_BACKUPS = 2
 
 
 class BackupNode(NodeBasics, Protocol):
@@ -56,6 +60,22 @@ class Backups:
     def __init__(self, node: BackupNode, cluster_id: Callable[[], str | None]) -> None:
         self.node = node
         self._cluster_id = cluster_id
+        self._in_progress = 0
+
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[None]:
+        """Hold one of the MAX_BACKUPS places for a backup from taking it to sending its last
+        byte; OverloadedError when all are taken (memory stays bounded, whoever asks)."""
+        if self._in_progress >= MAX_BACKUPS:
+            raise OverloadedError(
+                f"{self._in_progress} backups are already being taken on this node; try again "
+                "once they are done"
+            )
+        self._in_progress += 1
+        try:
+            yield
+        finally:
+            self._in_progress -= 1
 
     async def take(self) -> BackupPoint:
         """The state at the leader's applied index once a read index round confirmed it leads:

@@ -439,20 +439,25 @@ class ClusterServicer(raft_pb2_grpc.ClusterServicer):
         await self._admin_only(context)
         if self._backups is None:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this node takes no backups")
-        assert self._backups is not None
+        backups = self._backups
+        assert backups is not None
         try:
-            point = await self._backups.take()
-        except NotLeaderError as e:
-            yield _redirect(raft_pb2.SnapshotChunk(), e)
-            return
-        except UnavailableError as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-        meta = point.meta
-        yield raft_pb2.SnapshotChunk(
-            success=True, index=meta.index, term=meta.term, cluster_id=meta.cluster_id
-        )
-        async for data in self._backups.chunks(point):
-            yield raft_pb2.SnapshotChunk(data=data)
+            with backups.slot():
+                try:
+                    point = await backups.take()
+                except NotLeaderError as e:
+                    yield _redirect(raft_pb2.SnapshotChunk(), e)
+                    return
+                except UnavailableError as e:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+                meta = point.meta
+                yield raft_pb2.SnapshotChunk(
+                    success=True, index=meta.index, term=meta.term, cluster_id=meta.cluster_id
+                )
+                async for data in backups.chunks(point):
+                    yield raft_pb2.SnapshotChunk(data=data)
+        except OverloadedError as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
 
     async def Events(
         self, request: raft_pb2.EventsRequest, context: grpc.aio.ServicerContext

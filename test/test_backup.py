@@ -10,16 +10,20 @@ import functools
 import hashlib
 import json
 import os
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Any, cast
 
 import grpc
 import pytest
 
 from backup_file import BackupMeta, encode_backup, now_ms, read_backup
+from backups import MAX_BACKUPS, Backups
 from cluster_config import ClusterConfig
 from cluster_identity import FILE_NAME, derive_cluster_id
 from log import RaftLog
 from membership import Membership
+from node_types import OverloadedError
 from rpc import raft_pb2, raft_pb2_grpc
 from state_machine import KeyValueStateMachine, decode_state
 from test.cluster_process import LocalCluster, find_free_port_block
@@ -214,6 +218,18 @@ def test_restore_builds_each_node_of_a_new_cluster_with_a_new_identity(
     *_, members, machine = asyncio.run(opened(moved))
     assert members == Membership.bootstrap(elsewhere) and machine.last_applied == meta.index
     assert _cluster_id(moved) not in (meta.cluster_id, *ids, derive_cluster_id(elsewhere))
+
+
+def test_a_node_takes_a_bounded_number_of_backups_at_once() -> None:
+    """Each backup holds a copy of the whole state until sent: beyond MAX_BACKUPS, refused."""
+    backups = Backups(cast(Any, None), lambda: "0123456789abcdef")
+    with ExitStack() as held:
+        for _ in range(MAX_BACKUPS):
+            held.enter_context(backups.slot())
+        with pytest.raises(OverloadedError, match="already being taken"), backups.slot():
+            pass
+    with backups.slot():
+        pass  # every place was given back
 
 
 # ---- on real clusters ----------------------------------------------------------------------
