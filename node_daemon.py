@@ -82,7 +82,9 @@ def _build_parser() -> argparse.ArgumentParser:
             "`python raft_node.py --id 2 --cluster new.toml --restore backup.db` (build node 2's "
             "data directory of a new cluster from a backup, then exit). "
             "Exit codes: 0 clean stop or removed from the cluster, 1 damaged data directory, "
-            "2 bad arguments, address in use, or the cluster refused to add this node."
+            "2 bad arguments, address in use, or the cluster refused to add this node; with "
+            "--restore: 0 built, 1 the backup is refused, 2 the data directory is not empty or "
+            "in use."
         ),
     )
     parser.add_argument(
