@@ -19,6 +19,7 @@ import pytest
 
 from backup_file import BackupMeta, encode_backup, now_ms, read_backup
 from backups import MAX_BACKUPS, Backups
+from cluster_client import Client
 from cluster_config import ClusterConfig
 from cluster_identity import FILE_NAME, derive_cluster_id
 from log import RaftLog
@@ -400,6 +401,13 @@ async def test_a_backup_taken_during_writes_is_the_state_at_one_index(
             await asyncio.gather(*tasks)
     taken = sum(cluster.node_log(n).count("taking a backup for a client") for n in cluster.node_ids)
     assert taken == 1, f"the backup took {taken} tries\n{log_tails(cluster)}"
+    # Asked of a follower alone, the client is sent on to the leader, which takes it.
+    leader = await cluster.wait_for_leader(timeout=15)
+    follower = next(n for n in cluster.node_ids if n != leader)
+    async with Client.from_endpoints([cluster.client_address(follower)], deadline=20) as client:
+        again = await client.save_snapshot(tmp_path / "again.db")
+        assert client.known_leader == cluster.client_address(leader)
+    assert again.meta.index >= saved.meta.index and again.keys >= saved.keys
     backup = read_backup(str(path))
     assert backup.meta.index == saved.meta.index
     state = decode_state(b"".join(backup.state))
