@@ -405,7 +405,7 @@ async def test_a_backup_taken_during_writes_is_the_state_at_one_index(
     leader = await cluster.wait_for_leader(timeout=15)
     follower = next(n for n in cluster.node_ids if n != leader)
     async with Client.from_endpoints([cluster.client_address(follower)], deadline=20) as client:
-        again = await client.save_snapshot(tmp_path / "again.db")
+        again = await client.save_snapshot(tmp_path / "again.db", timeout=20)
         assert client.known_leader == cluster.client_address(leader)
     assert again.meta.index >= saved.meta.index and again.keys >= saved.keys
     backup = read_backup(str(path))
