@@ -315,6 +315,10 @@ async def test_a_restored_cluster_serves_every_key_and_session_and_refuses_the_o
         for node_id in others:
             new.start_node(node_id)
         await new.wait_for_leader(timeout=20, exclude=[stale])
+        # A running node's data directory is never restored over, not even with --force.
+        running = root / str(others[0])
+        code, _, err = _restore(others[0], old.first_port, running, backup, "--force")
+        assert code == 2 and "in use by a running node" in _one_line(err), err
         old.start_node(stale)
         for node_id in others:
             assert "restored state from snapshot up to index" in new.node_log(node_id)
