@@ -166,7 +166,7 @@ def _read(path: str, f: Any, size: int) -> Backup:
         raise BackupError(
             path, "not a raft-demo backup file (it does not start with its magic line)"
         )
-    header_line = _read_line(f, MAX_HEADER_BYTES)
+    header_line: bytes = f.readline(MAX_HEADER_BYTES)
     trailer = _trailer(f, size)
     if trailer is None or not header_line.endswith(b"\n"):
         # A newer format may end otherwise: name the version when the header says another.
@@ -215,12 +215,6 @@ def _read(path: str, f: Any, size: int) -> Backup:
     return Backup(
         path, meta, size, expected, pieces, keys=len(state.data), sessions=len(state.sessions)
     )
-
-
-def _read_line(f: Any, limit: int) -> bytes:
-    """The next line, newline included; without one, what there was up to `limit` bytes."""
-    line: bytes = f.readline(limit)
-    return line
 
 
 def _trailer(f: Any, size: int) -> re.Match[bytes] | None:
