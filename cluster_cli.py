@@ -11,10 +11,12 @@ import time
 from collections.abc import Coroutine, Sequence
 from typing import Any, NoReturn, TypeVar
 
+from backup_file import BackupError, describe, read_backup
 from cli_view import EventPrinter, LiveTable, contact_style, is_terminal, lag_style
 from cluster_client import (
     DEFAULT_ADD_MEMBER_TIMEOUT,
     DEFAULT_DEADLINE,
+    DEFAULT_SNAPSHOT_TIMEOUT,
     Client,
     ClusterStatus,
     ClusterUnavailableError,
@@ -57,6 +59,7 @@ exit codes:
   status: {EXIT_OK} when every member answered and one of them leads, else {EXIT_UNAVAILABLE}
      (the table is printed either way); with --watch, {EXIT_OK} on Ctrl-C
   events: {EXIT_OK} on Ctrl-C; {EXIT_USAGE} when a node refuses this client
+  snapshot save/status: {EXIT_REFUSED} when the file cannot be written, or is not a valid backup
 """
 
 
@@ -113,7 +116,8 @@ def _build_parser() -> _Parser:
         type=_positive_seconds,
         metavar="S",
         help=f"give up after S seconds (default {DEFAULT_DEADLINE:g}; "
-        f"{DEFAULT_ADD_MEMBER_TIMEOUT:g} for member add)",
+        f"{DEFAULT_ADD_MEMBER_TIMEOUT:g} for member add, {DEFAULT_SNAPSHOT_TIMEOUT:g} for "
+        "snapshot save)",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     put = commands.add_parser(
@@ -224,6 +228,24 @@ def _build_parser() -> _Parser:
     events.add_argument(
         "--json", action="store_true", help="one JSON object per event (every NodeEvent field)"
     )
+    snapshot = commands.add_parser(
+        "snapshot",
+        help="save a backup of the whole store to a file, or check one",
+        description="Back up the whole store (keys, client sessions, everything the nodes "
+        "snapshot) to a file, or check a backup file. To restore one, build each node's data "
+        "directory with `raft_node.py ... --restore FILE` (see docs/operations.md).",
+    )
+    snapshot_actions = snapshot.add_subparsers(dest="action", required=True, metavar="ACTION")
+    save = snapshot_actions.add_parser(
+        "save",
+        help="save the leader's state at one applied index to FILE, atomically, with a "
+        "checksum; prints what it holds (an admin call under TLS)",
+    )
+    save.add_argument("file", metavar="FILE")
+    check = snapshot_actions.add_parser(
+        "status", help="verify a backup FILE (no cluster needed) and print what it holds"
+    )
+    check.add_argument("file", metavar="FILE")
     return parser
 
 
@@ -330,6 +352,12 @@ async def _run_command(client: Client, args: argparse.Namespace) -> int:
             return await _run_status_command(client, args)
         if args.command == "events":
             return await _run_events_command(client, args)
+        if args.command == "snapshot":
+            timeout = DEFAULT_SNAPSHOT_TIMEOUT if args.timeout is None else args.timeout
+            backup = await client.save_snapshot(args.file, timeout=timeout)
+            first, *rest = describe(backup)
+            print("\n".join([f"saved {first}", *rest]))
+            return EXIT_OK
         leader_id, address = await client.leader()
         print(f"{leader_id} {address}")
         return EXIT_OK
@@ -614,6 +642,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, TlsError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    if args.command == "snapshot" and args.action == "status":
+        try:
+            print("\n".join(describe(read_backup(args.file))))
+        except BackupError as e:
+            print(f"{PROG}: {e}", file=sys.stderr)
+            return EXIT_REFUSED
+        return EXIT_OK
     if args.command == "web":
         import web_view
 
@@ -635,6 +670,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SessionExpiredError as e:
         print(f"{PROG}: outcome unknown: the client session expired: {e}", file=sys.stderr)
         return EXIT_UNAVAILABLE
+    except BackupError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return EXIT_REFUSED
+    except OSError as e:
+        if args.command != "snapshot":
+            raise
+        # The backup file, or the temporary file beside it, cannot be written.
+        print(f"{PROG}: cannot write {e.filename or args.file}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_REFUSED
     except KeyboardInterrupt:
         if args.command == "events" or (args.command == "status" and args.watch is not None):
             return EXIT_OK  # how --watch and events are meant to end

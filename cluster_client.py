@@ -17,6 +17,7 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 
+from backup_file import Backup, write_backup_file
 from client_batching import CallBatcher
 from cluster_config import (
     DEFAULT_FIRST_PORT,
@@ -38,6 +39,8 @@ DEFAULT_READ_ATTEMPT_TIMEOUT = 1.0
 # Adding a member may wait for the new node to catch up (by snapshot if it is far behind) and be
 # promoted to voter, which can take tens of seconds: add_member has its own, longer timeout.
 DEFAULT_ADD_MEMBER_TIMEOUT = 120.0
+# Saving a backup streams the whole store: a large one takes a while.
+DEFAULT_SNAPSHOT_TIMEOUT = 300.0
 BACKOFF_MIN = 0.02
 BACKOFF_MAX = 1.0
 # A membership change refused because another one is not yet committed is asked again this many
@@ -666,6 +669,39 @@ class Client:
                 )
         nodes = sorted(rows.values(), key=lambda n: (n.id is None, n.id or 0, n.client_address))
         return ClusterStatus(nodes, leader.node_id if leader is not None else None)
+
+    async def save_snapshot(
+        self, path: str | Path, *, timeout: float = DEFAULT_SNAPSHOT_TIMEOUT
+    ) -> Backup:
+        """Save a backup of the whole store (every key, every client session: all the state
+        machine holds) to `path`: the leader's state at one applied index, taken once it has
+        confirmed it leads, so the backup holds every write completed before the call. The
+        file is written atomically (a temporary file, fsync'd, verified, renamed); returns what
+        it holds. An admin call under TLS. BackupError if what arrived does not verify; OSError
+        if `path` cannot be written."""
+
+        async def attempt(
+            address: str, stub: raft_pb2_grpc.ClusterStub, seconds: float
+        ) -> _Done[Backup] | _Next:
+            call = stub.SaveSnapshot(raft_pb2.SaveSnapshotRequest(), timeout=seconds)
+            try:
+                first = await call.read()
+                if first is grpc.aio.EOF:
+                    return _Next(f"{address} ended the backup stream without a word")
+                if not first.success:
+                    leader_id = first.current_leader if first.HasField("current_leader") else None
+                    return self._redirect(address, leader_id, first.leader_address)
+                self._leader = address
+
+                async def chunks() -> AsyncIterator[bytes]:
+                    while (chunk := await call.read()) is not grpc.aio.EOF:
+                        yield chunk.data
+
+                return _Done(await write_backup_file(str(path), chunks()))
+            finally:
+                call.cancel()
+
+        return await self._retry("save a snapshot", timeout, attempt, deadline=timeout)
 
     def event_addresses(self, node: str | None = None) -> list[str]:
         """The client addresses `events(node)` follows: `node` as a node id this client knows or

@@ -37,6 +37,21 @@ def derive_cluster_id(config: ClusterConfig, token: str = DEFAULT_TOKEN) -> str:
     return digest.hexdigest()[:16]
 
 
+def derive_restored_cluster_id(
+    config: ClusterConfig, token: str, source_id: str, index: int, term: int, created_ms: int
+) -> str:
+    """The id of a cluster restored from a backup (of cluster `source_id` at `index`/`term`,
+    taken at `created_ms`) onto the members of `config`: every node restored from the same
+    backup with the same members and token derives the same one, and it is never the source's,
+    not even on the source's own members and token, so the restored cluster and the old one
+    never talk. Restoring one backup twice onto the same members gives the same id: give each
+    restored cluster its own --cluster-token to keep them apart."""
+    digest = hashlib.sha256(f"restored\n{token}\n{source_id} {index} {term} {created_ms}".encode())
+    for node in sorted(config.nodes.values(), key=lambda n: n.id):
+        digest.update(f"\n{node.id} {node.client_address}".encode())
+    return digest.hexdigest()[:16]
+
+
 def _encode(cluster_id: str) -> bytes:
     crc = zlib.crc32(cluster_id.encode())
     return f"raft-demo cluster {cluster_id} crc32 {crc:08x}\n".encode()

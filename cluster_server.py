@@ -9,6 +9,7 @@ from typing import Protocol, TypeVar
 
 import grpc
 
+from backups import Backups
 from cluster_config import NodeAddress
 from membership import (
     MAX_NODE_ID,
@@ -51,6 +52,7 @@ _WriteReply = TypeVar(
     raft_pb2.CompareAndSwapResponse,
     raft_pb2.RegisterClientResponse,
     raft_pb2.MembershipResponse,
+    raft_pb2.SnapshotChunk,
 )
 
 
@@ -167,12 +169,19 @@ def _redirect(response: _WriteReply, e: NotLeaderError) -> _WriteReply:
 
 class ClusterServicer(raft_pb2_grpc.ClusterServicer):
     """Serves the key-value operations, client registration, GetLeader and the admin calls
-    (leadership transfer, membership) for one node. With `admin_names`, the admin calls are
-    served only to clients whose verified certificate bears one of those names."""
+    (leadership transfer, membership, backups) for one node. With `admin_names`, the admin calls
+    are served only to clients whose verified certificate bears one of those names. Without
+    `backups`, SaveSnapshot is UNIMPLEMENTED."""
 
-    def __init__(self, node: ClusterNode, admin_names: Collection[str] = ()) -> None:
+    def __init__(
+        self,
+        node: ClusterNode,
+        admin_names: Collection[str] = (),
+        backups: Backups | None = None,
+    ) -> None:
         self._node = node
         self._admin_names = frozenset(admin_names)
+        self._backups = backups
 
     async def _admin_only(self, context: grpc.aio.ServicerContext) -> None:
         refusal = admin_refusal(context, self._admin_names)
@@ -502,6 +511,35 @@ class ClusterServicer(raft_pb2_grpc.ClusterServicer):
         """Admin: this node's own view of itself (and, on the leader, of each other member);
         every node answers, whatever its role."""
         return status_to_proto(self._node.status())
+
+    async def SaveSnapshot(
+        self, request: raft_pb2.SaveSnapshotRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[raft_pb2.SnapshotChunk]:
+        """Admin: a backup of the whole store, taken by the leader at its applied index once a
+        read index round confirmed it leads (backups.py), streamed as a backup file in chunks.
+        A node that does not lead answers one message: a redirect."""
+        await self._admin_only(context)
+        if self._backups is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this node takes no backups")
+        backups = self._backups
+        assert backups is not None
+        try:
+            with backups.slot():
+                try:
+                    point = await backups.take()
+                except NotLeaderError as e:
+                    yield _redirect(raft_pb2.SnapshotChunk(), e)
+                    return
+                except UnavailableError as e:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+                meta = point.meta
+                yield raft_pb2.SnapshotChunk(
+                    success=True, index=meta.index, term=meta.term, cluster_id=meta.cluster_id
+                )
+                async for data in backups.chunks(point):
+                    yield raft_pb2.SnapshotChunk(data=data)
+        except OverloadedError as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
 
     async def Events(
         self, request: raft_pb2.EventsRequest, context: grpc.aio.ServicerContext

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from backups import Backups
 from cluster_config import ClusterConfig, ConfigError, NodeAddress, parse_host_port
 from cluster_identity import DEFAULT_TOKEN, ClusterIdentity, ClusterIdentityError, derive_cluster_id
 from log import REMEDY, LogCorruptionError, RaftLog, RealDisk
@@ -20,6 +21,7 @@ from membership import Membership, MembershipError, check_new_member
 from node_settings import JsonLogFormatter, parse_args
 from node_status import NodeObserver, Observers
 from raft_node import HANDOVER_TIMEOUTS, RaftNode, SnapshotPolicy, Timing
+from restore import add_restore_flags, check_restore_flags, run_restore
 from rpc import raft_pb2_grpc
 from snapshot import SnapshotError
 from tls import NodeTlsFiles, RenewableServerCredentials, TlsConfig, TlsError
@@ -76,9 +78,13 @@ def _build_parser() -> argparse.ArgumentParser:
             "127.0.0.1, Raft ports 12345-12349, client ports 12350-12354); "
             "`python raft_node.py --id 2 --cluster cluster.toml` (any hosts); "
             "`python raft_node.py --id 6 --join 127.0.0.1:12350 --raft-address 127.0.0.1:12360 "
-            "--client-address 127.0.0.1:12361` (a new node joins a running cluster). "
+            "--client-address 127.0.0.1:12361` (a new node joins a running cluster); "
+            "`python raft_node.py --id 2 --cluster new.toml --restore backup.db` (build node 2's "
+            "data directory of a new cluster from a backup, then exit). "
             "Exit codes: 0 clean stop or removed from the cluster, 1 damaged data directory, "
-            "2 bad arguments, address in use, or the cluster refused to add this node."
+            "2 bad arguments, address in use, or the cluster refused to add this node; with "
+            "--restore: 0 built, 1 the backup is refused, 2 the data directory is not empty or "
+            "in use."
         ),
     )
     parser.add_argument(
@@ -214,6 +220,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="address to bind the metrics endpoint to (default: as the node's other servers)",
     )
     _add_tls_flags(parser)
+    add_restore_flags(parser)
     return parser
 
 
@@ -221,6 +228,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = _build_parser()
     args = parse_args(parser, argv)
     _check_tls_flags(parser, args)
+    check_restore_flags(parser, args)
     if args.metrics_port is not None and not 0 < args.metrics_port < 65536:
         parser.error(f"--metrics-port must be in 1-65535, not {args.metrics_port}")
     if args.join is not None:
@@ -451,7 +459,11 @@ async def _serve(
                 me.client_address,
                 lambda s: raft_server.add_refusing_malformed(
                     raft_pb2_grpc.add_ClusterServicer_to_server,
-                    cluster_server.ClusterServicer(node, admin_names=args.admin_cert_name or ()),
+                    cluster_server.ClusterServicer(
+                        node,
+                        admin_names=args.admin_cert_name or (),
+                        backups=Backups(node, lambda: identity.cluster_id),
+                    ),
                     s,
                 ),
                 4 * 1024 * 1024,
@@ -820,6 +832,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     except ConfigError as e:
         _fail(2, str(e))
+    if args.restore is not None:
+        return run_restore(args, cluster, node_id)
     args.tls_files = _tls_files(args)
     # Checked before anything starts, so a bad file is one line and exit 2; read again in _serve.
     _load_tls(args.tls_files, node_id)

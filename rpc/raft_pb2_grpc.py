@@ -406,6 +406,11 @@ class ClusterStub:
                 request_serializer=rpc_dot_raft__pb2.BatchRequest.SerializeToString,
                 response_deserializer=rpc_dot_raft__pb2.BatchResponse.FromString,
                 _registered_method=True)
+        self.SaveSnapshot = channel.unary_stream(
+                '/Cluster/SaveSnapshot',
+                request_serializer=rpc_dot_raft__pb2.SaveSnapshotRequest.SerializeToString,
+                response_deserializer=rpc_dot_raft__pb2.SnapshotChunk.FromString,
+                _registered_method=True)
 
 
 class ClusterServicer:
@@ -522,6 +527,17 @@ class ClusterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SaveSnapshot(self, request, context):
+        """Admin, added by raft-demo: a backup of the whole store. The leader confirms it
+        still leads (a read index round), takes its state machine's content at its applied
+        index (keys, sessions, everything a snapshot holds) with the membership there, and
+        streams a backup file of it (see backup_file.py: header, state, SHA-256 trailer).
+        A node that does not lead answers one message with success false and a redirect.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClusterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -594,6 +610,11 @@ def add_ClusterServicer_to_server(servicer, server):
                     servicer.Batch,
                     request_deserializer=rpc_dot_raft__pb2.BatchRequest.FromString,
                     response_serializer=rpc_dot_raft__pb2.BatchResponse.SerializeToString,
+            ),
+            'SaveSnapshot': grpc.unary_stream_rpc_method_handler(
+                    servicer.SaveSnapshot,
+                    request_deserializer=rpc_dot_raft__pb2.SaveSnapshotRequest.FromString,
+                    response_serializer=rpc_dot_raft__pb2.SnapshotChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -975,6 +996,33 @@ class Cluster:
             '/Cluster/Batch',
             rpc_dot_raft__pb2.BatchRequest.SerializeToString,
             rpc_dot_raft__pb2.BatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SaveSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/Cluster/SaveSnapshot',
+            rpc_dot_raft__pb2.SaveSnapshotRequest.SerializeToString,
+            rpc_dot_raft__pb2.SnapshotChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -247,8 +247,11 @@ async def test_a_peer_with_another_cas_certificate_cannot_reach_raft(
 # ---- admin calls ---------------------------------------------------------------------------
 
 
-async def test_admin_calls_need_an_admin_certificate(cluster: LocalCluster, certs: Certs) -> None:
+async def test_admin_calls_need_an_admin_certificate(
+    cluster: LocalCluster, certs: Certs, tmp_path: Path
+) -> None:
     voters = sorted(cluster.node_ids)
+    backup = tmp_path / "backup.db"
     async with Client.from_endpoints(
         cluster.client_addresses, tls=certs.config("client"), deadline=20
     ) as client:
@@ -258,9 +261,12 @@ async def test_admin_calls_need_an_admin_certificate(cluster: LocalCluster, cert
             client.transfer_leadership(0),
             client.remove_member(voters[0]),
             client.add_member(7, "127.0.0.1:1", "127.0.0.1:2", wait_until_voter=False),
+            # A backup holds every key and session: an admin's to take.
+            client.save_snapshot(backup),
         ):
             with pytest.raises(PermissionDeniedError, match="admin"):
                 await call
+        assert os.listdir(tmp_path) == [], "a refused backup left a file behind"
         # Ordinary calls still work for this certificate.
         await client.propose_mapping("after-denial", "yes")
 
@@ -272,6 +278,8 @@ async def test_admin_calls_need_an_admin_certificate(cluster: LocalCluster, cert
         # Past the admin check, the cluster's own rules answer.
         with pytest.raises(MembershipRefusedError):
             await admin.remove_member(999_999)
+        saved = await admin.save_snapshot(backup)
+        assert saved.keys >= 1 and os.listdir(tmp_path) == [backup.name]
 
     denied = await asyncio.gather(
         run(cli(cluster, *certs.flags("client"), "transfer-leader", "0")),
