@@ -4,7 +4,7 @@ node's answer (or refusal) into the reply and status code the client expects."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from typing import Protocol, TypeVar
 
 import grpc
@@ -17,7 +17,7 @@ from membership import (
     MembershipError,
     check_new_member,
 )
-from node_events import SEND_PACE, EventFeed, TooManySubscribersError
+from node_events import SEND_PACE, EventFeed, EventNarrator, TooManySubscribersError
 from node_status import NodeStatus
 from node_types import (
     MAX_WIRE_NUMBER,
@@ -29,14 +29,39 @@ from node_types import (
     UnavailableError,
 )
 from rpc import raft_pb2, raft_pb2_grpc
-from state_machine import ApplyResult, CasResult, SessionExpired
+from state_machine import (
+    ApplyResult,
+    CasResult,
+    DeleteRangeResult,
+    DeleteResult,
+    KeyValueStateMachine,
+    RangePage,
+    SessionExpired,
+    range_bounds,
+)
 from tls import admin_refusal
+from watch import (
+    DEFAULT_WATCH_QUEUE,
+    PROGRESS_INTERVAL,
+    KeyRange,
+    SlowWatcherError,
+    TooManyWatchersError,
+    WatchHub,
+)
+from watch_window import CompactedError
 
 MAX_KEY_BYTES = 1024
 MAX_VALUE_BYTES = 1024 * 1024
 # One ProposeMappings batch is one log entry: bounded so it fits a message to the followers.
 MAX_BATCH_MAPPINGS = 1000
 MAX_BATCH_BYTES = 2 * 1024 * 1024
+# One Range reply carries at most this many keys, and stops adding keys once past this many bytes
+# of keys and values (one key and its value are at most 1 MiB + 1 KiB): well under the 4 MiB a
+# reply may be. Follow `more`.
+MAX_RANGE_LIMIT = 10_000
+MAX_RANGE_BYTES = 2 * 1024 * 1024
+
+_Query = TypeVar("_Query")
 
 # The write replies that carry a redirect (success, current_leader, leader_address).
 _WriteReply = TypeVar(
@@ -46,7 +71,16 @@ _WriteReply = TypeVar(
     raft_pb2.CompareAndSwapResponse,
     raft_pb2.RegisterClientResponse,
     raft_pb2.MembershipResponse,
+    raft_pb2.DeleteRangeResponse,
 )
+
+
+class LinearizableReads(Protocol):
+    """The node's read path (reads.py), for reads other than a single key's."""
+
+    async def linearizable(
+        self, query: Callable[[KeyValueStateMachine], _Query], what: str
+    ) -> _Query: ...
 
 
 class ClusterNode(Protocol):
@@ -54,6 +88,9 @@ class ClusterNode(Protocol):
 
     @property
     def node_id(self) -> int: ...
+
+    @property
+    def narrate(self) -> EventNarrator: ...
 
     @property
     def role(self) -> str: ...
@@ -65,7 +102,7 @@ class ClusterNode(Protocol):
 
     async def propose_mapping(
         self, key: str, value: str, session: raft_pb2.Session | None = None
-    ) -> None: ...
+    ) -> int: ...
 
     async def propose(self, command: raft_pb2.Command) -> ApplyResult: ...
 
@@ -90,6 +127,13 @@ class ClusterNode(Protocol):
 
     # What the node does, as it happens (node_events.py).
     feed: EventFeed
+
+    # The store itself, for stale reads and watches; and the read path, for linearizable ranges.
+    @property
+    def state_machine(self) -> KeyValueStateMachine: ...
+
+    @property
+    def reads(self) -> LinearizableReads: ...
 
 
 def key_problem(key: str) -> str | None:
@@ -147,6 +191,27 @@ def batch_problem(batch: raft_pb2.MappingBatch) -> str | None:
     return None
 
 
+def range_problem(key: str, range_end: str | None, prefix: bool) -> str | None:
+    """Why a request's range of keys is malformed, or None when it is acceptable."""
+    if prefix and range_end is not None:
+        return "give a prefix or a range_end, not both"
+    for name, text in (("key", key), ("range_end", range_end or "")):
+        size = len(text.encode("utf-8"))
+        if size > MAX_KEY_BYTES:
+            return f"{name} is {size} bytes in UTF-8; the limit is {MAX_KEY_BYTES} bytes"
+    if not key and not prefix and range_end is None:
+        return "key must not be empty (give a prefix, or a range_end)"
+    if range_end and range_end <= key:
+        return f"range_end {range_end[:40]!r} must come after key {key[:40]!r}"
+    return None
+
+
+def _optional(
+    message: raft_pb2.RangeRequest | raft_pb2.DeleteRangeRequest | raft_pb2.WatchRequest, name: str
+) -> str | None:
+    return getattr(message, name) if message.HasField(name) else None
+
+
 def _redirect(response: _WriteReply, e: NotLeaderError) -> _WriteReply:
     response.success = False
     if e.leader_id is not None:
@@ -161,9 +226,15 @@ class ClusterServicer(raft_pb2_grpc.ClusterServicer):
     (leadership transfer, membership) for one node. With `admin_names`, the admin calls are
     served only to clients whose verified certificate bears one of those names."""
 
-    def __init__(self, node: ClusterNode, admin_names: Collection[str] = ()) -> None:
+    def __init__(
+        self,
+        node: ClusterNode,
+        admin_names: Collection[str] = (),
+        watch_queue: int = DEFAULT_WATCH_QUEUE,
+    ) -> None:
         self._node = node
         self._admin_names = frozenset(admin_names)
+        self._watches = WatchHub(node.state_machine, queue_limit=watch_queue)
 
     async def _admin_only(self, context: grpc.aio.ServicerContext) -> None:
         refusal = admin_refusal(context, self._admin_names)
@@ -201,9 +272,11 @@ class ClusterServicer(raft_pb2_grpc.ClusterServicer):
         )
         try:
             if request.session.client_id:
-                await self._node.propose_mapping(request.key, request.value, request.session)
+                revision = await self._node.propose_mapping(
+                    request.key, request.value, request.session
+                )
             else:
-                await self._node.propose_mapping(request.key, request.value)
+                revision = await self._node.propose_mapping(request.key, request.value)
         except NotLeaderError as e:
             return _redirect(raft_pb2.ProposeMappingResponse(), e)
         except OverloadedError as e:
@@ -212,7 +285,7 @@ class ClusterServicer(raft_pb2_grpc.ClusterServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         except SessionExpiredError as e:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
-        return raft_pb2.ProposeMappingResponse(success=True)
+        return raft_pb2.ProposeMappingResponse(success=True, revision=revision)
 
     async def ProposeMappings(
         self, request: raft_pb2.MappingBatch, context: grpc.aio.ServicerContext
@@ -226,20 +299,26 @@ class ClusterServicer(raft_pb2_grpc.ClusterServicer):
                 session=request.session,
             )
         try:
-            await self._propose(raft_pb2.Command(put=batch), context)
+            result = await self._propose(raft_pb2.Command(put=batch), context)
         except NotLeaderError as e:
             return _redirect(raft_pb2.ProposeMappingResponse(), e)
-        return raft_pb2.ProposeMappingResponse(success=True)
+        revision = getattr(result, "revision", 0)
+        return raft_pb2.ProposeMappingResponse(success=True, revision=revision)
 
     async def DeleteKey(
         self, request: raft_pb2.DeleteRequest, context: grpc.aio.ServicerContext
     ) -> raft_pb2.DeleteResponse:
         await self._check(context, key_problem(request.key), session_problem(request.session))
         try:
-            existed = await self._propose(raft_pb2.Command(delete=request), context)
+            result = await self._propose(raft_pb2.Command(delete=request), context)
         except NotLeaderError as e:
             return _redirect(raft_pb2.DeleteResponse(), e)
-        return raft_pb2.DeleteResponse(success=True, existed=bool(existed))
+        if isinstance(result, DeleteResult):
+            return raft_pb2.DeleteResponse(
+                success=True, existed=result.existed, revision=result.revision
+            )
+        # A reply a session kept from before revisions: whether the key existed, alone.
+        return raft_pb2.DeleteResponse(success=True, existed=bool(result))
 
     async def CompareAndSwap(
         self, request: raft_pb2.CompareAndSwapRequest, context: grpc.aio.ServicerContext
@@ -250,13 +329,23 @@ class ClusterServicer(raft_pb2_grpc.ClusterServicer):
             value_problem(request.new_value),
             value_problem(request.expected_value),
             session_problem(request.session),
+            (
+                "expected_mod_revision must be 0 (absent) or a revision"
+                if not 0 <= request.expected_mod_revision < MAX_WIRE_NUMBER
+                else None
+            ),
         )
         try:
             result = await self._propose(raft_pb2.Command(compare_and_swap=request), context)
         except NotLeaderError as e:
             return _redirect(raft_pb2.CompareAndSwapResponse(), e)
         assert isinstance(result, CasResult)
-        response = raft_pb2.CompareAndSwapResponse(success=True, swapped=result.swapped)
+        response = raft_pb2.CompareAndSwapResponse(
+            success=True,
+            swapped=result.swapped,
+            revision=result.revision,
+            mod_revision=result.mod_revision,
+        )
         if result.value is not None:
             response.current_value = result.value
         return response
@@ -277,18 +366,160 @@ class ClusterServicer(raft_pb2_grpc.ClusterServicer):
         self, request: raft_pb2.Key, context: grpc.aio.ServicerContext
     ) -> raft_pb2.GetValueResponse:
         await self._check(context, key_problem(request.key))
-        if request.allow_stale:
-            value = self._node.get_value(request.key)
-        else:
-            try:
-                value = await self._node.linearizable_read(request.key)
-            except OverloadedError as e:
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-            except UnavailableError as e:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-        if value is None:
-            return raft_pb2.GetValueResponse(key=request.key)
-        return raft_pb2.GetValueResponse(key=request.key, value=value)
+        key = request.key
+
+        def get(machine: KeyValueStateMachine) -> raft_pb2.GetValueResponse:
+            value = machine.get(key)
+            if value is None:
+                return raft_pb2.GetValueResponse(key=key, revision=machine.revision)
+            create, mod, version = machine.revisions(key)
+            return raft_pb2.GetValueResponse(
+                key=key,
+                value=value,
+                create_revision=create,
+                mod_revision=mod,
+                version=version,
+                revision=machine.revision,
+            )
+
+        return await self._read(request.allow_stale, get, f"get {key}", context)
+
+    async def _read(
+        self,
+        stale: bool,
+        query: Callable[[KeyValueStateMachine], _Query],
+        what: str,
+        context: grpc.aio.ServicerContext,
+    ) -> _Query:
+        """`query` on this node's state: at once when `stale`, else once the state reflects every
+        write acknowledged before the call (ReadIndex, reads.py)."""
+        if stale:
+            return query(self._node.state_machine)
+        try:
+            return await self._node.reads.linearizable(query, what)
+        except OverloadedError as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except UnavailableError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        raise AssertionError("abort returned")  # pragma: no cover
+
+    async def Range(
+        self, request: raft_pb2.RangeRequest, context: grpc.aio.ServicerContext
+    ) -> raft_pb2.RangeResponse:
+        """The keys of a prefix or a range in order, a page at a time; linearizable unless
+        allow_stale. A page stops at `limit` keys, MAX_RANGE_LIMIT, or about MAX_RANGE_BYTES."""
+        range_end = _optional(request, "range_end")
+        resume_key = _optional(request, "resume_key")
+        limit = request.limit
+        await self._check(
+            context,
+            range_problem(request.key, range_end, request.prefix),
+            (
+                f"limit must be 0 (as many as fit) to {MAX_RANGE_LIMIT}, not {limit}"
+                if not 0 <= limit <= MAX_RANGE_LIMIT
+                else None
+            ),
+            key_problem(resume_key) if resume_key is not None else None,
+        )
+        start, end = range_bounds(request.key, request.prefix, range_end)
+        if request.count_only:
+
+            def count(machine: KeyValueStateMachine) -> raft_pb2.RangeResponse:
+                return raft_pb2.RangeResponse(
+                    count=machine.count(start, end), revision=machine.revision
+                )
+
+            return await self._read(request.allow_stale, count, "count a range", context)
+        keys_only = request.keys_only
+
+        def page(machine: KeyValueStateMachine) -> RangePage:
+            return machine.range(
+                start, end, limit or MAX_RANGE_LIMIT, MAX_RANGE_BYTES, keys_only, resume_key
+            )
+
+        found = await self._read(request.allow_stale, page, "range", context)
+        response = raft_pb2.RangeResponse(
+            more=found.more, count=found.count, revision=found.revision
+        )
+        if found.next_key is not None:
+            response.next_key = found.next_key
+        kvs = response.kvs
+        for kv in found.kvs:
+            kvs.add(
+                key=kv.key,
+                value=kv.value or "",
+                create_revision=kv.create_revision,
+                mod_revision=kv.mod_revision,
+                version=kv.version,
+            )
+        return response
+
+    async def DeleteRange(
+        self, request: raft_pb2.DeleteRangeRequest, context: grpc.aio.ServicerContext
+    ) -> raft_pb2.DeleteRangeResponse:
+        """Every key of a prefix or a range deleted in one entry; how many, and its revision."""
+        await self._check(
+            context,
+            range_problem(request.key, _optional(request, "range_end"), request.prefix),
+            session_problem(request.session),
+        )
+        try:
+            result = await self._propose(raft_pb2.Command(delete_range=request), context)
+        except NotLeaderError as e:
+            return _redirect(raft_pb2.DeleteRangeResponse(), e)
+        assert isinstance(result, DeleteRangeResult)
+        return raft_pb2.DeleteRangeResponse(
+            success=True, deleted=result.deleted, revision=result.revision
+        )
+
+    async def Watch(
+        self, request: raft_pb2.WatchRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[raft_pb2.WatchResponse]:
+        """Every change to the keys from start_revision on, from this node's applied state, until
+        the caller goes away. OUT_OF_RANGE when the start is older than the window this node
+        keeps; RESOURCE_EXHAUSTED when the caller reads too slowly (or too many watch)."""
+        range_end = _optional(request, "range_end")
+        start_revision = request.start_revision
+        await self._check(
+            context,
+            range_problem(request.key, range_end, request.prefix),
+            (
+                "start_revision must be 0 (from now) or a revision"
+                if not 0 <= start_revision < MAX_WIRE_NUMBER
+                else None
+            ),
+        )
+        start, end = range_bounds(request.key, request.prefix, range_end)
+        node = self._node
+        try:
+            watcher = self._watches.watch(KeyRange(start, end), start_revision, request.prev_value)
+        except CompactedError as e:
+            await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(e))
+        except TooManyWatchersError as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        what = f"watch of {start!r}..{end!r}" if end != start + "\0" else f"watch of {start!r}"
+        node.narrate.debug(
+            "%s from revision %d started (%d watching)",
+            what,
+            watcher.start_revision,
+            len(self._watches),
+        )
+        ending = "the watcher went away"
+        try:
+            yield watcher.created_message()
+            while True:
+                await watcher.wait(PROGRESS_INTERVAL)
+                if watcher.failure is not None:
+                    ending = str(watcher.failure)
+                    if isinstance(watcher.failure, SlowWatcherError):
+                        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, ending)
+                    await context.abort(grpc.StatusCode.OUT_OF_RANGE, ending)
+                response = watcher.next_message(progress=True)
+                if response is not None:
+                    yield response
+        finally:
+            self._watches.remove(watcher)
+            node.narrate.debug("%s ended: %s", what, ending)
 
     async def TransferLeadership(
         self, request: raft_pb2.TransferLeadershipRequest, context: grpc.aio.ServicerContext

@@ -23,6 +23,7 @@ from raft_node import HANDOVER_TIMEOUTS, RaftNode, SnapshotPolicy, Timing
 from rpc import raft_pb2_grpc
 from snapshot import SnapshotError
 from tls import NodeTlsFiles, RenewableServerCredentials, TlsConfig, TlsError
+from watch import add_watch_flags
 
 if TYPE_CHECKING:
     import grpc
@@ -213,6 +214,7 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="HOST",
         help="address to bind the metrics endpoint to (default: as the node's other servers)",
     )
+    add_watch_flags(parser)
     _add_tls_flags(parser)
     return parser
 
@@ -392,6 +394,7 @@ async def _serve(
         {p.id: p.raft_address for p in cluster.peers_of(node_id)}, identity, tls=peer_tls
     )
     node = RaftNode(node_id, cluster, log, transport, timing, snapshot_policy=policy, join=joining)
+    node.state_machine.window.limit = args.watch_window
     try:
         node.start_from_snapshot()
     except (SnapshotError, ValueError) as e:
@@ -451,7 +454,9 @@ async def _serve(
                 me.client_address,
                 lambda s: raft_server.add_refusing_malformed(
                     raft_pb2_grpc.add_ClusterServicer_to_server,
-                    cluster_server.ClusterServicer(node, admin_names=args.admin_cert_name or ()),
+                    cluster_server.ClusterServicer(
+                        node, admin_names=args.admin_cert_name or (), watch_queue=args.watch_queue
+                    ),
                     s,
                 ),
                 4 * 1024 * 1024,

@@ -24,7 +24,7 @@ from node_types import (
     Timing,
 )
 from rpc import raft_pb2
-from state_machine import ApplyResult, KeyValueStateMachine, SessionExpired
+from state_machine import ApplyResult, KeyValueStateMachine, PutResult, SessionExpired
 from transfer import Transfers
 
 
@@ -59,23 +59,26 @@ class Writes:
 
     async def propose_mapping(
         self, key: str, value: str, session: raft_pb2.Session | None = None
-    ) -> None:
-        """Store one mapping; return once it is committed and applied here. Raises NotLeaderError.
+    ) -> int:
+        """Store one mapping; once it is committed and applied here, return its revision (its
+        index; 0 for a retry answered from a session reply kept from before revisions). Raises
+        NotLeaderError.
 
         Without a session it is the seed's MAPPING entry; with one, a COMMAND whose result may be
         SessionExpired, raised here as SessionExpiredError.
         """
         if session is None or session.client_id == 0:
-            await self.propose_entry(
+            result = await self.propose_entry(
                 raft_pb2.LogEntry(kind=raft_pb2.ENTRY_KIND_MAPPING, key=key, value=value)
             )
-            return
-        batch = raft_pb2.MappingBatch(
-            mappings=[raft_pb2.Mapping(key=key, value=value)], session=session
-        )
-        result = await self.propose(raft_pb2.Command(put=batch))
+        else:
+            batch = raft_pb2.MappingBatch(
+                mappings=[raft_pb2.Mapping(key=key, value=value)], session=session
+            )
+            result = await self.propose(raft_pb2.Command(put=batch))
         if isinstance(result, SessionExpired):
             raise SessionExpiredError(result.reason)
+        return result.revision if isinstance(result, PutResult) else 0
 
     async def propose(self, command: raft_pb2.Command) -> ApplyResult:
         """Append a command; once it is committed and applied here, return what applying it gave.

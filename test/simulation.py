@@ -22,7 +22,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from dataclasses import dataclass, field
 from typing import Literal, NoReturn, TextIO
 
-from state_machine import CasResult
+from state_machine import CasResult, DeleteResult
 from test import sim_variants
 from test.linearizability import History, check
 from test.sim_faults import (
@@ -304,13 +304,13 @@ class Client:
                     self._seen[k] = v
             elif kind == "cas":
                 assert isinstance(reply.result, CasResult)
-                swapped, after = reply.result
+                swapped, after = reply.result.swapped, reply.result.value
                 # The checker wants the value the cas found: `expected` when it swapped.
                 history.ok(op_ids[0], (swapped, op.expected if swapped else after))
                 self._seen[key] = after
             else:
-                assert isinstance(reply.result, bool)
-                history.ok(op_ids[0], reply.result)
+                assert isinstance(reply.result, DeleteResult)
+                history.ok(op_ids[0], reply.result.existed)
                 self._seen[key] = None
         else:
             outcome = "unknown" if maybe_applied else "fail"
