@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -282,7 +282,7 @@ class KeyValueMethods:
         start_revision: int = 0,
         prev_value: bool = False,
         on_reconnect: Callable[[str, str], None] | None = None,
-    ) -> AsyncIterator[WatchEvent]:
+    ) -> AsyncGenerator[WatchEvent, None]:
         """Every change to a key, prefix or range (named as in get_range) from `start_revision`
         on (0: from now), in revision order, each exactly once; never ends by itself.
 
