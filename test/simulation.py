@@ -537,6 +537,13 @@ class Simulation:
                 if h.process is not None
             ],
         )
+        world.invariants.watches.check_final(
+            [
+                (h.node_id, h.process.node.state_machine)
+                for h in members
+                if h.process is not None and h.process.node is not None
+            ]
+        )
         if world.failure is not None:
             raise _Stop
         result = check(self.history, max_steps=CHECK_STEPS)

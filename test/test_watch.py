@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
+import sys
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -17,7 +19,7 @@ from client_kv import WatchEvent
 from cluster_client import Client, WatchCompactedError
 from rpc import raft_pb2, raft_pb2_grpc
 from test.cluster_process import CHANNEL_OPTIONS, LocalCluster
-from test.conftest import wait_until
+from test.conftest import REPO, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -327,3 +329,41 @@ async def test_watchers_on_every_node_see_the_committed_history_across_a_leader_
 
 def _value(event: raft_pb2.WatchEvent) -> str | None:
     return None if event.type == raft_pb2.WATCH_EVENT_DELETE else event.value
+
+
+async def test_the_command_line_prints_a_line_per_change_until_interrupted(
+    cluster: LocalCluster,
+) -> None:
+    async with cluster.client() as client:
+        before = await client.propose_mapping("cli/a", "1")
+        where = ["--first-port", str(cluster.first_port), "--nodes", str(cluster.nodes)]
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "cluster_client.py",
+            *where,
+            "watch",
+            "cli/",
+            "--prefix",
+            "--prev",
+            "--rev",
+            str(before),
+            cwd=REPO,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            assert process.stdout is not None
+            first = await asyncio.wait_for(process.stdout.readline(), 20)
+            assert first.decode() == f"{before} PUT cli/a 1 (was absent)\n"
+            _, later = await client.delete_prefix("cli/")
+            second = await asyncio.wait_for(process.stdout.readline(), 20)
+            assert second.decode() == f"{later} DELETE cli/a (was 1)\n"
+            process.send_signal(signal.SIGINT)
+            assert await asyncio.wait_for(process.wait(), 20) == 0
+            assert process.stderr is not None
+            assert b"Traceback" not in await process.stderr.read()
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
