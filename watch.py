@@ -156,9 +156,16 @@ class WatchHub:
         # Watchers by the keys they watch: many watching the same prefix match each change once.
         self._groups: dict[KeyRange, set[Watcher]] = {}
         self._count = 0
-        # The last revision whose changes were handed to the watchers.
-        self.revision = machine.revision
+        # The last revision whose changes were handed to the watchers (entries that change no key
+        # are not told, so this may lag the store's revision).
+        self._handed = machine.revision
         machine.listener = self
+
+    @property
+    def revision(self) -> int:
+        """Every change up to this revision has been handed to the watchers it matches: changes
+        reach them as they are applied."""
+        return self._machine.revision
 
     @property
     def oldest_revision(self) -> int:
@@ -195,7 +202,7 @@ class WatchHub:
                 del self._groups[watcher.keys]
 
     def changed(self, revision: int, changes: list[Change]) -> None:
-        self.revision = revision
+        self._handed = revision
         for keys, watchers in self._groups.items():
             matching = [c for c in changes if c.key in keys]
             if matching:
@@ -206,12 +213,12 @@ class WatchHub:
     def reset(self) -> None:
         """A snapshot replaced the state: send each watcher the changes it has not been handed
         yet from the new window, or cut it off if the window no longer holds them."""
-        before, self.revision = self.revision, self._machine.revision
+        before, self._handed = self._handed, self._machine.revision
         window = self._machine.window
         for watchers in self._groups.values():
             for watcher in watchers:
                 need = max(before + 1, watcher.start_revision)
-                if need > self.revision:
+                if need > self._handed:
                     continue
                 try:
                     missed = window.since(need)
