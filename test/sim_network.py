@@ -131,7 +131,7 @@ _FROM_LEADERS = (
 
 @dataclass(frozen=True)
 class ClientOp:
-    """One request: "put" (the seed's, no session), "get", or with a session "put-many",
+    """One request: "put" (the seed's, no session), "get", "range" (every key), or with a session "put-many",
     "delete", "cas" (expected None: absent) and "register"; or the operator's "add-member" and
     "remove-member" of node `member` (an add waits for the promotion to voter with `wait`)."""
 
@@ -561,6 +561,15 @@ class Network:
             elif op.kind == "get":
                 # Any node serves it: the leader confirms itself, a follower asks it (ReadIndex).
                 reply = ClientReply("ok", await node.linearizable_read(op.key))
+            elif op.kind == "range":
+                # Every key in order, through the same read path as a get.
+                pairs = await node.reads.linearizable(
+                    lambda m: tuple(
+                        (kv.key, kv.value) for kv in m.range("", None, 1000, 1 << 30).kvs
+                    ),
+                    "range",
+                )
+                reply = ClientReply("ok", result=pairs)
             else:
                 result = await node.propose(op.command())
                 if isinstance(result, SessionExpired):
