@@ -103,6 +103,8 @@ ApplyResult: TypeAlias = (
 )
 
 _NO_REVISIONS = KeyRevisions(0, 0, 0)
+# Makes a Change without the keyword handling of its generated constructor (every write makes one).
+_new_tuple = tuple.__new__
 
 
 class ChangeListener(Protocol):
@@ -174,25 +176,27 @@ class KeyValueStateMachine:
 
     def apply(self, entry: raft_pb2.LogEntry) -> ApplyResult:
         """Apply the next committed entry and return its result for the proposer."""
-        if entry.index != self.last_applied + 1:
+        index = entry.index
+        if index != self.last_applied + 1:
             raise ValueError(
-                f"entry {entry.index} applied out of order (last applied {self.last_applied})"
+                f"entry {index} applied out of order (last applied {self.last_applied})"
             )
         # Entries written before log time existed carry 0; taking the maximum keeps time monotonic.
         self._log_time_ms = max(self._log_time_ms, entry.leader_time_ms)
         self._expire_sessions()
         result: ApplyResult = None
-        if entry.kind == raft_pb2.ENTRY_KIND_MAPPING:
-            self._put(entry.key, entry.value, entry.index)
-            result = PutResult(entry.index)
-        elif entry.kind == raft_pb2.ENTRY_KIND_COMMAND:
-            result = self._apply_command(entry.index, entry.command)
-        self.last_applied = entry.index
+        kind = entry.kind
+        if kind == raft_pb2.ENTRY_KIND_MAPPING:
+            self._put(entry.key, entry.value, index)
+            result = _new_tuple(PutResult, (index,))
+        elif kind == raft_pb2.ENTRY_KIND_COMMAND:
+            result = self._apply_command(index, entry.command)
+        self.last_applied = index
         if self._changes:
             changes, self._changes = self._changes, []
             self.window.add(changes)
             if self.listener is not None:
-                self.listener.changed(entry.index, changes)
+                self.listener.changed(index, changes)
         return result
 
     def get(self, key: str) -> str | None:
@@ -262,16 +266,20 @@ class KeyValueStateMachine:
 
     def _put(self, key: str, value: str, revision: int) -> tuple[int, int]:
         """Set the key; its (create_revision, version) after."""
+        # On every write's path: kept to plain operations.
         previous = self._data.get(key)
         if previous is None:
             self._keys.add(key)
             create, version = revision, 1
         else:
-            create, _, version = self.revisions(key)
-            version += 1
+            meta = self._meta.get(key)
+            if meta is None:  # restored from a snapshot that predates revisions
+                create, version = self._base_revision, 2
+            else:
+                create, version = meta[0], meta[2] + 1
         self._data[key] = value
         self._meta[key] = (create, revision, version)
-        self._changes.append(Change(revision, key, value, previous, create, version))
+        self._changes.append(_new_tuple(Change, (revision, key, value, previous, create, version)))
         return create, version
 
     def _delete(self, key: str, revision: int) -> bool:

@@ -82,10 +82,17 @@ class ChangeWindow:
         return self.compacted + 1
 
     def add(self, changes: Iterable[Change]) -> None:
+        # On every write's path: kept to plain operations.
+        append = self._changes.append
+        size = self._bytes
         for change in changes:
-            self._changes.append(change)
-            self._bytes += change.size
-        self._trim()
+            append(change)
+            value = change[2]
+            size += len(change[1]) + (len(value) if value is not None else 0)
+        self._bytes = size
+        # Trimmed a few at a time (up to an eighth over the limit), not at every change.
+        if len(self._changes) > self._limit + (self._limit >> 3) or size > self._max_bytes:
+            self._trim()
 
     def since(self, revision: int) -> list[Change]:
         """Every change from `revision` on, in order; CompactedError if some may be gone."""
@@ -103,7 +110,7 @@ class ChangeWindow:
         while changes and (len(changes) > self._limit or self._bytes > self._max_bytes):
             dropped = changes.popleft()
             self._bytes -= dropped.size
-            self.compacted = max(self.compacted, dropped.revision)
+            self.compacted = dropped.revision  # changes are held in revision order
 
     def reset(self, changes: Iterable[Change], compacted: int) -> None:
         """Replace the whole window (from a snapshot)."""
