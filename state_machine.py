@@ -235,14 +235,18 @@ class KeyValueStateMachine:
         size = 0
         more = False
         next_key = None
+        data = self._data
+        meta = self._meta.get
+        default = (self._base_revision, self._base_revision, 1)
+        append = kvs.append
         for key in keys.irange(first, end, inclusive=(True, False)):
-            value = self._data[key]
+            value = data[key]
             size += len(key) + (0 if keys_only else len(value))
             if len(kvs) >= limit or (kvs and size > max_bytes):
                 more, next_key = True, key
                 break
-            create, mod, version = self.revisions(key)
-            kvs.append(KeyValue(key, None if keys_only else value, create, mod, version))
+            create, mod, version = meta(key, default)
+            append(_new_tuple(KeyValue, (key, None if keys_only else value, create, mod, version)))
         return RangePage(kvs, more, next_key, count, self.last_applied)
 
     def count(self, start: str, end: str | None) -> int:
