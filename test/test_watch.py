@@ -367,3 +367,46 @@ async def test_the_command_line_prints_a_line_per_change_until_interrupted(
             if process.returncode is None:
                 process.kill()
                 await process.wait()
+
+
+async def test_a_watched_follower_caught_up_by_a_snapshot_sends_every_change_it_skipped(
+    make_cluster: Any,
+) -> None:
+    """A follower paused while the leader compacts its log past it is caught up by a snapshot,
+    not by entries; its watcher still gets every change, from the snapshot's window, in order."""
+    cluster: LocalCluster = make_cluster(
+        nodes=3, extra_args=["--snapshot-entries", "20", "--snapshot-keep-entries", "0"]
+    )
+    leader = await cluster.wait_for_leader(timeout=15)
+    follower = next(n for n in cluster.node_ids if n != leader)
+    seen: list[tuple[int, str]] = []
+    async with stub_for(cluster.client_address(follower)) as stub, cluster.client() as client:
+        call = stub.Watch(raft_pb2.WatchRequest(key="far/", prefix=True))
+        await call.read()
+
+        async def follow() -> None:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                while (message := await call.read()) is not grpc.aio.EOF:
+                    seen.extend((e.revision, e.key) for e in message.events)
+
+        reader = asyncio.create_task(follow())
+        try:
+            written = [(await client.propose_mapping("far/before", "0"), "far/before")]
+            await wait_until(_async(lambda: len(seen) == 1), 10, "the first change is seen")
+            cluster.pause_node(follower)
+            try:
+                for i in range(60):
+                    written.append(
+                        (await client.propose_mapping(f"far/{i:02d}", "x"), f"far/{i:02d}")
+                    )
+            finally:
+                cluster.resume_node(follower)
+            await wait_until(
+                _async(lambda: len(seen) >= len(written)), 20, "the follower's watcher catches up"
+            )
+        finally:
+            call.cancel()
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+    assert "installed snapshot up to index" in cluster.node_log(follower)
+    assert seen == written
