@@ -12,6 +12,7 @@ from collections.abc import Coroutine, Sequence
 from typing import Any, NoReturn, TypeVar
 
 from backup_file import BackupError, describe, read_backup
+from cli_kv import add_watch_command, key_operand_problem, run_cas_revision, run_kv_command
 from cli_view import EventPrinter, LiveTable, contact_style, is_terminal, lag_style
 from cluster_client import (
     DEFAULT_ADD_MEMBER_TIMEOUT,
@@ -26,6 +27,7 @@ from cluster_client import (
     PermissionDeniedError,
     RequestRejectedError,
     SessionExpiredError,
+    WatchCompactedError,
 )
 from cluster_config import DEFAULT_FIRST_PORT, DEFAULT_NODES, ConfigError, NodeAddress
 from membership import MAX_NODE_ID, MembershipError, check_new_member
@@ -60,6 +62,8 @@ exit codes:
      (the table is printed either way); with --watch, {EXIT_OK} on Ctrl-C
   events: {EXIT_OK} on Ctrl-C; {EXIT_USAGE} when a node refuses this client
   snapshot save/status: {EXIT_REFUSED} when the file cannot be written, or is not a valid backup
+  watch: {EXIT_OK} on Ctrl-C; {EXIT_REFUSED} when every node's window has moved past --rev
+     (compacted: those changes are no longer kept)
 """
 
 
@@ -125,23 +129,50 @@ def _build_parser() -> _Parser:
     )
     put.add_argument("key", metavar="KEY")
     put.add_argument("value", metavar="VALUE")
-    get = commands.add_parser("get", help="print the value under KEY (linearizable)")
+    get = commands.add_parser(
+        "get",
+        help="print the value under KEY, or with --prefix every key starting with P and its "
+        "value (linearizable)",
+        usage=f"{PROG} get [--stale] [--json] KEY | {PROG} get --prefix P [--limit N] "
+        "[--keys-only] [--stale] [--json]",
+    )
     get.add_argument(
         "--stale",
         action="store_true",
         help="answer from the first node's own state at once; it may lag the latest writes",
     )
-    get.add_argument("key", metavar="KEY")
-    delete = commands.add_parser("delete", help="remove KEY; exit 1 if it was not set")
-    delete.add_argument("key", metavar="KEY")
+    get.add_argument("--prefix", metavar="P", help='every key starting with P ("": every key)')
+    get.add_argument("--limit", type=int, metavar="N", help="with --prefix: at most N keys")
+    get.add_argument("--keys-only", action="store_true", help="with --prefix: keys only")
+    get.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON document, with each key's revisions (create, mod, version)",
+    )
+    get.add_argument("key", nargs="?", metavar="KEY")
+    delete = commands.add_parser(
+        "delete",
+        help="remove KEY; exit 1 if it was not set. With --prefix: every key starting with P, "
+        "in one write; prints how many",
+        usage=f"{PROG} delete KEY | {PROG} delete --prefix P",
+    )
+    delete.add_argument("--prefix", metavar="P", help="every key starting with P")
+    delete.add_argument("key", nargs="?", metavar="KEY")
     cas = commands.add_parser(
         "cas",
         help="set KEY to NEW only if it holds EXPECTED (with --absent: only if it is not set); "
         "prints the value after; exit 4 if not swapped",
-        usage=f"{PROG} cas KEY EXPECTED NEW | {PROG} cas --absent KEY NEW",
+        usage=f"{PROG} cas KEY EXPECTED NEW | {PROG} cas --absent KEY NEW | "
+        f"{PROG} cas --rev N KEY NEW",
     )
     cas.add_argument(
         "--absent", action="store_true", help="swap only if KEY is not set (give no EXPECTED)"
+    )
+    cas.add_argument(
+        "--rev",
+        type=int,
+        metavar="N",
+        help="swap only if KEY's mod revision is N (0: absent); give no EXPECTED",
     )
     cas.add_argument("operands", nargs="+", metavar="KEY [EXPECTED] NEW")
     put_many = commands.add_parser(
@@ -246,6 +277,7 @@ def _build_parser() -> _Parser:
         "status", help="verify a backup FILE (no cluster needed) and print what it holds"
     )
     check.add_argument("file", metavar="FILE")
+    add_watch_command(commands)
     return parser
 
 
@@ -282,12 +314,20 @@ def _tls_from_args(parser: _Parser, args: argparse.Namespace) -> TlsConfig | Non
 def _check_operands(parser: _Parser, args: argparse.Namespace) -> None:
     """Command-line shapes argparse cannot express: cas's optional EXPECTED, put-many's pairs."""
     if args.command == "cas":
-        wanted = 2 if args.absent else 3
+        if args.absent and args.rev is not None:
+            parser.error("cas takes --absent or --rev, not both")
+        wanted = 2 if args.absent or args.rev is not None else 3
         if len(args.operands) != wanted:
             parser.error(
-                "cas takes KEY EXPECTED NEW, or --absent KEY NEW"
-                + (" (no EXPECTED with --absent)" if args.absent else "")
+                "cas takes KEY EXPECTED NEW, --absent KEY NEW, or --rev N KEY NEW"
+                + (" (no EXPECTED with --absent or --rev)" if wanted == 2 else "")
             )
+        if args.rev is not None and args.rev < 0:
+            parser.error(f"cas --rev takes a revision (0: absent), not {args.rev}")
+    elif args.command in ("get", "delete", "watch"):
+        problem = key_operand_problem(args)
+        if problem is not None:
+            parser.error(problem)
     elif args.command == "put-many":
         mappings: dict[str, str] = {}
         for pair in args.pairs:
@@ -318,6 +358,13 @@ async def _run_command(client: Client, args: argparse.Namespace) -> int:
         if args.command == "put":
             await client.propose_mapping(args.key, args.value)
             return EXIT_OK
+        if args.command in ("get", "delete", "watch"):
+            # Prefixes, revisions and watches (cli_kv.py); a plain get or delete is answered here.
+            handled = await run_kv_command(client, args)
+            if handled is not None:
+                return handled
+        if args.command == "cas" and args.rev is not None:
+            return await run_cas_revision(client, args)
         if args.command == "get":
             value = await client.get_value(args.key, default=None, stale=args.stale)
             if value is None:
@@ -664,6 +711,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RequestRejectedError as e:
         print(f"{PROG}: rejected: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except WatchCompactedError as e:
+        print(f"{PROG}: compacted: {e}", file=sys.stderr)
+        return EXIT_REFUSED
     except ClusterUnavailableError as e:
         print(f"{PROG}: unavailable: {e}", file=sys.stderr)
         return EXIT_UNAVAILABLE
@@ -680,7 +730,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: cannot write {e.filename or args.file}: {e.strerror or e}", file=sys.stderr)
         return EXIT_REFUSED
     except KeyboardInterrupt:
-        if args.command == "events" or (args.command == "status" and args.watch is not None):
+        if args.command in ("events", "watch") or (
+            args.command == "status" and args.watch is not None
+        ):
             return EXIT_OK  # how --watch and events are meant to end
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

@@ -13,12 +13,29 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
 from backup_file import Backup, write_backup_file
 from client_batching import CallBatcher
+from client_errors import (
+    DENIED,
+    REJECTED,
+    Attempt,
+    ClientError,
+    ClusterUnavailableError,
+    Done,
+    MembershipBusyError,
+    MembershipRefusedError,
+    Next,
+    PermissionDeniedError,
+    RequestRejectedError,
+    SessionExpiredError,
+    WatchCompactedError,
+    one_line,
+)
+from client_kv import CasOutcome, KeyValue, KeyValueMethods, RangePage, WatchEvent
 from cluster_config import (
     DEFAULT_FIRST_PORT,
     DEFAULT_NODES,
@@ -55,18 +72,6 @@ _CHANNEL_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 
-# The request itself is at fault: asking another node would get the same answer.
-_REJECTED = frozenset(
-    {
-        grpc.StatusCode.INVALID_ARGUMENT,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.UNIMPLEMENTED,
-    }
-)
-
-# Who is asking is at fault: another node would refuse as well.
-_DENIED = frozenset({grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED})
-
 # An event stream that broke is opened again after this many seconds, doubling up to the most.
 EVENTS_RETRY_MIN = 0.5
 EVENTS_RETRY_MAX = 5.0
@@ -76,40 +81,22 @@ EVENTS_BUFFER = 1024
 
 _T = TypeVar("_T")
 
-
-class ClientError(Exception):
-    """A request that did not succeed; the message says why in one line."""
-
-
-class ClusterUnavailableError(ClientError):
-    """No node completed the request before the deadline (no leader, nodes down, or unknown
-    outcome); the message says what was seen last."""
-
-
-class RequestRejectedError(ClientError):
-    """The cluster refused the request as invalid (for example an empty or oversized key); it was
-    certainly not applied."""
-
-
-class MembershipRefusedError(RequestRejectedError):
-    """The cluster refused a membership change (an id that was removed or is taken, an address
-    in use, the last voter, ...); nothing changed."""
-
-
-class MembershipBusyError(MembershipRefusedError):
-    """Another membership change was still uncommitted after several tries (the cluster makes
-    one at a time); nothing changed, and the same request may succeed a little later."""
-
-
-class PermissionDeniedError(RequestRejectedError):
-    """The cluster does not let this client make the call (an admin call from a client whose
-    certificate is not an admin's); nothing was applied."""
-
-
-class SessionExpiredError(ClientError):
-    """The cluster no longer knows this client's session (it expired or was evicted), so it cannot
-    tell whether an earlier attempt of the write was applied: the outcome is unknown. The client
-    registers a new session for its next write."""
+# What the library offers, for `from cluster_client import ...`.
+__all__ = [
+    "CasOutcome",
+    "Client",
+    "ClientError",
+    "ClusterUnavailableError",
+    "KeyValue",
+    "MembershipBusyError",
+    "MembershipRefusedError",
+    "PermissionDeniedError",
+    "RangePage",
+    "RequestRejectedError",
+    "SessionExpiredError",
+    "WatchCompactedError",
+    "WatchEvent",
+]
 
 
 @dataclass(frozen=True)
@@ -197,26 +184,6 @@ class ClusterStatus:
         return [n for n in self.nodes if not n.reachable]
 
 
-@dataclass(frozen=True)
-class _Done(Generic[_T]):
-    value: _T
-
-
-@dataclass(frozen=True)
-class _Next:
-    """This node could not complete the request; `note` says why, `leader` is where to go next."""
-
-    note: str
-    leader: str | None = None
-
-
-_Attempt = Callable[[str, raft_pb2_grpc.ClusterStub, float], Awaitable[_Done[_T] | _Next]]
-
-
-def _one_line(text: str | None) -> str:
-    return " ".join((text or "").split())
-
-
 def _seed_config(all_raft_ports: Sequence[int]) -> ClusterConfig:
     """The seed client's addressing: ids are Raft ports, client port = Raft port + node count."""
     ports = list(all_raft_ports)
@@ -233,7 +200,7 @@ def _seed_config(all_raft_ports: Sequence[int]) -> ClusterConfig:
     return ClusterConfig(nodes)
 
 
-class Client:
+class Client(KeyValueMethods):
     """A client of one cluster. Give exactly one of: the seed's list of Raft ports, a
     `ClusterConfig`, or the nodes' client endpoints ("host:port"); or use a `from_*` constructor.
 
@@ -378,8 +345,9 @@ class Client:
         """This client's session id, once its first write registered one."""
         return self._client_id
 
-    async def propose_mapping(self, key: str, value: str) -> None:
-        """Store `value` under `key`; returns once the cluster has committed and applied it.
+    async def propose_mapping(self, key: str, value: str) -> int:
+        """Store `value` under `key`; returns its revision once the cluster has committed and
+        applied it (0 from a node that predates revisions).
 
         Retries are exactly-once (the write carries this client's session). After
         `ClusterUnavailableError` or `SessionExpiredError` the write may or may not have been
@@ -389,10 +357,13 @@ class Client:
         def request(session: raft_pb2.Session | None) -> raft_pb2.Mapping:
             return raft_pb2.Mapping(key=key, value=value, session=session)
 
-        await self._write(f"put {key!r}", "ProposeMapping", request, lambda _: None)
+        return await self._write(
+            f"put {key!r}", "ProposeMapping", request, lambda r: int(r.revision)
+        )
 
-    async def propose_mappings(self, mappings: dict[str, str]) -> None:
-        """Store every mapping at once: one log entry, so a reader sees all of them or none."""
+    async def propose_mappings(self, mappings: dict[str, str]) -> int:
+        """Store every mapping at once: one log entry, so a reader sees all of them or none;
+        returns its revision."""
 
         def request(session: raft_pb2.Session | None) -> raft_pb2.MappingBatch:
             return raft_pb2.MappingBatch(
@@ -400,8 +371,8 @@ class Client:
                 session=session,
             )
 
-        await self._write(
-            f"put {len(mappings)} mappings", "ProposeMappings", request, lambda _: None
+        return await self._write(
+            f"put {len(mappings)} mappings", "ProposeMappings", request, lambda r: int(r.revision)
         )
 
     async def delete(self, key: str) -> bool:
@@ -453,11 +424,11 @@ class Client:
 
         async def attempt(
             address: str, stub: raft_pb2_grpc.ClusterStub, seconds: float
-        ) -> _Done[str | None]:
+        ) -> Done[str | None]:
             response: raft_pb2.GetValueResponse = await self._call(
                 address, stub, "GetValue", raft_pb2.Key(key=key, allow_stale=stale), seconds
             )
-            return _Done(response.value if response.HasField("value") else default)
+            return Done(response.value if response.HasField("value") else default)
 
         return await self._retry(
             f"get {key!r}",
@@ -472,16 +443,16 @@ class Client:
 
         async def attempt(
             address: str, stub: raft_pb2_grpc.ClusterStub, seconds: float
-        ) -> _Done[int] | _Next:
+        ) -> Done[int] | Next:
             response: raft_pb2.TransferLeadershipResponse = await stub.TransferLeadership(
                 raft_pb2.TransferLeadershipRequest(target_id=target_id), timeout=seconds
             )
             leader_id = response.current_leader if response.HasField("current_leader") else None
             if response.success:
                 self._leader = response.leader_address or None
-                return _Done(leader_id if leader_id is not None else target_id)
+                return Done(leader_id if leader_id is not None else target_id)
             if response.leader_address == address:
-                return _Next(f"{address} leads but could not hand leadership over yet")
+                return Next(f"{address} leads but could not hand leadership over yet")
             return self._redirect(address, leader_id, response.leader_address)
 
         what = "transfer leadership" + (f" to {target_id}" if target_id else "")
@@ -565,13 +536,13 @@ class Client:
 
         async def attempt(
             address: str, stub: raft_pb2_grpc.ClusterStub, seconds: float
-        ) -> _Done[tuple[int, str]] | _Next:
+        ) -> Done[tuple[int, str]] | Next:
             response: raft_pb2.LeaderResponse = await stub.GetLeader(
                 raft_pb2.LeaderRequest(), timeout=seconds
             )
             if response.role == "leader":
                 self._leader = address
-                return _Done((response.node_id, address))
+                return Done((response.node_id, address))
             leader_id = response.leader_id if response.HasField("leader_id") else None
             return self._redirect(address, leader_id, response.leader_address)
 
@@ -590,7 +561,7 @@ class Client:
                     raft_pb2.StatusRequest(), timeout=seconds
                 )
             except grpc.aio.AioRpcError as e:
-                details = _one_line(e.details())
+                details = one_line(e.details())
                 return f"{e.code().name}: {details}" if details else e.code().name
             return response
 
@@ -682,12 +653,12 @@ class Client:
 
         async def attempt(
             address: str, stub: raft_pb2_grpc.ClusterStub, seconds: float
-        ) -> _Done[Backup] | _Next:
+        ) -> Done[Backup] | Next:
             call = stub.SaveSnapshot(raft_pb2.SaveSnapshotRequest(), timeout=seconds)
             try:
                 first = await call.read()
                 if first is grpc.aio.EOF:
-                    return _Next(f"{address} ended the backup stream without a word")
+                    return Next(f"{address} ended the backup stream without a word")
                 if not first.success:
                     leader_id = first.current_leader if first.HasField("current_leader") else None
                     return self._redirect(address, leader_id, first.leader_address)
@@ -697,7 +668,7 @@ class Client:
                     while (chunk := await call.read()) is not grpc.aio.EOF:
                         yield chunk.data
 
-                return _Done(await write_backup_file(str(path), chunks()))
+                return Done(await write_backup_file(str(path), chunks()))
             finally:
                 call.cancel()
 
@@ -766,8 +737,8 @@ class Client:
                 reason = "the node ended the stream"
             except grpc.aio.AioRpcError as e:
                 code: grpc.StatusCode = e.code()
-                details = _one_line(e.details())
-                if code in _DENIED:
+                details = one_line(e.details())
+                if code in DENIED:
                     await queue.put(PermissionDeniedError(details or code.name))
                     return
                 if code in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.INVALID_ARGUMENT):
@@ -803,7 +774,7 @@ class Client:
     ) -> None:
         await self.close()
 
-    def _redirect(self, address: str, leader_id: int | None, leader_address: str) -> _Next:
+    def _redirect(self, address: str, leader_id: int | None, leader_address: str) -> Next:
         """Where a node that is not the leader points us: its leader's address, or the address
         this client knows for its leader's id."""
         if self._leader == address:
@@ -812,10 +783,10 @@ class Client:
             self._address_of.get(leader_id) if leader_id is not None else None
         )
         if target:
-            return _Next(f"{address} is not the leader and points to {target}", leader=target)
+            return Next(f"{address} is not the leader and points to {target}", leader=target)
         if leader_id is not None:
-            return _Next(f"{address} names leader {leader_id}, whose address is unknown here")
-        return _Next(f"{address} knows no leader")
+            return Next(f"{address} names leader {leader_id}, whose address is unknown here")
+        return Next(f"{address} knows no leader")
 
     async def _session(self) -> int | None:
         """This client's session id, registering one first if needed (once, however many tasks
@@ -836,13 +807,13 @@ class Client:
     async def _register(self) -> int | None:
         async def attempt(
             address: str, stub: raft_pb2_grpc.ClusterStub, seconds: float
-        ) -> _Done[int] | _Next:
+        ) -> Done[int] | Next:
             response: raft_pb2.RegisterClientResponse = await stub.RegisterClient(
                 raft_pb2.RegisterClientRequest(), timeout=seconds
             )
             if response.success:
                 self._leader = address
-                return _Done(response.client_id)
+                return Done(response.client_id)
             leader_id = response.current_leader if response.HasField("current_leader") else None
             return self._redirect(address, leader_id, response.leader_address)
 
@@ -878,11 +849,11 @@ class Client:
 
         async def attempt(
             address: str, stub: raft_pb2_grpc.ClusterStub, seconds: float
-        ) -> _Done[_T] | _Next:
+        ) -> Done[_T] | Next:
             response = await self._call(address, stub, method, request, seconds)
             if response.success:
                 self._leader = address
-                return _Done(result(response))
+                return Done(result(response))
             leader_id = response.current_leader if response.HasField("current_leader") else None
             return self._redirect(address, leader_id, response.leader_address)
 
@@ -910,7 +881,7 @@ class Client:
 
         async def attempt(
             address: str, stub: raft_pb2_grpc.ClusterStub, seconds: float
-        ) -> _Done[MemberList] | _Next:
+        ) -> Done[MemberList] | Next:
             response = await call(stub, seconds)
             leader_id = response.current_leader if response.HasField("current_leader") else None
             if not response.success:
@@ -923,7 +894,7 @@ class Client:
             ]
             # Members added since this client was made can now be found by id in a redirect.
             self._address_of.update((m.id, m.client_address) for m in members)
-            return _Done(
+            return Done(
                 MemberList(
                     members=members,
                     removed=list(response.config.removed_ids),
@@ -972,7 +943,7 @@ class Client:
         self,
         what: str,
         seconds: float,
-        attempt: _Attempt[_T],
+        attempt: Attempt[_T],
         only: list[str] | None = None,
         *,
         deadline: float | None = None,
@@ -1010,10 +981,10 @@ class Client:
                     outcome = await attempt(address, self._stub(address), min(seconds, remaining))
                 except grpc.aio.AioRpcError as e:
                     code: grpc.StatusCode = e.code()
-                    details = _one_line(e.details())
-                    if code in _DENIED:
+                    details = one_line(e.details())
+                    if code in DENIED:
                         raise PermissionDeniedError(details or code.name) from None
-                    if code in _REJECTED:
+                    if code in REJECTED:
                         raise RequestRejectedError(details or code.name) from None
                     if code == grpc.StatusCode.FAILED_PRECONDITION:
                         raise refused(details or code.name) from None
@@ -1035,7 +1006,7 @@ class Client:
                     if self._leader == address:
                         self._leader = None
                     continue
-                if isinstance(outcome, _Done):
+                if isinstance(outcome, Done):
                     return outcome.value
                 last = outcome.note
                 if outcome.leader is not None and only is None:

@@ -4,7 +4,8 @@ node's answer (or refusal) into the reply and status code the client expects."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Collection
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from typing import Protocol, TypeVar
 
 import grpc
@@ -18,7 +19,7 @@ from membership import (
     MembershipError,
     check_new_member,
 )
-from node_events import SEND_PACE, EventFeed, TooManySubscribersError
+from node_events import SEND_PACE, EventFeed, EventNarrator, TooManySubscribersError
 from node_status import NodeStatus
 from node_types import (
     MAX_WIRE_NUMBER,
@@ -31,8 +32,26 @@ from node_types import (
     put_entry,
 )
 from rpc import raft_pb2, raft_pb2_grpc
-from state_machine import ApplyResult, CasResult, SessionExpired
+from state_machine import (
+    ApplyResult,
+    CasResult,
+    DeleteRangeResult,
+    DeleteResult,
+    KeyValueStateMachine,
+    RangePage,
+    SessionExpired,
+    range_bounds,
+)
 from tls import admin_refusal
+from watch import (
+    DEFAULT_WATCH_QUEUE,
+    PROGRESS_INTERVAL,
+    KeyRange,
+    SlowWatcherError,
+    TooManyWatchersError,
+    WatchHub,
+)
+from watch_window import CompactedError
 
 MAX_KEY_BYTES = 1024
 MAX_VALUE_BYTES = 1024 * 1024
@@ -43,6 +62,13 @@ MAX_BATCH_BYTES = 2 * 1024 * 1024
 # bytes of values (a message to the client stays under 4 MiB), the rest told to ask alone.
 MAX_CALL_OPS = 1000
 BATCH_REPLY_BUDGET = 3 * 1024 * 1024
+# One Range reply carries at most this many keys, and stops adding keys once past this many bytes
+# of keys and values (one key and its value are at most 1 MiB + 1 KiB): well under the 4 MiB a
+# reply may be. Follow `more`.
+MAX_RANGE_LIMIT = 10_000
+MAX_RANGE_BYTES = 2 * 1024 * 1024
+
+_Query = TypeVar("_Query")
 
 # The write replies that carry a redirect (success, current_leader, leader_address).
 _WriteReply = TypeVar(
@@ -53,7 +79,16 @@ _WriteReply = TypeVar(
     raft_pb2.RegisterClientResponse,
     raft_pb2.MembershipResponse,
     raft_pb2.SnapshotChunk,
+    raft_pb2.DeleteRangeResponse,
 )
+
+
+class LinearizableReads(Protocol):
+    """The node's read path (reads.py), for reads other than a single key's."""
+
+    async def linearizable(
+        self, query: Callable[[KeyValueStateMachine], _Query], what: str
+    ) -> _Query: ...
 
 
 class ClusterNode(Protocol):
@@ -61,6 +96,9 @@ class ClusterNode(Protocol):
 
     @property
     def node_id(self) -> int: ...
+
+    @property
+    def narrate(self) -> EventNarrator: ...
 
     @property
     def role(self) -> str: ...
@@ -72,7 +110,7 @@ class ClusterNode(Protocol):
 
     async def propose_mapping(
         self, key: str, value: str, session: raft_pb2.Session | None = None
-    ) -> None: ...
+    ) -> int: ...
 
     async def propose(self, command: raft_pb2.Command) -> ApplyResult: ...
 
@@ -101,6 +139,13 @@ class ClusterNode(Protocol):
 
     # What the node does, as it happens (node_events.py).
     feed: EventFeed
+
+    # The store itself, for stale reads and watches; and the read path, for linearizable ranges.
+    @property
+    def state_machine(self) -> KeyValueStateMachine: ...
+
+    @property
+    def reads(self) -> LinearizableReads: ...
 
 
 def key_problem(key: str) -> str | None:
@@ -158,6 +203,27 @@ def batch_problem(batch: raft_pb2.MappingBatch) -> str | None:
     return None
 
 
+def range_problem(key: str, range_end: str | None, prefix: bool) -> str | None:
+    """Why a request's range of keys is malformed, or None when it is acceptable."""
+    if prefix and range_end is not None:
+        return "give a prefix or a range_end, not both"
+    for name, text in (("key", key), ("range_end", range_end or "")):
+        size = len(text.encode("utf-8"))
+        if size > MAX_KEY_BYTES:
+            return f"{name} is {size} bytes in UTF-8; the limit is {MAX_KEY_BYTES} bytes"
+    if not key and not prefix and range_end is None:
+        return "key must not be empty (give a prefix, or a range_end)"
+    if range_end and range_end <= key:
+        return f"range_end {range_end[:40]!r} must come after key {key[:40]!r}"
+    return None
+
+
+def _optional(
+    message: raft_pb2.RangeRequest | raft_pb2.DeleteRangeRequest | raft_pb2.WatchRequest, name: str
+) -> str | None:
+    return getattr(message, name) if message.HasField(name) else None
+
+
 def _redirect(response: _WriteReply, e: NotLeaderError) -> _WriteReply:
     response.success = False
     if e.leader_id is not None:
@@ -178,10 +244,12 @@ class ClusterServicer(raft_pb2_grpc.ClusterServicer):
         node: ClusterNode,
         admin_names: Collection[str] = (),
         backups: Backups | None = None,
+        watch_queue: int = DEFAULT_WATCH_QUEUE,
     ) -> None:
         self._node = node
         self._admin_names = frozenset(admin_names)
         self._backups = backups
+        self._watches = WatchHub(node.state_machine, queue_limit=watch_queue)
 
     async def _admin_only(self, context: grpc.aio.ServicerContext) -> None:
         refusal = admin_refusal(context, self._admin_names)
@@ -219,9 +287,11 @@ class ClusterServicer(raft_pb2_grpc.ClusterServicer):
         )
         try:
             if request.session.client_id:
-                await self._node.propose_mapping(request.key, request.value, request.session)
+                revision = await self._node.propose_mapping(
+                    request.key, request.value, request.session
+                )
             else:
-                await self._node.propose_mapping(request.key, request.value)
+                revision = await self._node.propose_mapping(request.key, request.value)
         except NotLeaderError as e:
             return _redirect(raft_pb2.ProposeMappingResponse(), e)
         except OverloadedError as e:
@@ -230,7 +300,7 @@ class ClusterServicer(raft_pb2_grpc.ClusterServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         except SessionExpiredError as e:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
-        return raft_pb2.ProposeMappingResponse(success=True)
+        return raft_pb2.ProposeMappingResponse(success=True, revision=revision)
 
     async def ProposeMappings(
         self, request: raft_pb2.MappingBatch, context: grpc.aio.ServicerContext
@@ -238,20 +308,20 @@ class ClusterServicer(raft_pb2_grpc.ClusterServicer):
         await self._check(context, batch_problem(request), session_problem(request.session))
         batch = _without_mapping_sessions(request)
         try:
-            await self._propose(raft_pb2.Command(put=batch), context)
+            result = await self._propose(raft_pb2.Command(put=batch), context)
         except NotLeaderError as e:
             return _redirect(raft_pb2.ProposeMappingResponse(), e)
-        return raft_pb2.ProposeMappingResponse(success=True)
+        return _put_reply(result)
 
     async def DeleteKey(
         self, request: raft_pb2.DeleteRequest, context: grpc.aio.ServicerContext
     ) -> raft_pb2.DeleteResponse:
         await self._check(context, key_problem(request.key), session_problem(request.session))
         try:
-            existed = await self._propose(raft_pb2.Command(delete=request), context)
+            result = await self._propose(raft_pb2.Command(delete=request), context)
         except NotLeaderError as e:
             return _redirect(raft_pb2.DeleteResponse(), e)
-        return raft_pb2.DeleteResponse(success=True, existed=bool(existed))
+        return _delete_reply(result)
 
     async def CompareAndSwap(
         self, request: raft_pb2.CompareAndSwapRequest, context: grpc.aio.ServicerContext
@@ -262,13 +332,23 @@ class ClusterServicer(raft_pb2_grpc.ClusterServicer):
             value_problem(request.new_value),
             value_problem(request.expected_value),
             session_problem(request.session),
+            (
+                "expected_mod_revision must be 0 (absent) or a revision"
+                if not 0 <= request.expected_mod_revision < MAX_WIRE_NUMBER
+                else None
+            ),
         )
         try:
             result = await self._propose(raft_pb2.Command(compare_and_swap=request), context)
         except NotLeaderError as e:
             return _redirect(raft_pb2.CompareAndSwapResponse(), e)
         assert isinstance(result, CasResult)
-        response = raft_pb2.CompareAndSwapResponse(success=True, swapped=result.swapped)
+        response = raft_pb2.CompareAndSwapResponse(
+            success=True,
+            swapped=result.swapped,
+            revision=result.revision,
+            mod_revision=result.mod_revision,
+        )
         if result.value is not None:
             response.current_value = result.value
         return response
@@ -289,18 +369,147 @@ class ClusterServicer(raft_pb2_grpc.ClusterServicer):
         self, request: raft_pb2.Key, context: grpc.aio.ServicerContext
     ) -> raft_pb2.GetValueResponse:
         await self._check(context, key_problem(request.key))
-        if request.allow_stale:
-            value = self._node.get_value(request.key)
-        else:
-            try:
-                value = await self._node.linearizable_read(request.key)
-            except OverloadedError as e:
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-            except UnavailableError as e:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-        if value is None:
-            return raft_pb2.GetValueResponse(key=request.key)
-        return raft_pb2.GetValueResponse(key=request.key, value=value)
+        key = request.key
+        return await self._read(
+            request.allow_stale, functools.partial(_get_reply, key=key), f"get {key}", context
+        )
+
+    async def _read(
+        self,
+        stale: bool,
+        query: Callable[[KeyValueStateMachine], _Query],
+        what: str,
+        context: grpc.aio.ServicerContext,
+    ) -> _Query:
+        """`query` on this node's state: at once when `stale`, else once the state reflects every
+        write acknowledged before the call (ReadIndex, reads.py)."""
+        if stale:
+            return query(self._node.state_machine)
+        try:
+            return await self._node.reads.linearizable(query, what)
+        except OverloadedError as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except UnavailableError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        raise AssertionError("abort returned")  # pragma: no cover
+
+    async def Range(
+        self, request: raft_pb2.RangeRequest, context: grpc.aio.ServicerContext
+    ) -> raft_pb2.RangeResponse:
+        """The keys of a prefix or a range in order, a page at a time; linearizable unless
+        allow_stale. A page stops at `limit` keys, MAX_RANGE_LIMIT, or about MAX_RANGE_BYTES."""
+        range_end = _optional(request, "range_end")
+        resume_key = _optional(request, "resume_key")
+        limit = request.limit
+        await self._check(
+            context,
+            range_problem(request.key, range_end, request.prefix),
+            (
+                f"limit must be 0 (as many as fit) to {MAX_RANGE_LIMIT}, not {limit}"
+                if not 0 <= limit <= MAX_RANGE_LIMIT
+                else None
+            ),
+            key_problem(resume_key) if resume_key is not None else None,
+        )
+        start, end = range_bounds(request.key, request.prefix, range_end)
+        if request.count_only:
+
+            def count(machine: KeyValueStateMachine) -> raft_pb2.RangeResponse:
+                return raft_pb2.RangeResponse(
+                    count=machine.count(start, end), revision=machine.revision
+                )
+
+            return await self._read(request.allow_stale, count, "count a range", context)
+        keys_only = request.keys_only
+
+        def page(machine: KeyValueStateMachine) -> RangePage:
+            return machine.range(
+                start, end, limit or MAX_RANGE_LIMIT, MAX_RANGE_BYTES, keys_only, resume_key
+            )
+
+        found = await self._read(request.allow_stale, page, "range", context)
+        response = raft_pb2.RangeResponse(
+            more=found.more, count=found.count, revision=found.revision
+        )
+        if found.next_key is not None:
+            response.next_key = found.next_key
+        kvs = response.kvs
+        for kv in found.kvs:
+            kvs.add(
+                key=kv.key,
+                value=kv.value or "",
+                create_revision=kv.create_revision,
+                mod_revision=kv.mod_revision,
+                version=kv.version,
+            )
+        return response
+
+    async def DeleteRange(
+        self, request: raft_pb2.DeleteRangeRequest, context: grpc.aio.ServicerContext
+    ) -> raft_pb2.DeleteRangeResponse:
+        """Every key of a prefix or a range deleted in one entry; how many, and its revision."""
+        await self._check(
+            context,
+            range_problem(request.key, _optional(request, "range_end"), request.prefix),
+            session_problem(request.session),
+        )
+        try:
+            result = await self._propose(raft_pb2.Command(delete_range=request), context)
+        except NotLeaderError as e:
+            return _redirect(raft_pb2.DeleteRangeResponse(), e)
+        assert isinstance(result, DeleteRangeResult)
+        return raft_pb2.DeleteRangeResponse(
+            success=True, deleted=result.deleted, revision=result.revision
+        )
+
+    async def Watch(
+        self, request: raft_pb2.WatchRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[raft_pb2.WatchResponse]:
+        """Every change to the keys from start_revision on, from this node's applied state, until
+        the caller goes away. OUT_OF_RANGE when the start is older than the window this node
+        keeps; RESOURCE_EXHAUSTED when the caller reads too slowly (or too many watch)."""
+        range_end = _optional(request, "range_end")
+        start_revision = request.start_revision
+        await self._check(
+            context,
+            range_problem(request.key, range_end, request.prefix),
+            (
+                "start_revision must be 0 (from now) or a revision"
+                if not 0 <= start_revision < MAX_WIRE_NUMBER
+                else None
+            ),
+        )
+        start, end = range_bounds(request.key, request.prefix, range_end)
+        node = self._node
+        try:
+            watcher = self._watches.watch(KeyRange(start, end), start_revision, request.prev_value)
+        except CompactedError as e:
+            await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(e))
+        except TooManyWatchersError as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        what = f"watch of {start!r}..{end!r}" if end != start + "\0" else f"watch of {start!r}"
+        node.narrate.debug(
+            "%s from revision %d started (%d watching)",
+            what,
+            watcher.start_revision,
+            len(self._watches),
+        )
+        ending = "the watcher went away"
+        try:
+            yield watcher.created_message()
+            while True:
+                await watcher.wait(PROGRESS_INTERVAL)
+                if watcher.failure is not None:
+                    ending = str(watcher.failure)
+                    if isinstance(watcher.failure, SlowWatcherError):
+                        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, ending)
+                    await context.abort(grpc.StatusCode.OUT_OF_RANGE, ending)
+                response = watcher.next_message(progress=True)
+                if response is not None:
+                    yield response
+        finally:
+            self._watches.remove(watcher)
+            node.narrate.debug("%s ended: %s", what, ending)
 
     async def Batch(
         self, request: raft_pb2.BatchRequest, context: grpc.aio.ServicerContext
@@ -349,37 +558,37 @@ class ClusterServicer(raft_pb2_grpc.ClusterServicer):
                 code, details = _write_failure(outcome)
                 result.code = code.value[0]
                 result.details = details
+            elif which == "delete":
+                reply.CopyFrom(_delete_reply(outcome))
             else:
-                reply.success = True
-                if which == "delete":
-                    reply.existed = bool(outcome)
+                reply.CopyFrom(_put_reply(outcome))
 
     async def _batch_reads(self, reads: list[tuple[raft_pb2.BatchResult, raft_pb2.Key]]) -> None:
         if not reads:
             return
 
-        async def read(key: raft_pb2.Key) -> str | None:
+        async def read(key: raft_pb2.Key) -> raft_pb2.GetValueResponse:
+            query = functools.partial(_get_reply, key=key.key)
             if key.allow_stale:
-                return self._node.get_value(key.key)
-            return await self._node.linearizable_read(key.key)
+                return query(self._node.state_machine)
+            return await self._node.reads.linearizable(query, f"get {key.key}")
 
-        values = await asyncio.gather(*(read(key) for _, key in reads), return_exceptions=True)
+        replies = await asyncio.gather(*(read(key) for _, key in reads), return_exceptions=True)
         budget = BATCH_REPLY_BUDGET
-        for (result, key), value in zip(reads, values, strict=True):
-            if isinstance(value, BaseException):
-                if not isinstance(value, Exception):
-                    raise value
-                code, details = _read_failure(value)
+        for (result, _), reply in zip(reads, replies, strict=True):
+            if isinstance(reply, BaseException):
+                if not isinstance(reply, Exception):
+                    raise reply
+                code, details = _read_failure(reply)
                 result.code = code.value[0]
                 result.details = details
                 continue
-            if value is not None:
-                budget -= len(value) if value.isascii() else len(value.encode("utf-8"))
-                if budget < 0:
-                    result.resend_alone = True
-                    continue
-                result.get.value = value
-            result.get.key = key.key
+            value = reply.value
+            budget -= len(value) if value.isascii() else len(value.encode("utf-8"))
+            if budget < 0:
+                result.resend_alone = True
+            else:
+                result.get.CopyFrom(reply)
 
     async def TransferLeadership(
         self, request: raft_pb2.TransferLeadershipRequest, context: grpc.aio.ServicerContext
@@ -647,3 +856,33 @@ def _read_failure(error: Exception) -> tuple[grpc.StatusCode, str]:
     if isinstance(error, UnavailableError):
         return grpc.StatusCode.UNAVAILABLE, str(error)
     return grpc.StatusCode.UNKNOWN, f"{type(error).__name__}: {error}"
+
+
+def _put_reply(outcome: ApplyResult) -> raft_pb2.ProposeMappingResponse:
+    """A put's (or a batch's) success reply, with the revision it produced."""
+    return raft_pb2.ProposeMappingResponse(success=True, revision=getattr(outcome, "revision", 0))
+
+
+def _delete_reply(outcome: ApplyResult) -> raft_pb2.DeleteResponse:
+    if isinstance(outcome, DeleteResult):
+        return raft_pb2.DeleteResponse(
+            success=True, existed=outcome.existed, revision=outcome.revision
+        )
+    # A reply a session kept from before revisions: whether the key existed, alone.
+    return raft_pb2.DeleteResponse(success=True, existed=bool(outcome))
+
+
+def _get_reply(machine: KeyValueStateMachine, key: str) -> raft_pb2.GetValueResponse:
+    """GetValue's answer from this state: the value with its revisions, or none."""
+    value = machine.get(key)
+    if value is None:
+        return raft_pb2.GetValueResponse(key=key, revision=machine.revision)
+    create, mod, version = machine.revisions(key)
+    return raft_pb2.GetValueResponse(
+        key=key,
+        value=value,
+        create_revision=create,
+        mod_revision=mod,
+        version=version,
+        revision=machine.revision,
+    )

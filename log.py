@@ -492,9 +492,10 @@ class RaftLog:
 
     def bytes_after(self, index: int) -> int:
         """About how many bytes the records after `index` take in the log file."""
-        if index >= self.last_index:
-            return 0
         i = max(index - self._base_index, 0)
+        # Also 0 for a log reset to a later snapshot while the caller held an older index.
+        if index >= self.last_index or i >= len(self._offsets):
+            return 0
         return self._end - self._offsets[i]
 
     def keep_point(self, index: int, keep_entries: int, keep_bytes: int) -> int:

@@ -25,6 +25,7 @@ from restore import add_restore_flags, check_restore_flags, run_restore
 from rpc import raft_pb2_grpc
 from snapshot import SnapshotError
 from tls import NodeTlsFiles, RenewableServerCredentials, TlsConfig, TlsError
+from watch import add_watch_flags
 
 if TYPE_CHECKING:
     import grpc
@@ -219,6 +220,7 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="HOST",
         help="address to bind the metrics endpoint to (default: as the node's other servers)",
     )
+    add_watch_flags(parser)
     _add_tls_flags(parser)
     add_restore_flags(parser)
     return parser
@@ -400,6 +402,7 @@ async def _serve(
         {p.id: p.raft_address for p in cluster.peers_of(node_id)}, identity, tls=peer_tls
     )
     node = RaftNode(node_id, cluster, log, transport, timing, snapshot_policy=policy, join=joining)
+    node.state_machine.window.limit = args.watch_window
     try:
         node.start_from_snapshot()
     except (SnapshotError, ValueError) as e:
@@ -463,6 +466,7 @@ async def _serve(
                         node,
                         admin_names=args.admin_cert_name or (),
                         backups=Backups(node, lambda: identity.cluster_id),
+                        watch_queue=args.watch_queue,
                     ),
                     s,
                 ),

@@ -25,7 +25,7 @@ from node_types import (
     put_entry,
 )
 from rpc import raft_pb2
-from state_machine import ApplyResult, KeyValueStateMachine, SessionExpired
+from state_machine import ApplyResult, KeyValueStateMachine, PutResult, SessionExpired
 from transfer import Transfers
 
 
@@ -60,19 +60,22 @@ class Writes:
 
     async def propose_mapping(
         self, key: str, value: str, session: raft_pb2.Session | None = None
-    ) -> None:
-        """Store one mapping; return once it is committed and applied here. Raises NotLeaderError.
+    ) -> int:
+        """Store one mapping; once it is committed and applied here, return its revision (its
+        index; 0 for a retry answered from a session reply kept from before revisions). Raises
+        NotLeaderError.
 
         Without a session it is the seed's MAPPING entry; with one, a COMMAND whose result may be
         SessionExpired, raised here as SessionExpiredError.
         """
         entry = put_entry(key, value, session)
         if entry.kind == raft_pb2.ENTRY_KIND_MAPPING:
-            await self.propose_entry(entry)
-            return
-        result = await self.propose(entry.command)
+            result = await self.propose_entry(entry)
+        else:
+            result = await self.propose(entry.command)
         if isinstance(result, SessionExpired):
             raise SessionExpiredError(result.reason)
+        return result.revision if isinstance(result, PutResult) else 0
 
     async def propose(self, command: raft_pb2.Command) -> ApplyResult:
         """Append a command; once it is committed and applied here, return what applying it gave.

@@ -641,9 +641,9 @@ class RaftNode:
 
     async def propose_mapping(
         self, key: str, value: str, session: raft_pb2.Session | None = None
-    ) -> None:
-        """Store one mapping; return once it is committed and applied here (see proposals.py)."""
-        await self.writes.propose_mapping(key, value, session)
+    ) -> int:
+        """Store one mapping; once committed and applied here, its revision (see proposals.py)."""
+        return await self.writes.propose_mapping(key, value, session)
 
     async def propose(self, command: raft_pb2.Command) -> ApplyResult:
         """Append a command; what applying it gave, once applied here (see proposals.py)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from access import Access
 from leader import LeaderTerm
@@ -26,6 +26,8 @@ from node_types import (
 )
 from rpc import raft_pb2
 from state_machine import KeyValueStateMachine
+
+_T = TypeVar("_T")
 
 
 class ReadNode(NodeBasics, Protocol):
@@ -69,6 +71,9 @@ class Reads:
         Raises NotLeaderError when this node is not (or stops being) the leader, and
         UnavailableError when it cannot confirm its leadership within the proposal timeout.
         """
+        return await self._leader_read(lambda machine: machine.get(key))
+
+    async def _leader_read(self, query: Callable[[KeyValueStateMachine], _T]) -> _T:
         node = self.node
         term = node.current_term
         node.check_still_leader(term)
@@ -80,7 +85,7 @@ class Reads:
             raise UnavailableError(
                 f"could not confirm leadership within {node.timing.proposal_timeout:g} s"
             ) from None
-        return node.state_machine.get(key)
+        return query(node.state_machine)
 
     async def linearizable_read(self, key: str) -> str | None:
         """A linearizable read on any node: the leader confirms itself (`read`); a follower asks
@@ -89,6 +94,11 @@ class Reads:
         Raises UnavailableError when no leader can confirm the read in time (no leader known,
         the leader unreachable or deposed); never answers from state that may be stale.
         """
+        return await self.linearizable(lambda machine: machine.get(key), f"get {key}")
+
+    async def linearizable(self, query: Callable[[KeyValueStateMachine], _T], what: str) -> _T:
+        """`query` run on this node's state once it reflects every write acknowledged before the
+        call (as `linearizable_read`, which is a `get`); `what` names the read in events."""
         node = self.node
         if self._reads_waiting >= MAX_WAITING_READS:
             raise OverloadedError(
@@ -96,32 +106,30 @@ class Reads:
             )
         self._reads_waiting += 1
         try:
-            value = await self._linearizable_read(key)
+            value = await self._linearizable_read(query)
         except Exception as e:
             if node.feed.active:
-                node.feed.emit(
-                    "client", f"read of {key!r} failed: {e}", action="read", detail=f"get {key}"
-                )
+                node.feed.emit("client", f"{what} failed: {e}", action="read", detail=what)
             raise
         finally:
             self._reads_waiting -= 1
         if node.feed.active:
             node.feed.emit(
                 "client",
-                f"answered a read of {key!r} (applied up to index {node.last_applied})",
+                f"answered a read ({what}; applied up to index {node.last_applied})",
                 action="read",
                 index=node.last_applied,
                 ok=True,
-                detail=f"get {key}",
+                detail=what,
             )
         return value
 
-    async def _linearizable_read(self, key: str) -> str | None:
+    async def _linearizable_read(self, query: Callable[[KeyValueStateMachine], _T]) -> _T:
         node = self.node
         started = time.perf_counter()  # for metrics only, as for proposals
         if node.is_leader:
             try:
-                value = await self.read(key)
+                value = await self._leader_read(query)
             except NotLeaderError as e:
                 raise UnavailableError(f"lost leadership while reading: {e}") from None
             node.observer.read_served(time.perf_counter() - started)
@@ -141,7 +149,7 @@ class Reads:
             ) from None
         node.narrate.debug("served a linearizable read at read index %d", read_index)
         node.observer.read_served(time.perf_counter() - started)
-        return node.state_machine.get(key)
+        return query(node.state_machine)
 
     async def _read_index_from_leader(self) -> int:
         """The leader's read index, from a request sent after this call began (so it covers

@@ -13,10 +13,17 @@ class EntryKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ENTRY_KIND_NOOP: _ClassVar[EntryKind]
     ENTRY_KIND_COMMAND: _ClassVar[EntryKind]
     ENTRY_KIND_CONFIG: _ClassVar[EntryKind]
+
+class WatchEventType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    WATCH_EVENT_PUT: _ClassVar[WatchEventType]
+    WATCH_EVENT_DELETE: _ClassVar[WatchEventType]
 ENTRY_KIND_MAPPING: EntryKind
 ENTRY_KIND_NOOP: EntryKind
 ENTRY_KIND_COMMAND: EntryKind
 ENTRY_KIND_CONFIG: EntryKind
+WATCH_EVENT_PUT: WatchEventType
+WATCH_EVENT_DELETE: WatchEventType
 
 class VoteRequest(_message.Message):
     __slots__ = ("term", "requester_id", "last_log_index", "last_log_term", "pre_vote", "leadership_transfer")
@@ -123,16 +130,18 @@ class MembershipResponse(_message.Message):
     def __init__(self, success: _Optional[bool] = ..., current_leader: _Optional[int] = ..., leader_address: _Optional[str] = ..., config: _Optional[_Union[Configuration, _Mapping]] = ..., config_index: _Optional[int] = ..., committed: _Optional[bool] = ...) -> None: ...
 
 class Command(_message.Message):
-    __slots__ = ("put", "delete", "compare_and_swap", "register_client")
+    __slots__ = ("put", "delete", "compare_and_swap", "register_client", "delete_range")
     PUT_FIELD_NUMBER: _ClassVar[int]
     DELETE_FIELD_NUMBER: _ClassVar[int]
     COMPARE_AND_SWAP_FIELD_NUMBER: _ClassVar[int]
     REGISTER_CLIENT_FIELD_NUMBER: _ClassVar[int]
+    DELETE_RANGE_FIELD_NUMBER: _ClassVar[int]
     put: MappingBatch
     delete: DeleteRequest
     compare_and_swap: CompareAndSwapRequest
     register_client: RegisterClientRequest
-    def __init__(self, put: _Optional[_Union[MappingBatch, _Mapping]] = ..., delete: _Optional[_Union[DeleteRequest, _Mapping]] = ..., compare_and_swap: _Optional[_Union[CompareAndSwapRequest, _Mapping]] = ..., register_client: _Optional[_Union[RegisterClientRequest, _Mapping]] = ...) -> None: ...
+    delete_range: DeleteRangeRequest
+    def __init__(self, put: _Optional[_Union[MappingBatch, _Mapping]] = ..., delete: _Optional[_Union[DeleteRequest, _Mapping]] = ..., compare_and_swap: _Optional[_Union[CompareAndSwapRequest, _Mapping]] = ..., register_client: _Optional[_Union[RegisterClientRequest, _Mapping]] = ..., delete_range: _Optional[_Union[DeleteRangeRequest, _Mapping]] = ...) -> None: ...
 
 class AppendEntriesRequest(_message.Message):
     __slots__ = ("term", "requester_id", "prev_log_index", "prev_log_term", "leader_commit", "log_entries")
@@ -201,42 +210,50 @@ class DeleteRequest(_message.Message):
     def __init__(self, key: _Optional[str] = ..., session: _Optional[_Union[Session, _Mapping]] = ...) -> None: ...
 
 class DeleteResponse(_message.Message):
-    __slots__ = ("success", "current_leader", "leader_address", "existed")
+    __slots__ = ("success", "current_leader", "leader_address", "existed", "revision")
     SUCCESS_FIELD_NUMBER: _ClassVar[int]
     CURRENT_LEADER_FIELD_NUMBER: _ClassVar[int]
     LEADER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     EXISTED_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
     success: bool
     current_leader: int
     leader_address: str
     existed: bool
-    def __init__(self, success: _Optional[bool] = ..., current_leader: _Optional[int] = ..., leader_address: _Optional[str] = ..., existed: _Optional[bool] = ...) -> None: ...
+    revision: int
+    def __init__(self, success: _Optional[bool] = ..., current_leader: _Optional[int] = ..., leader_address: _Optional[str] = ..., existed: _Optional[bool] = ..., revision: _Optional[int] = ...) -> None: ...
 
 class CompareAndSwapRequest(_message.Message):
-    __slots__ = ("key", "expected_value", "new_value", "session")
+    __slots__ = ("key", "expected_value", "new_value", "session", "expected_mod_revision")
     KEY_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_VALUE_FIELD_NUMBER: _ClassVar[int]
     NEW_VALUE_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_MOD_REVISION_FIELD_NUMBER: _ClassVar[int]
     key: str
     expected_value: str
     new_value: str
     session: Session
-    def __init__(self, key: _Optional[str] = ..., expected_value: _Optional[str] = ..., new_value: _Optional[str] = ..., session: _Optional[_Union[Session, _Mapping]] = ...) -> None: ...
+    expected_mod_revision: int
+    def __init__(self, key: _Optional[str] = ..., expected_value: _Optional[str] = ..., new_value: _Optional[str] = ..., session: _Optional[_Union[Session, _Mapping]] = ..., expected_mod_revision: _Optional[int] = ...) -> None: ...
 
 class CompareAndSwapResponse(_message.Message):
-    __slots__ = ("success", "current_leader", "leader_address", "swapped", "current_value")
+    __slots__ = ("success", "current_leader", "leader_address", "swapped", "current_value", "revision", "mod_revision")
     SUCCESS_FIELD_NUMBER: _ClassVar[int]
     CURRENT_LEADER_FIELD_NUMBER: _ClassVar[int]
     LEADER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     SWAPPED_FIELD_NUMBER: _ClassVar[int]
     CURRENT_VALUE_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    MOD_REVISION_FIELD_NUMBER: _ClassVar[int]
     success: bool
     current_leader: int
     leader_address: str
     swapped: bool
     current_value: str
-    def __init__(self, success: _Optional[bool] = ..., current_leader: _Optional[int] = ..., leader_address: _Optional[str] = ..., swapped: _Optional[bool] = ..., current_value: _Optional[str] = ...) -> None: ...
+    revision: int
+    mod_revision: int
+    def __init__(self, success: _Optional[bool] = ..., current_leader: _Optional[int] = ..., leader_address: _Optional[str] = ..., swapped: _Optional[bool] = ..., current_value: _Optional[str] = ..., revision: _Optional[int] = ..., mod_revision: _Optional[int] = ...) -> None: ...
 
 class RegisterClientRequest(_message.Message):
     __slots__ = ()
@@ -303,14 +320,16 @@ class TimeoutNowResponse(_message.Message):
     def __init__(self, term: _Optional[int] = ...) -> None: ...
 
 class ProposeMappingResponse(_message.Message):
-    __slots__ = ("success", "current_leader", "leader_address")
+    __slots__ = ("success", "current_leader", "leader_address", "revision")
     SUCCESS_FIELD_NUMBER: _ClassVar[int]
     CURRENT_LEADER_FIELD_NUMBER: _ClassVar[int]
     LEADER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
     success: bool
     current_leader: int
     leader_address: str
-    def __init__(self, success: _Optional[bool] = ..., current_leader: _Optional[int] = ..., leader_address: _Optional[str] = ...) -> None: ...
+    revision: int
+    def __init__(self, success: _Optional[bool] = ..., current_leader: _Optional[int] = ..., leader_address: _Optional[str] = ..., revision: _Optional[int] = ...) -> None: ...
 
 class Key(_message.Message):
     __slots__ = ("key", "allow_stale")
@@ -321,12 +340,138 @@ class Key(_message.Message):
     def __init__(self, key: _Optional[str] = ..., allow_stale: _Optional[bool] = ...) -> None: ...
 
 class GetValueResponse(_message.Message):
-    __slots__ = ("key", "value")
+    __slots__ = ("key", "value", "create_revision", "mod_revision", "version", "revision")
     KEY_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
+    CREATE_REVISION_FIELD_NUMBER: _ClassVar[int]
+    MOD_REVISION_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
     key: str
     value: str
-    def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    create_revision: int
+    mod_revision: int
+    version: int
+    revision: int
+    def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ..., create_revision: _Optional[int] = ..., mod_revision: _Optional[int] = ..., version: _Optional[int] = ..., revision: _Optional[int] = ...) -> None: ...
+
+class RangeRequest(_message.Message):
+    __slots__ = ("key", "range_end", "prefix", "limit", "resume_key", "allow_stale", "keys_only", "count_only")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    RANGE_END_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    RESUME_KEY_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_STALE_FIELD_NUMBER: _ClassVar[int]
+    KEYS_ONLY_FIELD_NUMBER: _ClassVar[int]
+    COUNT_ONLY_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    range_end: str
+    prefix: bool
+    limit: int
+    resume_key: str
+    allow_stale: bool
+    keys_only: bool
+    count_only: bool
+    def __init__(self, key: _Optional[str] = ..., range_end: _Optional[str] = ..., prefix: _Optional[bool] = ..., limit: _Optional[int] = ..., resume_key: _Optional[str] = ..., allow_stale: _Optional[bool] = ..., keys_only: _Optional[bool] = ..., count_only: _Optional[bool] = ...) -> None: ...
+
+class KeyValue(_message.Message):
+    __slots__ = ("key", "value", "create_revision", "mod_revision", "version")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    CREATE_REVISION_FIELD_NUMBER: _ClassVar[int]
+    MOD_REVISION_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    value: str
+    create_revision: int
+    mod_revision: int
+    version: int
+    def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ..., create_revision: _Optional[int] = ..., mod_revision: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
+
+class RangeResponse(_message.Message):
+    __slots__ = ("kvs", "more", "next_key", "count", "revision")
+    KVS_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
+    NEXT_KEY_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    kvs: _containers.RepeatedCompositeFieldContainer[KeyValue]
+    more: bool
+    next_key: str
+    count: int
+    revision: int
+    def __init__(self, kvs: _Optional[_Iterable[_Union[KeyValue, _Mapping]]] = ..., more: _Optional[bool] = ..., next_key: _Optional[str] = ..., count: _Optional[int] = ..., revision: _Optional[int] = ...) -> None: ...
+
+class DeleteRangeRequest(_message.Message):
+    __slots__ = ("key", "range_end", "prefix", "session")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    RANGE_END_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    range_end: str
+    prefix: bool
+    session: Session
+    def __init__(self, key: _Optional[str] = ..., range_end: _Optional[str] = ..., prefix: _Optional[bool] = ..., session: _Optional[_Union[Session, _Mapping]] = ...) -> None: ...
+
+class DeleteRangeResponse(_message.Message):
+    __slots__ = ("success", "current_leader", "leader_address", "deleted", "revision")
+    SUCCESS_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_LEADER_FIELD_NUMBER: _ClassVar[int]
+    LEADER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    success: bool
+    current_leader: int
+    leader_address: str
+    deleted: int
+    revision: int
+    def __init__(self, success: _Optional[bool] = ..., current_leader: _Optional[int] = ..., leader_address: _Optional[str] = ..., deleted: _Optional[int] = ..., revision: _Optional[int] = ...) -> None: ...
+
+class WatchRequest(_message.Message):
+    __slots__ = ("key", "range_end", "prefix", "start_revision", "prev_value")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    RANGE_END_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    START_REVISION_FIELD_NUMBER: _ClassVar[int]
+    PREV_VALUE_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    range_end: str
+    prefix: bool
+    start_revision: int
+    prev_value: bool
+    def __init__(self, key: _Optional[str] = ..., range_end: _Optional[str] = ..., prefix: _Optional[bool] = ..., start_revision: _Optional[int] = ..., prev_value: _Optional[bool] = ...) -> None: ...
+
+class WatchEvent(_message.Message):
+    __slots__ = ("type", "key", "value", "revision", "create_revision", "version", "prev_value")
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    CREATE_REVISION_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PREV_VALUE_FIELD_NUMBER: _ClassVar[int]
+    type: WatchEventType
+    key: str
+    value: str
+    revision: int
+    create_revision: int
+    version: int
+    prev_value: str
+    def __init__(self, type: _Optional[_Union[WatchEventType, str]] = ..., key: _Optional[str] = ..., value: _Optional[str] = ..., revision: _Optional[int] = ..., create_revision: _Optional[int] = ..., version: _Optional[int] = ..., prev_value: _Optional[str] = ...) -> None: ...
+
+class WatchResponse(_message.Message):
+    __slots__ = ("events", "revision", "created", "compact_revision")
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    COMPACT_REVISION_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[WatchEvent]
+    revision: int
+    created: bool
+    compact_revision: int
+    def __init__(self, events: _Optional[_Iterable[_Union[WatchEvent, _Mapping]]] = ..., revision: _Optional[int] = ..., created: _Optional[bool] = ..., compact_revision: _Optional[int] = ...) -> None: ...
 
 class LeaderRequest(_message.Message):
     __slots__ = ()

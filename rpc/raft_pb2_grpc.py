@@ -411,6 +411,21 @@ class ClusterStub:
                 request_serializer=rpc_dot_raft__pb2.SaveSnapshotRequest.SerializeToString,
                 response_deserializer=rpc_dot_raft__pb2.SnapshotChunk.FromString,
                 _registered_method=True)
+        self.Range = channel.unary_unary(
+                '/Cluster/Range',
+                request_serializer=rpc_dot_raft__pb2.RangeRequest.SerializeToString,
+                response_deserializer=rpc_dot_raft__pb2.RangeResponse.FromString,
+                _registered_method=True)
+        self.DeleteRange = channel.unary_unary(
+                '/Cluster/DeleteRange',
+                request_serializer=rpc_dot_raft__pb2.DeleteRangeRequest.SerializeToString,
+                response_deserializer=rpc_dot_raft__pb2.DeleteRangeResponse.FromString,
+                _registered_method=True)
+        self.Watch = channel.unary_stream(
+                '/Cluster/Watch',
+                request_serializer=rpc_dot_raft__pb2.WatchRequest.SerializeToString,
+                response_deserializer=rpc_dot_raft__pb2.WatchResponse.FromString,
+                _registered_method=True)
 
 
 class ClusterServicer:
@@ -538,6 +553,33 @@ class ClusterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Range(self, request, context):
+        """Added by raft-demo: the keys of a prefix or of [key, range_end), in order, a page at a
+        time. Linearizable like GetValue unless allow_stale.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteRange(self, request, context):
+        """Added by raft-demo: every key of a range (or a prefix) deleted in one log entry.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Watch(self, request, context):
+        """Added by raft-demo: every change to a key, a prefix or a range from start_revision on, in
+        revision order, each once, as the answering node applies them (any node answers, from its
+        own state). The first message (created) says the watch is in place. OUT_OF_RANGE: the
+        start revision is older than the node still keeps (the message names the oldest it has);
+        RESOURCE_EXHAUSTED: the watcher read too slowly and was cut off (the message names the
+        revision to resume from).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClusterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -615,6 +657,21 @@ def add_ClusterServicer_to_server(servicer, server):
                     servicer.SaveSnapshot,
                     request_deserializer=rpc_dot_raft__pb2.SaveSnapshotRequest.FromString,
                     response_serializer=rpc_dot_raft__pb2.SnapshotChunk.SerializeToString,
+            ),
+            'Range': grpc.unary_unary_rpc_method_handler(
+                    servicer.Range,
+                    request_deserializer=rpc_dot_raft__pb2.RangeRequest.FromString,
+                    response_serializer=rpc_dot_raft__pb2.RangeResponse.SerializeToString,
+            ),
+            'DeleteRange': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteRange,
+                    request_deserializer=rpc_dot_raft__pb2.DeleteRangeRequest.FromString,
+                    response_serializer=rpc_dot_raft__pb2.DeleteRangeResponse.SerializeToString,
+            ),
+            'Watch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Watch,
+                    request_deserializer=rpc_dot_raft__pb2.WatchRequest.FromString,
+                    response_serializer=rpc_dot_raft__pb2.WatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1023,6 +1080,87 @@ class Cluster:
             '/Cluster/SaveSnapshot',
             rpc_dot_raft__pb2.SaveSnapshotRequest.SerializeToString,
             rpc_dot_raft__pb2.SnapshotChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Range(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/Cluster/Range',
+            rpc_dot_raft__pb2.RangeRequest.SerializeToString,
+            rpc_dot_raft__pb2.RangeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteRange(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/Cluster/DeleteRange',
+            rpc_dot_raft__pb2.DeleteRangeRequest.SerializeToString,
+            rpc_dot_raft__pb2.DeleteRangeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Watch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/Cluster/Watch',
+            rpc_dot_raft__pb2.WatchRequest.SerializeToString,
+            rpc_dot_raft__pb2.WatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

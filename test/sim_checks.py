@@ -17,6 +17,7 @@ from node_status import NodeEvents
 from raft_node import RaftNode
 from rpc import raft_pb2
 from state_machine import ApplyResult, KeyValueStateMachine
+from test.sim_watch import WatchHistory
 
 # What identifies an entry's command: (kind, key, value).
 Command = tuple[int, str, str]
@@ -134,6 +135,8 @@ class Invariants:
         # (index, term) -> the configuration that entry holds (decoded once).
         self._configs: dict[tuple[int, int], Membership] = {}
         self.config_changes = 0
+        # Revisions and watches: every node's changes against the committed log's (sim_watch.py).
+        self.watches = WatchHistory(fail)
 
     def config_of(self, entry: raft_pb2.LogEntry) -> Membership:
         key = (entry.index, entry.term)
@@ -236,6 +239,7 @@ class Invariants:
         earlier = self.committed.get(index)
         term = node.current_term if node is not None else entry.term
         if earlier is None:
+            self.watches.committed(entry)
             self.committed[index] = (entry.term, command)
             self.commit_term[index] = term
             self.applied_by[index] = node_id
@@ -492,6 +496,8 @@ class RecordingStateMachine(KeyValueStateMachine):
         super().__init__()
         self._invariants = invariants
         self._node = node
+        # What a watcher of this node would be sent, checked against the committed log.
+        self.listener = invariants.watches.watcher(node.node_id, self)
 
     def apply(self, entry: raft_pb2.LogEntry) -> ApplyResult:
         self._invariants.applying(self._node, self._node.node_id, entry)

@@ -132,7 +132,7 @@ _FROM_LEADERS = (
 
 @dataclass(frozen=True)
 class ClientOp:
-    """One request: "put" (the seed's, no session), "get", or with a session "put-many",
+    """One request: "put" (the seed's, no session), "get", "range" (every key), or with a session "put-many",
     "delete", "cas" (expected None: absent) and "register"; or the operator's "add-member" and
     "remove-member" of node `member` (an add waits for the promotion to voter with `wait`)."""
 
@@ -579,6 +579,15 @@ class Network:
                 reply = ClientReply(
                     "expired" if isinstance(result, SessionExpired) else "ok", result=result
                 )
+            elif op.kind == "range":
+                # Every key in order, through the same read path as a get.
+                pairs = await node.reads.linearizable(
+                    lambda m: tuple(
+                        (kv.key, kv.value) for kv in m.range("", None, 1000, 1 << 30).kvs
+                    ),
+                    "range",
+                )
+                reply = ClientReply("ok", result=pairs)
             else:
                 result = await node.propose(op.command())
                 if isinstance(result, SessionExpired):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from typing import Any
 from unittest import mock
 
 import log as log_module
@@ -19,7 +20,7 @@ from membership_changes import MembershipChanges
 from raft_node import NotLeaderError, RaftNode
 from reads import Reads
 from rpc import raft_pb2
-from state_machine import ApplyResult
+from state_machine import ApplyResult, KeyValueStateMachine
 
 
 def _forget_vote_on_restart(stack: ExitStack) -> None:
@@ -121,13 +122,14 @@ def _read_without_confirmation(stack: ExitStack) -> None:
     """(5) A leader answers reads from its own state machine without confirming it still leads, so
     a deposed leader that has not heard of its successor serves stale values."""
 
-    async def read(self: Reads, key: str) -> str | None:
+    async def leader_read(self: Reads, query: Callable[[KeyValueStateMachine], Any]) -> Any:
         node = self.node
         if not node.is_leader:
             raise NotLeaderError(*node.leader())
-        return node.state_machine.get(key)
+        return query(node.state_machine)
 
-    stack.enter_context(mock.patch.object(Reads, "read", read))
+    # Every read a leader serves (a get, a range) goes through _leader_read.
+    stack.enter_context(mock.patch.object(Reads, "_leader_read", leader_read))
 
 
 def _no_pre_vote(stack: ExitStack) -> None:

@@ -17,14 +17,15 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Literal, NoReturn, TextIO
 
-from state_machine import CasResult
+from state_machine import CasResult, DeleteResult
 from test import sim_variants
 from test.linearizability import History, check
+from test.linearizability_ranges import RangeKey, expand_ranges
 from test.sim_faults import (
     FAULT_KINDS,
     MEMBERSHIP_KINDS,
@@ -48,6 +49,8 @@ OP_SHARES: tuple[tuple[OpKind, float], ...] = (
 )
 # This share of reads goes to a random node rather than the leader (a follower uses ReadIndex).
 FOLLOWER_READ_SHARE = 0.5
+# Every this many reads of a client, one reads every key at once (a range).
+RANGE_EVERY = 4
 # A write with a session is sent up to this many times, with the same sequence number.
 WRITE_ATTEMPTS = 3
 # A client gives up on a request after this long and counts its outcome as unknown.
@@ -129,6 +132,7 @@ class Client:
         self._sequence = 0
         # The value this client last saw under each key: what its cas expects, so some swap.
         self._seen: dict[str, str | None] = {}
+        self._reads = 0
 
     async def run(self) -> None:
         rng = self.sim.world.client_rng
@@ -198,14 +202,26 @@ class Client:
         if kind == "get" and rng.random() < FOLLOWER_READ_SHARE:
             # Any node at all, also one being added or one removed that does not know it yet.
             target = rng.choice(world.live_ids())
-        op_id = sim.history.invoke(self.number, "put" if kind == "put" else "get", key, value)
-        what = f"put {key}={value}" if kind == "put" else f"get {key}"
+        ranged = False
+        if kind == "get":
+            # Every RANGE_EVERY-th read of a client reads every key at once (a range), checked per
+            # key; counted rather than drawn, so the runs' random choices stay as they were.
+            self._reads += 1
+            ranged = self._reads % RANGE_EVERY == 0
+        subject: Hashable = RangeKey("", None) if ranged else key
+        op_id = sim.history.invoke(self.number, "put" if kind == "put" else "get", subject, value)
+        what = f"put {key}={value}" if kind == "put" else ("range" if ranged else f"get {key}")
         world.trace.event("client", f"c{self.number} -> {target}: {what} (op {op_id})")
-        reply = await self._send(target, ClientOp(kind, key, value))
+        reply = await self._send(target, ClientOp("range" if ranged else kind, key, value))
         if reply is None:
             sim.history.unknown(op_id)
             outcome, text = "unknown", "timed out"
             self.leader = None
+        elif reply.status == "ok" and ranged:
+            assert isinstance(reply.result, tuple)
+            sim.history.ok(op_id, reply.result)
+            self._seen.update(reply.result)
+            outcome, text = "ok", f"ok {len(reply.result)} keys"
         elif reply.status == "ok":
             sim.history.ok(op_id, reply.value if kind == "get" else None)
             self._seen[key] = reply.value if kind == "get" else value
@@ -304,13 +320,13 @@ class Client:
                     self._seen[k] = v
             elif kind == "cas":
                 assert isinstance(reply.result, CasResult)
-                swapped, after = reply.result
+                swapped, after = reply.result.swapped, reply.result.value
                 # The checker wants the value the cas found: `expected` when it swapped.
                 history.ok(op_ids[0], (swapped, op.expected if swapped else after))
                 self._seen[key] = after
             else:
-                assert isinstance(reply.result, bool)
-                history.ok(op_ids[0], reply.result)
+                assert isinstance(reply.result, DeleteResult)
+                history.ok(op_ids[0], reply.result.existed)
                 self._seen[key] = None
         else:
             outcome = "unknown" if maybe_applied else "fail"
@@ -537,9 +553,16 @@ class Simulation:
                 if h.process is not None
             ],
         )
+        world.invariants.watches.check_final(
+            [
+                (h.node_id, h.process.node.state_machine)
+                for h in members
+                if h.process is not None and h.process.node is not None
+            ]
+        )
         if world.failure is not None:
             raise _Stop
-        result = check(self.history, max_steps=CHECK_STEPS)
+        result = check(expand_ranges(self.history.operations), max_steps=CHECK_STEPS)
         if result.inconclusive:
             self.stop("linearizability", f"the check was inconclusive: {result.report()}")
         if not result.ok:

@@ -1051,7 +1051,7 @@ async def test_one_op_refused_in_a_batch_raises_for_its_caller_alone(
         )
     assert isinstance(outcomes[0], RequestRejectedError)
     assert "value too large" in str(outcomes[0])
-    assert outcomes[1] is None
+    assert not isinstance(outcomes[1], BaseException)
     assert session_node.store == {"warm": "up", "b": "2"}
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -21,10 +21,18 @@ from cluster_server import (
     ClusterServicer,
 )
 from membership import ChangeInProgressError, Membership, MembershipError
+from node_events import EventNarrator
 from node_status import NodeStatus, PeerStatus
 from raft_node import CommitUnknownError, NotLeaderError, OverloadedError, UnavailableError
 from rpc import raft_pb2, raft_pb2_grpc
-from state_machine import ApplyResult, CasResult, SessionExpired
+from state_machine import (
+    ApplyResult,
+    CasResult,
+    DeleteResult,
+    KeyValueStateMachine,
+    PutResult,
+    SessionExpired,
+)
 
 
 def three_voters() -> Membership:
@@ -62,13 +70,40 @@ class FakeNode:
     def leader(self) -> tuple[int | None, str | None]:
         return self.known_leader
 
+    @property
+    def narrate(self) -> EventNarrator:
+        return EventNarrator(cast(Any, self))
+
+    @property
+    def state_machine(self) -> KeyValueStateMachine:
+        """The store as a real state machine (a fresh one each time: the fake applies nothing)."""
+        machine = KeyValueStateMachine()
+        for index, (key, value) in enumerate(self.store.items(), 1):
+            machine.apply(
+                raft_pb2.LogEntry(
+                    index=index, kind=raft_pb2.ENTRY_KIND_MAPPING, key=key, value=value
+                )
+            )
+        return machine
+
+    @property
+    def reads(self) -> FakeNode:
+        return self
+
+    async def linearizable(self, query: Any, what: str) -> Any:
+        self.linearizable_reads += 1
+        if self.read_refusal is not None:
+            raise self.read_refusal
+        return query(self.state_machine)
+
     async def propose_mapping(
         self, key: str, value: str, session: raft_pb2.Session | None = None
-    ) -> None:
+    ) -> int:
         self.proposals.append((key, value))
         if self.refusal is not None:
             raise self.refusal
         self.store[key] = value
+        return len(self.proposals)
 
     async def propose(self, command: raft_pb2.Command) -> ApplyResult:
         self.commands.append(command)
@@ -79,9 +114,9 @@ class FakeNode:
         op = command.WhichOneof("op")
         if op == "put":
             self.store.update((m.key, m.value) for m in command.put.mappings)
-            return None
+            return PutResult(len(self.commands))
         if op == "delete":
-            return self.store.pop(command.delete.key, None) is not None
+            return DeleteResult(self.store.pop(command.delete.key, None) is not None)
         if op == "register_client":
             return 77
         cas = command.compare_and_swap

@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ from google.protobuf.message_factory import GetMessageClass
 
 from cluster_identity import METADATA_KEY, derive_cluster_id
 from rpc import raft_pb2
+from state_machine import prefix_end, range_bounds
 from test.cluster_process import LocalCluster
 from test.fault_suite import RecordedLoad
 
@@ -266,6 +267,9 @@ class Rules:
     # The cluster's term when fuzzing began: log-carrying messages in the main phase are older.
     start_term: int
     is_protected_key: Callable[[str], bool]
+    # The same keys as ranges [start, end) (end None: to the last key): a delete-range that
+    # overlaps one would delete the workload's keys.
+    protected_ranges: Sequence[tuple[str, str | None]] = ()
 
     def allowed(self, method: Method, msg: Message | None) -> bool:
         """Whether a message (None: it does not parse) may be sent in the main phase."""
@@ -286,6 +290,14 @@ class Rules:
                 or node_id >= MAX_WIRE
                 or (method.name == "RemoveMember" and node_id not in self.members)
             )
+        if isinstance(msg, raft_pb2.DeleteRangeRequest):
+            end = msg.range_end if msg.HasField("range_end") else None
+            start, stop = range_bounds(msg.key, msg.prefix, end)
+            if any(
+                (b is None or start < b) and (stop is None or a < stop)
+                for a, b in self.protected_ranges
+            ):
+                return False
         for inner in walk(msg):
             if inner.DESCRIPTOR.name == "Session" and 0 < getattr(inner, "client_id", 0) < 2**40:
                 return False
@@ -557,6 +569,7 @@ async def run_fuzz(duration: float, seed: int, work_dir: Path) -> FuzzResult:
             set(cluster.node_ids),
             start_term,
             lambda key: key in load.keys or key.startswith("fresh-"),
+            [(k, k + "\0") for k in load.keys] + [("fresh-", prefix_end("fresh-"))],
         )
         fuzzer = Fuzzer(cluster, rng, rules)
         for node_id in cluster.node_ids:

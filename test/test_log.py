@@ -651,6 +651,11 @@ async def test_the_entries_kept_behind_a_snapshot_are_bounded_by_count_and_by_by
     assert log.keep_point(20, 2, 3 * record) == 18  # the tighter limit wins
     assert log.keep_point(12, 50, 2 * record) == 10  # behind a point inside the log
     assert log.keep_point(20, 0, 10**9) == log.keep_point(20, 50, 0) == 20
+    # A snapshot written while a leader's later one replaced the whole log: nothing is kept
+    # behind the older point (it is behind the log's start), and asking does not fail.
+    log.reset(40, 2)
+    assert log.bytes_after(20) == 0
+    assert log.keep_point(20, 5, 10**9) <= log.base_index
 
 
 async def test_argument_errors_leave_the_log_unchanged() -> None:

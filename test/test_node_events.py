@@ -226,7 +226,7 @@ async def test_a_batch_of_client_writes_is_one_append_and_one_client_event(
     await drain_all(subscription)
     entries = [put_entry(f"k{i}", str(i)) for i in range(10)]
     outcomes = await leader.propose_entries(entries)
-    assert outcomes == [None] * 10
+    assert [getattr(o, "revision", None) for o in outcomes] == [e.index for e in entries]
     await leader.propose_mapping("alone", "1")
     events = await drain_all(subscription)
     appends = [e for e in events if e.kind == "append"]

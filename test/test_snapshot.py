@@ -29,7 +29,7 @@ from snapshot import (
     decode_snapshot,
     encode_snapshot,
 )
-from state_machine import CasResult, KeyValueStateMachine, StateDecoder
+from state_machine import CasResult, DeleteResult, KeyValueStateMachine, StateDecoder
 
 DATA = "/data/node1"
 MEMBERS = Membership(
@@ -307,10 +307,10 @@ def test_sessions_survive_a_snapshot_so_a_retried_write_gets_its_original_reply(
     cas = raft_pb2.Command(
         compare_and_swap=raft_pb2.CompareAndSwapRequest(key="lock", new_value="me", session=session)
     )
-    assert machine.apply(command_entry(2, cas)) == CasResult(True, "me")
+    assert machine.apply(command_entry(2, cas)) == CasResult(True, "me", 2, 2)
     delete_session = raft_pb2.Session(client_id=1, sequence=2, first_outstanding=1)
     delete = raft_pb2.Command(delete=raft_pb2.DeleteRequest(key="nope", session=delete_session))
-    assert machine.apply(command_entry(3, delete)) is False
+    assert machine.apply(command_entry(3, delete)) == DeleteResult(False, 3)
 
     restored = KeyValueStateMachine()
     restored.restore(machine.snapshot().encode())
@@ -324,8 +324,8 @@ def test_sessions_survive_a_snapshot_so_a_retried_write_gets_its_original_reply(
         )
     )
     restored.apply(command_entry(4, put))
-    assert restored.apply(command_entry(5, cas)) == CasResult(True, "me")
-    assert restored.apply(command_entry(6, delete)) is False
+    assert restored.apply(command_entry(5, cas)) == CasResult(True, "me", 2, 2)
+    assert restored.apply(command_entry(6, delete)) == DeleteResult(False, 3)
     assert restored.get("lock") == "other"
 
 
@@ -385,7 +385,9 @@ def test_a_state_decoded_as_its_bytes_arrive_is_the_state_encoded() -> None:
             key="lock-0", new_value="x", session=session
         )
     )
-    assert restored.apply(command_entry(restored.last_applied + 1, retry)) == CasResult(True, "me")
+    assert restored.apply(command_entry(restored.last_applied + 1, retry)) == CasResult(
+        True, "me", 4, 4
+    )
 
 
 def test_a_state_encoded_as_one_json_document_still_restores() -> None:
@@ -397,6 +399,8 @@ def test_a_state_encoded_as_one_json_document_still_restores() -> None:
     for line in lines[1:]:
         document["sessions"] += line.get("sessions", [])
         document["data"].update(line.get("data", {}))
+        document.setdefault("meta", {}).update(line.get("meta", {}))
+        document.setdefault("window", []).extend(line.get("window", []))
     restored = KeyValueStateMachine()
     restored.restore(json.dumps(document).encode())
     assert restored.snapshot() == state
@@ -446,7 +450,7 @@ async def test_a_received_snapshot_becomes_the_newest_only_once_verified_and_kep
 
     async def receive(data: bytes, announced: bytes = data) -> Incoming:
         incoming = await store.begin_incoming(9, 2, len(announced), zlib.crc32(announced))
-        for size in (3, 30, 100, 1 << 16, 1 << 20, 1 << 20):
+        for size in (3, 30, 100, 1 << 16, 1 << 20, 1 << 20, 1 << 20, 1 << 20):
             await incoming.write(data[incoming.offset : incoming.offset + size])
         assert incoming.offset == len(data)
         return incoming

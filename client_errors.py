@@ -1,0 +1,87 @@
+"""What the client library raises, and the small pieces its retry loop is built from (shared by
+cluster_client.py and client_kv.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import grpc
+
+from rpc import raft_pb2_grpc
+
+_T = TypeVar("_T")
+
+# The request itself is at fault: asking another node would get the same answer.
+REJECTED = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.UNIMPLEMENTED,
+    }
+)
+
+# Who is asking is at fault: another node would refuse as well.
+DENIED = frozenset({grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED})
+
+
+class ClientError(Exception):
+    """A request that did not succeed; the message says why in one line."""
+
+
+class ClusterUnavailableError(ClientError):
+    """No node completed the request before the deadline (no leader, nodes down, or unknown
+    outcome); the message says what was seen last."""
+
+
+class RequestRejectedError(ClientError):
+    """The cluster refused the request as invalid (for example an empty or oversized key); it was
+    certainly not applied."""
+
+
+class MembershipRefusedError(RequestRejectedError):
+    """The cluster refused a membership change (an id that was removed or is taken, an address
+    in use, the last voter, ...); nothing changed."""
+
+
+class MembershipBusyError(MembershipRefusedError):
+    """Another membership change was still uncommitted after several tries (the cluster makes
+    one at a time); nothing changed, and the same request may succeed a little later."""
+
+
+class PermissionDeniedError(RequestRejectedError):
+    """The cluster does not let this client make the call (an admin call from a client whose
+    certificate is not an admin's); nothing was applied."""
+
+
+class SessionExpiredError(ClientError):
+    """The cluster no longer knows this client's session (it expired or was evicted), so it cannot
+    tell whether an earlier attempt of the write was applied: the outcome is unknown. The client
+    registers a new session for its next write."""
+
+
+class WatchCompactedError(ClientError):
+    """A watch asked for changes older than every node still keeps (their windows of recent
+    changes have moved past its revision): changes may have been missed. The message names the
+    oldest revision available; start again from a fresh read."""
+
+
+@dataclass(frozen=True)
+class Done(Generic[_T]):
+    value: _T
+
+
+@dataclass(frozen=True)
+class Next:
+    """This node could not complete the request; `note` says why, `leader` is where to go next."""
+
+    note: str
+    leader: str | None = None
+
+
+Attempt = Callable[[str, raft_pb2_grpc.ClusterStub, float], Awaitable[Done[_T] | Next]]
+
+
+def one_line(text: str | None) -> str:
+    return " ".join((text or "").split())
