@@ -101,25 +101,34 @@ async def test_a_watch_from_now_sees_only_later_changes_of_its_key_or_prefix(
             asyncio.create_task(follow(prefix_events, key="now/", prefix=True)),
         ]
         try:
-            # Each watch is in place once a change made now reaches it.
-            await client.propose_mapping("now/x", "ready")
-            await wait_until(
-                _async(lambda: len(key_events) >= 1 and len(prefix_events) >= 1), 10, "watching"
-            )
+            # A watch from now is in place once a change made after it reaches it: write until
+            # one reaches both (a change made before a watch is in place never reaches it).
+            for attempt in range(1, 21):
+                ready = await client.propose_mapping("now/x", f"ready-{attempt}")
+                with contextlib.suppress(AssertionError):
+                    await wait_until(
+                        _async(lambda r=ready: _has(key_events, r) and _has(prefix_events, r)),
+                        1,
+                        "both watches see the ready change",
+                    )
+                    break
+            else:
+                raise AssertionError("the watches never saw a change made after them")
             await client.propose_mappings({"now/y": "1", "now/x": "2", "other": "3"})
             await client.delete_prefix("now/")
             await wait_until(
-                _async(lambda: len(prefix_events) >= 5 and len(key_events) >= 3),
+                _async(lambda: len(_after(prefix_events, ready)) >= 4),
                 10,
                 "every change is seen",
             )
-            assert brief(key_events) == [
-                ("put", "now/x", "ready"),
+            await wait_until(_async(lambda: len(_after(key_events, ready)) >= 2), 10, "key")
+            assert "before" not in {e.value for e in key_events + prefix_events}
+            assert brief(_after(key_events, ready)) == [
                 ("put", "now/x", "2"),
                 ("delete", "now/x", None),
             ]
-            assert brief(prefix_events) == [
-                ("put", "now/x", "ready"),
+            later = _after(prefix_events, ready)
+            assert brief(later) == [
                 # One revision's changes in the order the write made them.
                 ("put", "now/y", "1"),
                 ("put", "now/x", "2"),
@@ -127,11 +136,19 @@ async def test_a_watch_from_now_sees_only_later_changes_of_its_key_or_prefix(
                 ("delete", "now/x", None),
                 ("delete", "now/y", None),
             ]
-            assert prefix_events[3].revision == prefix_events[4].revision
+            assert later[2].revision == later[3].revision
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _has(events: list[WatchEvent], revision: int) -> bool:
+    return any(e.revision == revision for e in events)
+
+
+def _after(events: list[WatchEvent], revision: int) -> list[WatchEvent]:
+    return [e for e in events if e.revision > revision]
 
 
 def _async(check: Any) -> Any:
