@@ -13,6 +13,11 @@ from rpc import raft_pb2_grpc
 
 _T = TypeVar("_T")
 
+# A membership change refused because another one is not yet committed is asked again this many
+# times, after pauses from CHANGE_BUSY_BACKOFF seconds doubling, before the refusal is raised.
+CHANGE_BUSY_RETRIES = 4
+CHANGE_BUSY_BACKOFF = 0.1
+
 # The request itself is at fault: asking another node would get the same answer.
 REJECTED = frozenset(
     {
