@@ -32,6 +32,7 @@ from cluster_client import (
 )
 from test import linearizability
 from test.cluster_process import ClusterTls, HostCluster, LocalCluster
+from test.fault_watch import WatchRecorder
 from test.linearizability import CheckResult, History, Operation
 from test.nemesis import (
     FAULT_KINDS,
@@ -58,6 +59,10 @@ FINAL_CLIENT = "final"
 # needs one, and joining nodes receive one.
 MEMBERSHIP_NODE_FLAGS = ["--snapshot-entries", "200", "--snapshot-keep-entries", "50"]
 WRITE_KINDS = ("put", "cas", "delete")
+# Written once everything is healed: every watcher must be sent it (and all before it) within
+# WATCH_CATCH_UP seconds.
+WATCH_MARKER = "watch-end"
+WATCH_CATCH_UP = 30.0
 
 
 @dataclass
@@ -109,6 +114,9 @@ class SuiteResult:
     # Membership changes that did not go as promised (a removed node that did not exit, ...).
     membership_problems: list[str] = field(default_factory=list)
     members: list[int] = field(default_factory=list)
+    # What the watchers (one per node, one through the library) were sent, and what was wrong.
+    watch_summary: str = ""
+    watch_problems: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -117,6 +125,7 @@ class SuiteResult:
             and not self.lost_writes
             and not self.diverged
             and not self.membership_problems
+            and not self.watch_problems
         )
 
 
@@ -136,6 +145,8 @@ class _Workload:
     latencies: list[float] = field(default_factory=list)
     client_errors: list[str] = field(default_factory=list)
     stale_reads: int = 0
+    # Every acknowledged put, by the revision its reply named: what the watchers must have seen.
+    put_revisions: dict[int, tuple[str, str]] = field(default_factory=dict)
 
     async def client_loop(self, index: int, client: Client, stop: asyncio.Event) -> None:
         rng = random.Random(self.rng.random())
@@ -204,10 +215,12 @@ class _Workload:
         self, index: int, client: Client, key: str, value: str, seen: dict[str, str | None]
     ) -> None:
         op_id = self.history.invoke(index, "put", key, value)
-        done, _ = await self._write(op_id, client.propose_mapping(key, value))
+        done, revision = await self._write(op_id, client.propose_mapping(key, value))
         if done:
             self._ok(op_id)
             seen[key] = value
+            if revision:
+                self.put_revisions[revision] = (key, value)
 
     async def _delete(
         self, index: int, client: Client, key: str, seen: dict[str, str | None]
@@ -648,6 +661,7 @@ async def run_suite(options: SuiteOptions) -> SuiteResult:
     work_dir = _make_dir(options.work_dir)
     cluster: HostCluster | None = None
     clients: list[Client] = []
+    watches: WatchRecorder | None = None
     try:
         cluster = HostCluster(
             network.config,
@@ -694,6 +708,8 @@ async def run_suite(options: SuiteOptions) -> SuiteResult:
             changes=changes,
         )
         workload = _Workload(history, keys, nemesis, options, random.Random(rng.random()))
+        watches = WatchRecorder(cluster, cluster.client(deadline=LEADER_TIMEOUT))
+        watches.start()
         workers = [cluster.client(deadline=options.op_deadline) for _ in range(options.clients)]
         clients.extend(workers)
         stop_clients, stop_faults = asyncio.Event(), asyncio.Event()
@@ -731,6 +747,12 @@ async def run_suite(options: SuiteOptions) -> SuiteResult:
         ]
         await cluster.wait_for_leader(LEADER_TIMEOUT)
         final, unreadable = await _final_reads(cluster, history, keys, clock)
+        marker = cluster.client(deadline=LEADER_TIMEOUT)
+        clients.append(marker)
+        # One write after everything: each watcher whose node runs must be sent it, and all before.
+        last = await marker.propose_mapping(WATCH_MARKER, "end")
+        watch_problems = await watches.finish(last, WATCH_CATCH_UP)
+        watch_problems += watches.check(workload.put_revisions, final)
         say(f"[{clock():6.1f}s] checking {len(history)} operations")
         verdict = linearizability.check(history, max_steps=CHECK_MAX_STEPS)
         lost = unreadable + lost_writes(history, final)
@@ -747,12 +769,16 @@ async def run_suite(options: SuiteOptions) -> SuiteResult:
             diverged=diverged,
             membership_problems=list(nemesis.membership_problems),
             members=list(cluster.node_ids),
+            watch_summary=watches.summary(),
+            watch_problems=watch_problems,
         )
         if not result.ok:
             result.history_file = save_history(result)
         result.report = _report(result, workload, work_started, work_ended)
         return result
     finally:
+        if watches is not None:
+            await watches.close()
         for client in clients:
             await client.close()
         if cluster is not None:
@@ -832,6 +858,15 @@ def _report(result: SuiteResult, workload: _Workload, start: float, end: float) 
             )
         )
         lines.extend(f"  {problem}" for problem in result.membership_problems)
+    lines.append(f"watches: {result.watch_summary}")
+    if result.watch_problems:
+        lines.append(f"WATCH problems: {len(result.watch_problems)}")
+        lines.extend(f"  {problem}" for problem in result.watch_problems[:20])
+    else:
+        lines.append(
+            "watches: every watcher was sent every change, in order, once, agreeing with the "
+            "acknowledged puts and the final values"
+        )
     lines.append(f"history: {result.check.report()}")
     lines.append(f"verdict: {'PASS' if result.ok else 'FAIL'}")
     if result.history_file is not None:

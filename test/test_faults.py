@@ -25,6 +25,7 @@ from test.fault_suite import (
     run_suite,
     save_history,
 )
+from test.fault_watch import LIBRARY, Change, _Watcher, check_watchers
 from test.linearizability import CheckResult, History, Kind
 from test.nemesis import FAULT_KINDS, NAME_PREFIX, NemesisTiming, namespaces_available, sweep_stale
 
@@ -109,6 +110,67 @@ def test_a_cas_that_swapped_counts_as_a_write_and_one_that_did_not_does_not() ->
     assert lost_writes(history, {"k": "v2"}) == []
     assert lost_writes(history, {"k": "v1"})
     assert "no operation could have written" in lost_writes(history, {"k": "v3"})[0]
+
+
+# -- the watch check on its own ----------------------------------------------------------------------
+
+
+def _watcher(name: str, *runs: list[tuple[int, str, str, str | None]]) -> _Watcher:
+    watcher = _Watcher(name, None)  # type: ignore[arg-type]
+    watcher.runs = [[Change(*c) for c in run] for run in runs] or [[]]
+    return watcher
+
+
+_SEEN = [(3, "a", "put", "1"), (4, "b", "put", "2"), (6, "a", "delete", None), (7, "b", "put", "3")]
+_PUTS = {3: ("a", "1"), 4: ("b", "2"), 7: ("b", "3")}
+_FINAL = {"a": None, "b": "3"}
+
+
+def test_watchers_that_were_each_sent_every_change_in_order_pass() -> None:
+    watchers = [
+        _watcher(LIBRARY, _SEEN),
+        _watcher("node 1", _SEEN),
+        # Its node compacted while it was away: a second run from later on, complete in itself.
+        _watcher("node 2", _SEEN[:1], _SEEN[3:]),
+    ]
+    assert check_watchers(watchers, _PUTS, _FINAL) == []
+
+
+@pytest.mark.parametrize(
+    "seen, puts, final, complaint",
+    [
+        (
+            _SEEN[:2] + _SEEN[3:],
+            _PUTS,
+            _FINAL,
+            "node 1 missed 1 change(s) between revisions 3 and 7",
+        ),
+        (_SEEN[:2] + _SEEN[1:], _PUTS, _FINAL, "node 1 was sent a change twice"),
+        (
+            [_SEEN[1], _SEEN[0]] + _SEEN[2:],
+            _PUTS,
+            _FINAL,
+            "was sent revision 3 ('a') after revision 4",
+        ),
+        (
+            _SEEN[:3] + [(7, "b", "put", "9")],
+            _PUTS,
+            _FINAL,
+            "revision 7 of 'b': node 1 was sent put '9'",
+        ),
+        (_SEEN, {**_PUTS, 5: ("a", "x")}, _FINAL, "acknowledged at revision 5 reached no watcher"),
+        (_SEEN, _PUTS, {"a": "1", "b": "3"}, "leave 'a' at None; it holds '1'"),
+    ],
+    ids=["a gap", "a duplicate", "out of order", "disagreement", "acked put unseen", "final state"],
+)
+def test_each_broken_promise_of_watch_is_reported(
+    seen: list[tuple[int, str, str, str | None]],
+    puts: dict[int, tuple[str, str]],
+    final: dict[str, str | None],
+    complaint: str,
+) -> None:
+    problems = check_watchers([_watcher(LIBRARY, _SEEN), _watcher("node 1", seen)], puts, final)
+    assert any(complaint in p for p in problems), problems
 
 
 def test_a_saved_history_reads_back_the_same(tmp_path: Path) -> None:
