@@ -48,7 +48,16 @@ from test.nemesis import (
 _T = TypeVar("_T")
 
 # Relative weights of the operations each client issues.
-OPERATION_MIX: dict[str, float] = {"get": 0.4, "put": 0.3, "cas": 0.15, "delete": 0.15}
+# A "range" reads every key of the workload at once (its prefix): recorded as a read of each key
+# over the range's interval, so the checker holds every key it returned to linearizability.
+OPERATION_MIX: dict[str, float] = {
+    "get": 0.3,
+    "range": 0.1,
+    "put": 0.3,
+    "cas": 0.15,
+    "delete": 0.15,
+}
+KEY_PREFIX = "k"
 LEADER_TIMEOUT = 30.0
 # How long every node gets, once healed and idle, to serve the final values from its own state.
 CONVERGE_TIMEOUT = 20.0
@@ -145,6 +154,7 @@ class _Workload:
     latencies: list[float] = field(default_factory=list)
     client_errors: list[str] = field(default_factory=list)
     stale_reads: int = 0
+    range_reads: int = 0
     # Every acknowledged put, by the revision its reply named: what the watchers must have seen.
     put_revisions: dict[int, tuple[str, str]] = field(default_factory=dict)
 
@@ -160,6 +170,8 @@ class _Workload:
             value = f"c{index}-{serial}"
             if kind == "get":
                 await self._get(index, client, key, seen)
+            elif kind == "range":
+                await self._range(index, client, seen)
             elif kind == "put":
                 await self._put(index, client, key, value, seen)
             elif kind == "delete":
@@ -199,6 +211,24 @@ class _Workload:
             return
         self._ok(op_id, value)
         seen[key] = value
+
+    async def _range(self, index: int, client: Client, seen: dict[str, str | None]) -> None:
+        """Every key of the workload in one linearizable Range, recorded as a get of each key
+        invoked before the call and completed after it."""
+        op_ids = {key: self.history.invoke(index, "get", key) for key in self.keys}
+        try:
+            page = await client.get_range(KEY_PREFIX, prefix=True)
+        except (cluster_client.ClientError, OSError) as e:
+            if not isinstance(e, cluster_client.ClientError):
+                self.client_errors.append(f"{type(e).__name__}: {e}")
+            for op_id in op_ids.values():
+                self.history.fail(op_id)
+            return
+        self.range_reads += 1
+        found = {kv.key: kv.value for kv in page.kvs}
+        for key, op_id in op_ids.items():
+            self._ok(op_id, found.get(key))
+            seen[key] = found.get(key)
 
     async def _write(self, op_id: int, call: Awaitable[_T]) -> tuple[bool, _T | None]:
         """Await a write; (True, its result) once acknowledged, else (False, None) with the
@@ -686,7 +716,7 @@ async def run_suite(options: SuiteOptions) -> SuiteResult:
         leader = await cluster.wait_for_leader(LEADER_TIMEOUT)
         say(f"five nodes up, node {leader} leads; {options.clients} clients on {options.keys} keys")
         history = History(clock=clock)
-        keys = [f"k{i}" for i in range(options.keys)]
+        keys = [f"{KEY_PREFIX}{i}" for i in range(options.keys)]
         changes = None
         kinds = tuple(options.faults)
         if options.membership:
@@ -808,6 +838,10 @@ def _report(result: SuiteResult, workload: _Workload, start: float, end: float) 
     for kind in ("get", "put", "cas", "delete"):
         parts = ", ".join(f"{outcomes[(kind, o)]} {o}" for o in ("ok", "fail", "unknown"))
         lines.append(f"  {kind:<6} {parts}")
+    lines.append(
+        f"  range reads of every key: {workload.range_reads} (each counted above as a get of "
+        f"each of the {options.keys} keys)"
+    )
     if options.stale_reads:
         lines.append(f"  stale reads aimed at an isolated leader: {workload.stale_reads}")
     swaps = sum(1 for op in ops if op.kind == "cas" and op.outcome == "ok" and _swapped(op))
