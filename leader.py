@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from cluster_config import NodeAddress
+from counters import Counters
 from log import RaftLog
 from membership import ConfigHistory, Membership
 from node_events import EventFeed
@@ -85,6 +86,7 @@ class LeaderNode(NodeBasics, Protocol):
     snapshot_policy: SnapshotPolicy | None
     peers: dict[int, NodeAddress]
     feed: EventFeed
+    counters: Counters
 
     @property
     def changes(self) -> MembershipSteps: ...
@@ -161,6 +163,7 @@ class LeaderTerm:
     def start_read_round(self) -> int:
         """Ask every follower for a heartbeat now; reads that arrive together share the round."""
         self.read_round += 1
+        self.node.counters.read_rounds += 1
         self.wake_all()
         return self.read_round
 
@@ -287,6 +290,8 @@ class LeaderTerm:
         read_round = progress.sent_round = self.read_round
         if entries:
             node.narrate.debug("sending %d entries from %d to %d", len(entries), prev + 1, peer_id)
+        counters = node.counters
+        counters.sent_append(len(entries))
         try:
             reply = await node.transport.append_entries(
                 peer_id, request, timeout=node.timing.append_timeout
@@ -295,6 +300,7 @@ class LeaderTerm:
             node.narrate.debug("append to %d failed: %s", peer_id, e)
             progress.retry_at = node.clock.now() + node.timing.heartbeat_interval
             return
+        counters.messages_received += 1
         if node.feed.active:
             self._tell_sent(peer_id, request, reply)
         if reply.term == term:
