@@ -8,6 +8,7 @@ of one term's leadership survives into the next (Figure 2: "reinitialized after 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -118,8 +119,12 @@ class LeaderTerm:
         # The configuration removing this leader committed: it is handing over and leaving.
         self.leaving = False
         self.transfer: Transfer | None = None
-        # Leadership confirmation for reads: the newest round of heartbeats asked for.
+        # Leadership confirmation for reads: the newest round of heartbeats asked for, whether
+        # any follower has been sent it yet (until then, a new read joins it), and the reads
+        # waiting for each round to be confirmed, woken together when it is.
         self.read_round = 0
+        self._round_out = True
+        self._round_waiters: dict[int, list[asyncio.Future[bool]]] = {}
         # The commit index followers are now due to be told, even by a message of its own; it
         # catches up with commit_index a commit_notice_delay after each advance.
         self._announced_commit = 0
@@ -149,11 +154,17 @@ class LeaderTerm:
             self.end_snapshot_transfer(progress)
         self.progress = {}
         self.departing = {}
+        waiting, self._round_waiters = self._round_waiters, {}
+        for waiters in waiting.values():
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(False)
 
     def config_changed(self) -> None:
         """The configuration in use changed: replicate to its members; count its majority."""
         self.sync_progress()
         self._quorum_wake.set()
+        self._settle_rounds()
 
     def wake_all(self) -> None:
         """Every replicator looks again now (new entries, commit news or a read round)."""
@@ -161,11 +172,34 @@ class LeaderTerm:
             progress.wake.set()
 
     def start_read_round(self) -> int:
-        """Ask every follower for a heartbeat now; reads that arrive together share the round."""
-        self.read_round += 1
-        self.node.counters.read_rounds += 1
-        self.wake_all()
+        """Ask every follower for a heartbeat now; reads that arrive before any follower has been
+        sent the round share it (its messages all leave after they arrived)."""
+        if self._round_out:
+            self._round_out = False
+            self.read_round += 1
+            self.node.counters.read_rounds += 1
+            self.wake_all()
         return self.read_round
+
+    def wait_confirmed(self, read_round: int) -> asyncio.Future[bool]:
+        """A future that becomes True once `confirmed(read_round)`, or False when this term's
+        leadership ends first. The round is checked once per reply, not once per read waiting."""
+        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        waiters = self._round_waiters.get(read_round)
+        if waiters is not None:
+            waiters.append(waiter)
+        elif self.confirmed(read_round):
+            waiter.set_result(True)
+        else:
+            self._round_waiters[read_round] = [waiter]
+        return waiter
+
+    def _settle_rounds(self) -> None:
+        """Wake the reads of every round a majority has now confirmed."""
+        for read_round in [r for r in self._round_waiters if self.confirmed(r)]:
+            for waiter in self._round_waiters.pop(read_round):
+                if not waiter.done():  # not given up
+                    waiter.set_result(True)
 
     def confirmed(self, read_round: int) -> bool:
         """Whether a majority (counting this node) answered `read_round` or a later one."""
@@ -288,6 +322,7 @@ class LeaderTerm:
             self._last_append = (key, request)
         sent_at = progress.last_sent = node.clock.now()
         read_round = progress.sent_round = self.read_round
+        self._round_out = True
         if entries:
             node.narrate.debug("sending %d entries from %d to %d", len(entries), prev + 1, peer_id)
         counters = node.counters
@@ -309,6 +344,8 @@ class LeaderTerm:
         if reply.term == term and read_round > progress.acked_round:
             # Any reply of our own term shows the follower still takes us as its leader.
             progress.acked_round = read_round
+            if self._round_waiters:
+                self._settle_rounds()
             node.notify()
         self.handle_append_reply(peer_id, request, reply)
 
@@ -397,14 +434,16 @@ class LeaderTerm:
         if candidate <= node.commit_index or node.log.term_at(candidate) != node.current_term:
             return
         node.commit_index = candidate
-        node.narrate.tell(
-            "commit",
-            "committed up to index %d (durable on %d of %d nodes)",
-            candidate,
-            node.config.count(i for i, m in matches.items() if m >= candidate),
-            node.cluster_size,
-            index=candidate,
-        )
+        if node.feed.active or node.narrate.isEnabledFor(logging.INFO):
+            # Counting the nodes that hold it costs a pass over them: only for a line said.
+            node.narrate.tell(
+                "commit",
+                "committed up to index %d (durable on %d of %d nodes)",
+                candidate,
+                node.config.count(i for i, m in matches.items() if m >= candidate),
+                node.cluster_size,
+                index=candidate,
+            )
         node.apply_committed()
         if self._commit_notice is None:
             self._commit_notice = node.clock.call_at(
@@ -503,6 +542,7 @@ class LeaderTerm:
         )
         sent_at = progress.last_sent = node.clock.now()
         read_round = progress.sent_round = self.read_round
+        self._round_out = True
         if node.feed.active:
             node.feed.emit(
                 "snapshot",
@@ -535,6 +575,7 @@ class LeaderTerm:
         progress.heard_at = max(progress.heard_at, sent_at)
         if read_round > progress.acked_round:
             progress.acked_round = read_round
+            self._settle_rounds()
             node.notify()
         if progress.snapshot is not meta:
             return

@@ -494,7 +494,9 @@ class RaftLog:
 
     def bytes_after(self, index: int) -> int:
         """About how many bytes the records after `index` take in the log file."""
-        if index >= self.last_index:
+        if index >= self.last_index or not self._offsets:
+            # Nothing after it, or nothing held at all (a snapshot installed while the caller
+            # was busy may have emptied the log past `index`).
             return 0
         i = max(index - self._base_index, 0)
         return self._end - self._offsets[i]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
@@ -21,6 +22,7 @@ from node_types import (
     NotLeaderError,
     OverloadedError,
     SessionExpiredError,
+    Timer,
     Timing,
 )
 from rpc import raft_pb2
@@ -56,6 +58,11 @@ class Writes:
         self.node = node
         self._waiters: dict[int, tuple[int, asyncio.Future[ApplyResult]]] = {}
         self._self_flush_running = False
+        # When each waiting write gives up, oldest first (they arrive in order and all wait
+        # equally long), and the one timer armed for the oldest: a timer per batch, not per write.
+        self._deadlines: deque[tuple[float, int, asyncio.Future[ApplyResult]]] = deque()
+        self._expiry: Timer | None = None
+        self._expiry_at = 0.0
 
     async def propose_mapping(
         self, key: str, value: str, session: raft_pb2.Session | None = None
@@ -122,15 +129,17 @@ class Writes:
         index = self.append_as_leader(entry)
         future: asyncio.Future[ApplyResult] = asyncio.get_running_loop().create_future()
         self._waiters[index] = (node.current_term, future)
-        # One timer per write, not a timeout context and a shield (each a few objects and
-        # callbacks more). A caller that is cancelled cancels the future, which apply then skips.
+        # No timeout context, shield or timer of its own: the write's deadline joins the queue
+        # one timer watches. A caller that is cancelled cancels the future, which apply then skips.
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][2].done():
+            deadlines.popleft()
+        deadlines.append((node.clock.now() + node.timing.proposal_timeout, index, future))
+        if self._expiry is None:
+            self._arm_expiry()
         # Latency for metrics only: a finer clock than the loop's (whose ticks are milliseconds);
         # no decision depends on it.
         started = time.perf_counter()
-        timer = node.clock.call_at(
-            node.clock.now() + node.timing.proposal_timeout,
-            lambda: self._expire_proposal(index, future),
-        )
         try:
             result = await future
         except Exception as e:
@@ -138,8 +147,8 @@ class Writes:
                 self._tell_outcome(entry, index, f"failed: {e}", ok=False)
             raise
         finally:
-            timer.cancel()
-            if self._waiters.get(index, (0, None))[1] is future:
+            waiter = self._waiters.get(index)
+            if waiter is not None and waiter[1] is future:
                 del self._waiters[index]
         node.observer.proposal_committed(time.perf_counter() - started)
         if node.feed.active:
@@ -157,17 +166,35 @@ class Writes:
             detail=what,
         )
 
-    def _expire_proposal(self, index: int, future: asyncio.Future[ApplyResult]) -> None:
+    def _arm_expiry(self) -> None:
+        self._expiry_at = self._deadlines[0][0]
+        self._expiry = self.node.clock.call_at(self._expiry_at, self._expire_due)
+
+    def _expire_due(self) -> None:
+        """A waiting write's deadline came: it gives up, as does every other whose deadline
+        passed; then the timer is armed for the next. The deadline the timer was armed for
+        counts as passed, however the clock rounds, so a timer on time is never early."""
         node = self.node
-        if not future.done():
-            future.set_exception(
-                CommitUnknownError(
-                    f"entry {index} did not commit within {node.timing.proposal_timeout:g} s; "
-                    "it may or may not be applied"
+        self._expiry = None
+        deadlines = self._deadlines
+        due = max(node.clock.now(), self._expiry_at)
+        while deadlines and (deadlines[0][0] <= due or deadlines[0][2].done()):
+            _, index, future = deadlines.popleft()
+            if not future.done():
+                future.set_exception(
+                    CommitUnknownError(
+                        f"entry {index} did not commit within {node.timing.proposal_timeout:g} "
+                        "s; it may or may not be applied"
+                    )
                 )
-            )
+        if deadlines:
+            self._arm_expiry()
 
     def fail_waiting(self, why: str) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        self._deadlines.clear()
         waiters, self._waiters = self._waiters, {}
         for _, future in waiters.values():
             if not future.done():

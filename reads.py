@@ -244,5 +244,7 @@ class Reads:
         leadership = node.leadership
         assert leadership is not None  # wait_until checked that this node still leads `term`
         read_round = leadership.start_read_round()
-        await node.wait_until(lambda: leadership.confirmed(read_round), term)
+        if not await leadership.wait_confirmed(read_round):
+            node.check_still_leader(term)
+            raise NotLeaderError(*node.leader())
         return read_index

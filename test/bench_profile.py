@@ -22,6 +22,9 @@ import uvloop
 from test.bench_systems import RaftDemo
 from test.benchmark import Workload, operation_for
 
+# The py-spy program: the one installed beside this Python, else the one on PATH.
+PY_SPY = ""
+
 
 def summarise(raw: str, top: int = 25) -> str:
     """Own and total sample shares per function, from py-spy's collapsed-stack ("raw") output."""
@@ -92,7 +95,7 @@ async def _run(out: Path, label: str, seconds: float, clients: int, rate: int) -
         for role, node in (("leader", leader), ("follower", follower)):
             base = out / f"{label}-{role}-{clients}-writers"
             command = [
-                "py-spy",
+                PY_SPY,
                 "record",
                 "--pid",
                 str(cluster.pid(node)),
@@ -117,7 +120,9 @@ async def _run(out: Path, label: str, seconds: float, clients: int, rate: int) -
         for role, (base, proc) in records.items():
             _, err = await proc.communicate()
             if proc.returncode != 0:
-                raise SystemExit(f"py-spy failed on the {role}: {err.decode()[-500:]}")
+                raise SystemExit(
+                    f"py-spy failed on the {role} ({proc.returncode}): {err.decode()[-500:]}"
+                )
             header = (
                 f"py-spy record --rate {rate} --nonblocking --format raw, {seconds:g} s, the "
                 f"{role} of five nodes on loopback at --log-level WARNING, {clients} writers of "
@@ -139,7 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--rate", type=int, default=100)
     args = parser.parse_args(argv)
-    if shutil.which("py-spy") is None:
+    global PY_SPY
+    beside = Path(sys.executable).parent / "py-spy"
+    PY_SPY = str(beside) if beside.is_file() else shutil.which("py-spy") or ""
+    if not PY_SPY:
         print("py-spy is not installed: pip install py-spy", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,112 @@
+"""What the leader does per batch rather than per write, and the counters that show what
+replication costs (counters.py, metrics.py): each behaviour a user relies on, on one node in process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+
+import pytest
+
+from disk import MemoryDisk
+from log import RaftLog
+from metrics import NodeMetrics
+from raft_node import CommitUnknownError
+from rpc.raft_pb2 import (
+    AppendEntriesRequest,
+    AppendEntriesResponse,
+    RequestVoteResponse,
+    VoteRequest,
+)
+from test.test_paper import QUIET, Harness, Member, entries_for
+
+
+@pytest.fixture
+async def h() -> AsyncIterator[Harness]:
+    harness = Harness()
+    try:
+        yield harness
+    finally:
+        await harness.close()
+
+
+async def leader(h: Harness, proposal_timeout: float = 10.0) -> Member:
+    """Node 1 of three, leading term 2; its followers answer nothing unless the test says so."""
+    timing = dataclasses.replace(QUIET, proposal_timeout=proposal_timeout)
+    m = await h.member(terms=[1], term=1, timing=timing)
+    await m.node.start_election()
+    request = (await m.transport.wait_sent(VoteRequest, 1, peer=2))[0]
+    m.node.handle_vote_reply(2, request, RequestVoteResponse(term=2, vote_granted=True))
+    assert m.node.is_leader
+    return m
+
+
+async def test_each_write_that_cannot_commit_gives_up_at_its_own_deadline(h: Harness) -> None:
+    """A write the followers never acknowledge ends with CommitUnknownError once the proposal
+    timeout has passed since it arrived: not before (it is not cut short by an earlier write's
+    deadline), and not much after, though one timer watches every waiting write."""
+    m = await leader(h, proposal_timeout=0.4)
+    loop = asyncio.get_running_loop()
+    ended: dict[str, float] = {}
+
+    async def write(key: str) -> None:
+        started = loop.time()
+        with pytest.raises(CommitUnknownError, match="did not commit within 0.4 s"):
+            await m.node.propose_mapping(key, "v")
+        ended[key] = loop.time() - started
+
+    first = asyncio.ensure_future(write("a"))
+    await asyncio.sleep(0.15)
+    # A caller that gives up leaves the others' deadlines as they were.
+    abandoned = asyncio.ensure_future(m.node.propose_mapping("gone", "v"))
+    await asyncio.sleep(0)
+    abandoned.cancel()
+    second = asyncio.ensure_future(write("b"))
+    await asyncio.wait_for(asyncio.gather(first, second), 5)
+    for key in "ab":
+        assert 0.4 <= ended[key] < 1.5, (key, ended)
+
+
+async def test_the_counters_tell_messages_entries_and_fsyncs(h: Harness) -> None:
+    """Every AppendEntries a leader sends is counted with its entries (by how many it carried),
+    every reply it receives, and every fsync; /metrics reports them."""
+    m = await leader(h)
+    m.transport.policy = lambda peer, request: (
+        AppendEntriesResponse(term=2, success=True)
+        if isinstance(request, AppendEntriesRequest)
+        else None
+    )
+    for i in range(3):
+        await asyncio.wait_for(m.node.propose_mapping(f"k{i}", "v"), 5)
+    counters = m.node.counters
+    appends = [s for s in m.transport.sent if isinstance(s.request, AppendEntriesRequest)]
+    assert counters.appends_sent == len(appends)
+    assert counters.entries_sent == sum(len(s.request.log_entries) for s in appends)
+    assert counters.messages_received >= counters.appends_sent - 2  # replies still in flight
+    sizes = {n: c for n, c in enumerate(counters.entries_per_append) if c}
+    assert sum(sizes.values()) == counters.appends_sent
+    assert m.log.fsyncs >= 4  # the term and vote, the no-op and three writes (some together)
+
+    metrics = NodeMetrics()
+    metrics.attach(m.node)
+    text = metrics.exposition().decode()
+    assert f"raft_demo_append_messages_sent_total {float(counters.appends_sent)}" in text
+    assert f"raft_demo_log_fsyncs_total {float(m.log.fsyncs)}" in text
+    for n, c in sizes.items():
+        assert f'raft_demo_append_messages_by_entries_total{{entries="{n}"}} {float(c)}' in text
+
+
+async def test_a_log_emptied_by_a_snapshot_measures_nothing_kept_behind_an_older_index() -> None:
+    """A snapshot of the node's own, taken up to an index, may finish after a leader's newer
+    snapshot emptied the log: what the log keeps behind that older index is then nothing, and
+    the node goes on (it once raised IndexError, failing the snapshot task)."""
+    log = await RaftLog.open("/data/1", MemoryDisk())
+    try:
+        log.append(entries_for([1, 1, 1]))
+        log.reset(10, 2)  # a leader's snapshot up to index 10, which the log does not hold
+        assert log.bytes_after(2) == 0
+        assert log.keep_point(2, keep_entries=5, keep_bytes=1 << 20) == 10
+    finally:
+        await log.close()
