@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -125,10 +126,14 @@ class LeaderTerm:
         self.read_round = 0
         self._round_out = True
         self._round_waiters: dict[int, list[asyncio.Future[bool]]] = {}
-        # The commit index followers are now due to be told, even by a message of its own; it
-        # catches up with commit_index a commit_notice_delay after each advance.
+        # The commit index followers are now due to be told, even by a message of its own: each
+        # advance becomes due a commit_notice_delay after it happened, unless a message carrying
+        # entries told it meanwhile (as one does, under steady writes, with no notice of its own).
+        # The advances not yet due, oldest first, and the one timer armed for the oldest.
         self._announced_commit = 0
+        self._commits: deque[tuple[float, int]] = deque()
         self._commit_notice: Timer | None = None
+        self._notice_at = 0.0
         self._last_append: (
             tuple[tuple[int, int, int, int], raft_pb2.AppendEntriesRequest] | None
         ) = None
@@ -445,20 +450,33 @@ class LeaderTerm:
                 index=candidate,
             )
         node.apply_committed()
+        self._commits.append((node.clock.now(), candidate))
         if self._commit_notice is None:
-            self._commit_notice = node.clock.call_at(
-                node.clock.now() + node.timing.commit_notice_delay, self._announce_commit
-            )
+            self._arm_commit_notice()
         node.changes.after_leader_commit()
 
+    def _arm_commit_notice(self) -> None:
+        node = self.node
+        self._notice_at = self._commits[0][0] + node.timing.commit_notice_delay
+        self._commit_notice = node.clock.call_at(self._notice_at, self._announce_commit)
+
     def _announce_commit(self) -> None:
-        """Followers not told the new commit index by now get a message that says it."""
+        """Followers not yet told a commit index that advanced a commit_notice_delay ago get a
+        message that says it (the time the timer was armed for counts as reached)."""
         node = self.node
         self._commit_notice = None
         if not node.is_leader or node.stopped:
             return
-        self._announced_commit = node.commit_index
-        self.wake_all()
+        due = max(node.clock.now(), self._notice_at) - node.timing.commit_notice_delay
+        commits = self._commits
+        announced = self._announced_commit
+        while commits and commits[0][0] <= due:
+            announced = max(announced, commits.popleft()[1])
+        if announced > self._announced_commit:
+            self._announced_commit = announced
+            self.wake_all()
+        if commits:
+            self._arm_commit_notice()
 
     def after_follower_progress(self, peer_id: int, progress: Progress) -> None:
         """Leader: a follower holds more of the log than before."""

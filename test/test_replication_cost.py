@@ -112,3 +112,44 @@ async def test_a_log_emptied_by_a_snapshot_measures_nothing_kept_behind_an_older
         assert log.keep_point(2, keep_entries=5, keep_bytes=1 << 20) == 10
     finally:
         await log.close()
+
+
+async def test_steady_writes_tell_the_commit_index_without_messages_of_its_own(
+    h: Harness,
+) -> None:
+    """Under steady writes each message that carries entries also tells the followers the commit
+    index, so the leader sends no message only to say it; once writes stop, the last commit
+    index still reaches every follower, by a message of its own after commit_notice_delay."""
+    m = await leader(h)
+    m.node.timing = dataclasses.replace(m.node.timing, commit_notice_delay=0.2)
+    m.transport.policy = lambda peer, request: (
+        AppendEntriesResponse(term=2, success=True)
+        if isinstance(request, AppendEntriesRequest)
+        else None
+    )
+    await asyncio.wait_for(m.node.propose_mapping("warm", "up"), 5)
+    await asyncio.sleep(0.3)  # any notice about the no-op and the first write has gone
+    m.transport.sent.clear()
+    for i in range(10):  # writes 40 ms apart for 0.4 s: twice the notice delay
+        await asyncio.wait_for(m.node.propose_mapping(f"k{i}", "v"), 5)
+        await asyncio.sleep(0.04)
+    last = m.node.commit_index
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while True:
+        told = {
+            s.peer
+            for s in m.transport.sent
+            if isinstance(s.request, AppendEntriesRequest) and s.request.leader_commit == last
+        }
+        if told == {2, 3}:
+            break
+        assert loop.time() < deadline, "the last commit index never reached every follower"
+        await asyncio.sleep(0.01)
+    notices = [
+        s.request
+        for s in m.transport.sent
+        if isinstance(s.request, AppendEntriesRequest) and not s.request.log_entries
+    ]
+    assert len(notices) == 2, [(n.leader_commit, n.prev_log_index) for n in notices]
+    assert all(n.leader_commit == last for n in notices)
