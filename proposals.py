@@ -215,9 +215,12 @@ class Writes:
             previous = node.state_machine.log_time_ms if entry.index > 1 else 0
         entry.leader_time_ms = max(int(node.wall_clock() * 1000), previous)
         node.append_to_log([entry])
-        self._flush_own_log()
+        # The followers' messages go out before this node's own write starts (section 10.2.1 of
+        # the thesis: the leader may write its log in parallel with replicating it); only once
+        # its own fsync is done does the leader count itself towards a majority.
         if node.leadership is not None:
             node.leadership.wake_all()
+        self._flush_own_log()
         return entry.index
 
     def _flush_own_log(self) -> None:

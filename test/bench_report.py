@@ -97,6 +97,9 @@ def node_costs(before: list[Any], after: list[Any], ops: int, wall: float) -> li
             "cpu_ms_per_op": round(1000 * (s.cpu - b.cpu) / ops, 4) if ops else None,
             "cpu_percent": round(100 * (s.cpu - b.cpu) / wall, 1) if wall else None,
             "loop_busy_percent": round(100 * (s.loop_cpu - b.loop_cpu) / wall, 1) if wall else None,
+            "loop_wait_percent": (
+                round(100 * (s.loop_wait - b.loop_wait) / wall, 1) if wall else None
+            ),
         }
         if s.metrics and b.metrics:
 
@@ -125,6 +128,13 @@ def node_costs(before: list[Any], after: list[Any], ops: int, wall: float) -> li
                 )
                 row["entries_per_append_p99"] = _percentile_of_counts(with_entries, 0.99)
             row["committed_entries"] = int(committed)
+            writes = d("proposal_duration_seconds_count")
+            if writes:
+                # From a write's arrival at the node to its apply there: the rest of the client's
+                # latency is spent in gRPC, the client and waiting for a CPU.
+                row["write_ms_in_node"] = round(
+                    1000 * d("proposal_duration_seconds_sum") / writes, 2
+                )
         rows.append(row)
     # The leader first, then the others, as the report reads them.
     rows.sort(key=lambda r: (r.get("role") != "leader", r["node"]))
@@ -137,8 +147,11 @@ def format_node_cost(row: dict[str, Any]) -> str:
     parts = [
         f"  {role} {row['node']}: {_num(row.get('cpu_ms_per_op'))} ms CPU/op, "
         f"loop busy {_num(row.get('loop_busy_percent'), 0)}% "
-        f"(process {_num(row.get('cpu_percent'), 0)}%)"
+        f"(process {_num(row.get('cpu_percent'), 0)}%, "
+        f"loop waiting for a CPU {_num(row.get('loop_wait_percent'), 0)}%)"
     ]
+    if "write_ms_in_node" in row:
+        parts.append(f"a write {row['write_ms_in_node']:.2f} ms in the node")
     unit = row.get("per")
     if unit is not None and "msgs_sent_per" in row:
         parts.append(

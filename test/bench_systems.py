@@ -59,6 +59,15 @@ def main_thread_cpu_seconds(pid: int) -> float:
     return cpu_seconds(pid, f"/proc/{pid}/task/{pid}/stat")
 
 
+def main_thread_wait_seconds(pid: int) -> float:
+    """How long a process's main thread has waited, ready to run, for a CPU (from schedstat; 0
+    where the kernel does not keep it): on a saturated machine, time its event loop lost."""
+    try:
+        return int(Path(f"/proc/{pid}/task/{pid}/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 @dataclass
 class NodeSample:
     """One process of a system at one moment: its CPU so far and, for this project, its metrics."""
@@ -66,6 +75,7 @@ class NodeSample:
     name: str
     cpu: float
     loop_cpu: float
+    loop_wait: float = 0.0
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -420,7 +430,9 @@ class System:
     async def sample(self) -> list[NodeSample]:
         """Every process's CPU so far (and what else the system tells of its cost)."""
         return [
-            NodeSample(name, cpu_seconds(pid), main_thread_cpu_seconds(pid))
+            NodeSample(
+                name, cpu_seconds(pid), main_thread_cpu_seconds(pid), main_thread_wait_seconds(pid)
+            )
             for name, pid in self.named_pids().items()
         ]
 
