@@ -786,7 +786,14 @@ class MembershipChanges:
                     await self._add(deadline=deadline)
             elif extra and not catching_up:
                 await self._remove(extra[0], "remove", deadline)
-            elif not extra:
+            elif not extra and self._config_committed():
                 return True
             await asyncio.sleep(0.05)
         return False
+
+    def _config_committed(self) -> bool:
+        """Whether a leader holds the configuration it uses as committed: one seen only in a
+        leader's log may still be replaced by the next leader's (a removal it appended, lost)."""
+        leader = self.world.leader()
+        node = self.world.hosts[leader].node if leader is not None else None
+        return node is not None and node.configs.latest_index <= node.commit_index
