@@ -153,3 +153,36 @@ async def test_steady_writes_tell_the_commit_index_without_messages_of_its_own(
     ]
     assert len(notices) == 2, [(n.leader_commit, n.prev_log_index) for n in notices]
     assert all(n.leader_commit == last for n in notices)
+
+
+async def test_reads_share_a_heartbeat_round_only_until_it_is_sent(h: Harness) -> None:
+    """Thesis section 6.4: a read is confirmed by a heartbeat round a majority answers, sent
+    after the read arrived. Reads that arrive together share one round; a read that arrives once
+    the round has gone out waits for the next, however soon the earlier round is answered."""
+    m = await leader(h)
+    m.transport.policy = lambda peer, request: (
+        AppendEntriesResponse(term=2, success=True)
+        if isinstance(request, AppendEntriesRequest)
+        else None
+    )
+    await asyncio.wait_for(m.node.propose_mapping("k", "v"), 5)
+    await asyncio.sleep(0.05)  # replies to the last appends handled
+    m.transport.policy = None
+    before = len(m.transport.requests(AppendEntriesRequest, 2))
+
+    first = asyncio.ensure_future(m.node.read("k"))
+    together = asyncio.ensure_future(m.node.read("k"))
+    await m.transport.wait_sent(AppendEntriesRequest, before + 1, peer=2)
+    assert m.node.counters.read_rounds == 1  # the two reads share the round
+    late = asyncio.ensure_future(m.node.read("k"))
+    await asyncio.sleep(0.01)
+    m.transport.answer(2, AppendEntriesResponse(term=2, success=True))
+    assert await asyncio.wait_for(first, 5) == "v"
+    assert await asyncio.wait_for(together, 5) == "v"
+    await asyncio.sleep(0.01)
+    assert not late.done(), "a read was confirmed by heartbeats sent before it arrived"
+    # Its own round goes out once the previous message to 2 is answered.
+    await m.transport.wait_sent(AppendEntriesRequest, before + 2, peer=2)
+    m.transport.answer(2, AppendEntriesResponse(term=2, success=True))
+    assert await asyncio.wait_for(late, 5) == "v"
+    assert m.node.counters.read_rounds == 2
