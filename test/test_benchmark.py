@@ -58,6 +58,20 @@ def test_quick_run_writes_json_with_a_measured_cell_per_system_workload_and_conc
         # The CPU figure is read from the node processes, so it is there and positive.
         assert cell["cpu_s_per_1000_ops"] is not None and cell["cpu_s_per_1000_ops"] > 0, key
     assert report["machine"] and report["command"].startswith("python -m test.benchmark")
+    # What each process spent: the leader first, then the followers, with the node's counters.
+    for (system, workload, clients), cell in cells.items():
+        rows = cell["node_costs"]
+        assert len(rows) == (3 if system == "raft-demo" else 1), (system, workload, clients)
+        assert all(r["cpu_ms_per_op"] > 0 and r["loop_busy_percent"] > 0 for r in rows)
+        if system == "raft-demo":
+            assert [r["role"] for r in rows] == ["leader", "follower", "follower"]
+            assert all(r["msgs_sent_per"] > 0 and r["msgs_received_per"] > 0 for r in rows)
+        if system == "raft-demo" and workload == "write":
+            leader = rows[0]
+            assert leader["per"] == "entry" and leader["committed_entries"] >= cell["ops"]
+            assert leader["entries_per_append_mean"] >= 1 and leader["entries_per_append_p99"] >= 1
+            assert all(0 < r["fsyncs_per"] for r in rows)
+            assert 0 < leader["write_ms_in_node"] < cell["p99_ms"]
 
 
 @pytest.mark.slow
@@ -76,11 +90,20 @@ def test_quick_run_prints_the_table_and_draws_one_png_per_workload(
     assert charts == ["read-3nodes-64B.png", "write-3nodes-64B.png"]
     for name in charts:
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
+    printed = [
+        line.split(":")[0].split() for line in result.stdout.splitlines() if "CPU/op" in line
+    ]
+    assert [p[0] for p in printed].count("leader") == 4  # under each raft-demo cell
+    assert [p[0] for p in printed].count("follower") == 8
+    assert "msgs/entry sent" in result.stdout and "entries/append mean" in result.stdout
+    assert "fsyncs/entry" in result.stdout and "loop busy" in result.stdout
     markdown = (out / "results.md").read_text()
-    headline, full = markdown.split("\n\n")
+    headline, full, per_process = markdown.split("\n\n")
     assert headline.startswith("| system (3 nodes, 64 B) |")
     assert [row.split(" | ")[0] for row in headline.splitlines()[2:]] == ["| raft-demo", "| null"]
     assert full.startswith("| system |") and len(full.splitlines()) == 2 + 8
+    # One row per process of each cell: three nodes for raft-demo's four cells, one for null's.
+    assert per_process.startswith("| system |") and len(per_process.splitlines()) == 2 + 4 * 3 + 4
 
 
 @pytest.mark.slow
