@@ -81,9 +81,11 @@ def node_costs(before: list[Any], after: list[Any], ops: int, wall: float) -> li
     operation when nothing was committed, as for reads) and entries per AppendEntries message."""
     earlier = {s.name: s for s in before}
     rows: list[dict[str, Any]] = []
+    # Entries the cell committed, as the leader counts them (a follower may still be learning of
+    # commits from before the cell when it starts).
     committed = 0.0
     for s in after:
-        if s.name in earlier and s.metrics and earlier[s.name].metrics:
+        if s.name in earlier and s.metrics.get(M + 'role{role="leader"}') == 1.0:
             delta = s.metrics.get(M + "commit_index", 0) - earlier[s.name].metrics.get(
                 M + "commit_index", 0
             )

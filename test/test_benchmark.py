@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from test.bench_report import Cell, markdown_table, percentile
-from test.bench_systems import cpu_seconds, rss_bytes
+from test.bench_report import Cell, markdown_table, node_costs, percentile
+from test.bench_systems import NodeSample, cpu_seconds, rss_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -161,3 +161,39 @@ def test_percentiles_and_markdown_rows() -> None:
     skipped = Cell("pysyncobj", "-", 5, 0, 0, note="could not be measured")
     rows = markdown_table([cell, skipped]).splitlines()
     assert len(rows) == 3 and rows[2].startswith("| etcd | write | 5 | 64 | 64 | 1,234 |")
+
+
+def test_node_costs_count_per_committed_entry_as_the_leader_counts_them() -> None:
+    """Messages and fsyncs are per entry the leader committed during the cell (a follower still
+    learning of an earlier commit does not count), per operation when nothing committed; the p99
+    of entries per AppendEntries comes from the leader's counts by size."""
+    leader = 'raft_demo_role{role="leader"}'
+    sizes = 'raft_demo_append_messages_by_entries_total{entries="%d"}'
+
+    def sample(name: str, cpu: float, **metrics: float) -> NodeSample:
+        return NodeSample(
+            name, cpu, cpu / 2, 0.0, {f"raft_demo_{k}": v for k, v in metrics.items()}
+        )
+
+    before = [
+        sample("1", 1.0, commit_index=10, raft_messages_sent_total=0, log_fsyncs_total=0),
+        sample("2", 1.0, commit_index=9, raft_messages_sent_total=0, log_fsyncs_total=0),
+    ]
+    before[0].metrics[leader] = 1.0
+    before[0].metrics[sizes % 1] = 5
+    after = [
+        sample("2", 1.5, commit_index=110, raft_messages_sent_total=50, log_fsyncs_total=50),
+        sample("1", 3.0, commit_index=110, raft_messages_sent_total=200, log_fsyncs_total=20),
+    ]
+    after[1].metrics[leader] = 1.0
+    after[1].metrics[sizes % 1] = 5 + 99
+    after[1].metrics[sizes % 4] = 1
+    rows = node_costs(before, after, ops=100, wall=2.0)
+    assert [(r["node"], r["role"]) for r in rows] == [("1", "leader"), ("2", "follower")]
+    assert rows[0]["cpu_ms_per_op"] == 20.0 and rows[0]["loop_busy_percent"] == 50.0
+    assert (rows[0]["per"], rows[0]["msgs_sent_per"], rows[0]["fsyncs_per"]) == ("entry", 2.0, 0.2)
+    assert rows[1]["msgs_sent_per"] == 0.5  # 100 committed, not the follower's 101
+    assert rows[0]["entries_per_append_mean"] == round(103 / 100, 2)
+    assert rows[0]["entries_per_append_p99"] == 1
+    after[1].metrics["raft_demo_commit_index"] = 10  # nothing committed: per operation
+    assert node_costs(before, after, ops=100, wall=2.0)[0]["per"] == "op"
