@@ -20,7 +20,7 @@ from rpc.raft_pb2 import (
     RequestVoteResponse,
     VoteRequest,
 )
-from test.test_paper import QUIET, Harness, Member, entries_for
+from test.test_paper import QUIET, Harness, Member, entries_for, eventually
 
 
 @pytest.fixture
@@ -30,6 +30,18 @@ async def h() -> AsyncIterator[Harness]:
         yield harness
     finally:
         await harness.close()
+
+
+def told_everyone(m: Member) -> bool:
+    """Whether both followers hold the leader's log and know its commit index (no message or
+    reply about it is still under way)."""
+    node = m.node
+    return all(
+        p.match_index == node.log.last_index and p.told_commit == node.commit_index
+        for p in node.progress.values()
+    ) and all(
+        s.reply.done() for s in m.transport.sent if isinstance(s.request, AppendEntriesRequest)
+    )
 
 
 async def leader(h: Harness, proposal_timeout: float = 10.0) -> Member:
@@ -128,7 +140,7 @@ async def test_steady_writes_tell_the_commit_index_without_messages_of_its_own(
         else None
     )
     await asyncio.wait_for(m.node.propose_mapping("warm", "up"), 5)
-    await asyncio.sleep(0.3)  # any notice about the no-op and the first write has gone
+    await eventually(lambda: told_everyone(m), "both followers were told the commit index")
     m.transport.sent.clear()
     for i in range(10):  # writes 40 ms apart for 0.4 s: twice the notice delay
         await asyncio.wait_for(m.node.propose_mapping(f"k{i}", "v"), 5)
@@ -166,7 +178,7 @@ async def test_reads_share_a_heartbeat_round_only_until_it_is_sent(h: Harness) -
         else None
     )
     await asyncio.wait_for(m.node.propose_mapping("k", "v"), 5)
-    await asyncio.sleep(0.05)  # replies to the last appends handled
+    await eventually(lambda: told_everyone(m), "both followers were told the commit index")
     m.transport.policy = None
     before = len(m.transport.requests(AppendEntriesRequest, 2))
 
@@ -175,14 +187,14 @@ async def test_reads_share_a_heartbeat_round_only_until_it_is_sent(h: Harness) -
     await m.transport.wait_sent(AppendEntriesRequest, before + 1, peer=2)
     assert m.node.counters.read_rounds == 1  # the two reads share the round
     late = asyncio.ensure_future(m.node.read("k"))
-    await asyncio.sleep(0.01)
+    await eventually(lambda: m.node.counters.read_rounds == 2, "the late read asks for a round")
     m.transport.answer(2, AppendEntriesResponse(term=2, success=True))
     assert await asyncio.wait_for(first, 5) == "v"
     assert await asyncio.wait_for(together, 5) == "v"
-    await asyncio.sleep(0.01)
-    assert not late.done(), "a read was confirmed by heartbeats sent before it arrived"
-    # Its own round goes out once the previous message to 2 is answered.
+    # Its own round goes out once the previous message to 2 is answered; until that is answered
+    # too, nothing may confirm it.
     await m.transport.wait_sent(AppendEntriesRequest, before + 2, peer=2)
+    assert not late.done(), "a read was confirmed by heartbeats sent before it arrived"
     m.transport.answer(2, AppendEntriesResponse(term=2, success=True))
     assert await asyncio.wait_for(late, 5) == "v"
     assert m.node.counters.read_rounds == 2
