@@ -8,11 +8,14 @@ of one term's leadership survives into the next (Figure 2: "reinitialized after 
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections import deque
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from cluster_config import NodeAddress
+from counters import Counters
 from log import RaftLog
 from membership import ConfigHistory, Membership
 from node_events import EventFeed
@@ -85,6 +88,7 @@ class LeaderNode(NodeBasics, Protocol):
     snapshot_policy: SnapshotPolicy | None
     peers: dict[int, NodeAddress]
     feed: EventFeed
+    counters: Counters
 
     @property
     def changes(self) -> MembershipSteps: ...
@@ -116,12 +120,20 @@ class LeaderTerm:
         # The configuration removing this leader committed: it is handing over and leaving.
         self.leaving = False
         self.transfer: Transfer | None = None
-        # Leadership confirmation for reads: the newest round of heartbeats asked for.
+        # Leadership confirmation for reads: the newest round of heartbeats asked for, whether
+        # any follower has been sent it yet (until then, a new read joins it), and the reads
+        # waiting for each round to be confirmed, woken together when it is.
         self.read_round = 0
-        # The commit index followers are now due to be told, even by a message of its own; it
-        # catches up with commit_index a commit_notice_delay after each advance.
+        self._round_out = True
+        self._round_waiters: dict[int, list[asyncio.Future[bool]]] = {}
+        # The commit index followers are now due to be told, even by a message of its own: each
+        # advance becomes due a commit_notice_delay after it happened, unless a message carrying
+        # entries told it meanwhile (as one does, under steady writes, with no notice of its own).
+        # The advances not yet due, oldest first, and the one timer armed for the oldest.
         self._announced_commit = 0
+        self._commits: deque[tuple[float, int]] = deque()
         self._commit_notice: Timer | None = None
+        self._notice_at = 0.0
         self._last_append: (
             tuple[tuple[int, int, int, int], raft_pb2.AppendEntriesRequest] | None
         ) = None
@@ -147,11 +159,17 @@ class LeaderTerm:
             self.end_snapshot_transfer(progress)
         self.progress = {}
         self.departing = {}
+        waiting, self._round_waiters = self._round_waiters, {}
+        for waiters in waiting.values():
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(False)
 
     def config_changed(self) -> None:
         """The configuration in use changed: replicate to its members; count its majority."""
         self.sync_progress()
         self._quorum_wake.set()
+        self._settle_rounds()
 
     def wake_all(self) -> None:
         """Every replicator looks again now (new entries, commit news or a read round)."""
@@ -159,10 +177,34 @@ class LeaderTerm:
             progress.wake.set()
 
     def start_read_round(self) -> int:
-        """Ask every follower for a heartbeat now; reads that arrive together share the round."""
-        self.read_round += 1
-        self.wake_all()
+        """Ask every follower for a heartbeat now; reads that arrive before any follower has been
+        sent the round share it (its messages all leave after they arrived)."""
+        if self._round_out:
+            self._round_out = False
+            self.read_round += 1
+            self.node.counters.read_rounds += 1
+            self.wake_all()
         return self.read_round
+
+    def wait_confirmed(self, read_round: int) -> asyncio.Future[bool]:
+        """A future that becomes True once `confirmed(read_round)`, or False when this term's
+        leadership ends first. The round is checked once per reply, not once per read waiting."""
+        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        waiters = self._round_waiters.get(read_round)
+        if waiters is not None:
+            waiters.append(waiter)
+        elif self.confirmed(read_round):
+            waiter.set_result(True)
+        else:
+            self._round_waiters[read_round] = [waiter]
+        return waiter
+
+    def _settle_rounds(self) -> None:
+        """Wake the reads of every round a majority has now confirmed."""
+        for read_round in [r for r in self._round_waiters if self.confirmed(r)]:
+            for waiter in self._round_waiters.pop(read_round):
+                if not waiter.done():  # not given up
+                    waiter.set_result(True)
 
     def confirmed(self, read_round: int) -> bool:
         """Whether a majority (counting this node) answered `read_round` or a later one."""
@@ -285,8 +327,11 @@ class LeaderTerm:
             self._last_append = (key, request)
         sent_at = progress.last_sent = node.clock.now()
         read_round = progress.sent_round = self.read_round
+        self._round_out = True
         if entries:
             node.narrate.debug("sending %d entries from %d to %d", len(entries), prev + 1, peer_id)
+        counters = node.counters
+        counters.sent_append(len(entries))
         try:
             reply = await node.transport.append_entries(
                 peer_id, request, timeout=node.timing.append_timeout
@@ -295,6 +340,7 @@ class LeaderTerm:
             node.narrate.debug("append to %d failed: %s", peer_id, e)
             progress.retry_at = node.clock.now() + node.timing.heartbeat_interval
             return
+        counters.messages_received += 1
         if node.feed.active:
             self._tell_sent(peer_id, request, reply)
         if reply.term == term:
@@ -303,6 +349,8 @@ class LeaderTerm:
         if reply.term == term and read_round > progress.acked_round:
             # Any reply of our own term shows the follower still takes us as its leader.
             progress.acked_round = read_round
+            if self._round_waiters:
+                self._settle_rounds()
             node.notify()
         self.handle_append_reply(peer_id, request, reply)
 
@@ -391,29 +439,44 @@ class LeaderTerm:
         if candidate <= node.commit_index or node.log.term_at(candidate) != node.current_term:
             return
         node.commit_index = candidate
-        node.narrate.tell(
-            "commit",
-            "committed up to index %d (durable on %d of %d nodes)",
-            candidate,
-            node.config.count(i for i, m in matches.items() if m >= candidate),
-            node.cluster_size,
-            index=candidate,
-        )
-        node.apply_committed()
-        if self._commit_notice is None:
-            self._commit_notice = node.clock.call_at(
-                node.clock.now() + node.timing.commit_notice_delay, self._announce_commit
+        if node.feed.active or node.narrate.isEnabledFor(logging.INFO):
+            # Counting the nodes that hold it costs a pass over them: only for a line said.
+            node.narrate.tell(
+                "commit",
+                "committed up to index %d (durable on %d of %d nodes)",
+                candidate,
+                node.config.count(i for i, m in matches.items() if m >= candidate),
+                node.cluster_size,
+                index=candidate,
             )
+        node.apply_committed()
+        self._commits.append((node.clock.now(), candidate))
+        if self._commit_notice is None:
+            self._arm_commit_notice()
         node.changes.after_leader_commit()
 
+    def _arm_commit_notice(self) -> None:
+        node = self.node
+        self._notice_at = self._commits[0][0] + node.timing.commit_notice_delay
+        self._commit_notice = node.clock.call_at(self._notice_at, self._announce_commit)
+
     def _announce_commit(self) -> None:
-        """Followers not told the new commit index by now get a message that says it."""
+        """Followers not yet told a commit index that advanced a commit_notice_delay ago get a
+        message that says it (the time the timer was armed for counts as reached)."""
         node = self.node
         self._commit_notice = None
         if not node.is_leader or node.stopped:
             return
-        self._announced_commit = node.commit_index
-        self.wake_all()
+        due = max(node.clock.now(), self._notice_at) - node.timing.commit_notice_delay
+        commits = self._commits
+        announced = self._announced_commit
+        while commits and commits[0][0] <= due:
+            announced = max(announced, commits.popleft()[1])
+        if announced > self._announced_commit:
+            self._announced_commit = announced
+            self.wake_all()
+        if commits:
+            self._arm_commit_notice()
 
     def after_follower_progress(self, peer_id: int, progress: Progress) -> None:
         """Leader: a follower holds more of the log than before."""
@@ -497,6 +560,7 @@ class LeaderTerm:
         )
         sent_at = progress.last_sent = node.clock.now()
         read_round = progress.sent_round = self.read_round
+        self._round_out = True
         if node.feed.active:
             node.feed.emit(
                 "snapshot",
@@ -529,6 +593,7 @@ class LeaderTerm:
         progress.heard_at = max(progress.heard_at, sent_at)
         if read_round > progress.acked_round:
             progress.acked_round = read_round
+            self._settle_rounds()
             node.notify()
         if progress.snapshot is not meta:
             return

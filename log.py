@@ -258,6 +258,8 @@ class RaftLog:
         self._retry_wait = DISK_FULL_RETRY_MIN
         self._closing = False
         self._close_task: asyncio.Task[None] | None = None
+        # fsyncs of the log and state files since opening (a count for /metrics).
+        self.fsyncs = 0
 
     @classmethod
     async def open(cls, data_dir: str | os.PathLike[str], disk: Disk | None = None) -> RaftLog:
@@ -722,8 +724,10 @@ class RaftLog:
                 # The cut must be durable before new records land where the old ones were: else a
                 # crash can keep the new record and lose the truncate, leaving a stale suffix.
                 await self._file.fsync()
+                self.fsyncs += 1
             if buf:
                 await self._file.write_and_fsync(buf)
+                self.fsyncs += 1
             log_written = True
             self._durable_index = self._low_water
             if hard_state is not None:
@@ -757,6 +761,7 @@ class RaftLog:
 
     async def _write_state(self, current_term: int, voted_for: int | None) -> None:
         await replace_file(self._disk, self._state_path, _encode_state(current_term, voted_for))
+        self.fsyncs += 2  # the new file's, then its directory's
 
     async def close(self) -> None:
         """Finish every pending write and close the files. Safe to call more than once."""

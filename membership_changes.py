@@ -13,6 +13,7 @@ from leader import LeaderTerm
 from log import RaftLog
 from membership import ChangeInProgressError, ConfigHistory, Membership, MembershipError
 from node_types import MAX_ENTRIES_PER_MESSAGE, PROMOTION_WAIT, NodeBasics, NotLeaderError, Timing
+from proposals import Writes
 from rpc import raft_pb2
 from state_machine import ApplyResult
 from transfer import Transfers
@@ -34,7 +35,9 @@ class ChangesNode(NodeBasics, Protocol):
     def become_follower(self, term: int, leader_id: int | None, why: str) -> None: ...
     def check_removed(self) -> None: ...
     def append_as_leader(self, entry: raft_pb2.LogEntry) -> int: ...
-    async def propose_entry(self, entry: raft_pb2.LogEntry) -> ApplyResult: ...
+
+    writes: Writes
+
     async def wait_until(self, condition: Callable[[], bool], term: int) -> None: ...
 
 
@@ -122,7 +125,7 @@ class MembershipChanges:
             )
         new = change(node.configs.latest)
         node.narrate.tell("membership", "%s", what, action="request", detail=new.describe())
-        return await node.propose_entry(
+        return await node.writes.propose_entry(
             raft_pb2.LogEntry(kind=raft_pb2.ENTRY_KIND_CONFIG, config=new.to_proto())
         )
 

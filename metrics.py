@@ -9,9 +9,10 @@ from typing import Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import generate_latest
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from counters import Counters
 from log import RaftLog
 from node_status import NodeObserver, NodeStatus
 from node_types import Role
@@ -24,6 +25,7 @@ class MetricsNode(Protocol):
 
     log: RaftLog
     leader_id: int | None
+    counters: Counters
 
     def status(self) -> NodeStatus: ...
 
@@ -198,6 +200,56 @@ class _StateCollector(Collector):
                 contact.add_metric([str(peer.id)], peer.last_contact)
         yield lag
         yield contact
+        yield from _cost_counters(node.counters, log)
+
+
+def _cost_counters(counters: Counters, log: RaftLog) -> Iterable[Metric]:
+    """What replication cost this node so far (counters.py), for per-write figures."""
+
+    def counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
+        return CounterMetricFamily(f"{PREFIX}_{name}", documentation, value=value)
+
+    yield counter(
+        "append_messages_sent",
+        "Leader: AppendEntries requests sent to followers (heartbeats included).",
+        counters.appends_sent,
+    )
+    yield counter(
+        "append_entries_sent", "Leader: log entries those requests carried.", counters.entries_sent
+    )
+    yield counter(
+        "append_messages_received",
+        "Follower: AppendEntries requests received from leaders.",
+        counters.appends_received,
+    )
+    yield counter(
+        "append_entries_received",
+        "Follower: log entries those requests carried.",
+        counters.entries_received,
+    )
+    yield counter(
+        "raft_messages_sent",
+        "Raft messages (AppendEntries and ReadIndex requests and replies) this node sent.",
+        counters.messages_sent,
+    )
+    yield counter(
+        "raft_messages_received",
+        "Raft messages (AppendEntries and ReadIndex requests and replies) this node received.",
+        counters.messages_received,
+    )
+    yield counter(
+        "read_rounds", "Leader: heartbeat rounds started to confirm reads.", counters.read_rounds
+    )
+    yield counter("log_fsyncs", "fsyncs of the log and state files (and their folder).", log.fsyncs)
+    sizes = CounterMetricFamily(
+        f"{PREFIX}_append_messages_by_entries",
+        "Leader: AppendEntries requests sent, by the number of entries they carried.",
+        labels=["entries"],
+    )
+    for entries, count in enumerate(counters.entries_per_append):
+        if count:
+            sizes.add_metric([str(entries)], count)
+    yield sizes
 
 
 async def serve_metrics(metrics: NodeMetrics, host: str, port: int) -> asyncio.Server:

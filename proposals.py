@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
@@ -21,6 +22,7 @@ from node_types import (
     NotLeaderError,
     OverloadedError,
     SessionExpiredError,
+    Timer,
     Timing,
     put_entry,
 )
@@ -57,6 +59,11 @@ class Writes:
         self.node = node
         self._waiters: dict[int, tuple[int, asyncio.Future[ApplyResult]]] = {}
         self._self_flush_running = False
+        # When each waiting write gives up, oldest first (they arrive in order and all wait
+        # equally long), and the one timer armed for the oldest: a timer per batch, not per write.
+        self._deadlines: deque[tuple[float, int, asyncio.Future[ApplyResult]]] = deque()
+        self._expiry: Timer | None = None
+        self._expiry_at = 0.0
 
     async def propose_mapping(
         self, key: str, value: str, session: raft_pb2.Session | None = None
@@ -164,38 +171,30 @@ class Writes:
     def _wait_applied(
         self, entries: list[raft_pb2.LogEntry], indexes: list[int], tell: bool = True
     ) -> list[Coroutine[Any, Any, ApplyResult]]:
-        """One waiter per appended entry, all expired by a single timer."""
+        """One waiter per appended entry. No timeout context, shield or timer of its own: each
+        write's deadline joins the queue one timer watches. A caller that is cancelled cancels its
+        future, which apply then skips."""
         node = self.node
         loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[ApplyResult]] = []
-        for index in indexes:
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][2].done():
+            deadlines.popleft()
+        deadline = node.clock.now() + node.timing.proposal_timeout
+        waiting: list[Coroutine[Any, Any, ApplyResult]] = []
+        for entry, index in zip(entries, indexes, strict=True):
             future: asyncio.Future[ApplyResult] = loop.create_future()
             self._waiters[index] = (node.current_term, future)
-            futures.append(future)
-        # One timer per batch, not a timeout context and a shield per write (each a few objects
-        # and callbacks more). A caller that is cancelled cancels its future, which apply skips.
-        timer = node.clock.call_at(
-            node.clock.now() + node.timing.proposal_timeout,
-            lambda: self._expire_proposals(indexes, futures),
-        )
-        remaining = [len(futures)]
-
-        def settled() -> None:
-            remaining[0] -= 1
-            if remaining[0] == 0:
-                timer.cancel()
-
-        return [
-            self._await_one(entry, index, future, settled, tell)
-            for entry, index, future in zip(entries, indexes, futures, strict=True)
-        ]
+            deadlines.append((deadline, index, future))
+            waiting.append(self._await_one(entry, index, future, tell))
+        if self._expiry is None:
+            self._arm_expiry()
+        return waiting
 
     async def _await_one(
         self,
         entry: raft_pb2.LogEntry,
         index: int,
         future: asyncio.Future[ApplyResult],
-        settled: Callable[[], None],
         tell: bool,
     ) -> ApplyResult:
         node = self.node
@@ -209,8 +208,8 @@ class Writes:
                 self._tell_outcome(entry, index, f"failed: {e}", ok=False)
             raise
         finally:
-            settled()
-            if self._waiters.get(index, (0, None))[1] is future:
+            waiter = self._waiters.get(index)
+            if waiter is not None and waiter[1] is future:
                 del self._waiters[index]
         node.observer.proposal_committed(time.perf_counter() - started)
         if tell and node.feed.active:
@@ -226,20 +225,35 @@ class Writes:
             "client", text, action="write", index=index, count=count, ok=ok, detail=what
         )
 
-    def _expire_proposals(
-        self, indexes: list[int], futures: list[asyncio.Future[ApplyResult]]
-    ) -> None:
+    def _arm_expiry(self) -> None:
+        self._expiry_at = self._deadlines[0][0]
+        self._expiry = self.node.clock.call_at(self._expiry_at, self._expire_due)
+
+    def _expire_due(self) -> None:
+        """A waiting write's deadline came: it gives up, as does every other whose deadline
+        passed; then the timer is armed for the next. The deadline the timer was armed for
+        counts as passed, however the clock rounds, so a timer on time is never early."""
         node = self.node
-        for index, future in zip(indexes, futures, strict=True):
+        self._expiry = None
+        deadlines = self._deadlines
+        due = max(node.clock.now(), self._expiry_at)
+        while deadlines and (deadlines[0][0] <= due or deadlines[0][2].done()):
+            _, index, future = deadlines.popleft()
             if not future.done():
                 future.set_exception(
                     CommitUnknownError(
-                        f"entry {index} did not commit within {node.timing.proposal_timeout:g} s; "
-                        "it may or may not be applied"
+                        f"entry {index} did not commit within {node.timing.proposal_timeout:g} "
+                        "s; it may or may not be applied"
                     )
                 )
+        if deadlines:
+            self._arm_expiry()
 
     def fail_waiting(self, why: str) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        self._deadlines.clear()
         waiters, self._waiters = self._waiters, {}
         for _, future in waiters.values():
             if not future.done():
@@ -268,9 +282,12 @@ class Writes:
             entry.index = index
             entry.leader_time_ms = now_ms
         node.append_to_log(entries)
-        self._flush_own_log()
+        # The followers' messages go out before this node's own write starts (section 10.2.1 of
+        # the thesis: the leader may write its log in parallel with replicating it); only once
+        # its own fsync is done does the leader count itself towards a majority.
         if node.leadership is not None:
             node.leadership.wake_all()
+        self._flush_own_log()
         return [entry.index for entry in entries]
 
     def _flush_own_log(self) -> None:

@@ -43,6 +43,7 @@ from typing import Any
 from access import Access
 from cluster_config import ClusterConfig, NodeAddress
 from compaction import Snapshots
+from counters import Counters
 from disk import DiskFullError
 from election import Election
 from leader import LeaderTerm, Progress
@@ -118,6 +119,7 @@ class RaftNode:
         self.narrate = _Narrator(self)
         # What this node does, for Cluster.Events subscribers; `feed.active` guards every hook.
         self.feed = EventFeed(self)
+        self.counters = Counters()  # what replication costs, for /metrics and the benchmark
         # None: this node never takes snapshots of its own (it still installs a leader's).
         self.snapshot_policy = snapshot_policy
 
@@ -477,6 +479,7 @@ class RaftNode:
         self, request: raft_pb2.AppendEntriesRequest
     ) -> raft_pb2.AppendEntriesResponse:
         """AppendEntries receiver rules (Figure 2); the reply leaves only once the entries are durable."""
+        self.counters.received_append(len(request.log_entries))
         reply = await self._receive_append(request)
         if self.feed.active:
             armed = self._election_timer is not None
@@ -654,10 +657,6 @@ class RaftNode:
     ) -> list[ApplyResult | Exception]:
         """Append several clients' entries at once; each one's outcome (see proposals.py)."""
         return await self.writes.propose_entries(entries)
-
-    async def propose_entry(self, entry: raft_pb2.LogEntry) -> ApplyResult:
-        """Leader: append `entry` and wait until it is applied here (see proposals.py)."""
-        return await self.writes.propose_entry(entry)
 
     def append_as_leader(self, entry: raft_pb2.LogEntry) -> int:
         """Leader: append an entry of this term to the log and let the replicators send it."""

@@ -9,6 +9,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Protocol, TypeVar
 
 from access import Access
+from counters import Counters
 from leader import LeaderTerm
 from log import RaftLog
 from node_events import EventFeed
@@ -43,6 +44,7 @@ class ReadNode(NodeBasics, Protocol):
     leader_id: int | None
     leadership: LeaderTerm | None
     feed: EventFeed
+    counters: Counters
 
     @property
     def last_applied(self) -> int: ...
@@ -197,12 +199,14 @@ class Reads:
         if leader_id is None or leader_id == node.node_id or node.is_leader:
             raise UnavailableError("no leader known to confirm the read")
         request = raft_pb2.ReadIndexRequest(term=node.current_term, requester_id=node.node_id)
+        node.counters.messages_sent += 1
         try:
             reply = await node.transport.read_index(
                 leader_id, request, node.timing.proposal_timeout
             )
         except PeerUnreachableError as e:
             raise UnavailableError(f"leader {leader_id} is unreachable: {e}") from None
+        node.counters.messages_received += 1
         node.step_down_if_newer(reply.term, f"{leader_id}'s read index reply")
         if not reply.success:
             raise UnavailableError(f"{leader_id} could not confirm it leads")
@@ -214,6 +218,9 @@ class Reads:
         """A follower asks for a read index (thesis section 6.4.1): the leader confirms it still
         leads, as for its own reads, and gives its commit index as of the request."""
         node = self.node
+        counters = node.counters
+        counters.messages_received += 1
+        counters.messages_sent += 1  # its reply
         node.access.check_message(request.requester_id, request.term)
         node.access.check_member(request.requester_id, "read index request")
         node.step_down_if_newer(request.term, f"read index request from {request.requester_id}")
@@ -245,5 +252,7 @@ class Reads:
         leadership = node.leadership
         assert leadership is not None  # wait_until checked that this node still leads `term`
         read_round = leadership.start_read_round()
-        await node.wait_until(lambda: leadership.confirmed(read_round), term)
+        if not await leadership.wait_confirmed(read_round):
+            node.check_still_leader(term)
+            raise NotLeaderError(*node.leader())
         return read_index

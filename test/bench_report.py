@@ -13,6 +13,7 @@ from typing import Any, TextIO
 # Mappings per call of the batch workload (etcd: puts per transaction).
 BATCH_SIZE = 100
 COLORS = {"raft-demo": "tab:red", "etcd": "tab:blue", "pysyncobj": "tab:green", "null": "tab:gray"}
+COLORS["baseline"] = "tab:orange"
 
 
 @dataclass
@@ -34,6 +35,8 @@ class Cell:
     cpu_s_per_1000_ops: float | None = None
     client_cpu_percent: float = 0.0
     note: str = ""
+    # One dict per process of the system: see `node_costs`.
+    node_costs: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -48,6 +51,154 @@ class Report:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
+
+
+M = "raft_demo_"
+
+
+def _counts_by_entries(metrics: dict[str, float]) -> dict[int, float]:
+    prefix = M + 'append_messages_by_entries_total{entries="'
+    return {int(k[len(prefix) : -2]): v for k, v in metrics.items() if k.startswith(prefix)}
+
+
+def _percentile_of_counts(counts: dict[int, float], fraction: float) -> int:
+    """Nearest-rank percentile of values given as {value: how many times}."""
+    total = sum(counts.values())
+    if total <= 0:
+        return 0
+    rank, seen = fraction * total, 0.0
+    for value in sorted(counts):
+        seen += counts[value]
+        if seen >= rank:
+            return value
+    return max(counts)
+
+
+def node_costs(before: list[Any], after: list[Any], ops: int, wall: float) -> list[dict[str, Any]]:
+    """What each process of a system spent on one cell, from two `NodeSample` lists: CPU ms per
+    operation, its main thread's (the event loop's) busy share, and, for this project (from its
+    /metrics counters), Raft messages sent and received and fsyncs per committed entry (per
+    operation when nothing was committed, as for reads) and entries per AppendEntries message."""
+    earlier = {s.name: s for s in before}
+    rows: list[dict[str, Any]] = []
+    # Entries the cell committed, as the leader counts them (a follower may still be learning of
+    # commits from before the cell when it starts).
+    committed = 0.0
+    for s in after:
+        if s.name in earlier and s.metrics.get(M + 'role{role="leader"}') == 1.0:
+            delta = s.metrics.get(M + "commit_index", 0) - earlier[s.name].metrics.get(
+                M + "commit_index", 0
+            )
+            committed = max(committed, delta)
+    for s in after:
+        b = earlier.get(s.name)
+        if b is None:
+            continue
+        row: dict[str, Any] = {
+            "node": s.name,
+            "cpu_ms_per_op": round(1000 * (s.cpu - b.cpu) / ops, 4) if ops else None,
+            "cpu_percent": round(100 * (s.cpu - b.cpu) / wall, 1) if wall else None,
+            "loop_busy_percent": round(100 * (s.loop_cpu - b.loop_cpu) / wall, 1) if wall else None,
+            "loop_wait_percent": (
+                round(100 * (s.loop_wait - b.loop_wait) / wall, 1) if wall else None
+            ),
+        }
+        if s.metrics and b.metrics:
+
+            def d(
+                name: str, now: dict[str, float] = s.metrics, then: dict[str, float] = b.metrics
+            ) -> float:
+                return now.get(M + name, 0.0) - then.get(M + name, 0.0)
+
+            leader = s.metrics.get(M + 'role{role="leader"}', 0.0) == 1.0
+            row["role"] = "leader" if leader else "follower"
+            per, unit = (committed, "entry") if committed > 0 else (float(ops), "op")
+            row["per"] = unit
+            if per > 0:
+                row["msgs_sent_per"] = round(d("raft_messages_sent_total") / per, 3)
+                row["msgs_received_per"] = round(d("raft_messages_received_total") / per, 3)
+                row["fsyncs_per"] = round(d("log_fsyncs_total") / per, 3)
+            counts = _counts_by_entries(s.metrics)
+            for size, n in _counts_by_entries(b.metrics).items():
+                counts[size] = counts.get(size, 0.0) - n
+            with_entries = {k: v for k, v in counts.items() if k > 0 and v > 0}
+            messages = sum(with_entries.values())
+            if messages:
+                row["appends_with_entries"] = int(messages)
+                row["entries_per_append_mean"] = round(
+                    sum(k * v for k, v in with_entries.items()) / messages, 2
+                )
+                row["entries_per_append_p99"] = _percentile_of_counts(with_entries, 0.99)
+            row["committed_entries"] = int(committed)
+            writes = d("proposal_duration_seconds_count")
+            if writes:
+                # From a write's arrival at the node to its apply there: the rest of the client's
+                # latency is spent in gRPC, the client and waiting for a CPU.
+                row["write_ms_in_node"] = round(
+                    1000 * d("proposal_duration_seconds_sum") / writes, 2
+                )
+        rows.append(row)
+    # The leader first, then the others, as the report reads them.
+    rows.sort(key=lambda r: (r.get("role") != "leader", r["node"]))
+    return rows
+
+
+def format_node_cost(row: dict[str, Any]) -> str:
+    """One process's line under its cell."""
+    role = row.get("role", "process")
+    parts = [
+        f"  {role} {row['node']}: {_num(row.get('cpu_ms_per_op'))} ms CPU/op, "
+        f"loop busy {_num(row.get('loop_busy_percent'), 0)}% "
+        f"(process {_num(row.get('cpu_percent'), 0)}%, "
+        f"loop waiting for a CPU {_num(row.get('loop_wait_percent'), 0)}%)"
+    ]
+    if "write_ms_in_node" in row:
+        parts.append(f"a write {row['write_ms_in_node']:.2f} ms in the node")
+    unit = row.get("per")
+    if unit is not None and "msgs_sent_per" in row:
+        parts.append(
+            f"msgs/{unit} sent {_num(row['msgs_sent_per'], 2)} "
+            f"received {_num(row['msgs_received_per'], 2)}, "
+            f"fsyncs/{unit} {_num(row['fsyncs_per'], 3)}"
+        )
+    if "entries_per_append_mean" in row:
+        parts.append(
+            f"entries/append mean {_num(row['entries_per_append_mean'], 1)} "
+            f"p99 {row['entries_per_append_p99']}"
+        )
+    return ", ".join(parts)
+
+
+def _num(value: Any, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def node_cost_table(cells: list[Cell]) -> str:
+    """Per process of each measured cell (Markdown), for bench/results.md."""
+    lines = [
+        "| system | workload | nodes | value B | clients | process | CPU ms / op | loop busy % "
+        "| msgs sent / entry | msgs received / entry | entries / append (mean, p99) "
+        "| fsyncs / entry |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for c in cells:
+        for r in c.node_costs:
+            unit = r.get("per", "entry")
+            suffix = "" if unit == "entry" else f" (per {unit})"
+            sizes = (
+                f"{r['entries_per_append_mean']:.1f}, {r['entries_per_append_p99']}"
+                if "entries_per_append_mean" in r
+                else "-"
+            )
+            lines.append(
+                f"| {c.system} | {c.workload} | {c.nodes} | {c.value_size} | {c.clients} "
+                f"| {r.get('role', 'process')} {r['node']} | {_num(r.get('cpu_ms_per_op'))} "
+                f"| {_num(r.get('loop_busy_percent'), 0)} "
+                f"| {_num(r.get('msgs_sent_per'), 2)}{suffix} "
+                f"| {_num(r.get('msgs_received_per'), 2)}{suffix} | {sizes} "
+                f"| {_num(r.get('fsyncs_per'), 3)}{suffix} |"
+            )
+    return "\n".join(lines)
 
 
 def percentile(sorted_values: list[float], fraction: float) -> float:

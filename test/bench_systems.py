@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -42,15 +43,64 @@ class Unsupported(Exception):
     """The system has no such operation (such as a linearizable read on PySyncObj)."""
 
 
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of a process so far, from /proc/<pid>/stat (0 once it is gone)."""
+def cpu_seconds(pid: int, path: str = "") -> float:
+    """User plus system CPU time of a process so far, from /proc/<pid>/stat (0 once it is gone);
+    with `path`, of the thread whose stat file that is."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        stat = Path(path or f"/proc/{pid}/stat").read_text()
     except OSError:
         return 0.0
     # The command name (field 2) may hold spaces; the fields after its closing ')' are fixed.
     fields = stat[stat.rindex(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main_thread_cpu_seconds(pid: int) -> float:
+    """CPU time of a process's main thread (its event loop's, for every system measured here)."""
+    return cpu_seconds(pid, f"/proc/{pid}/task/{pid}/stat")
+
+
+def main_thread_wait_seconds(pid: int) -> float:
+    """How long a process's main thread has waited, ready to run, for a CPU (from schedstat; 0
+    where the kernel does not keep it): on a saturated machine, time its event loop lost."""
+    try:
+        return int(Path(f"/proc/{pid}/task/{pid}/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+@dataclass
+class NodeSample:
+    """One process of a system at one moment: its CPU so far and, for this project, its metrics."""
+
+    name: str
+    cpu: float
+    loop_cpu: float
+    loop_wait: float = 0.0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+async def scrape_metrics(host: str, port: int, timeout: float = 2.0) -> dict[str, float]:
+    """A node's /metrics as {name with labels: value}; empty if it does not answer."""
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(host, port)
+            try:
+                writer.write(b"GET /metrics HTTP/1.1\r\nHost: bench\r\n\r\n")
+                body = await reader.read()
+            finally:
+                writer.close()
+    except (OSError, TimeoutError):
+        return {}
+    values: dict[str, float] = {}
+    for line in body.decode("utf-8", "replace").split("\r\n\r\n", 1)[-1].splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            try:
+                values[name] = float(value)
+            except ValueError:
+                continue
+    return values
 
 
 def rss_bytes(pid: int) -> int:
@@ -374,6 +424,19 @@ class System:
     def pids(self) -> list[int]:
         raise NotImplementedError
 
+    def named_pids(self) -> dict[str, int]:
+        """Each running process of the system by a name for the report."""
+        return {str(i): p for i, p in enumerate(self.pids())}
+
+    async def sample(self) -> list[NodeSample]:
+        """Every process's CPU so far (and what else the system tells of its cost)."""
+        return [
+            NodeSample(
+                name, cpu_seconds(pid), main_thread_cpu_seconds(pid), main_thread_wait_seconds(pid)
+            )
+            for name, pid in self.named_pids().items()
+        ]
+
     def driver(self) -> Driver:
         raise NotImplementedError
 
@@ -384,20 +447,58 @@ class System:
         raise NotImplementedError
 
 
+class MeteredCluster(LocalCluster):
+    """A LocalCluster whose every node serves /metrics on a port of its own; with `source`, the
+    nodes run the raft_node.py of that folder (another version of this project, for an A/B)."""
+
+    def __init__(
+        self, nodes: int, extra_args: Sequence[str] = (), source: Path | None = None
+    ) -> None:
+        super().__init__(nodes, extra_args=extra_args)
+        first = find_free_port_block(nodes)
+        self.metrics_ports = {n: first + i for i, n in enumerate(self.node_ids)}
+        self.source = source
+
+    def bootstrap_command(self, node_id: int) -> list[str]:
+        command = super().bootstrap_command(node_id)
+        if self.source is not None:
+            # The script's folder comes first on the node's import path: all of it is that version.
+            command[command.index("raft_node.py")] = str(self.source / "raft_node.py")
+        return [*command, "--metrics-port", str(self.metrics_ports[node_id])]
+
+
 class RaftDemo(System):
-    """This project: `raft_node.py` processes through LocalCluster, at --log-level WARNING."""
+    """This project: `raft_node.py` processes through LocalCluster, at --log-level WARNING, each
+    serving /metrics (the benchmark reads each node's counters there)."""
 
     name = "raft-demo"
 
     def __init__(self) -> None:
-        self.cluster: LocalCluster | None = None
+        self.cluster: MeteredCluster | None = None
+
+    # Where the nodes' code comes from (None: this checkout).
+    source: Path | None = None
 
     def start(self, nodes: int) -> None:
-        self.cluster = LocalCluster(nodes, extra_args=["--log-level", "WARNING"])
+        self.cluster = MeteredCluster(nodes, ["--log-level", "WARNING"], self.source)
         LIVE.add(self)
         self.cluster.start()
 
-    def _cluster(self) -> LocalCluster:
+    def named_pids(self) -> dict[str, int]:
+        cluster = self._cluster()
+        return {str(n): p for n in cluster.node_ids if (p := cluster.pid(n)) is not None}
+
+    async def sample(self) -> list[NodeSample]:
+        cluster = self._cluster()
+        samples = await super().sample()
+        scraped = await asyncio.gather(
+            *(scrape_metrics(HOST, cluster.metrics_ports[int(s.name)]) for s in samples)
+        )
+        for node_sample, metrics in zip(samples, scraped, strict=True):
+            node_sample.metrics = metrics
+        return samples
+
+    def _cluster(self) -> MeteredCluster:
         if self.cluster is None:
             raise BenchError("raft-demo is not started")
         return self.cluster
@@ -609,6 +710,27 @@ class RaftDemoClient(RaftDemo):
         return ClientDriver(self.addresses())
 
 
+BASELINE_ENV = "RAFT_DEMO_BASELINE"
+
+
+class Baseline(RaftDemo):
+    """Another version of this project, checked out in the folder $RAFT_DEMO_BASELINE (e.g. by
+    `git archive OLD | tar -x -C DIR`), measured in the same run as this one: an A/B."""
+
+    name = "baseline"
+
+    @classmethod
+    def missing(cls) -> str | None:
+        folder = os.environ.get(BASELINE_ENV)
+        if not folder or not (Path(folder) / "raft_node.py").is_file():
+            return f"set {BASELINE_ENV} to a folder holding another version of raft_node.py"
+        return None
+
+    def start(self, nodes: int) -> None:
+        self.source = Path(os.environ[BASELINE_ENV]).resolve()
+        super().start(nodes)
+
+
 SYSTEMS: dict[str, type[System]] = {
-    s.name: s for s in (RaftDemo, RaftDemoClient, Etcd, PySyncObj, NullServer)
+    s.name: s for s in (RaftDemo, RaftDemoClient, Etcd, PySyncObj, NullServer, Baseline)
 }

@@ -32,9 +32,12 @@ from test.bench_report import (
     Report,
     draw_charts,
     format_cell,
+    format_node_cost,
     format_table,
     headline_table,
     markdown_table,
+    node_cost_table,
+    node_costs,
     percentile,
 )
 from test.bench_systems import (
@@ -46,7 +49,6 @@ from test.bench_systems import (
     RaftDemo,
     System,
     Unsupported,
-    cpu_seconds,
     rss_bytes,
     stop_all_systems,
 )
@@ -137,9 +139,10 @@ async def measure(
     cell: Cell,
     duration: float,
     operation: Callable[[int, int], Awaitable[None]],
-    pids: list[int],
+    system: System,
 ) -> Cell:
-    """Run `operation` from `cell.clients` tasks for `duration` s and fill in the cell."""
+    """Run `operation` from `cell.clients` tasks for `duration` s and fill in the cell, with what
+    each of the system's processes spent on it."""
     loop = asyncio.get_running_loop()
     stop_at = loop.time() + duration
     latencies: list[float] = []
@@ -158,12 +161,14 @@ async def measure(
                 latencies.append(time.perf_counter() - started)
             i += 1
 
-    cluster_cpu_start = sum(cpu_seconds(p) for p in pids)
+    before = await system.sample()
     cpu_start, wall_start = time.process_time(), time.perf_counter()
     await asyncio.gather(*(task(t) for t in range(cell.clients)))
     wall = time.perf_counter() - wall_start
     cpu = time.process_time() - cpu_start
-    cluster_cpu = sum(cpu_seconds(p) for p in pids) - cluster_cpu_start
+    after = await system.sample()
+    cluster_cpu = sum(s.cpu for s in after) - sum(s.cpu for s in before)
+    cell.node_costs = node_costs(before, after, len(latencies), wall)
     latencies.sort()
     cell.ops = len(latencies)
     cell.errors = errors
@@ -199,7 +204,6 @@ async def run_system(
 ) -> None:
     """Measure every planned cell of one started system of one cluster size."""
     await system.wait_ready()
-    pids = system.pids()
     for value_size in plan.value_sizes:
         value = "".join(random.choices(string.ascii_letters + string.digits, k=value_size))
         driver = system.driver()
@@ -228,7 +232,7 @@ async def run_system(
                         clients,
                         f"{nodes}-{value_size}-{clients}",
                     )
-                    await measure(cell, plan.duration, operation, pids)
+                    await measure(cell, plan.duration, operation, system)
                 except Unsupported as e:
                     cell.note = f"not supported: {e}"
                 finally:
@@ -236,6 +240,8 @@ async def run_system(
                 report.cells.append(cell)
                 progress.step(label)
                 _print_row(progress, format_cell(cell))
+                for row in cell.node_costs:
+                    _print_row(progress, format_node_cost(row))
 
 
 def _print_row(progress: Progress, row: str) -> None:
@@ -482,8 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--systems",
         type=_choices(list(SYSTEMS)),
-        default=list(SYSTEMS),
-        help=f"systems to compare ({','.join(SYSTEMS)})",
+        default=[s for s in SYSTEMS if s != "baseline"],
+        help=f"systems to compare ({','.join(SYSTEMS)}; baseline: another version of this "
+        "project, in the folder $RAFT_DEMO_BASELINE, for an A/B)",
     )
     parser.add_argument(
         "--workloads",
@@ -621,7 +628,9 @@ def write_outputs(report: Report, out: Path, json_name: str | None, charts: bool
             headlines = [headline_table(measured, n) for n in sorted({c.nodes for c in measured})]
             print("\n" + "\n\n".join(headlines))
             (out / "results.md").write_text(
-                "\n\n".join([*headlines, markdown_table(measured)]) + "\n", encoding="utf-8"
+                "\n\n".join([*headlines, markdown_table(measured), node_cost_table(measured)])
+                + "\n",
+                encoding="utf-8",
             )
             if charts:
                 try:

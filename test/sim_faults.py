@@ -709,13 +709,19 @@ class MembershipChanges:
     async def _call(self, op: ClientOp, what: str, deadline: float | None) -> bool:
         if deadline is None:
             deadline = self.world.loop.time() + CHANGE_DEADLINE
+        # Before and after: a learner may be promoted between two calls (on its own, once it
+        # caught up), and the voter it added must count before the next call removes one.
+        self._note_voters()
         outcome = await self.admin.call(op, what, deadline)
         self.outcomes[outcome] += 1
+        self._note_voters()
+        return outcome == "done"
+
+    def _note_voters(self) -> None:
         if self.world.leader() is not None:
             voters = len(self.world.config().voters)
             low, high = self.voters_range
             self.voters_range = (min(low, voters), max(high, voters))
-        return outcome == "done"
 
     def summary(self) -> dict[str, int]:
         """Changes by kind, admin calls by outcome, voters at least and at most, and removed
@@ -786,7 +792,14 @@ class MembershipChanges:
                     await self._add(deadline=deadline)
             elif extra and not catching_up:
                 await self._remove(extra[0], "remove", deadline)
-            elif not extra:
+            elif not extra and self._config_committed():
                 return True
             await asyncio.sleep(0.05)
         return False
+
+    def _config_committed(self) -> bool:
+        """Whether a leader holds the configuration it uses as committed: one seen only in a
+        leader's log may still be replaced by the next leader's (a removal it appended, lost)."""
+        leader = self.world.leader()
+        node = self.world.hosts[leader].node if leader is not None else None
+        return node is not None and node.configs.latest_index <= node.commit_index

@@ -176,7 +176,7 @@ def _two_changes_at_once(stack: ExitStack) -> None:
         node = self.node
         new = change(node.configs.latest)
         node.narrate.info("%s", what)
-        return await node.propose_entry(
+        return await node.writes.propose_entry(
             raft_pb2.LogEntry(kind=raft_pb2.ENTRY_KIND_CONFIG, config=new.to_proto())
         )
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from test.bench_report import Cell, markdown_table, percentile
-from test.bench_systems import cpu_seconds, rss_bytes
+from test.bench_report import Cell, markdown_table, node_costs, percentile
+from test.bench_systems import NodeSample, cpu_seconds, rss_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -58,6 +58,20 @@ def test_quick_run_writes_json_with_a_measured_cell_per_system_workload_and_conc
         # The CPU figure is read from the node processes, so it is there and positive.
         assert cell["cpu_s_per_1000_ops"] is not None and cell["cpu_s_per_1000_ops"] > 0, key
     assert report["machine"] and report["command"].startswith("python -m test.benchmark")
+    # What each process spent: the leader first, then the followers, with the node's counters.
+    for (system, workload, clients), cell in cells.items():
+        rows = cell["node_costs"]
+        assert len(rows) == (3 if system == "raft-demo" else 1), (system, workload, clients)
+        assert all(r["cpu_ms_per_op"] > 0 and r["loop_busy_percent"] > 0 for r in rows)
+        if system == "raft-demo":
+            assert [r["role"] for r in rows] == ["leader", "follower", "follower"]
+            assert all(r["msgs_sent_per"] > 0 and r["msgs_received_per"] > 0 for r in rows)
+        if system == "raft-demo" and workload == "write":
+            leader = rows[0]
+            assert leader["per"] == "entry" and leader["committed_entries"] >= cell["ops"]
+            assert leader["entries_per_append_mean"] >= 1 and leader["entries_per_append_p99"] >= 1
+            assert all(0 < r["fsyncs_per"] for r in rows)
+            assert 0 < leader["write_ms_in_node"] < cell["p99_ms"]
 
 
 @pytest.mark.slow
@@ -76,11 +90,20 @@ def test_quick_run_prints_the_table_and_draws_one_png_per_workload(
     assert charts == ["read-3nodes-64B.png", "write-3nodes-64B.png"]
     for name in charts:
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
+    printed = [
+        line.split(":")[0].split() for line in result.stdout.splitlines() if "CPU/op" in line
+    ]
+    assert [p[0] for p in printed].count("leader") == 4  # under each raft-demo cell
+    assert [p[0] for p in printed].count("follower") == 8
+    assert "msgs/entry sent" in result.stdout and "entries/append mean" in result.stdout
+    assert "fsyncs/entry" in result.stdout and "loop busy" in result.stdout
     markdown = (out / "results.md").read_text()
-    headline, full = markdown.split("\n\n")
+    headline, full, per_process = markdown.split("\n\n")
     assert headline.startswith("| system (3 nodes, 64 B) |")
     assert [row.split(" | ")[0] for row in headline.splitlines()[2:]] == ["| raft-demo", "| null"]
     assert full.startswith("| system |") and len(full.splitlines()) == 2 + 8
+    # One row per process of each cell: three nodes for raft-demo's four cells, one for null's.
+    assert per_process.startswith("| system |") and len(per_process.splitlines()) == 2 + 4 * 3 + 4
 
 
 @pytest.mark.slow
@@ -138,3 +161,39 @@ def test_percentiles_and_markdown_rows() -> None:
     skipped = Cell("pysyncobj", "-", 5, 0, 0, note="could not be measured")
     rows = markdown_table([cell, skipped]).splitlines()
     assert len(rows) == 3 and rows[2].startswith("| etcd | write | 5 | 64 | 64 | 1,234 |")
+
+
+def test_node_costs_count_per_committed_entry_as_the_leader_counts_them() -> None:
+    """Messages and fsyncs are per entry the leader committed during the cell (a follower still
+    learning of an earlier commit does not count), per operation when nothing committed; the p99
+    of entries per AppendEntries comes from the leader's counts by size."""
+    leader = 'raft_demo_role{role="leader"}'
+    sizes = 'raft_demo_append_messages_by_entries_total{entries="%d"}'
+
+    def sample(name: str, cpu: float, **metrics: float) -> NodeSample:
+        return NodeSample(
+            name, cpu, cpu / 2, 0.0, {f"raft_demo_{k}": v for k, v in metrics.items()}
+        )
+
+    before = [
+        sample("1", 1.0, commit_index=10, raft_messages_sent_total=0, log_fsyncs_total=0),
+        sample("2", 1.0, commit_index=9, raft_messages_sent_total=0, log_fsyncs_total=0),
+    ]
+    before[0].metrics[leader] = 1.0
+    before[0].metrics[sizes % 1] = 5
+    after = [
+        sample("2", 1.5, commit_index=110, raft_messages_sent_total=50, log_fsyncs_total=50),
+        sample("1", 3.0, commit_index=110, raft_messages_sent_total=200, log_fsyncs_total=20),
+    ]
+    after[1].metrics[leader] = 1.0
+    after[1].metrics[sizes % 1] = 5 + 99
+    after[1].metrics[sizes % 4] = 1
+    rows = node_costs(before, after, ops=100, wall=2.0)
+    assert [(r["node"], r["role"]) for r in rows] == [("1", "leader"), ("2", "follower")]
+    assert rows[0]["cpu_ms_per_op"] == 20.0 and rows[0]["loop_busy_percent"] == 50.0
+    assert (rows[0]["per"], rows[0]["msgs_sent_per"], rows[0]["fsyncs_per"]) == ("entry", 2.0, 0.2)
+    assert rows[1]["msgs_sent_per"] == 0.5  # 100 committed, not the follower's 101
+    assert rows[0]["entries_per_append_mean"] == round(103 / 100, 2)
+    assert rows[0]["entries_per_append_p99"] == 1
+    after[1].metrics["raft_demo_commit_index"] = 10  # nothing committed: per operation
+    assert node_costs(before, after, ops=100, wall=2.0)[0]["per"] == "op"
