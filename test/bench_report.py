@@ -210,7 +210,7 @@ def percentile(sorted_values: list[float], fraction: float) -> float:
 
 
 HEADER = (
-    f"{'system':<10}{'workload':<11}{'nodes':>5}{'value':>6}{'clients':>8}{'ops/s':>10}"
+    f"{'system':<17}{'workload':<11}{'nodes':>5}{'value':>6}{'clients':>8}{'ops/s':>10}"
     f"{'p50 ms':>9}{'p99 ms':>9}{'p99.9 ms':>10}{'cpu s/1k ops':>13}{'errors':>7}"
 )
 
@@ -218,11 +218,11 @@ HEADER = (
 def format_cell(c: Cell) -> str:
     if c.note:
         return (
-            f"{c.system:<10}{c.workload:<11}{c.nodes:>5}{c.value_size:>6}{c.clients:>8}  {c.note}"
+            f"{c.system:<17}{c.workload:<11}{c.nodes:>5}{c.value_size:>6}{c.clients:>8}  {c.note}"
         )
     cpu = "-" if c.cpu_s_per_1000_ops is None else f"{c.cpu_s_per_1000_ops:.3f}"
     return (
-        f"{c.system:<10}{c.workload:<11}{c.nodes:>5}{c.value_size:>6}{c.clients:>8}"
+        f"{c.system:<17}{c.workload:<11}{c.nodes:>5}{c.value_size:>6}{c.clients:>8}"
         f"{c.ops_per_s:>10.1f}{c.p50_ms:>9.2f}{c.p99_ms:>9.2f}{c.p999_ms:>10.2f}{cpu:>13}"
         f"{c.errors:>7}"
     )
