@@ -14,6 +14,7 @@ from typing import Any, TextIO
 BATCH_SIZE = 100
 COLORS = {"raft-demo": "tab:red", "etcd": "tab:blue", "pysyncobj": "tab:green", "null": "tab:gray"}
 COLORS["baseline"] = "tab:orange"
+COLORS["raft-demo-client"] = "tab:purple"
 
 
 @dataclass

@@ -625,7 +625,10 @@ def write_outputs(report: Report, out: Path, json_name: str | None, charts: bool
         if report.cells:
             measured = [c for c in report.cells if not c.note]
             print("\n" + format_table(report.cells))
-            headlines = [headline_table(measured, n) for n in sorted({c.nodes for c in measured})]
+            headlines = [
+                headline_table(measured, n, size)
+                for n, size in sorted({(c.nodes, c.value_size) for c in measured})
+            ]
             print("\n" + "\n\n".join(headlines))
             (out / "results.md").write_text(
                 "\n\n".join([*headlines, markdown_table(measured), node_cost_table(measured)])
