@@ -8,7 +8,7 @@ import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 import grpc
 
@@ -16,14 +16,12 @@ from backup_file import Backup, write_backup_file
 from client_errors import (
     CHANGE_BUSY_RETRIES,
     DENIED,
-    Attempt,
-    ClientError,
+    ClientCore,
     Done,
     MembershipRefusedError,
     Next,
     PermissionDeniedError,
     RequestRejectedError,
-    SessionExpiredError,
     one_line,
 )
 from cluster_config import ConfigError, parse_host_port
@@ -130,32 +128,8 @@ class ClusterStatus:
         return [n for n in self.nodes if not n.reachable]
 
 
-class AdminMethods:
+class AdminMethods(ClientCore):
     """Leadership, membership, status, backups and events, mixed into `Client`."""
-
-    if TYPE_CHECKING:
-        _address_of: dict[int, str]
-        _addresses: list[str]
-        _attempt_timeout: float
-        _read_attempt_timeout: float
-        _deadline: float
-        _leader: str | None
-
-        async def _retry(
-            self,
-            what: str,
-            seconds: float,
-            attempt: Attempt[_T],
-            only: list[str] | None = None,
-            *,
-            deadline: float | None = None,
-            refused: Callable[[str], ClientError] = SessionExpiredError,
-            busy_retries: int = 0,
-        ) -> _T: ...
-
-        def _redirect(self, address: str, leader_id: int | None, leader_address: str) -> Next: ...
-
-        def _stub(self, address: str) -> raft_pb2_grpc.ClusterStub: ...
 
     async def transfer_leadership(self, target_id: int = 0) -> int:
         """Ask the leader to hand leadership to node `target_id` (0: whichever node is most up to

@@ -1,15 +1,15 @@
 """What the client library raises, and the small pieces its retry loop is built from (shared by
-cluster_client.py and client_kv.py)."""
+cluster_client.py and the parts of its Client kept in client_kv.py and client_admin.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import grpc
 
-from rpc import raft_pb2_grpc
+from rpc import raft_pb2, raft_pb2_grpc
 
 _T = TypeVar("_T")
 
@@ -90,3 +90,42 @@ Attempt = Callable[[str, raft_pb2_grpc.ClusterStub, float], Awaitable[Done[_T] |
 
 def one_line(text: str | None) -> str:
     return " ".join((text or "").split())
+
+
+class ClientCore:
+    """What the parts of `Client` kept in other modules (client_kv.py, client_admin.py) use of
+    its core in cluster_client.py: declared here for the type checker, defined by `Client`."""
+
+    if TYPE_CHECKING:
+        _address_of: dict[int, str]
+        _addresses: list[str]
+        _attempt_timeout: float
+        _read_attempt_timeout: float
+        _deadline: float
+        _leader: str | None
+
+        async def _retry(
+            self,
+            what: str,
+            seconds: float,
+            attempt: Attempt[_T],
+            only: list[str] | None = None,
+            *,
+            deadline: float | None = None,
+            refused: Callable[[str], ClientError] = SessionExpiredError,
+            busy_retries: int = 0,
+        ) -> _T: ...
+
+        async def _write(
+            self,
+            what: str,
+            method: str,
+            make_request: Callable[[raft_pb2.Session | None], Any],
+            result: Callable[[Any], _T],
+        ) -> _T: ...
+
+        def _redirect(self, address: str, leader_id: int | None, leader_address: str) -> Next: ...
+
+        def _stub(self, address: str) -> raft_pb2_grpc.ClusterStub: ...
+
+        def _round(self) -> list[str]: ...

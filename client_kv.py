@@ -7,18 +7,16 @@ import asyncio
 import random
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
 from client_errors import (
     DENIED,
-    Attempt,
-    ClientError,
+    ClientCore,
     Done,
     PermissionDeniedError,
     RequestRejectedError,
-    SessionExpiredError,
     WatchCompactedError,
     one_line,
 )
@@ -89,35 +87,8 @@ def _range_request(
     return fields
 
 
-class KeyValueMethods:
+class KeyValueMethods(ClientCore):
     """Ranges, revisions and watches, mixed into `Client`."""
-
-    if TYPE_CHECKING:
-        _read_attempt_timeout: float
-
-        async def _retry(
-            self,
-            what: str,
-            seconds: float,
-            attempt: Attempt[_T],
-            only: list[str] | None = None,
-            *,
-            deadline: float | None = None,
-            refused: Callable[[str], ClientError] = SessionExpiredError,
-            busy_retries: int = 0,
-        ) -> _T: ...
-
-        async def _write(
-            self,
-            what: str,
-            method: str,
-            make_request: Callable[[raft_pb2.Session | None], Any],
-            result: Callable[[Any], _T],
-        ) -> _T: ...
-
-        def _stub(self, address: str) -> raft_pb2_grpc.ClusterStub: ...
-
-        def _round(self) -> list[str]: ...
 
     async def get_kv(self, key: str, *, stale: bool = False) -> KeyValue | None:
         """The key with its value and revisions, or None when it is not set (linearizable unless
