@@ -67,6 +67,19 @@ class WatchCompactedError(ClientError):
     oldest revision available; start again from a fresh read."""
 
 
+class LeaseNotFoundError(ClientError):
+    """The lease is gone (never granted, revoked, or expired): a write with it was not applied,
+    and a kept lease was lost (its keys are deleted, or about to be)."""
+
+
+def refusal(details: str) -> ClientError:
+    """What a write's FAILED_PRECONDITION means: its lease is unknown (the node's message names
+    the lease first), else its session is."""
+    if details.startswith("lease "):
+        return LeaseNotFoundError(details)
+    return SessionExpiredError(details)
+
+
 @dataclass(frozen=True)
 class Done(Generic[_T]):
     value: _T

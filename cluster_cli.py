@@ -13,6 +13,12 @@ from typing import Any, NoReturn, TypeVar
 
 from backup_file import BackupError, describe, read_backup
 from cli_kv import add_watch_command, key_operand_problem, run_cas_revision, run_kv_command
+from cli_leases import (
+    LEASE_COMMANDS,
+    add_lease_commands,
+    lease_operand_problem,
+    run_lease_command,
+)
 from cli_view import EventPrinter, LiveTable, contact_style, is_terminal, lag_style
 from cluster_client import (
     DEFAULT_ADD_MEMBER_TIMEOUT,
@@ -21,6 +27,7 @@ from cluster_client import (
     Client,
     ClusterStatus,
     ClusterUnavailableError,
+    LeaseNotFoundError,
     MemberList,
     MembershipRefusedError,
     MemberStatus,
@@ -129,6 +136,7 @@ def _build_parser() -> _Parser:
     )
     put.add_argument("key", metavar="KEY")
     put.add_argument("value", metavar="VALUE")
+    put.add_argument("--lease", type=int, metavar="ID", help="attach KEY to lease ID (see grant)")
     get = commands.add_parser(
         "get",
         help="print the value under KEY, or with --prefix every key starting with P and its "
@@ -278,6 +286,7 @@ def _build_parser() -> _Parser:
     )
     check.add_argument("file", metavar="FILE")
     add_watch_command(commands)
+    add_lease_commands(commands)
     return parser
 
 
@@ -313,6 +322,9 @@ def _tls_from_args(parser: _Parser, args: argparse.Namespace) -> TlsConfig | Non
 
 def _check_operands(parser: _Parser, args: argparse.Namespace) -> None:
     """Command-line shapes argparse cannot express: cas's optional EXPECTED, put-many's pairs."""
+    problem = lease_operand_problem(args)
+    if problem is not None:
+        parser.error(problem)
     if args.command == "cas":
         if args.absent and args.rev is not None:
             parser.error("cas takes --absent or --rev, not both")
@@ -356,8 +368,10 @@ def _check_operands(parser: _Parser, args: argparse.Namespace) -> None:
 async def _run_command(client: Client, args: argparse.Namespace) -> int:
     async with client:
         if args.command == "put":
-            await client.propose_mapping(args.key, args.value)
+            await client.propose_mapping(args.key, args.value, lease=args.lease or 0)
             return EXIT_OK
+        if args.command in LEASE_COMMANDS:
+            return await run_lease_command(client, args)
         if args.command in ("get", "delete", "watch"):
             # Prefixes, revisions and watches (cli_kv.py); a plain get or delete is answered here.
             handled = await run_kv_command(client, args)
@@ -711,6 +725,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RequestRejectedError as e:
         print(f"{PROG}: rejected: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except LeaseNotFoundError as e:
+        print(f"{PROG}: lease gone: {e}", file=sys.stderr)
+        return EXIT_REFUSED
     except WatchCompactedError as e:
         print(f"{PROG}: compacted: {e}", file=sys.stderr)
         return EXIT_REFUSED
@@ -730,7 +747,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: cannot write {e.filename or args.file}: {e.strerror or e}", file=sys.stderr)
         return EXIT_REFUSED
     except KeyboardInterrupt:
-        if args.command in ("events", "watch") or (
+        if args.command in ("events", "watch", "keepalive") or (
             args.command == "status" and args.watch is not None
         ):
             return EXIT_OK  # how --watch and events are meant to end
