@@ -12,6 +12,13 @@ from collections.abc import Coroutine, Sequence
 from typing import Any, NoReturn, TypeVar
 
 from backup_file import BackupError, describe, read_backup
+from cli_coordination import (
+    COORDINATION_COMMANDS,
+    add_coordination_commands,
+    coordination_operand_problem,
+    run_coordination_command,
+    split_command,
+)
 from cli_kv import add_watch_command, key_operand_problem, run_cas_revision, run_kv_command
 from cli_leases import (
     LEASE_COMMANDS,
@@ -287,6 +294,7 @@ def _build_parser() -> _Parser:
     check.add_argument("file", metavar="FILE")
     add_watch_command(commands)
     add_lease_commands(commands)
+    add_coordination_commands(commands)
     return parser
 
 
@@ -322,7 +330,7 @@ def _tls_from_args(parser: _Parser, args: argparse.Namespace) -> TlsConfig | Non
 
 def _check_operands(parser: _Parser, args: argparse.Namespace) -> None:
     """Command-line shapes argparse cannot express: cas's optional EXPECTED, put-many's pairs."""
-    problem = lease_operand_problem(args)
+    problem = lease_operand_problem(args) or coordination_operand_problem(args)
     if problem is not None:
         parser.error(problem)
     if args.command == "cas":
@@ -372,6 +380,8 @@ async def _run_command(client: Client, args: argparse.Namespace) -> int:
             return EXIT_OK
         if args.command in LEASE_COMMANDS:
             return await run_lease_command(client, args)
+        if args.command in COORDINATION_COMMANDS:
+            return await run_coordination_command(client, args)
         if args.command in ("get", "delete", "watch"):
             # Prefixes, revisions and watches (cli_kv.py); a plain get or delete is answered here.
             handled = await run_kv_command(client, args)
@@ -696,7 +706,12 @@ def _run_coroutine(coroutine: Coroutine[Any, Any, _T]) -> _T:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     parser = _build_parser()
-    args = parser.parse_args(argv)
+    ours, command = split_command(list(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(ours)
+    if command:
+        if args.command != "lock":
+            parser.error(f"only lock takes a COMMAND after '--', not {args.command}")
+        args.run = command
     _check_operands(parser, args)
     try:
         client = _client_from_args(parser, args)
@@ -747,7 +762,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: cannot write {e.filename or args.file}: {e.strerror or e}", file=sys.stderr)
         return EXIT_REFUSED
     except KeyboardInterrupt:
-        if args.command in ("events", "watch", "keepalive") or (
+        if args.command in ("events", "watch", "keepalive", "lock", "elect") or (
             args.command == "status" and args.watch is not None
         ):
             return EXIT_OK  # how --watch and events are meant to end
