@@ -165,9 +165,11 @@ class LeaseMethods:
         """A new lease, kept alive every ttl/3 seconds while the block runs and revoked when it
         ends. When it is lost (see KeptLease), `lost` is set and keepalives stop; the block is
         not interrupted: watch `lost` (or call `check()`) where that matters."""
-        grant = await self.grant_lease(ttl)
         loop = asyncio.get_running_loop()
-        kept = KeptLease(grant.id, grant.ttl, expires_at=loop.time() + grant.ttl)
+        # Counted from before the grant was sent: the leader's clock for it cannot start earlier.
+        sent = loop.time()
+        grant = await self.grant_lease(ttl)
+        kept = KeptLease(grant.id, grant.ttl, expires_at=sent + grant.ttl)
         keeper = asyncio.create_task(self._keep(kept), name=f"keep-lease-{grant.id}")
         try:
             yield kept

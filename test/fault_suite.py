@@ -5,6 +5,8 @@ compare-and-swap and delete; the recorded history must be linearizable and lose 
 `python -m test.test_harness faults --duration S --seed N` and used by test/test_faults.py; with
 `membership=True` (`faults --membership`) the nemesis also grows, shrinks and replaces members.
 `RecordedLoad` is the same workload and checks without a nemesis, for the membership scenarios.
+With `locks=N`, N more clients take one lock in turn (test/lock_workload.py), and the run also
+checks that no two of them were ever inside at once.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from cluster_client import (
 from test import linearizability
 from test.cluster_process import ClusterTls, HostCluster, LocalCluster
 from test.linearizability import CheckResult, History, Operation
+from test.lock_workload import LockWorkload, check_sections
 from test.nemesis import (
     FAULT_KINDS,
     MEMBERSHIP_KINDS,
@@ -84,6 +87,8 @@ class SuiteOptions:
     membership: bool = False
     # Mutual TLS with a CA of the peers' own, and client certificates required.
     tls: bool = False
+    # Clients taking one lock in turn, besides the key-value clients (test/lock_workload.py).
+    locks: int = 0
     work_dir: Path | None = None
     history_dir: Path | None = None
     say: Callable[[str], None] = print
@@ -109,6 +114,9 @@ class SuiteResult:
     # Membership changes that did not go as promised (a removed node that did not exit, ...).
     membership_problems: list[str] = field(default_factory=list)
     members: list[int] = field(default_factory=list)
+    # With SuiteOptions.locks: the lock clients' record, and what breaks mutual exclusion in it.
+    locks: LockWorkload | None = None
+    lock_problems: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -117,6 +125,7 @@ class SuiteResult:
             and not self.lost_writes
             and not self.diverged
             and not self.membership_problems
+            and not self.lock_problems
         )
 
 
@@ -702,6 +711,14 @@ async def run_suite(options: SuiteOptions) -> SuiteResult:
             asyncio.create_task(workload.client_loop(i, c, stop_clients))
             for i, c in enumerate(workers)
         ]
+        locks = LockWorkload(clock, random.Random(rng.random())) if options.locks else None
+        if locks is not None:
+            lockers = [cluster.client(deadline=options.op_deadline) for _ in range(options.locks)]
+            clients.extend(lockers)
+            tasks += [
+                asyncio.create_task(locks.client_loop(i, c, stop_clients))
+                for i, c in enumerate(lockers)
+            ]
         faults_task = asyncio.create_task(nemesis.run(stop_faults))
         try:
             await _wait_or_fail(tasks + [faults_task], options.duration)
@@ -747,6 +764,8 @@ async def run_suite(options: SuiteOptions) -> SuiteResult:
             diverged=diverged,
             membership_problems=list(nemesis.membership_problems),
             members=list(cluster.node_ids),
+            locks=locks,
+            lock_problems=[] if locks is None else check_sections(locks.sections),
         )
         if not result.ok:
             result.history_file = save_history(result)
@@ -832,6 +851,8 @@ def _report(result: SuiteResult, workload: _Workload, start: float, end: float) 
             )
         )
         lines.extend(f"  {problem}" for problem in result.membership_problems)
+    if result.locks is not None:
+        lines.extend(result.locks.report())
     lines.append(f"history: {result.check.report()}")
     lines.append(f"verdict: {'PASS' if result.ok else 'FAIL'}")
     if result.history_file is not None:
