@@ -84,6 +84,22 @@ def _redirect(response: _Redirectable, e: NotLeaderError) -> _Redirectable:
     return response
 
 
+async def on_leader(node: LeaseServiceNode, act: Callable[[LeaseKeeper, float], _T]) -> _T:
+    """`act(keeper, arrived)` on the leader, once it confirmed (by a round of heartbeats begun
+    after `arrived`, the call's arrival) that it still leads, and applied up to its commit index.
+    NotLeaderError on any other node or when leadership changed meanwhile; UnavailableError or
+    OverloadedError when it could not confirm."""
+    leadership = node.leadership
+    if leadership is None or not node.is_leader:
+        raise NotLeaderError(*node.leader())
+    keeper = leadership.leases
+    arrived = keeper.now()
+    await node.reads.leader_query(lambda machine: None)
+    if node.leadership is not leadership:
+        raise NotLeaderError(*node.leader())
+    return act(keeper, arrived)
+
+
 def _not_found(lease_id: int) -> str:
     return f"lease {lease_id} not found (never granted, revoked or expired)"
 
@@ -145,23 +161,14 @@ class LeaseServicer:
     async def _on_leader(
         self, act: Callable[[LeaseKeeper, float], _T], context: grpc.aio.ServicerContext
     ) -> _T:
-        """`act(keeper, arrived)` on the leader, once it confirmed (after `arrived`) that it
-        still leads and applied up to its commit index; NotLeaderError elsewhere."""
-        node = self._node
-        leadership = node.leadership
-        if leadership is None or not node.is_leader:
-            raise NotLeaderError(*node.leader())
-        keeper = leadership.leases
-        arrived = keeper.now()
+        """`on_leader`, its refusals other than NotLeaderError turned into status codes."""
         try:
-            await node.reads.leader_query(lambda machine: None)
+            return await on_leader(self._node, act)
         except OverloadedError as e:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except UnavailableError as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-        if node.leadership is not leadership:
-            raise NotLeaderError(*node.leader())
-        return act(keeper, arrived)
+        raise AssertionError("abort returned")  # pragma: no cover
 
     async def LeaseKeepAlive(
         self, request: raft_pb2.LeaseKeepAliveRequest, context: grpc.aio.ServicerContext
