@@ -20,6 +20,9 @@ _T = TypeVar("_T")
 
 # LeaseLeases lists at most this many ids (a reply stays well under 4 MiB).
 MAX_LISTED_LEASES = 100_000
+# LeaseTimeToLive lists at most this many keys, and stops once past this many characters of them.
+MAX_LISTED_KEYS = 10_000
+MAX_LISTED_KEY_BYTES = 2 * 1024 * 1024
 # Keepalives of one stream being answered at once; the stream reads no further until one is done.
 MAX_STREAM_IN_FLIGHT = 1_000
 
@@ -249,7 +252,12 @@ class LeaseServicer:
                 success=True, id=lease_id, remaining=remaining, granted_ttl=lease.ttl
             )
             if request.keys:
-                reply.keys.extend(sorted(lease.keys))
+                size = 0
+                for key in sorted(lease.keys):
+                    size += len(key)
+                    if len(reply.keys) >= MAX_LISTED_KEYS or size > MAX_LISTED_KEY_BYTES:
+                        break
+                    reply.keys.append(key)
             return reply
 
         try:

@@ -281,8 +281,10 @@ class ClusterServicer(LeaseServicer, raft_pb2_grpc.ClusterServicer):
         except CommitUnknownError as e:
             # The entry may still commit later; UNAVAILABLE tells the client the outcome is unknown.
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-        if isinstance(result, (SessionExpired, LeaseRefused)):
+        if isinstance(result, SessionExpired):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, result.reason)
+        if isinstance(result, LeaseRefused):
+            await context.abort(_lease_status(result), result.reason)
         return result
 
     async def ProposeMapping(
@@ -869,13 +871,20 @@ def _write_failure(
     outcome: Exception | SessionExpired | LeaseRefused,
 ) -> tuple[grpc.StatusCode, str]:
     """The status a write's own call ends with when it was not done (or not known to be)."""
-    if isinstance(outcome, (SessionExpired, LeaseRefused)):
+    if isinstance(outcome, LeaseRefused):
+        return _lease_status(outcome), outcome.reason
+    if isinstance(outcome, SessionExpired):
         return grpc.StatusCode.FAILED_PRECONDITION, outcome.reason
     if isinstance(outcome, OverloadedError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(outcome)
     if isinstance(outcome, CommitUnknownError):
         return grpc.StatusCode.UNAVAILABLE, str(outcome)
     return grpc.StatusCode.UNKNOWN, f"{type(outcome).__name__}: {outcome}"
+
+
+def _lease_status(refused: LeaseRefused) -> grpc.StatusCode:
+    code = getattr(grpc.StatusCode, refused.status, None)
+    return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.FAILED_PRECONDITION
 
 
 def _read_failure(error: Exception) -> tuple[grpc.StatusCode, str]:

@@ -31,9 +31,11 @@ class LeaseRevoked(NamedTuple):
 @dataclass(frozen=True)
 class LeaseRefused:
     """The write was not applied because of a lease: unknown (never granted, revoked or expired),
-    an id already in use, or too many leases. `reason` starts with "lease"."""
+    an id already in use, or too many leases. `reason` starts with "lease"; `status` names the
+    gRPC status code the call ends with."""
 
     reason: str
+    status: str = "FAILED_PRECONDITION"
 
 
 @dataclass
@@ -64,14 +66,17 @@ class LeaseTable:
         """Grant a lease at log index `index`: id `requested`, or (0) the index itself."""
         if requested:
             if requested in self.leases:
-                return LeaseRefused(f"lease {requested} already exists")
+                return LeaseRefused(f"lease {requested} already exists", "ALREADY_EXISTS")
             lease_id = requested
         else:
             lease_id = index
             if lease_id in self.leases:  # an id asked for earlier took this index's number
                 lease_id = max(self.leases) + 1
         if len(self.leases) >= MAX_LEASES:
-            return LeaseRefused(f"lease {lease_id} refused: the store holds {MAX_LEASES} leases")
+            return LeaseRefused(
+                f"lease {lease_id} refused: the store holds {MAX_LEASES} leases",
+                "RESOURCE_EXHAUSTED",
+            )
         self.leases[lease_id] = Lease(lease_id, ttl)
         return LeaseGranted(lease_id, ttl, index)
 

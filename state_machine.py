@@ -711,7 +711,7 @@ def _encode_result(result: ApplyResult) -> Any:
     if isinstance(result, LeaseRevoked):
         return {"lr": list(result)}
     if isinstance(result, LeaseRefused):
-        return {"lx": result.reason}
+        return {"lx": result.reason, "s": result.status}
     return {"x": result.reason}
 
 
@@ -739,5 +739,5 @@ def _decode_result(doc: Any) -> ApplyResult:
     if "lr" in doc:
         return LeaseRevoked(*(int(n) for n in doc["lr"]))
     if "lx" in doc:
-        return LeaseRefused(str(doc["lx"]))
+        return LeaseRefused(str(doc["lx"]), str(doc.get("s", "FAILED_PRECONDITION")))
     return SessionExpired(str(doc["x"]))

@@ -614,8 +614,10 @@ class ClusterServicer:
         """Added by raft-demo: leases (docs/coordination.md). A lease is granted with a TTL; keys put
         with it go when it is revoked or expires. Grant and revoke are log entries (exactly-once
         under a session); keepalive and time-to-live are answered only by the leader, once it has
-        confirmed it leads, from its own memory: a keepalive is not a log entry. NOT_FOUND: no such
-        lease (never granted, revoked or expired).
+        confirmed it leads, from its own memory: a keepalive is not a log entry. A lease that does
+        not exist (never granted, revoked or expired): NOT_FOUND from keepalive and time-to-live,
+        FAILED_PRECONDITION from a write naming it (put, revoke). A grant of an id in use:
+        ALREADY_EXISTS; beyond the most leases the store holds: RESOURCE_EXHAUSTED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

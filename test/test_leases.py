@@ -14,7 +14,13 @@ import grpc
 import pytest
 
 from client_kv import WatchEvent
-from cluster_client import Client, ClientError, LeaseInfo, LeaseNotFoundError
+from cluster_client import (
+    Client,
+    ClientError,
+    LeaseInfo,
+    LeaseNotFoundError,
+    RequestRejectedError,
+)
 from lease_keeper import LEASE_TICK
 from node_types import Timing
 from rpc import raft_pb2, raft_pb2_grpc
@@ -143,6 +149,17 @@ async def test_a_write_with_an_unknown_lease_is_refused_on_every_path(
             with pytest.raises(grpc.aio.AioRpcError) as raised:
                 await stub.LeaseKeepAlive(raft_pb2.LeaseKeepAliveRequest(id=0))
             assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                call = stub.LeaseKeepAliveStream(iter([raft_pb2.LeaseKeepAliveRequest(id=-1)]))
+                async for _ in call:
+                    pass
+            assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        # An id asked for that is in use: refused, and the lease stays as it was.
+        taken = (await client.grant_lease(60)).id
+        with pytest.raises(RequestRejectedError, match="already exists"):
+            await client.grant_lease(5, lease_id=taken)
+        assert (await client.lease_time_to_live(taken)).granted_ttl == 60
+        await client.revoke_lease(taken)
 
 
 async def test_only_the_leader_answers_keepalives_and_a_stream_keeps_many(
@@ -173,6 +190,9 @@ async def test_a_leader_s_death_keeps_a_kept_lease_and_expires_an_abandoned_one_
     cluster: LocalCluster,
 ) -> None:
     ttl = 2
+    # The kept lease's TTL leaves its keepalives time to find the new leader: the old one's death
+    # goes unnoticed for up to an election timeout, and the election takes a little more.
+    kept_ttl = 5
     timing = Timing()
     async with cluster.client() as client:
         seen: list[tuple[float, str]] = []
@@ -182,7 +202,7 @@ async def test_a_leader_s_death_keeps_a_kept_lease_and_expires_an_abandoned_one_
         await client.propose_mapping("death/abandoned", "1", lease=abandoned)
         last_sent = time.monotonic()
         await client.keep_alive(abandoned)
-        async with client.lease(ttl) as kept:
+        async with client.lease(kept_ttl) as kept:
             await client.propose_mapping("death/kept", "1", lease=kept.id)
             leader = await cluster.wait_for_leader()
             cluster.kill_node(leader)
@@ -197,8 +217,8 @@ async def test_a_leader_s_death_keeps_a_kept_lease_and_expires_an_abandoned_one_
                 assert gone_at - last_sent >= ttl
                 bound = killed + timing.election_timeout_max + ttl + LEASE_TICK
                 assert gone_at <= bound + 2.0, (gone_at - killed, bound - killed)
-                # The kept lease lives on through the new leader, for several TTLs.
-                end = time.monotonic() + 2 * ttl
+                # The kept lease lives on through the new leader, past its TTL.
+                end = time.monotonic() + kept_ttl
                 while time.monotonic() < end:
                     assert await client.get_value("death/kept", default=None) == "1"
                     await asyncio.sleep(0.2)

@@ -33,8 +33,12 @@ def expire(log: Log, *ids: int) -> Any:
     return log.command(raft_pb2.Command(lease_expire=raft_pb2.LeaseExpire(ids=ids)))
 
 
-def put(log: Log, key: str, value: str, lease: int = 0) -> Any:
-    batch = raft_pb2.MappingBatch(mappings=[raft_pb2.Mapping(key=key, value=value, lease=lease)])
+def put(
+    log: Log, key: str, value: str, lease: int = 0, sess: raft_pb2.Session | None = None
+) -> Any:
+    batch = raft_pb2.MappingBatch(
+        mappings=[raft_pb2.Mapping(key=key, value=value, lease=lease)], session=sess
+    )
     return log.command(raft_pb2.Command(put=batch))
 
 
@@ -56,6 +60,7 @@ def test_a_grant_takes_its_entry_s_index_as_id_or_the_id_asked_for(log: Log) -> 
     assert grant(log, 5, lease_id=100) == LeaseGranted(100, 5, 3)
     refused = grant(log, 5, lease_id=100)
     assert isinstance(refused, LeaseRefused) and "already exists" in refused.reason
+    assert refused.status == "ALREADY_EXISTS"
     assert sorted(log.sm.leases.leases) == [2, 100]
 
 
@@ -145,8 +150,21 @@ def test_grants_and_revokes_are_exactly_once_under_a_session(log: Log) -> None:
     granted = grant(log, 10, sess=session(client, 1))
     assert grant(log, 10, sess=session(client, 1)) == granted
     assert len(log.sm.leases) == 1
-    refused = put(log, "k", "v", 4242)
+    refused = put(log, "k", "v", 4242, sess=session(client, 2))
     assert isinstance(refused, LeaseRefused)
+    # A refusal kept in the session answers a retry the same, through a snapshot too.
+    restored = KeyValueStateMachine()
+    restored.restore(log.sm.snapshot().encode())
+    again = raft_pb2.Command(
+        put=raft_pb2.MappingBatch(
+            mappings=[raft_pb2.Mapping(key="k", value="v", lease=4242)],
+            session=session(client, 2),
+        )
+    )
+    entry = raft_pb2.LogEntry(
+        index=restored.last_applied + 1, kind=raft_pb2.ENTRY_KIND_COMMAND, command=again
+    )
+    assert restored.apply(entry) == refused
     assert isinstance(grant(log, 10, sess=session(12345, 1)), SessionExpired)
 
 
