@@ -9,10 +9,12 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import grpc
 import pytest
 
+from backup_file import read_backup
 from client_kv import WatchEvent
 from cluster_client import (
     Client,
@@ -24,6 +26,7 @@ from cluster_client import (
 from lease_keeper import LEASE_TICK
 from node_types import Timing
 from rpc import raft_pb2, raft_pb2_grpc
+from state_machine import decode_state
 from test.cluster_process import CHANNEL_OPTIONS, LocalCluster
 from test.conftest import run_script, wait_until
 
@@ -267,3 +270,16 @@ async def _time_to_live(client: Client, lease: int) -> LeaseInfo | None:
     with contextlib.suppress(ClientError):
         return await client.lease_time_to_live(lease, keys=True)
     return None
+
+
+async def test_a_backup_carries_the_leases_and_their_keys(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    async with cluster.client() as client:
+        lease = (await client.grant_lease(300)).id
+        await client.propose_mappings({"backup/a": "1", "backup/b": "2"}, lease=lease)
+        path = tmp_path / "leases.db"
+        await client.save_snapshot(path, timeout=30)
+        await client.revoke_lease(lease)
+    state = decode_state(b"".join(read_backup(str(path)).state))
+    assert (lease, 300, ["backup/a", "backup/b"]) in state.leases
