@@ -75,10 +75,14 @@ def coordination_operand_problem(args: argparse.Namespace) -> str | None:
 
 
 def split_command(argv: list[str]) -> tuple[list[str], list[str]]:
-    """The command line before the first "--", and the COMMAND after it (for lock)."""
+    """For `lock`: the command line before the first "--", and the COMMAND after it (the caller
+    parses the whole line again when its command is not lock: a "--" there still lets a key
+    start with "-")."""
     if "--" not in argv:
         return argv, []
     at = argv.index("--")
+    if "lock" not in argv[:at]:
+        return argv, []
     return argv[:at], argv[at + 1 :]
 
 

@@ -706,11 +706,12 @@ def _run_coroutine(coroutine: Coroutine[Any, Any, _T]) -> _T:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     parser = _build_parser()
-    ours, command = split_command(list(sys.argv[1:] if argv is None else argv))
-    args = parser.parse_args(ours)
-    if command:
-        if args.command != "lock":
-            parser.error(f"only lock takes a COMMAND after '--', not {args.command}")
+    whole = list(sys.argv[1:] if argv is None else argv)
+    ours, command = split_command(whole)
+    args = parser.parse_args(ours) if command else None
+    if args is None or args.command != "lock":
+        args = parser.parse_args(whole)
+    else:
         args.run = command
     _check_operands(parser, args)
     try:
