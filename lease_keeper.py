@@ -95,7 +95,10 @@ class LeaseKeeper:
                 await node.wait_for_change()
                 continue
             await wait_until_time(node.clock, asyncio.Event(), node.clock.now() + LEASE_TICK)
-            self.tick()
+            try:
+                self.tick()
+            except Exception as e:  # one bad tick must not end expiry for the whole term
+                node.narrate.warning("could not propose lease expiries: %s", e)
 
     def tick(self) -> list[int]:
         """Propose the expiry of every lease past its time; the ids proposed."""
