@@ -24,6 +24,7 @@ REJECTED = frozenset(
         grpc.StatusCode.INVALID_ARGUMENT,
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.ALREADY_EXISTS,
     }
 )
 
@@ -70,6 +71,19 @@ class WatchCompactedError(ClientError):
     """A watch asked for changes older than every node still keeps (their windows of recent
     changes have moved past its revision): changes may have been missed. The message names the
     oldest revision available; start again from a fresh read."""
+
+
+class LeaseNotFoundError(ClientError):
+    """The lease is gone (never granted, revoked, or expired): a write with it was not applied,
+    and a kept lease was lost (its keys are deleted, or about to be)."""
+
+
+def refusal(details: str) -> ClientError:
+    """What a write's FAILED_PRECONDITION means: its lease is unknown (the node's message names
+    the lease first), else its session is."""
+    if details.startswith("lease "):
+        return LeaseNotFoundError(details)
+    return SessionExpiredError(details)
 
 
 @dataclass(frozen=True)

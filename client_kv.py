@@ -222,15 +222,26 @@ class KeyValueMethods(ClientCore):
         return await self.delete_range(prefix, prefix=True)
 
     async def compare_and_swap_revision(
-        self, key: str, mod_revision: int, new: str, *, expected: str | None = None
+        self,
+        key: str,
+        mod_revision: int,
+        new: str,
+        *,
+        expected: str | None = None,
+        lease: int = 0,
     ) -> CasOutcome:
         """Set `key` to `new` only if its mod_revision is `mod_revision` (0: only if absent) and,
         with `expected`, its value too: a read-modify-write that nobody else's write slipped
-        into. A failed swap's outcome carries the key's current mod_revision to retry with."""
+        into. A failed swap's outcome carries the key's current mod_revision to retry with.
+        With `lease`, the new value is attached to it (as in propose_mapping)."""
 
         def request(session: raft_pb2.Session | None) -> raft_pb2.CompareAndSwapRequest:
             made = raft_pb2.CompareAndSwapRequest(
-                key=key, new_value=new, session=session, expected_mod_revision=mod_revision
+                key=key,
+                new_value=new,
+                session=session,
+                expected_mod_revision=mod_revision,
+                lease=lease,
             )
             if expected is not None:
                 made.expected_value = expected

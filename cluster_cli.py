@@ -12,7 +12,20 @@ from collections.abc import Coroutine, Sequence
 from typing import Any, NoReturn, TypeVar
 
 from backup_file import BackupError, describe, read_backup
+from cli_coordination import (
+    COORDINATION_COMMANDS,
+    add_coordination_commands,
+    coordination_operand_problem,
+    run_coordination_command,
+    split_command,
+)
 from cli_kv import add_watch_command, key_operand_problem, run_cas_revision, run_kv_command
+from cli_leases import (
+    LEASE_COMMANDS,
+    add_lease_commands,
+    lease_operand_problem,
+    run_lease_command,
+)
 from cli_view import EventPrinter, LiveTable, contact_style, is_terminal, lag_style
 from cluster_client import (
     DEFAULT_ADD_MEMBER_TIMEOUT,
@@ -21,6 +34,7 @@ from cluster_client import (
     Client,
     ClusterStatus,
     ClusterUnavailableError,
+    LeaseNotFoundError,
     MemberList,
     MembershipRefusedError,
     MemberStatus,
@@ -129,6 +143,7 @@ def _build_parser() -> _Parser:
     )
     put.add_argument("key", metavar="KEY")
     put.add_argument("value", metavar="VALUE")
+    put.add_argument("--lease", type=int, metavar="ID", help="attach KEY to lease ID (see grant)")
     get = commands.add_parser(
         "get",
         help="print the value under KEY, or with --prefix every key starting with P and its "
@@ -278,6 +293,8 @@ def _build_parser() -> _Parser:
     )
     check.add_argument("file", metavar="FILE")
     add_watch_command(commands)
+    add_lease_commands(commands)
+    add_coordination_commands(commands)
     return parser
 
 
@@ -313,6 +330,9 @@ def _tls_from_args(parser: _Parser, args: argparse.Namespace) -> TlsConfig | Non
 
 def _check_operands(parser: _Parser, args: argparse.Namespace) -> None:
     """Command-line shapes argparse cannot express: cas's optional EXPECTED, put-many's pairs."""
+    problem = lease_operand_problem(args) or coordination_operand_problem(args)
+    if problem is not None:
+        parser.error(problem)
     if args.command == "cas":
         if args.absent and args.rev is not None:
             parser.error("cas takes --absent or --rev, not both")
@@ -356,8 +376,12 @@ def _check_operands(parser: _Parser, args: argparse.Namespace) -> None:
 async def _run_command(client: Client, args: argparse.Namespace) -> int:
     async with client:
         if args.command == "put":
-            await client.propose_mapping(args.key, args.value)
+            await client.propose_mapping(args.key, args.value, lease=args.lease or 0)
             return EXIT_OK
+        if args.command in LEASE_COMMANDS:
+            return await run_lease_command(client, args)
+        if args.command in COORDINATION_COMMANDS:
+            return await run_coordination_command(client, args)
         if args.command in ("get", "delete", "watch"):
             # Prefixes, revisions and watches (cli_kv.py); a plain get or delete is answered here.
             handled = await run_kv_command(client, args)
@@ -682,7 +706,13 @@ def _run_coroutine(coroutine: Coroutine[Any, Any, _T]) -> _T:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     parser = _build_parser()
-    args = parser.parse_args(argv)
+    whole = list(sys.argv[1:] if argv is None else argv)
+    ours, command = split_command(whole)
+    args = parser.parse_args(ours) if command else None
+    if args is None or args.command != "lock":
+        args = parser.parse_args(whole)
+    else:
+        args.run = command
     _check_operands(parser, args)
     try:
         client = _client_from_args(parser, args)
@@ -711,6 +741,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RequestRejectedError as e:
         print(f"{PROG}: rejected: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except LeaseNotFoundError as e:
+        print(f"{PROG}: lease gone: {e}", file=sys.stderr)
+        return EXIT_REFUSED
     except WatchCompactedError as e:
         print(f"{PROG}: compacted: {e}", file=sys.stderr)
         return EXIT_REFUSED
@@ -730,7 +763,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: cannot write {e.filename or args.file}: {e.strerror or e}", file=sys.stderr)
         return EXIT_REFUSED
     except KeyboardInterrupt:
-        if args.command in ("events", "watch") or (
+        if args.command in ("events", "watch", "keepalive", "lock", "elect") or (
             args.command == "status" and args.watch is not None
         ):
             return EXIT_OK  # how --watch and events are meant to end

@@ -35,6 +35,7 @@ from client_errors import (
     ClientError,
     ClusterUnavailableError,
     Done,
+    LeaseNotFoundError,
     MembershipBusyError,
     MembershipRefusedError,
     Next,
@@ -43,8 +44,10 @@ from client_errors import (
     SessionExpiredError,
     WatchCompactedError,
     one_line,
+    refusal,
 )
 from client_kv import CasOutcome, KeyValue, KeyValueMethods, RangePage, WatchEvent
+from client_leases import KeptLease, LeaseGrant, LeaseInfo, LeaseMethods
 from cluster_config import (
     DEFAULT_FIRST_PORT,
     DEFAULT_NODES,
@@ -84,10 +87,14 @@ __all__ = [
     "ClientError",
     "ClusterStatus",
     "ClusterUnavailableError",
+    "KeptLease",
     "KeyValue",
     "Member",
     "MemberList",
     "MemberStatus",
+    "LeaseGrant",
+    "LeaseInfo",
+    "LeaseNotFoundError",
     "MembershipBusyError",
     "MembershipRefusedError",
     "PermissionDeniedError",
@@ -115,7 +122,7 @@ def _seed_config(all_raft_ports: Sequence[int]) -> ClusterConfig:
     return ClusterConfig(nodes)
 
 
-class Client(KeyValueMethods, AdminMethods):
+class Client(KeyValueMethods, LeaseMethods, AdminMethods):
     """A client of one cluster. Give exactly one of: the seed's list of Raft ports, a
     `ClusterConfig`, or the nodes' client endpoints ("host:port"); or use a `from_*` constructor.
 
@@ -260,9 +267,11 @@ class Client(KeyValueMethods, AdminMethods):
         """This client's session id, once its first write registered one."""
         return self._client_id
 
-    async def propose_mapping(self, key: str, value: str) -> int:
+    async def propose_mapping(self, key: str, value: str, *, lease: int = 0) -> int:
         """Store `value` under `key`; returns its revision once the cluster has committed and
-        applied it (0 from a node that predates revisions).
+        applied it (0 from a node that predates revisions). With `lease`, the key goes when that
+        lease is revoked or expires (LeaseNotFoundError, nothing applied, if it is gone); without,
+        a key put earlier with a lease leaves it.
 
         Retries are exactly-once (the write carries this client's session). After
         `ClusterUnavailableError` or `SessionExpiredError` the write may or may not have been
@@ -270,19 +279,21 @@ class Client(KeyValueMethods, AdminMethods):
         """
 
         def request(session: raft_pb2.Session | None) -> raft_pb2.Mapping:
-            return raft_pb2.Mapping(key=key, value=value, session=session)
+            return raft_pb2.Mapping(key=key, value=value, session=session, lease=lease)
 
         return await self._write(
             f"put {key!r}", "ProposeMapping", request, lambda r: int(r.revision)
         )
 
-    async def propose_mappings(self, mappings: dict[str, str]) -> int:
+    async def propose_mappings(self, mappings: dict[str, str], *, lease: int = 0) -> int:
         """Store every mapping at once: one log entry, so a reader sees all of them or none;
-        returns its revision."""
+        returns its revision. With `lease`, every key is attached to it."""
 
         def request(session: raft_pb2.Session | None) -> raft_pb2.MappingBatch:
             return raft_pb2.MappingBatch(
-                mappings=[raft_pb2.Mapping(key=k, value=v) for k, v in mappings.items()],
+                mappings=[
+                    raft_pb2.Mapping(key=k, value=v, lease=lease) for k, v in mappings.items()
+                ],
                 session=session,
             )
 
@@ -500,7 +511,7 @@ class Client(KeyValueMethods, AdminMethods):
         only: list[str] | None = None,
         *,
         deadline: float | None = None,
-        refused: Callable[[str], ClientError] = SessionExpiredError,
+        refused: Callable[[str], ClientError] = refusal,
         busy_retries: int = 0,
     ) -> _T:
         """Run `attempt` against one node after another, following redirects, until one
@@ -508,7 +519,8 @@ class Client(KeyValueMethods, AdminMethods):
         full jitter, so a cluster in the middle of an election is not flooded.
 
         Gives up after `deadline` seconds (default: the client's). FAILED_PRECONDITION raises
-        `refused`. With `busy_retries`, ABORTED (a membership change already in progress) asks
+        `refused` (by default LeaseNotFoundError or SessionExpiredError); NOT_FOUND (a lease that
+        is gone) LeaseNotFoundError. With `busy_retries`, ABORTED (a membership change already in progress) asks
         the same node again that many times after short pauses, then raises MembershipBusyError.
         """
         loop = asyncio.get_running_loop()
@@ -541,6 +553,8 @@ class Client(KeyValueMethods, AdminMethods):
                         raise RequestRejectedError(details or code.name) from None
                     if code == grpc.StatusCode.FAILED_PRECONDITION:
                         raise refused(details or code.name) from None
+                    if code == grpc.StatusCode.NOT_FOUND:
+                        raise LeaseNotFoundError(details or code.name) from None
                     last = f"{address} answered {code.name}: {details}"
                     if code == grpc.StatusCode.ABORTED and busy_retries:
                         if busy == busy_retries:

@@ -12,6 +12,8 @@ import grpc
 
 from backups import Backups
 from cluster_config import NodeAddress
+from cluster_leases import LeaseServiceNode, LeaseServicer, lease_problem
+from leases import LeaseRefused
 from membership import (
     MAX_NODE_ID,
     ChangeInProgressError,
@@ -90,8 +92,10 @@ class LinearizableReads(Protocol):
         self, query: Callable[[KeyValueStateMachine], _Query], what: str
     ) -> _Query: ...
 
+    async def leader_query(self, query: Callable[[KeyValueStateMachine], _Query]) -> _Query: ...
 
-class ClusterNode(Protocol):
+
+class ClusterNode(LeaseServiceNode, Protocol):
     """What this service needs from a node: its identity, whom it follows, and the store."""
 
     @property
@@ -194,7 +198,9 @@ def batch_problem(batch: raft_pb2.MappingBatch) -> str | None:
         return f"a batch holds {count} mappings; the limit is {MAX_BATCH_MAPPINGS}"
     size = 0
     for mapping in batch.mappings:
-        problem = key_problem(mapping.key) or value_problem(mapping.value)
+        problem = (
+            key_problem(mapping.key) or value_problem(mapping.value) or lease_problem(mapping.lease)
+        )
         if problem is not None:
             return f"mapping for {mapping.key[:40]!r}: {problem}"
         size += len(mapping.key.encode("utf-8")) + len(mapping.value.encode("utf-8"))
@@ -233,11 +239,14 @@ def _redirect(response: _WriteReply, e: NotLeaderError) -> _WriteReply:
     return response
 
 
-class ClusterServicer(raft_pb2_grpc.ClusterServicer):
+class ClusterServicer(LeaseServicer, raft_pb2_grpc.ClusterServicer):
     """Serves the key-value operations, client registration, GetLeader and the admin calls
     (leadership transfer, membership, backups) for one node. With `admin_names`, the admin calls
     are served only to clients whose verified certificate bears one of those names. Without
-    `backups`, SaveSnapshot is UNIMPLEMENTED."""
+    `backups`, SaveSnapshot is UNIMPLEMENTED. Leases: cluster_leases.py."""
+
+    _node: ClusterNode
+    _session_problem = staticmethod(session_problem)
 
     def __init__(
         self,
@@ -274,6 +283,8 @@ class ClusterServicer(raft_pb2_grpc.ClusterServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         if isinstance(result, SessionExpired):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, result.reason)
+        if isinstance(result, LeaseRefused):
+            await context.abort(_lease_status(result), result.reason)
         return result
 
     async def ProposeMapping(
@@ -284,7 +295,21 @@ class ClusterServicer(raft_pb2_grpc.ClusterServicer):
             key_problem(request.key),
             value_problem(request.value),
             session_problem(request.session),
+            lease_problem(request.lease),
         )
+        if request.lease:
+            # Only a command carries a lease (the seed's MAPPING entry has no room for one).
+            batch = raft_pb2.MappingBatch(
+                mappings=[
+                    raft_pb2.Mapping(key=request.key, value=request.value, lease=request.lease)
+                ],
+                session=request.session,
+            )
+            try:
+                result = await self._propose(raft_pb2.Command(put=batch), context)
+            except NotLeaderError as e:
+                return _redirect(raft_pb2.ProposeMappingResponse(), e)
+            return _put_reply(result)
         try:
             if request.session.client_id:
                 revision = await self._node.propose_mapping(
@@ -332,6 +357,7 @@ class ClusterServicer(raft_pb2_grpc.ClusterServicer):
             value_problem(request.new_value),
             value_problem(request.expected_value),
             session_problem(request.session),
+            lease_problem(request.lease),
             (
                 "expected_mod_revision must be 0 (absent) or a revision"
                 if not 0 <= request.expected_mod_revision < MAX_WIRE_NUMBER
@@ -554,7 +580,7 @@ class ClusterServicer(raft_pb2_grpc.ClusterServicer):
             reply = getattr(result, which)
             if isinstance(outcome, NotLeaderError):
                 _redirect(reply, outcome)
-            elif isinstance(outcome, Exception) or isinstance(outcome, SessionExpired):
+            elif isinstance(outcome, (Exception, SessionExpired, LeaseRefused)):
                 code, details = _write_failure(outcome)
                 result.code = code.value[0]
                 result.details = details
@@ -807,6 +833,7 @@ def _op_problem(op: raft_pb2.BatchOp, which: str | None) -> str | None:
             key_problem(op.put.key)
             or value_problem(op.put.value)
             or session_problem(op.put.session)
+            or lease_problem(op.put.lease)
         )
     if which == "put_many":
         return batch_problem(op.put_many) or session_problem(op.put_many.session)
@@ -820,7 +847,7 @@ def _op_problem(op: raft_pb2.BatchOp, which: str | None) -> str | None:
 def _op_entry(op: raft_pb2.BatchOp, which: str) -> raft_pb2.LogEntry:
     """The log entry of one write op, as its own call would have appended it."""
     if which == "put":
-        return put_entry(op.put.key, op.put.value, op.put.session)
+        return put_entry(op.put.key, op.put.value, op.put.session, op.put.lease)
     if which == "put_many":
         command = raft_pb2.Command(put=_without_mapping_sessions(op.put_many))
     else:
@@ -833,13 +860,19 @@ def _without_mapping_sessions(batch: raft_pb2.MappingBatch) -> raft_pb2.MappingB
     if not any(m.HasField("session") for m in batch.mappings):
         return batch
     return raft_pb2.MappingBatch(
-        mappings=[raft_pb2.Mapping(key=m.key, value=m.value) for m in batch.mappings],
+        mappings=[
+            raft_pb2.Mapping(key=m.key, value=m.value, lease=m.lease) for m in batch.mappings
+        ],
         session=batch.session,
     )
 
 
-def _write_failure(outcome: Exception | SessionExpired) -> tuple[grpc.StatusCode, str]:
+def _write_failure(
+    outcome: Exception | SessionExpired | LeaseRefused,
+) -> tuple[grpc.StatusCode, str]:
     """The status a write's own call ends with when it was not done (or not known to be)."""
+    if isinstance(outcome, LeaseRefused):
+        return _lease_status(outcome), outcome.reason
     if isinstance(outcome, SessionExpired):
         return grpc.StatusCode.FAILED_PRECONDITION, outcome.reason
     if isinstance(outcome, OverloadedError):
@@ -847,6 +880,11 @@ def _write_failure(outcome: Exception | SessionExpired) -> tuple[grpc.StatusCode
     if isinstance(outcome, CommitUnknownError):
         return grpc.StatusCode.UNAVAILABLE, str(outcome)
     return grpc.StatusCode.UNKNOWN, f"{type(outcome).__name__}: {outcome}"
+
+
+def _lease_status(refused: LeaseRefused) -> grpc.StatusCode:
+    code = getattr(grpc.StatusCode, refused.status, None)
+    return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.FAILED_PRECONDITION
 
 
 def _read_failure(error: Exception) -> tuple[grpc.StatusCode, str]:

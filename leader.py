@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from cluster_config import NodeAddress
 from counters import Counters
+from lease_keeper import LeaseKeeper, LeaseKeeperNode
 from log import RaftLog
 from membership import ConfigHistory, Membership
 from node_events import EventFeed
@@ -76,7 +77,7 @@ class MembershipSteps(Protocol):
     def after_leader_commit(self) -> None: ...
 
 
-class LeaderNode(NodeBasics, Protocol):
+class LeaderNode(LeaseKeeperNode, NodeBasics, Protocol):
     """What the leader's term needs of its node."""
 
     log: RaftLog
@@ -139,15 +140,19 @@ class LeaderTerm:
         ) = None
         self._quorum_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
+        # When each lease expires, by this term's clock (lease_keeper.py).
+        self.leases = LeaseKeeper(node, term)
 
     def start(self) -> None:
-        """Watch that a majority still answers (check quorum)."""
+        """Watch that a majority still answers (check quorum), and the leases' time."""
         task = self.node.spawn(self.check_quorum(self.term), name="check-quorum")
         self._tasks = [task] if task is not None else []
+        self.leases.start()
 
     def stop(self) -> None:
         """The term's leadership is over: stop every task and snapshot transfer it started."""
         self.transfer = None
+        self.leases.stop()
         if self._commit_notice is not None:
             self._commit_notice.cancel()
             self._commit_notice = None

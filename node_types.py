@@ -240,12 +240,14 @@ class NodeBasics(Protocol):
     def is_leader(self) -> bool: ...
 
 
-def put_entry(key: str, value: str, session: raft_pb2.Session | None = None) -> raft_pb2.LogEntry:
-    """The log entry of one client's put: the seed's MAPPING entry without a session; with one,
-    a COMMAND whose session makes it exactly-once."""
-    if session is None or session.client_id == 0:
+def put_entry(
+    key: str, value: str, session: raft_pb2.Session | None = None, lease: int = 0
+) -> raft_pb2.LogEntry:
+    """The log entry of one client's put: the seed's MAPPING entry without a session or a lease;
+    with one, a COMMAND (its session makes it exactly-once; the seed's entry has no lease)."""
+    if (session is None or session.client_id == 0) and not lease:
         return raft_pb2.LogEntry(kind=raft_pb2.ENTRY_KIND_MAPPING, key=key, value=value)
     batch = raft_pb2.MappingBatch(
-        mappings=[raft_pb2.Mapping(key=key, value=value)], session=session
+        mappings=[raft_pb2.Mapping(key=key, value=value, lease=lease)], session=session
     )
     return raft_pb2.LogEntry(kind=raft_pb2.ENTRY_KIND_COMMAND, command=raft_pb2.Command(put=batch))

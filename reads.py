@@ -75,6 +75,12 @@ class Reads:
         """
         return await self._leader_read(lambda machine: machine.get(key))
 
+    async def leader_query(self, query: Callable[[KeyValueStateMachine], _T]) -> _T:
+        """`query` on the leader's state once it confirmed it still leads (after the call) and
+        applied up to its commit index: NotLeaderError on any other node, UnavailableError when
+        it cannot confirm in time. Leader-only answers (lease keepalives) are built on it."""
+        return await self._leader_read(query)
+
     async def _leader_read(self, query: Callable[[KeyValueStateMachine], _T]) -> _T:
         node = self.node
         term = node.current_term

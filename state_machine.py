@@ -1,7 +1,7 @@
 """The replicated state machine: a key-value store that committed log entries are applied to, in
 order, with client sessions (thesis section 6.3) that make writes exactly-once, revisions on every
 key (a write's revision is its entry's log index), keys held in order for ranges, and the window of
-recent changes that watches are served from (watch_window.py)."""
+recent changes that watches are served from (watch_window.py), and leases (leases.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import Any, NamedTuple, Protocol, TypeAlias
 
 from sortedcontainers import SortedList
 
+from leases import LeaseGranted, LeaseRefused, LeaseRevoked, LeaseTable, decode_leases
 from rpc import raft_pb2
 from watch_window import Change, ChangeWindow, decode_change, encode_change
 
@@ -96,10 +97,21 @@ class SessionExpired:
 
 
 # What applying one entry returns to whoever proposed it: None (a no-op), a PutResult, a
-# DeleteResult, a DeleteRangeResult, a CasResult, the new client id (a registration), or
-# SessionExpired. (A delete's reply kept in a session from before revisions is a bare bool.)
+# DeleteResult, a DeleteRangeResult, a CasResult, the new client id (a registration), a
+# LeaseGranted, a LeaseRevoked, LeaseRefused (a write refused for its lease) or SessionExpired.
+# (A delete's reply kept in a session from before revisions is a bare bool.)
 ApplyResult: TypeAlias = (
-    None | bool | int | PutResult | DeleteResult | DeleteRangeResult | CasResult | SessionExpired
+    None
+    | bool
+    | int
+    | PutResult
+    | DeleteResult
+    | DeleteRangeResult
+    | CasResult
+    | LeaseGranted
+    | LeaseRevoked
+    | LeaseRefused
+    | SessionExpired
 )
 
 _NO_REVISIONS = KeyRevisions(0, 0, 0)
@@ -173,6 +185,7 @@ class KeyValueStateMachine:
         self.listener: ChangeListener | None = None
         # The changes the entry being applied makes, in order.
         self._changes: list[Change] = []
+        self.leases = LeaseTable()
 
     def apply(self, entry: raft_pb2.LogEntry) -> ApplyResult:
         """Apply the next committed entry and return its result for the proposer."""
@@ -268,8 +281,8 @@ class KeyValueStateMachine:
 
     # ---- changing keys (every change goes through these two, and so to watchers) -----------
 
-    def _put(self, key: str, value: str, revision: int) -> tuple[int, int]:
-        """Set the key; its (create_revision, version) after."""
+    def _put(self, key: str, value: str, revision: int, lease: int = 0) -> tuple[int, int]:
+        """Set the key (attached to `lease`, 0: none); its (create_revision, version) after."""
         # On every write's path: kept to plain operations.
         previous = self._data.get(key)
         if previous is None:
@@ -283,15 +296,18 @@ class KeyValueStateMachine:
                 create, version = meta[0], meta[2] + 1
         self._data[key] = value
         self._meta[key] = (create, revision, version)
+        if lease or key in self.leases.key_lease:
+            self.leases.attach(key, lease)
         self._changes.append(_new_tuple(Change, (revision, key, value, previous, create, version)))
         return create, version
 
     def _delete(self, key: str, revision: int) -> bool:
         """Remove the key; whether it existed. Every way a key goes (a delete, a delete-range,
-        later an expiry) is this, so a watcher sees each as a delete."""
+        a lease's revoke or expiry) is this, so a watcher sees each as a delete."""
         previous = self._data.pop(key, None)
         if previous is None:
             return False
+        self.leases.detach(key)
         self._keys.remove(key)
         self._meta.pop(key, None)
         self._changes.append(Change(revision, key, None, previous, 0, 0))
@@ -311,6 +327,15 @@ class KeyValueStateMachine:
             session = command.compare_and_swap.session
         elif op == "delete_range":
             session = command.delete_range.session
+        elif op == "lease_grant":
+            session = command.lease_grant.session
+        elif op == "lease_revoke":
+            session = command.lease_revoke.session
+        elif op == "lease_expire":
+            # Only a leader appends it, once per decision: it needs no session.
+            for lease_id in command.lease_expire.ids:
+                self._end_lease(lease_id, index)
+            return None
         else:
             return None  # an empty command changes nothing
         if session.client_id == 0:
@@ -341,10 +366,22 @@ class KeyValueStateMachine:
 
     def _execute(self, index: int, command: raft_pb2.Command, op: str) -> ApplyResult:
         if op == "put":
+            mappings = command.put.mappings
+            for mapping in mappings:
+                if mapping.lease and (refused := self.leases.unknown(mapping.lease)):
+                    return refused  # none of the batch, as it is one write
             # One entry, so every mapping of the batch takes effect at the same point of the log.
-            for mapping in command.put.mappings:
-                self._put(mapping.key, mapping.value, index)
+            for mapping in mappings:
+                self._put(mapping.key, mapping.value, index, mapping.lease)
             return PutResult(index)
+        if op == "lease_grant":
+            grant = command.lease_grant
+            return self.leases.grant(index, grant.ttl, grant.id)
+        if op == "lease_revoke":
+            lease_id = command.lease_revoke.id
+            if (refused := self.leases.unknown(lease_id)) or not lease_id:
+                return refused or LeaseRefused("lease 0 is no lease")
+            return LeaseRevoked(self._end_lease(lease_id, index), index)
         if op == "delete":
             return DeleteResult(self._delete(command.delete.key, index), index)
         if op == "delete_range":
@@ -359,6 +396,8 @@ class KeyValueStateMachine:
                 self._delete(key, index)
             return DeleteRangeResult(len(doomed), index)
         cas = command.compare_and_swap
+        if cas.lease and (refused := self.leases.unknown(cas.lease)):
+            return refused
         current = self._data.get(cas.key)
         if cas.HasField("expected_mod_revision"):
             # By revision (0: absent), and by value too when one is given.
@@ -368,9 +407,16 @@ class KeyValueStateMachine:
         else:
             matches = current == (cas.expected_value if cas.HasField("expected_value") else None)
         if matches:
-            self._put(cas.key, cas.new_value, index)
+            self._put(cas.key, cas.new_value, index, cas.lease)
             return CasResult(True, cas.new_value, index, index)
         return CasResult(False, current, index, self.revisions(cas.key).mod_revision)
+
+    def _end_lease(self, lease_id: int, index: int) -> int:
+        """Revoke or expire a lease: each of its keys is deleted (a delete to watchers); how many."""
+        doomed = self.leases.remove(lease_id)
+        for key in doomed:
+            self._delete(key, index)
+        return len(doomed)
 
     # ---- sessions --------------------------------------------------------------------------
 
@@ -413,6 +459,7 @@ class KeyValueStateMachine:
             base_revision=self._base_revision,
             window=self.window.copy(),
             compacted=self.window.compacted,
+            leases=self.leases.copy(),
         )
 
     def restore(self, data: bytes | bytearray | memoryview | SnapshotState) -> None:
@@ -435,6 +482,7 @@ class KeyValueStateMachine:
         self._log_time_ms = state.log_time_ms
         self.last_applied = state.last_applied
         self._changes = []
+        self.leases = LeaseTable.from_state(state.leases)
         self.window.reset(state.window, state.compacted)
         if self.listener is not None:
             self.listener.reset()
@@ -462,6 +510,8 @@ class SnapshotState:
     base_revision: int = 0
     window: list[Change] = field(default_factory=list)
     compacted: int = -1  # -1: no window (a state from before watches): compacted at last_applied
+    # (id, ttl, keys) of every lease; none in a state from before leases.
+    leases: list[tuple[int, int, list[str]]] = field(default_factory=list)
     # The keys of `data` in order, when whoever made this state had them (the decoder does).
     keys: SortedList | None = field(default=None, compare=False, repr=False)
 
@@ -478,7 +528,8 @@ class SnapshotState:
     # newline only ever ends a line). The first line holds last_applied, log_time_ms, sessions,
     # data, and (since revisions) base_revision and compacted; each further line adds more
     # sessions, more data with each key's [create_revision, mod_revision, version] in "meta",
-    # or more of the watch window's changes. A state encoded as one JSON document is the
+    # or more of the watch window's changes, or (since leases) more leases as [id, ttl, keys].
+    # A state encoded as one JSON document is the
     # one-line case; one without "compacted" predates revisions (see __post_init__).
     def encode_pieces(
         self, keys_per_piece: int = 1000, bytes_per_piece: int = 256 * 1024
@@ -529,6 +580,16 @@ class SnapshotState:
                 changes, size = [], 0
         if changes:
             yield _line({"window": changes})
+        leases: list[Any] = []
+        count = 0
+        for lease in self.leases:
+            leases.append(lease)
+            count += len(lease[2]) + 1
+            if count >= keys_per_piece:
+                yield _line({"leases": leases})
+                leases, count = [], 0
+        if leases:
+            yield _line({"leases": leases})
 
 
 class StateDecoder:
@@ -597,6 +658,7 @@ class StateDecoder:
             for key, (create, mod, version) in doc.get("meta", {}).items():
                 state.meta[key] = (int(create), int(mod), int(version))
             state.window.extend(decode_change(c) for c in doc.get("window", ()))
+            state.leases.extend(decode_leases(doc.get("leases", ())))
             for cid, last_used, below, replies in doc.get("sessions", ()):
                 state.sessions.append(
                     (
@@ -644,6 +706,12 @@ def _encode_result(result: ApplyResult) -> Any:
         return {"d": list(result)}
     if isinstance(result, DeleteRangeResult):
         return {"dr": list(result)}
+    if isinstance(result, LeaseGranted):
+        return {"lg": list(result)}
+    if isinstance(result, LeaseRevoked):
+        return {"lr": list(result)}
+    if isinstance(result, LeaseRefused):
+        return {"lx": result.reason, "s": result.status}
     return {"x": result.reason}
 
 
@@ -666,4 +734,10 @@ def _decode_result(doc: Any) -> ApplyResult:
     if "dr" in doc:
         deleted, revision = doc["dr"]
         return DeleteRangeResult(int(deleted), int(revision))
+    if "lg" in doc:
+        return LeaseGranted(*(int(n) for n in doc["lg"]))
+    if "lr" in doc:
+        return LeaseRevoked(*(int(n) for n in doc["lr"]))
+    if "lx" in doc:
+        return LeaseRefused(str(doc["lx"]), str(doc.get("s", "FAILED_PRECONDITION")))
     return SessionExpired(str(doc["x"]))

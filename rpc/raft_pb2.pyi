@@ -130,18 +130,24 @@ class MembershipResponse(_message.Message):
     def __init__(self, success: _Optional[bool] = ..., current_leader: _Optional[int] = ..., leader_address: _Optional[str] = ..., config: _Optional[_Union[Configuration, _Mapping]] = ..., config_index: _Optional[int] = ..., committed: _Optional[bool] = ...) -> None: ...
 
 class Command(_message.Message):
-    __slots__ = ("put", "delete", "compare_and_swap", "register_client", "delete_range")
+    __slots__ = ("put", "delete", "compare_and_swap", "register_client", "delete_range", "lease_grant", "lease_revoke", "lease_expire")
     PUT_FIELD_NUMBER: _ClassVar[int]
     DELETE_FIELD_NUMBER: _ClassVar[int]
     COMPARE_AND_SWAP_FIELD_NUMBER: _ClassVar[int]
     REGISTER_CLIENT_FIELD_NUMBER: _ClassVar[int]
     DELETE_RANGE_FIELD_NUMBER: _ClassVar[int]
+    LEASE_GRANT_FIELD_NUMBER: _ClassVar[int]
+    LEASE_REVOKE_FIELD_NUMBER: _ClassVar[int]
+    LEASE_EXPIRE_FIELD_NUMBER: _ClassVar[int]
     put: MappingBatch
     delete: DeleteRequest
     compare_and_swap: CompareAndSwapRequest
     register_client: RegisterClientRequest
     delete_range: DeleteRangeRequest
-    def __init__(self, put: _Optional[_Union[MappingBatch, _Mapping]] = ..., delete: _Optional[_Union[DeleteRequest, _Mapping]] = ..., compare_and_swap: _Optional[_Union[CompareAndSwapRequest, _Mapping]] = ..., register_client: _Optional[_Union[RegisterClientRequest, _Mapping]] = ..., delete_range: _Optional[_Union[DeleteRangeRequest, _Mapping]] = ...) -> None: ...
+    lease_grant: LeaseGrantRequest
+    lease_revoke: LeaseRevokeRequest
+    lease_expire: LeaseExpire
+    def __init__(self, put: _Optional[_Union[MappingBatch, _Mapping]] = ..., delete: _Optional[_Union[DeleteRequest, _Mapping]] = ..., compare_and_swap: _Optional[_Union[CompareAndSwapRequest, _Mapping]] = ..., register_client: _Optional[_Union[RegisterClientRequest, _Mapping]] = ..., delete_range: _Optional[_Union[DeleteRangeRequest, _Mapping]] = ..., lease_grant: _Optional[_Union[LeaseGrantRequest, _Mapping]] = ..., lease_revoke: _Optional[_Union[LeaseRevokeRequest, _Mapping]] = ..., lease_expire: _Optional[_Union[LeaseExpire, _Mapping]] = ...) -> None: ...
 
 class AppendEntriesRequest(_message.Message):
     __slots__ = ("term", "requester_id", "prev_log_index", "prev_log_term", "leader_commit", "log_entries")
@@ -184,14 +190,16 @@ class Session(_message.Message):
     def __init__(self, client_id: _Optional[int] = ..., sequence: _Optional[int] = ..., first_outstanding: _Optional[int] = ...) -> None: ...
 
 class Mapping(_message.Message):
-    __slots__ = ("key", "value", "session")
+    __slots__ = ("key", "value", "session", "lease")
     KEY_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
     key: str
     value: str
     session: Session
-    def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ..., session: _Optional[_Union[Session, _Mapping]] = ...) -> None: ...
+    lease: int
+    def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ..., session: _Optional[_Union[Session, _Mapping]] = ..., lease: _Optional[int] = ...) -> None: ...
 
 class MappingBatch(_message.Message):
     __slots__ = ("mappings", "session")
@@ -224,18 +232,20 @@ class DeleteResponse(_message.Message):
     def __init__(self, success: _Optional[bool] = ..., current_leader: _Optional[int] = ..., leader_address: _Optional[str] = ..., existed: _Optional[bool] = ..., revision: _Optional[int] = ...) -> None: ...
 
 class CompareAndSwapRequest(_message.Message):
-    __slots__ = ("key", "expected_value", "new_value", "session", "expected_mod_revision")
+    __slots__ = ("key", "expected_value", "new_value", "session", "expected_mod_revision", "lease")
     KEY_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_VALUE_FIELD_NUMBER: _ClassVar[int]
     NEW_VALUE_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_MOD_REVISION_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
     key: str
     expected_value: str
     new_value: str
     session: Session
     expected_mod_revision: int
-    def __init__(self, key: _Optional[str] = ..., expected_value: _Optional[str] = ..., new_value: _Optional[str] = ..., session: _Optional[_Union[Session, _Mapping]] = ..., expected_mod_revision: _Optional[int] = ...) -> None: ...
+    lease: int
+    def __init__(self, key: _Optional[str] = ..., expected_value: _Optional[str] = ..., new_value: _Optional[str] = ..., session: _Optional[_Union[Session, _Mapping]] = ..., expected_mod_revision: _Optional[int] = ..., lease: _Optional[int] = ...) -> None: ...
 
 class CompareAndSwapResponse(_message.Message):
     __slots__ = ("success", "current_leader", "leader_address", "swapped", "current_value", "revision", "mod_revision")
@@ -706,3 +716,119 @@ class SnapshotChunk(_message.Message):
     cluster_id: str
     data: bytes
     def __init__(self, success: _Optional[bool] = ..., current_leader: _Optional[int] = ..., leader_address: _Optional[str] = ..., index: _Optional[int] = ..., term: _Optional[int] = ..., cluster_id: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class LeaseGrantRequest(_message.Message):
+    __slots__ = ("ttl", "id", "session")
+    TTL_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    ttl: int
+    id: int
+    session: Session
+    def __init__(self, ttl: _Optional[int] = ..., id: _Optional[int] = ..., session: _Optional[_Union[Session, _Mapping]] = ...) -> None: ...
+
+class LeaseGrantResponse(_message.Message):
+    __slots__ = ("success", "current_leader", "leader_address", "id", "ttl", "revision")
+    SUCCESS_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_LEADER_FIELD_NUMBER: _ClassVar[int]
+    LEADER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TTL_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    success: bool
+    current_leader: int
+    leader_address: str
+    id: int
+    ttl: int
+    revision: int
+    def __init__(self, success: _Optional[bool] = ..., current_leader: _Optional[int] = ..., leader_address: _Optional[str] = ..., id: _Optional[int] = ..., ttl: _Optional[int] = ..., revision: _Optional[int] = ...) -> None: ...
+
+class LeaseRevokeRequest(_message.Message):
+    __slots__ = ("id", "session")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    session: Session
+    def __init__(self, id: _Optional[int] = ..., session: _Optional[_Union[Session, _Mapping]] = ...) -> None: ...
+
+class LeaseRevokeResponse(_message.Message):
+    __slots__ = ("success", "current_leader", "leader_address", "deleted", "revision")
+    SUCCESS_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_LEADER_FIELD_NUMBER: _ClassVar[int]
+    LEADER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    success: bool
+    current_leader: int
+    leader_address: str
+    deleted: int
+    revision: int
+    def __init__(self, success: _Optional[bool] = ..., current_leader: _Optional[int] = ..., leader_address: _Optional[str] = ..., deleted: _Optional[int] = ..., revision: _Optional[int] = ...) -> None: ...
+
+class LeaseExpire(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class LeaseKeepAliveRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    def __init__(self, id: _Optional[int] = ...) -> None: ...
+
+class LeaseKeepAliveResponse(_message.Message):
+    __slots__ = ("success", "current_leader", "leader_address", "id", "ttl")
+    SUCCESS_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_LEADER_FIELD_NUMBER: _ClassVar[int]
+    LEADER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TTL_FIELD_NUMBER: _ClassVar[int]
+    success: bool
+    current_leader: int
+    leader_address: str
+    id: int
+    ttl: int
+    def __init__(self, success: _Optional[bool] = ..., current_leader: _Optional[int] = ..., leader_address: _Optional[str] = ..., id: _Optional[int] = ..., ttl: _Optional[int] = ...) -> None: ...
+
+class LeaseTimeToLiveRequest(_message.Message):
+    __slots__ = ("id", "keys")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    keys: bool
+    def __init__(self, id: _Optional[int] = ..., keys: _Optional[bool] = ...) -> None: ...
+
+class LeaseTimeToLiveResponse(_message.Message):
+    __slots__ = ("success", "current_leader", "leader_address", "id", "remaining", "granted_ttl", "keys")
+    SUCCESS_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_LEADER_FIELD_NUMBER: _ClassVar[int]
+    LEADER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_FIELD_NUMBER: _ClassVar[int]
+    GRANTED_TTL_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    success: bool
+    current_leader: int
+    leader_address: str
+    id: int
+    remaining: float
+    granted_ttl: int
+    keys: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, success: _Optional[bool] = ..., current_leader: _Optional[int] = ..., leader_address: _Optional[str] = ..., id: _Optional[int] = ..., remaining: _Optional[float] = ..., granted_ttl: _Optional[int] = ..., keys: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class LeaseLeasesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class LeaseLeasesResponse(_message.Message):
+    __slots__ = ("success", "current_leader", "leader_address", "ids")
+    SUCCESS_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_LEADER_FIELD_NUMBER: _ClassVar[int]
+    LEADER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    success: bool
+    current_leader: int
+    leader_address: str
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, success: _Optional[bool] = ..., current_leader: _Optional[int] = ..., leader_address: _Optional[str] = ..., ids: _Optional[_Iterable[int]] = ...) -> None: ...

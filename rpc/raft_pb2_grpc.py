@@ -426,6 +426,36 @@ class ClusterStub:
                 request_serializer=rpc_dot_raft__pb2.WatchRequest.SerializeToString,
                 response_deserializer=rpc_dot_raft__pb2.WatchResponse.FromString,
                 _registered_method=True)
+        self.LeaseGrant = channel.unary_unary(
+                '/Cluster/LeaseGrant',
+                request_serializer=rpc_dot_raft__pb2.LeaseGrantRequest.SerializeToString,
+                response_deserializer=rpc_dot_raft__pb2.LeaseGrantResponse.FromString,
+                _registered_method=True)
+        self.LeaseRevoke = channel.unary_unary(
+                '/Cluster/LeaseRevoke',
+                request_serializer=rpc_dot_raft__pb2.LeaseRevokeRequest.SerializeToString,
+                response_deserializer=rpc_dot_raft__pb2.LeaseRevokeResponse.FromString,
+                _registered_method=True)
+        self.LeaseKeepAlive = channel.unary_unary(
+                '/Cluster/LeaseKeepAlive',
+                request_serializer=rpc_dot_raft__pb2.LeaseKeepAliveRequest.SerializeToString,
+                response_deserializer=rpc_dot_raft__pb2.LeaseKeepAliveResponse.FromString,
+                _registered_method=True)
+        self.LeaseKeepAliveStream = channel.stream_stream(
+                '/Cluster/LeaseKeepAliveStream',
+                request_serializer=rpc_dot_raft__pb2.LeaseKeepAliveRequest.SerializeToString,
+                response_deserializer=rpc_dot_raft__pb2.LeaseKeepAliveResponse.FromString,
+                _registered_method=True)
+        self.LeaseTimeToLive = channel.unary_unary(
+                '/Cluster/LeaseTimeToLive',
+                request_serializer=rpc_dot_raft__pb2.LeaseTimeToLiveRequest.SerializeToString,
+                response_deserializer=rpc_dot_raft__pb2.LeaseTimeToLiveResponse.FromString,
+                _registered_method=True)
+        self.LeaseLeases = channel.unary_unary(
+                '/Cluster/LeaseLeases',
+                request_serializer=rpc_dot_raft__pb2.LeaseLeasesRequest.SerializeToString,
+                response_deserializer=rpc_dot_raft__pb2.LeaseLeasesResponse.FromString,
+                _registered_method=True)
 
 
 class ClusterServicer:
@@ -580,6 +610,50 @@ class ClusterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LeaseGrant(self, request, context):
+        """Added by raft-demo: leases (docs/coordination.md). A lease is granted with a TTL; keys put
+        with it go when it is revoked or expires. Grant and revoke are log entries (exactly-once
+        under a session); keepalive and time-to-live are answered only by the leader, once it has
+        confirmed it leads, from its own memory: a keepalive is not a log entry. A lease that does
+        not exist (never granted, revoked or expired): NOT_FOUND from keepalive and time-to-live,
+        FAILED_PRECONDITION from a write naming it (put, revoke). A grant of an id in use:
+        ALREADY_EXISTS; beyond the most leases the store holds: RESOURCE_EXHAUSTED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LeaseRevoke(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LeaseKeepAlive(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LeaseKeepAliveStream(self, request_iterator, context):
+        """Keepalives on one stream, as etcd's: one reply per request, in order, without a call each.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LeaseTimeToLive(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LeaseLeases(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClusterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -672,6 +746,36 @@ def add_ClusterServicer_to_server(servicer, server):
                     servicer.Watch,
                     request_deserializer=rpc_dot_raft__pb2.WatchRequest.FromString,
                     response_serializer=rpc_dot_raft__pb2.WatchResponse.SerializeToString,
+            ),
+            'LeaseGrant': grpc.unary_unary_rpc_method_handler(
+                    servicer.LeaseGrant,
+                    request_deserializer=rpc_dot_raft__pb2.LeaseGrantRequest.FromString,
+                    response_serializer=rpc_dot_raft__pb2.LeaseGrantResponse.SerializeToString,
+            ),
+            'LeaseRevoke': grpc.unary_unary_rpc_method_handler(
+                    servicer.LeaseRevoke,
+                    request_deserializer=rpc_dot_raft__pb2.LeaseRevokeRequest.FromString,
+                    response_serializer=rpc_dot_raft__pb2.LeaseRevokeResponse.SerializeToString,
+            ),
+            'LeaseKeepAlive': grpc.unary_unary_rpc_method_handler(
+                    servicer.LeaseKeepAlive,
+                    request_deserializer=rpc_dot_raft__pb2.LeaseKeepAliveRequest.FromString,
+                    response_serializer=rpc_dot_raft__pb2.LeaseKeepAliveResponse.SerializeToString,
+            ),
+            'LeaseKeepAliveStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.LeaseKeepAliveStream,
+                    request_deserializer=rpc_dot_raft__pb2.LeaseKeepAliveRequest.FromString,
+                    response_serializer=rpc_dot_raft__pb2.LeaseKeepAliveResponse.SerializeToString,
+            ),
+            'LeaseTimeToLive': grpc.unary_unary_rpc_method_handler(
+                    servicer.LeaseTimeToLive,
+                    request_deserializer=rpc_dot_raft__pb2.LeaseTimeToLiveRequest.FromString,
+                    response_serializer=rpc_dot_raft__pb2.LeaseTimeToLiveResponse.SerializeToString,
+            ),
+            'LeaseLeases': grpc.unary_unary_rpc_method_handler(
+                    servicer.LeaseLeases,
+                    request_deserializer=rpc_dot_raft__pb2.LeaseLeasesRequest.FromString,
+                    response_serializer=rpc_dot_raft__pb2.LeaseLeasesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1161,6 +1265,168 @@ class Cluster:
             '/Cluster/Watch',
             rpc_dot_raft__pb2.WatchRequest.SerializeToString,
             rpc_dot_raft__pb2.WatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LeaseGrant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/Cluster/LeaseGrant',
+            rpc_dot_raft__pb2.LeaseGrantRequest.SerializeToString,
+            rpc_dot_raft__pb2.LeaseGrantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LeaseRevoke(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/Cluster/LeaseRevoke',
+            rpc_dot_raft__pb2.LeaseRevokeRequest.SerializeToString,
+            rpc_dot_raft__pb2.LeaseRevokeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LeaseKeepAlive(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/Cluster/LeaseKeepAlive',
+            rpc_dot_raft__pb2.LeaseKeepAliveRequest.SerializeToString,
+            rpc_dot_raft__pb2.LeaseKeepAliveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LeaseKeepAliveStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/Cluster/LeaseKeepAliveStream',
+            rpc_dot_raft__pb2.LeaseKeepAliveRequest.SerializeToString,
+            rpc_dot_raft__pb2.LeaseKeepAliveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LeaseTimeToLive(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/Cluster/LeaseTimeToLive',
+            rpc_dot_raft__pb2.LeaseTimeToLiveRequest.SerializeToString,
+            rpc_dot_raft__pb2.LeaseTimeToLiveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LeaseLeases(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/Cluster/LeaseLeases',
+            rpc_dot_raft__pb2.LeaseLeasesRequest.SerializeToString,
+            rpc_dot_raft__pb2.LeaseLeasesResponse.FromString,
             options,
             channel_credentials,
             insecure,

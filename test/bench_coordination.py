@@ -4,7 +4,10 @@
 - range: one client reads the same 1,000 keys (a prefix) over and over, linearizable and stale
   (etcd: serializable); ranges per second and the median latency;
 - watch fan-out: 100 watchers of one prefix while 4 writers commit batches of 10 keys; changes
-  delivered per second across all watchers, from the first write to the last change received.
+  delivered per second across all watchers, from the first write to the last change received;
+- lease keepalives: 10,000 leases granted, then rounds of one keepalive for each on one stream
+  (etcd's LeaseKeepAlive; raft-demo's LeaseKeepAliveStream), and for raft-demo also as unary
+  calls, 64 at a time; how long a round for all takes and keepalives per second.
 
 Figures only: nothing here passes or fails on a timing."""
 
@@ -29,6 +32,57 @@ KEYS = 1000
 WATCHERS = 100
 BATCH = 10
 WRITERS = 4
+LEASES = 10_000
+# Grants (and unary keepalives) in flight at once, well within the 128 streams a node lets one
+# connection hold (streams just finished may still count for a moment).
+CONCURRENCY = 64
+LEASE_CHANNEL_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
+
+
+async def _grant_all(grant: Callable[[], Awaitable[int]]) -> tuple[list[int], float]:
+    """LEASES leases granted, CONCURRENCY at a time: their ids, and grants per second."""
+    ids: list[int] = []
+    left = [LEASES]
+    started = time.perf_counter()
+
+    async def granter() -> None:
+        while left[0] > 0:
+            left[0] -= 1
+            ids.append(await grant())
+
+    await asyncio.gather(*(granter() for _ in range(CONCURRENCY)))
+    return ids[:LEASES], LEASES / (time.perf_counter() - started)
+
+
+async def _keepalive_rounds(
+    open_stream: Callable[[], Any],
+    request: Callable[[int], Any],
+    alive: Callable[[Any], bool],
+    ids: list[int],
+    seconds: float,
+) -> tuple[int, float, float]:
+    """Rounds of one keepalive per lease on one stream (written while replies are read), for
+    `seconds` (at least one round): (rounds, median seconds a round, keepalives per second)."""
+    call = open_stream()
+    rounds: list[float] = []
+    started = time.perf_counter()
+    try:
+        while not rounds or time.perf_counter() - started < seconds:
+            begun = time.perf_counter()
+
+            async def write() -> None:
+                for lease_id in ids:
+                    await call.write(request(lease_id))
+
+            writer = asyncio.create_task(write())
+            for _ in ids:
+                reply = await call.read()
+                assert alive(reply), reply
+            await writer
+            rounds.append(time.perf_counter() - begun)
+    finally:
+        call.cancel()
+    return len(rounds), statistics.median(rounds), len(ids) / statistics.median(rounds)
 
 
 async def _timed(call: Callable[[], Awaitable[Any]], seconds: float) -> tuple[int, float, float]:
@@ -143,12 +197,52 @@ async def bench_raft_demo(nodes: int, seconds: float) -> dict[str, str]:
                 batches, delivered, rate = await _fan_out(
                     open_watch, lambda m: len(m.events), write, seconds
                 )
+                figures[f"watch fan-out, {WATCHERS} watchers"] = (
+                    f"{rate:7.0f} changes/s delivered  ({delivered} changes, {batches} batches "
+                    f"of {BATCH})"
+                )
+
             finally:
                 await channel.close()
-            figures[f"watch fan-out, {WATCHERS} watchers"] = (
-                f"{rate:7.0f} changes/s delivered  ({delivered} changes, {batches} batches "
-                f"of {BATCH})"
-            )
+            # A connection of its own: the watches' streams may still be closing on the other.
+            channel = grpc.aio.insecure_channel(leader, options=LEASE_CHANNEL_OPTIONS)
+            try:
+                stub = raft_pb2_grpc.ClusterStub(channel)
+
+                async def grant() -> int:
+                    reply = await stub.LeaseGrant(raft_pb2.LeaseGrantRequest(ttl=600), timeout=30)
+                    return int(reply.id)
+
+                ids, grants = await _grant_all(grant)
+                figures[f"lease grants ({LEASES})"] = f"{grants:7.0f}/s"
+                n, median, rate = await _keepalive_rounds(
+                    stub.LeaseKeepAliveStream,
+                    lambda i: raft_pb2.LeaseKeepAliveRequest(id=i),
+                    lambda reply: reply.ttl == 600,
+                    ids,
+                    seconds,
+                )
+                figures[f"keepalive {LEASES} leases, stream"] = (
+                    f"{rate:7.0f}/s  a round {median * 1000:6.0f} ms  ({n} rounds)"
+                )
+                queue = list(ids)
+                begun = time.perf_counter()
+
+                async def keeper() -> None:
+                    while queue:
+                        lease_id = queue.pop()
+                        reply = await stub.LeaseKeepAlive(
+                            raft_pb2.LeaseKeepAliveRequest(id=lease_id), timeout=30
+                        )
+                        assert reply.ttl == 600
+
+                await asyncio.gather(*(keeper() for _ in range(CONCURRENCY)))
+                took = time.perf_counter() - begun
+                figures[f"keepalive {LEASES} leases, unary x{CONCURRENCY}"] = (
+                    f"{LEASES / took:7.0f}/s  a round {took * 1000:6.0f} ms  (1 round)"
+                )
+            finally:
+                await channel.close()
     return figures
 
 
@@ -222,6 +316,35 @@ async def bench_etcd(nodes: int, seconds: float) -> dict[str, str]:
             figures[f"watch fan-out, {WATCHERS} watchers"] = (
                 f"{rate:7.0f} changes/s delivered  ({delivered} changes, {batches} batches "
                 f"of {BATCH})"
+            )
+            await channel.close()
+            channel = grpc.aio.insecure_channel(leader, options=LEASE_CHANNEL_OPTIONS)
+            lease_grant = channel.unary_unary(
+                "/etcdserverpb.Lease/LeaseGrant",
+                request_serializer=kv.LeaseGrantRequest.SerializeToString,
+                response_deserializer=kv.LeaseGrantResponse.FromString,
+            )
+            keepalive = channel.stream_stream(
+                "/etcdserverpb.Lease/LeaseKeepAlive",
+                request_serializer=kv.LeaseKeepAliveRequest.SerializeToString,
+                response_deserializer=kv.LeaseKeepAliveResponse.FromString,
+            )
+
+            async def grant() -> int:
+                reply = await lease_grant(kv.LeaseGrantRequest(TTL=600), timeout=30)
+                return int(reply.ID)
+
+            ids, grants = await _grant_all(grant)
+            figures[f"lease grants ({LEASES})"] = f"{grants:7.0f}/s"
+            n, median, rate = await _keepalive_rounds(
+                keepalive,
+                lambda i: kv.LeaseKeepAliveRequest(ID=i),
+                lambda reply: reply.TTL == 600,
+                ids,
+                seconds,
+            )
+            figures[f"keepalive {LEASES} leases, stream"] = (
+                f"{rate:7.0f}/s  a round {median * 1000:6.0f} ms  ({n} rounds)"
             )
         finally:
             await channel.close()

@@ -5,6 +5,8 @@ compare-and-swap and delete; the recorded history must be linearizable and lose 
 `python -m test.test_harness faults --duration S --seed N` and used by test/test_faults.py; with
 `membership=True` (`faults --membership`) the nemesis also grows, shrinks and replaces members.
 `RecordedLoad` is the same workload and checks without a nemesis, for the membership scenarios.
+With `locks=N`, N more clients take one lock in turn (test/lock_workload.py), and the run also
+checks that no two of them were ever inside at once.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from test import linearizability
 from test.cluster_process import ClusterTls, HostCluster, LocalCluster
 from test.fault_watch import WatchRecorder
 from test.linearizability import CheckResult, History, Operation
+from test.lock_workload import LockWorkload, check_sections
 from test.nemesis import (
     FAULT_KINDS,
     MEMBERSHIP_KINDS,
@@ -98,6 +101,8 @@ class SuiteOptions:
     membership: bool = False
     # Mutual TLS with a CA of the peers' own, and client certificates required.
     tls: bool = False
+    # Clients taking one lock in turn, besides the key-value clients (test/lock_workload.py).
+    locks: int = 0
     work_dir: Path | None = None
     history_dir: Path | None = None
     say: Callable[[str], None] = print
@@ -126,6 +131,9 @@ class SuiteResult:
     # What the watchers (one per node, one through the library) were sent, and what was wrong.
     watch_summary: str = ""
     watch_problems: list[str] = field(default_factory=list)
+    # With SuiteOptions.locks: the lock clients' record, and what breaks mutual exclusion in it.
+    locks: LockWorkload | None = None
+    lock_problems: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -135,6 +143,7 @@ class SuiteResult:
             and not self.diverged
             and not self.membership_problems
             and not self.watch_problems
+            and not self.lock_problems
         )
 
 
@@ -748,6 +757,14 @@ async def run_suite(options: SuiteOptions) -> SuiteResult:
             asyncio.create_task(workload.client_loop(i, c, stop_clients))
             for i, c in enumerate(workers)
         ]
+        locks = LockWorkload(clock, random.Random(rng.random())) if options.locks else None
+        if locks is not None:
+            lockers = [cluster.client(deadline=options.op_deadline) for _ in range(options.locks)]
+            clients.extend(lockers)
+            tasks += [
+                asyncio.create_task(locks.client_loop(i, c, stop_clients))
+                for i, c in enumerate(lockers)
+            ]
         faults_task = asyncio.create_task(nemesis.run(stop_faults))
         try:
             await _wait_or_fail(tasks + [faults_task], options.duration)
@@ -801,6 +818,8 @@ async def run_suite(options: SuiteOptions) -> SuiteResult:
             members=list(cluster.node_ids),
             watch_summary=watches.summary(),
             watch_problems=watch_problems,
+            locks=locks,
+            lock_problems=[] if locks is None else check_sections(locks.sections),
         )
         if not result.ok:
             result.history_file = save_history(result)
@@ -901,6 +920,8 @@ def _report(result: SuiteResult, workload: _Workload, start: float, end: float) 
             "watches: every watcher was sent every change, in order, once, agreeing with the "
             "acknowledged puts and the final values"
         )
+    if result.locks is not None:
+        lines.extend(result.locks.report())
     lines.append(f"history: {result.check.report()}")
     lines.append(f"verdict: {'PASS' if result.ok else 'FAIL'}")
     if result.history_file is not None:

@@ -137,6 +137,8 @@ class Invariants:
         self.config_changes = 0
         # Revisions and watches: every node's changes against the committed log's (sim_watch.py).
         self.watches = WatchHistory(fail)
+        # Told of each entry the first time any node applies it (so: committed), in index order.
+        self.first_applied: list[Callable[[raft_pb2.LogEntry], None]] = []
 
     def config_of(self, entry: raft_pb2.LogEntry) -> Membership:
         key = (entry.index, entry.term)
@@ -240,6 +242,8 @@ class Invariants:
         term = node.current_term if node is not None else entry.term
         if earlier is None:
             self.watches.committed(entry)
+            for hook in self.first_applied:
+                hook(entry)
             self.committed[index] = (entry.term, command)
             self.commit_term[index] = term
             self.applied_by[index] = node_id

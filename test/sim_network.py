@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from cluster_config import NodeAddress
+from cluster_leases import on_leader
 from membership import ChangeInProgressError, MembershipError
 from node_types import put_entry
 from raft_node import (
@@ -130,11 +131,17 @@ _FROM_LEADERS = (
 )
 
 
+# The keys the simulation's lease client puts start with this.
+LEASE_KEY_PREFIX = "lease/"
+
+
 @dataclass(frozen=True)
 class ClientOp:
     """One request: "put" (the seed's, no session), "get", "range" (every key), or with a session "put-many",
     "delete", "cas" (expected None: absent) and "register"; or the operator's "add-member" and
-    "remove-member" of node `member` (an add waits for the promotion to voter with `wait`)."""
+    "remove-member" of node `member` (an add waits for the promotion to voter with `wait`); or
+    the leases' "lease-grant" (of `ttl` seconds), "lease-put" (`key`=`value` with `lease`) and
+    "keepalive" (of `lease`, answered by the leader as the Cluster service does)."""
 
     kind: str
     key: str = ""
@@ -144,6 +151,8 @@ class ClientOp:
     session: SessionNumbers | None = None
     member: int = 0
     wait: bool = False
+    lease: int = 0
+    ttl: int = 0
 
     def command(self) -> raft_pb2.Command:
         if self.kind == "register":
@@ -579,11 +588,30 @@ class Network:
                 reply = ClientReply(
                     "expired" if isinstance(result, SessionExpired) else "ok", result=result
                 )
+            elif op.kind == "lease-grant":
+                grant = raft_pb2.LeaseGrantRequest(ttl=op.ttl)
+                reply = ClientReply(
+                    "ok", result=await node.propose(raft_pb2.Command(lease_grant=grant))
+                )
+            elif op.kind == "lease-put":
+                assert op.value is not None
+                mapping = raft_pb2.Mapping(key=op.key, value=op.value, lease=op.lease)
+                command = raft_pb2.Command(put=raft_pb2.MappingBatch(mappings=[mapping]))
+                reply = ClientReply("ok", result=await node.propose(command))
+            elif op.kind == "keepalive":
+                lease_id = op.lease
+                ttl = await on_leader(
+                    node, lambda keeper, arrived: keeper.keep_alive(lease_id, arrived)
+                )
+                reply = ClientReply("ok" if ttl is not None else "gone", result=ttl)
             elif op.kind == "range":
-                # Every key in order, through the same read path as a get.
+                # Every key in order, through the same read path as a get; the lease client's
+                # keys (test/sim_leases.py) are not the linearizability checker's business.
                 pairs = await node.reads.linearizable(
                     lambda m: tuple(
-                        (kv.key, kv.value) for kv in m.range("", None, 1000, 1 << 30).kvs
+                        (kv.key, kv.value)
+                        for kv in m.range("", None, 1000, 1 << 30).kvs
+                        if not kv.key.startswith(LEASE_KEY_PREFIX)
                     ),
                     "range",
                 )

@@ -33,6 +33,7 @@ from test.sim_faults import (
     FaultInjector,
     MembershipChanges,
 )
+from test.sim_leases import LeaseClient, LeaseRecord
 from test.sim_loop import SimulationStalled, Trace, TraceHandler, VirtualTimeLoop
 from test.sim_network import ClientOp, ClientReply
 from test.sim_world import World
@@ -99,7 +100,12 @@ class RunResult:
 
 
 def replay_command(
-    seed: int, nodes: int, ops: int, variant: str | None, membership: bool = True
+    seed: int,
+    nodes: int,
+    ops: int,
+    variant: str | None,
+    membership: bool = True,
+    leases: bool = False,
 ) -> str:
     command = f"python -m test.simulation --seed {seed} --verbose"
     if nodes != 5:
@@ -108,6 +114,8 @@ def replay_command(
         command += f" --ops {ops}"
     if not membership:
         command += " --no-membership"
+    if leases:
+        command += " --leases"
     if variant is not None:
         command += f" --variant {variant}"
     return command
@@ -353,8 +361,10 @@ class Simulation:
         out: TextIO | None = None,
         variant: str | None = None,
         membership: bool = True,
+        leases: bool = False,
     ) -> None:
         self.seed = seed
+        self.leases = leases
         self.variant = variant
         self.nodes = nodes
         self.ops = ops
@@ -498,6 +508,18 @@ class Simulation:
         world.network.client_drop = 0.01
         clients = [Client(self, i) for i in range(1, CLIENTS + 1)]
         running = [self.loop.create_task(c.run()) for c in clients]
+        leases = LeaseRecord(self.loop.time, world.fail) if self.leases else None
+        if leases is not None:
+            world.invariants.first_applied.append(leases.first_applied)
+            lease_client = LeaseClient(
+                leases,
+                self.loop,
+                world.network.client_call,
+                world.member_ids,
+                self.seed,
+                lambda: self.issuing,
+            )
+            running.append(self.loop.create_task(lease_client.run()))
         try:
             async with asyncio.timeout(FAULT_PHASE_LIMIT):
                 await self._enough.wait()
@@ -530,6 +552,7 @@ class Simulation:
             settled + LEADER_BOUND,
             f"no stable leader within {LEADER_BOUND:g} s after the faults stopped",
         )
+        leader_from = self.loop.time()
         deadline = settled + LIVENESS_BOUND
         await asyncio.gather(*(c.until_ok("put", deadline) for c in clients))
         await asyncio.gather(*(c.until_ok("get", deadline) for c in clients))
@@ -540,10 +563,23 @@ class Simulation:
             f"committed) within {LIVENESS_BOUND:g} s after the faults stopped",
         )
         trace.event("sim", "all nodes caught up; final checks")
+        if leases is not None:
+            # Nobody keeps a lease alive any more: give the leader time to expire them all.
+            # (A little past the bound, so that a lease still there is certainly late.)
+            await asyncio.sleep(
+                max(0.0, leader_from + leases.settle_time() + 0.1 - self.loop.time())
+            )
         leader_id = self._stable_leader()
         assert leader_id is not None
         leader = world.hosts[leader_id].node
         assert leader is not None
+        if leases is not None:
+            leases.check_final(leader.state_machine, leader_from)
+            trace.event(
+                "sim",
+                f"leases: {len(leases.leases)} granted, {leases.keepalives} keepalives "
+                f"acknowledged, {leases.expired} expired; none early, none late",
+            )
         members = [world.hosts[i] for i in leader.config.members]
         world.invariants.check_final(
             leader_id,
@@ -673,14 +709,16 @@ def run_seed(
     variant: str | None = None,
     out: TextIO | None = None,
     membership: bool = True,
+    leases: bool = False,
 ) -> RunResult:
     """Run one seed (with a broken variant of the node, if named; without membership changes,
-    if asked) and return what happened."""
+    if asked; with a lease client, if asked) and return what happened."""
     with sim_variants.applied(variant):
-        result = Simulation(seed, nodes, ops, verbose, out, variant, membership).run()
+        result = Simulation(seed, nodes, ops, verbose, out, variant, membership, leases).run()
     result.variant = variant
     if not result.ok:
-        result.report += f"\nreplay: {replay_command(seed, nodes, ops, variant, membership)}"
+        replay = replay_command(seed, nodes, ops, variant, membership, leases)
+        result.report += f"\nreplay: {replay}"
     return result
 
 
@@ -865,6 +903,11 @@ def main(argv: list[str] | None = None) -> int:
         help="change no membership (the cluster keeps the nodes it started with)",
     )
     parser.add_argument(
+        "--leases",
+        action="store_true",
+        help="also run a client of leases, and check that none expires early or late",
+    )
+    parser.add_argument(
         "--variant",
         choices=sorted(sim_variants.VARIANTS),
         help="run a deliberately broken node, to see the checks catch it",
@@ -885,6 +928,7 @@ def main(argv: list[str] | None = None) -> int:
             args.verbose,
             args.variant,
             membership=not args.no_membership,
+            leases=args.leases,
         )
         if not result.ok:
             print(result.report)

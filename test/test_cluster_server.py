@@ -90,6 +90,16 @@ class FakeNode:
     def reads(self) -> FakeNode:
         return self
 
+    @property
+    def is_leader(self) -> bool:
+        return self.role == "leader"
+
+    # Lease calls are tested against real nodes (test_leases.py).
+    leadership: Any = None
+
+    async def leader_query(self, query: Any) -> Any:
+        return query(self.state_machine)
+
     async def linearizable(self, query: Any, what: str) -> Any:
         self.linearizable_reads += 1
         if self.read_refusal is not None:

@@ -27,6 +27,7 @@ from test.fault_suite import (
 )
 from test.fault_watch import LIBRARY, Change, _Watcher, check_watchers
 from test.linearizability import CheckResult, History, Kind
+from test.lock_workload import Section, check_sections
 from test.nemesis import FAULT_KINDS, NAME_PREFIX, NemesisTiming, namespaces_available, sweep_stale
 
 REPO = Path(__file__).resolve().parent.parent
@@ -262,6 +263,49 @@ async def test_stale_reads_from_an_isolated_leader_are_reported_not_linearizable
     assert result.check.window, "a violation comes with its failing window"
     assert result.history_file is not None and result.history_file.exists()
     assert "not linearizable" in result.report
+
+
+def test_lock_sections_that_overlap_or_whose_tokens_fall_are_reported() -> None:
+    fine = [Section(1, 10, 5, 0.0, 1.0, False), Section(2, 14, 6, 1.0, 2.0, True)]
+    assert check_sections(fine) == []
+    overlapping = [Section(1, 10, 5, 0.0, 1.0, False), Section(2, 14, 6, 0.9, 2.0, False)]
+    (problem,) = check_sections(overlapping)
+    assert "overlap" in problem
+    falling = [Section(1, 10, 5, 0.0, 1.0, False), Section(2, 9, 6, 1.5, 2.0, False)]
+    (problem,) = check_sections(falling)
+    assert "no higher token" in problem
+    late = [Section(1, 10, 5, 1.0, 0.5, True)]
+    assert check_sections(late) == [
+        "client 1's section with token 10 (1.000-0.500 s) ended before it started"
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+async def test_lock_holders_under_faults_are_never_inside_at_once(tmp_path: Path) -> None:
+    """Clients taking one lock in turn while leaders die, nodes pause and the network splits: every
+    critical section (cut where its holder's own lease reckoning ends) disjoint from every other,
+    fencing tokens rising (test/lock_workload.py states the check)."""
+    result = await run_suite(
+        SuiteOptions(
+            duration=30,
+            seed=SEED,
+            clients=3,
+            locks=4,
+            faults=["kill-leader", "pause", "isolate-leader", "partition"],
+            timing=CI_TIMING,
+            history_dir=tmp_path,
+            work_dir=tmp_path / "run",
+            say=lambda text: print(text, flush=True),
+        )
+    )
+    print(result.report)
+    assert result.locks is not None
+    assert not result.lock_problems, _explain(result)
+    assert result.ok, _explain(result)
+    # Enough turns, and enough of them across faults, for the check to mean something.
+    assert len(result.locks.sections) >= 10, _explain(result)
+    assert len({s.client for s in result.locks.sections}) >= 2
 
 
 @pytest.mark.slow

@@ -512,6 +512,8 @@ class Options:
     duration: float = 300.0
     seed: int = 0
     membership: bool = False
+    # Clients taking one lock in turn, checked for mutual exclusion (test/lock_workload.py).
+    locks: int = 0
     # Every node, client and probe under TLS (mutual between peers, client certificates
     # required) with certificates made for the run.
     tls: ClusterTls | None = None
@@ -541,6 +543,7 @@ async def run_faults(options: Options) -> bool:
             say=say,
             membership=options.membership,
             tls=options.tls is not None,
+            locks=options.locks,
         )
     )
     print(result.report, flush=True)
@@ -683,6 +686,13 @@ def main(argv: list[str] | None = None) -> int:
         "--seed", type=int, default=0, help="faults: the seed that decides every fault (default 0)"
     )
     parser.add_argument(
+        "--locks",
+        type=int,
+        default=0,
+        metavar="N",
+        help="faults: also N clients taking one lock in turn, checked for mutual exclusion",
+    )
+    parser.add_argument(
         "--membership",
         action="store_true",
         help="faults: also grow, shrink and replace members and bring a follower back by "
@@ -744,6 +754,8 @@ def main(argv: list[str] | None = None) -> int:
         _fail("--peer-ca goes with --tls")
     if not args.duration > 0:
         _fail(f"--duration must be a positive number of seconds, not {args.duration:g}")
+    if not 0 <= args.locks <= 100:
+        _fail(f"--locks must be 0 to 100 clients, not {args.locks}")
     if not 1 <= args.nodes <= 99:
         _fail(f"--nodes must be between 1 and 99, not {args.nodes}")
     if not 0 <= args.first_port <= 65535 - 2 * args.nodes + 1:
@@ -771,7 +783,9 @@ def main(argv: list[str] | None = None) -> int:
             _fail(f"cannot create data dir {root}: {e.strerror}")
     else:
         root = Path(tempfile.mkdtemp(prefix="raft-demo-harness-"))
-    options = Options(args.nodes, first_port, root, args.duration, args.seed, args.membership)
+    options = Options(
+        args.nodes, first_port, root, args.duration, args.seed, args.membership, locks=args.locks
+    )
     if args.tls:
         options.tls = ClusterTls.create(root / "tls", peer_ca=args.peer_ca)
         print(f"TLS: certificates in {options.tls.directory}; peers and clients must present one")

@@ -224,3 +224,18 @@ def test_a_crash_while_a_follower_replaces_conflicting_entries_leaves_a_sound_lo
 ) -> None:
     result = run_seed(seed, membership=False)
     assert result.ok, result.report
+
+
+def test_leases_expire_neither_early_nor_late_through_the_faults() -> None:
+    """A lease client (test/sim_leases.py) beside the others: no lease expires before its TTL since
+    the send of its last acknowledged keepalive, across leader changes, partitions and crashes;
+    once quiet, every abandoned lease goes within its TTL and a tick of a stable leader."""
+    for seed in range(4):
+        result = run_seed(seed, leases=True)
+        assert result.ok, result.report
+
+
+@pytest.mark.slow
+def test_leases_hold_their_bounds_over_more_seeds() -> None:
+    failed = [r for r in (run_seed(seed, leases=True) for seed in range(4, 40)) if not r.ok]
+    assert not failed, "\n\n".join(r.report for r in failed[:2])
