@@ -11,15 +11,15 @@ from typing import Any, cast
 import grpc
 import pytest
 
+from cluster_batch import MAX_CALL_OPS
 from cluster_config import NodeAddress
-from cluster_server import (
+from cluster_requests import (
     MAX_BATCH_BYTES,
     MAX_BATCH_MAPPINGS,
-    MAX_CALL_OPS,
     MAX_KEY_BYTES,
     MAX_VALUE_BYTES,
-    ClusterServicer,
 )
+from cluster_server import ClusterServicer
 from membership import ChangeInProgressError, Membership, MembershipError
 from node_events import EventNarrator
 from node_status import NodeStatus, PeerStatus

@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from cluster_client import RequestRejectedError
-from cluster_server import MAX_RANGE_LIMIT
+from cluster_ranges import MAX_RANGE_LIMIT
 from rpc import raft_pb2
 from test.cluster_process import LocalCluster
 from test.conftest import run_script
