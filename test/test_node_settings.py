@@ -20,7 +20,7 @@ from typing import Any, cast
 
 import pytest
 
-import node_daemon
+import node_flags
 import node_settings
 from cluster_config import ClusterConfig
 from raft_node import HANDOVER_TIMEOUTS, _Narrator
@@ -46,7 +46,7 @@ def write(path: Path, text: str) -> Path:
 
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:
-    return node_daemon._parse_args(list(argv))
+    return node_flags.parse_node_args(list(argv))
 
 
 def refused(argv: Sequence[str], capsys: pytest.CaptureFixture[str]) -> str:
@@ -120,7 +120,7 @@ def test_every_flag_reads_alike_from_every_source(
 ) -> None:
     """Whatever flags the parser has, each takes a value from the environment and the file
     exactly as from the command line: the same result, or the same refusal."""
-    parser = node_daemon._build_parser()
+    parser = node_flags.build_parser()
     actions = [
         a
         for a in parser._actions
