@@ -13,6 +13,7 @@ import grpc
 from lease_keeper import LeaseKeeper
 from leases import MAX_LEASE_TTL, LeaseGranted, LeaseRevoked
 from node_types import MAX_WIRE_NUMBER, NotLeaderError, OverloadedError, UnavailableError
+from raft_server import Malformed
 from rpc import raft_pb2
 from state_machine import ApplyResult, KeyValueStateMachine
 
@@ -213,6 +214,8 @@ class LeaseServicer:
         async def read() -> None:
             try:
                 async for request in requests:
+                    if isinstance(request, Malformed):
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
                     problem = _lease_id_problem(request.id)
                     if problem is not None:
                         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)

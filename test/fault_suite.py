@@ -34,6 +34,7 @@ from cluster_client import (
 )
 from test import linearizability
 from test.cluster_process import ClusterTls, HostCluster, LocalCluster
+from test.fault_leases import LeaseProbe
 from test.fault_watch import WatchRecorder
 from test.linearizability import CheckResult, History, Operation
 from test.lock_workload import LockWorkload, check_sections
@@ -131,6 +132,9 @@ class SuiteResult:
     # What the watchers (one per node, one through the library) were sent, and what was wrong.
     watch_summary: str = ""
     watch_problems: list[str] = field(default_factory=list)
+    # Leases kept alive and abandoned through the faults, and what broke their promises.
+    lease_summary: str = ""
+    lease_problems: list[str] = field(default_factory=list)
     # With SuiteOptions.locks: the lock clients' record, and what breaks mutual exclusion in it.
     locks: LockWorkload | None = None
     lock_problems: list[str] = field(default_factory=list)
@@ -143,6 +147,7 @@ class SuiteResult:
             and not self.diverged
             and not self.membership_problems
             and not self.watch_problems
+            and not self.lease_problems
             and not self.lock_problems
         )
 
@@ -701,6 +706,7 @@ async def run_suite(options: SuiteOptions) -> SuiteResult:
     cluster: HostCluster | None = None
     clients: list[Client] = []
     watches: WatchRecorder | None = None
+    leases: LeaseProbe | None = None
     try:
         cluster = HostCluster(
             network.config,
@@ -749,6 +755,10 @@ async def run_suite(options: SuiteOptions) -> SuiteResult:
         workload = _Workload(history, keys, nemesis, options, random.Random(rng.random()))
         watches = WatchRecorder(cluster, cluster.client(deadline=LEADER_TIMEOUT))
         watches.start()
+        probe_client = cluster.client(deadline=LEADER_TIMEOUT)
+        clients.append(probe_client)
+        leases = LeaseProbe(probe_client)
+        await leases.start()
         workers = [cluster.client(deadline=options.op_deadline) for _ in range(options.clients)]
         clients.extend(workers)
         stop_clients, stop_faults = asyncio.Event(), asyncio.Event()
@@ -800,6 +810,7 @@ async def run_suite(options: SuiteOptions) -> SuiteResult:
         last = await marker.propose_mapping(WATCH_MARKER, "end")
         watch_problems = await watches.finish(last, WATCH_CATCH_UP)
         watch_problems += watches.check(workload.put_revisions, final)
+        lease_summary, lease_problems = leases.check(watches.deleted_at)
         say(f"[{clock():6.1f}s] checking {len(history)} operations")
         verdict = linearizability.check(history, max_steps=CHECK_MAX_STEPS)
         lost = unreadable + lost_writes(history, final)
@@ -818,6 +829,8 @@ async def run_suite(options: SuiteOptions) -> SuiteResult:
             members=list(cluster.node_ids),
             watch_summary=watches.summary(),
             watch_problems=watch_problems,
+            lease_summary=lease_summary,
+            lease_problems=lease_problems,
             locks=locks,
             lock_problems=[] if locks is None else check_sections(locks.sections),
         )
@@ -826,6 +839,8 @@ async def run_suite(options: SuiteOptions) -> SuiteResult:
         result.report = _report(result, workload, work_started, work_ended)
         return result
     finally:
+        if leases is not None:
+            await leases.close()
         if watches is not None:
             await watches.close()
         for client in clients:
@@ -922,6 +937,10 @@ def _report(result: SuiteResult, workload: _Workload, start: float, end: float) 
         )
     if result.locks is not None:
         lines.extend(result.locks.report())
+    lines.append(f"leases: {result.lease_summary}")
+    if result.lease_problems:
+        lines.append(f"LEASE problems: {len(result.lease_problems)}")
+        lines.extend(f"  {problem}" for problem in result.lease_problems)
     lines.append(f"history: {result.check.report()}")
     lines.append(f"verdict: {'PASS' if result.ok else 'FAIL'}")
     if result.history_file is not None:

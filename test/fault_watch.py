@@ -58,6 +58,8 @@ class WatchRecorder:
         self._watchers: dict[str, _Watcher] = {LIBRARY: _Watcher(LIBRARY, library)}
         self._tasks: list[asyncio.Task[None]] = []
         self._nodes: dict[str, int] = {}
+        # When a watcher was first sent each key's first delete (loop time), for the lease probe.
+        self.deleted_at: dict[str, float] = {}
         tls = cluster.tls.client_config() if cluster.tls is not None else None
         for node_id in cluster.node_ids:
             name = f"node {node_id}"
@@ -83,6 +85,8 @@ class WatchRecorder:
                     watcher.runs[-1].append(
                         Change(event.revision, event.key, event.type, event.value)
                     )
+                    if event.type == "delete" and event.key not in self.deleted_at:
+                        self.deleted_at[event.key] = asyncio.get_running_loop().time()
             except WatchCompactedError:
                 # Explicit, as promised: what this node missed is no longer kept. Go on from now
                 # in a new run (checked on its own).

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from cluster_client import KeptLease
+from test.fault_leases import PROBE_TTL, LeaseProbe, _Abandoned, _Kept
 from test.fault_suite import (
     FINAL_CLIENT,
     SuiteOptions,
@@ -171,6 +173,46 @@ def test_each_broken_promise_of_watch_is_reported(
     complaint: str,
 ) -> None:
     problems = check_watchers([_watcher(LIBRARY, _SEEN), _watcher("node 1", seen)], puts, final)
+    assert any(complaint in p for p in problems), problems
+
+
+# -- the lease check on its own ----------------------------------------------------------------------
+
+
+def _probe(kept_expiry: list[tuple[float, float]], abandoned_sent: float) -> LeaseProbe:
+    """A probe with one kept lease (its reckoning sampled at these times) and one abandoned."""
+    probe = LeaseProbe(None)  # type: ignore[arg-type]
+    lease = KeptLease(7, PROBE_TTL)
+    probe._kept.append(_Kept("lease-kept-0", lease, kept_expiry))
+    probe._abandoned.append(_Abandoned("lease-abandoned-0", 8, abandoned_sent))
+    return probe
+
+
+def test_leases_that_kept_their_promises_pass() -> None:
+    probe = _probe([(10.0, 14.0), (11.0, 15.0), (12.0, 15.0)], abandoned_sent=10.0)
+    # The kept lease lost its keepalives at 15.0 and went at 15.4; the abandoned one after its TTL.
+    summary, problems = probe.check({"lease-kept-0": 15.4, "lease-abandoned-0": 14.6})
+    assert problems == []
+    assert "expired 0.60 to 0.60 s after their TTL" in summary
+
+
+@pytest.mark.parametrize(
+    "deleted, complaint",
+    [
+        (
+            {"lease-kept-0": 11.5, "lease-abandoned-0": 14.6},
+            "deleted 3.50 s before its acknowledged",
+        ),
+        ({"lease-abandoned-0": 13.0}, "deleted 1.00 s before its TTL had passed"),
+        ({}, "lease-abandoned-0 (lease 8, abandoned) was never deleted"),
+    ],
+    ids=["kept lease expired early", "abandoned lease expired early", "abandoned lease never"],
+)
+def test_each_broken_promise_of_a_lease_is_reported(
+    deleted: dict[str, float], complaint: str
+) -> None:
+    probe = _probe([(10.0, 14.0), (11.0, 15.0)], abandoned_sent=10.0)
+    _, problems = probe.check(deleted)
     assert any(complaint in p for p in problems), problems
 
 

@@ -188,6 +188,29 @@ async def test_only_the_leader_answers_keepalives_and_a_stream_keeps_many(
             await client.revoke_lease(lease_id)
 
 
+async def test_a_keepalive_stream_of_bytes_that_parse_as_nothing_is_refused(
+    cluster: LocalCluster,
+) -> None:
+    leader = await cluster.wait_for_leader()
+    address = cluster.client_address(leader)
+    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        stream = channel.stream_stream(
+            "/Cluster/LeaseKeepAliveStream",
+            request_serializer=lambda b: b,
+            response_deserializer=lambda b: b,
+        )
+        call = stream(timeout=10)
+        # A field number 1 tagged as a 64-bit fixed value, cut short: no protobuf parser takes it.
+        await call.write(b"\x09\x01")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in call:
+                pass
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "does not parse" in (caught.value.details() or "")
+    async with cluster.client() as client:
+        await client.propose_mapping("after-garbage", "fine")  # the node serves on
+
+
 @pytest.mark.slow
 async def test_a_leader_s_death_keeps_a_kept_lease_and_expires_an_abandoned_one_in_bound(
     cluster: LocalCluster,
