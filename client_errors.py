@@ -126,7 +126,7 @@ class ClientCore:
             only: list[str] | None = None,
             *,
             deadline: float | None = None,
-            refused: Callable[[str], ClientError] = SessionExpiredError,
+            refused: Callable[[str], ClientError] = ...,
             busy_retries: int = 0,
         ) -> _T: ...
 

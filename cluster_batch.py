@@ -11,25 +11,24 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import grpc
 
-from cluster_leases import lease_problem
 from cluster_requests import (
     batch_problem,
     delete_reply,
     get_reply,
     key_problem,
-    lease_status,
+    lease_problem,
     put_reply,
+    read_failure,
     redirect,
     session_problem,
     value_problem,
     without_mapping_sessions,
+    write_failure,
 )
 from leases import LeaseRefused
 from node_types import (
-    CommitUnknownError,
     NotLeaderError,
     OverloadedError,
-    UnavailableError,
     put_entry,
 )
 from rpc import raft_pb2
@@ -113,7 +112,7 @@ class BatchServicer:
             if isinstance(outcome, NotLeaderError):
                 redirect(reply, outcome)
             elif isinstance(outcome, (Exception, SessionExpired, LeaseRefused)):
-                code, details = _write_failure(outcome)
+                code, details = write_failure(outcome)
                 result.code = code.value[0]
                 result.details = details
             elif which == "delete":
@@ -137,7 +136,7 @@ class BatchServicer:
             if isinstance(reply, BaseException):
                 if not isinstance(reply, Exception):
                     raise reply
-                code, details = _read_failure(reply)
+                code, details = read_failure(reply)
                 result.code = code.value[0]
                 result.details = details
                 continue
@@ -176,27 +175,3 @@ def _op_entry(op: raft_pb2.BatchOp, which: str) -> raft_pb2.LogEntry:
     else:
         command = raft_pb2.Command(delete=op.delete)
     return raft_pb2.LogEntry(kind=raft_pb2.ENTRY_KIND_COMMAND, command=command)
-
-
-def _write_failure(
-    outcome: Exception | SessionExpired | LeaseRefused,
-) -> tuple[grpc.StatusCode, str]:
-    """The status a write's own call ends with when it was not done (or not known to be)."""
-    if isinstance(outcome, LeaseRefused):
-        return lease_status(outcome), outcome.reason
-    if isinstance(outcome, SessionExpired):
-        return grpc.StatusCode.FAILED_PRECONDITION, outcome.reason
-    if isinstance(outcome, OverloadedError):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(outcome)
-    if isinstance(outcome, CommitUnknownError):
-        return grpc.StatusCode.UNAVAILABLE, str(outcome)
-    return grpc.StatusCode.UNKNOWN, f"{type(outcome).__name__}: {outcome}"
-
-
-def _read_failure(error: Exception) -> tuple[grpc.StatusCode, str]:
-    """The status a linearizable read's own call ends with when it could not be served."""
-    if isinstance(error, OverloadedError):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
-    if isinstance(error, UnavailableError):
-        return grpc.StatusCode.UNAVAILABLE, str(error)
-    return grpc.StatusCode.UNKNOWN, f"{type(error).__name__}: {error}"

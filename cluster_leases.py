@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import grpc
 
+from cluster_requests import read_failure, redirect
 from lease_keeper import LeaseKeeper
 from leases import MAX_LEASE_TTL, LeaseGranted, LeaseRevoked
 from node_types import MAX_WIRE_NUMBER, NotLeaderError, OverloadedError, UnavailableError
@@ -26,15 +27,6 @@ MAX_LISTED_KEYS = 10_000
 MAX_LISTED_KEY_BYTES = 2 * 1024 * 1024
 # Keepalives of one stream being answered at once; the stream reads no further until one is done.
 MAX_STREAM_IN_FLIGHT = 1_000
-
-_Redirectable = TypeVar(
-    "_Redirectable",
-    raft_pb2.LeaseGrantResponse,
-    raft_pb2.LeaseRevokeResponse,
-    raft_pb2.LeaseKeepAliveResponse,
-    raft_pb2.LeaseTimeToLiveResponse,
-    raft_pb2.LeaseLeasesResponse,
-)
 
 
 class LeaderReads(Protocol):
@@ -66,26 +58,10 @@ class LeaseServiceNode(Protocol):
     def leader(self) -> tuple[int | None, str | None]: ...
 
 
-def lease_problem(lease_id: int) -> str | None:
-    """Why a write's lease field is malformed (0: no lease, fine), or None."""
-    if not 0 <= lease_id < MAX_WIRE_NUMBER:
-        return f"lease must be 0 (none) or a lease id, not {lease_id}"
-    return None
-
-
 def _lease_id_problem(lease_id: int) -> str | None:
     if not 0 < lease_id < MAX_WIRE_NUMBER:
         return f"a lease id is a positive number below 2^62, not {lease_id}"
     return None
-
-
-def _redirect(response: _Redirectable, e: NotLeaderError) -> _Redirectable:
-    response.success = False
-    if e.leader_id is not None:
-        response.current_leader = e.leader_id
-    if e.leader_address:
-        response.leader_address = e.leader_address
-    return response
 
 
 async def on_leader(node: LeaseServiceNode, act: Callable[[LeaseKeeper, float], _T]) -> _T:
@@ -141,7 +117,7 @@ class LeaseServicer:
         try:
             result = await self._propose(raft_pb2.Command(lease_grant=request), context)
         except NotLeaderError as e:
-            return _redirect(raft_pb2.LeaseGrantResponse(), e)
+            return redirect(raft_pb2.LeaseGrantResponse(), e)
         assert isinstance(result, LeaseGranted)
         return raft_pb2.LeaseGrantResponse(
             success=True, id=result.id, ttl=result.ttl, revision=result.revision
@@ -156,7 +132,7 @@ class LeaseServicer:
         try:
             result = await self._propose(raft_pb2.Command(lease_revoke=request), context)
         except NotLeaderError as e:
-            return _redirect(raft_pb2.LeaseRevokeResponse(), e)
+            return redirect(raft_pb2.LeaseRevokeResponse(), e)
         assert isinstance(result, LeaseRevoked)
         return raft_pb2.LeaseRevokeResponse(
             success=True, deleted=result.deleted, revision=result.revision
@@ -168,10 +144,8 @@ class LeaseServicer:
         """`on_leader`, its refusals other than NotLeaderError turned into status codes."""
         try:
             return await on_leader(self._node, act)
-        except OverloadedError as e:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-        except UnavailableError as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        except (OverloadedError, UnavailableError) as e:
+            await context.abort(*read_failure(e))
         raise AssertionError("abort returned")  # pragma: no cover
 
     async def LeaseKeepAlive(
@@ -185,7 +159,7 @@ class LeaseServicer:
                 lambda keeper, arrived: keeper.keep_alive(lease_id, arrived), context
             )
         except NotLeaderError as e:
-            return _redirect(raft_pb2.LeaseKeepAliveResponse(), e)
+            return redirect(raft_pb2.LeaseKeepAliveResponse(), e)
         if ttl is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, _not_found(lease_id))
         return raft_pb2.LeaseKeepAliveResponse(success=True, id=lease_id, ttl=ttl)
@@ -208,7 +182,7 @@ class LeaseServicer:
                     lambda keeper, arrived: keeper.keep_alive(lease_id, arrived), context
                 )
             except NotLeaderError as e:
-                return _redirect(raft_pb2.LeaseKeepAliveResponse(id=lease_id), e)
+                return redirect(raft_pb2.LeaseKeepAliveResponse(id=lease_id), e)
             return raft_pb2.LeaseKeepAliveResponse(success=True, id=lease_id, ttl=ttl or 0)
 
         async def read() -> None:
@@ -266,7 +240,7 @@ class LeaseServicer:
         try:
             found = await self._on_leader(look, context)
         except NotLeaderError as e:
-            return _redirect(raft_pb2.LeaseTimeToLiveResponse(), e)
+            return redirect(raft_pb2.LeaseTimeToLiveResponse(), e)
         if found is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, _not_found(lease_id))
         assert found is not None
@@ -283,5 +257,5 @@ class LeaseServicer:
         try:
             found = await self._on_leader(ids, context)
         except NotLeaderError as e:
-            return _redirect(raft_pb2.LeaseLeasesResponse(), e)
+            return redirect(raft_pb2.LeaseLeasesResponse(), e)
         return raft_pb2.LeaseLeasesResponse(success=True, ids=found)

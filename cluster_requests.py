@@ -1,5 +1,6 @@
-"""What the `Cluster` service checks of a client's request, and the replies it builds: shared by
-cluster_server.py and the parts of its servicer kept in cluster_batch.py and cluster_ranges.py."""
+"""What the `Cluster` service checks of a client's request, the replies it builds, and the status
+a refused or unknown write or read ends with: shared by cluster_server.py and the parts of its
+servicer kept in cluster_batch.py, cluster_ranges.py and cluster_leases.py."""
 
 from __future__ import annotations
 
@@ -7,11 +8,16 @@ from typing import TypeVar
 
 import grpc
 
-from cluster_leases import lease_problem
 from leases import LeaseRefused
-from node_types import MAX_WIRE_NUMBER, NotLeaderError
+from node_types import (
+    MAX_WIRE_NUMBER,
+    CommitUnknownError,
+    NotLeaderError,
+    OverloadedError,
+    UnavailableError,
+)
 from rpc import raft_pb2
-from state_machine import ApplyResult, DeleteResult, KeyValueStateMachine
+from state_machine import ApplyResult, DeleteResult, KeyValueStateMachine, SessionExpired
 
 MAX_KEY_BYTES = 1024
 MAX_VALUE_BYTES = 1024 * 1024
@@ -29,6 +35,11 @@ _WriteReply = TypeVar(
     raft_pb2.MembershipResponse,
     raft_pb2.SnapshotChunk,
     raft_pb2.DeleteRangeResponse,
+    raft_pb2.LeaseGrantResponse,
+    raft_pb2.LeaseRevokeResponse,
+    raft_pb2.LeaseKeepAliveResponse,
+    raft_pb2.LeaseTimeToLiveResponse,
+    raft_pb2.LeaseLeasesResponse,
 )
 
 
@@ -164,3 +175,35 @@ def get_reply(machine: KeyValueStateMachine, key: str) -> raft_pb2.GetValueRespo
 def lease_status(refused: LeaseRefused) -> grpc.StatusCode:
     code = getattr(grpc.StatusCode, refused.status, None)
     return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.FAILED_PRECONDITION
+
+
+def lease_problem(lease_id: int) -> str | None:
+    """Why a write's lease field is malformed (0: no lease, fine), or None."""
+    if not 0 <= lease_id < MAX_WIRE_NUMBER:
+        return f"lease must be 0 (none) or a lease id, not {lease_id}"
+    return None
+
+
+def write_failure(
+    outcome: Exception | SessionExpired | LeaseRefused,
+) -> tuple[grpc.StatusCode, str]:
+    """The status a write's own call ends with when it was not done (or not known to be)."""
+    if isinstance(outcome, LeaseRefused):
+        return lease_status(outcome), outcome.reason
+    if isinstance(outcome, SessionExpired):
+        return grpc.StatusCode.FAILED_PRECONDITION, outcome.reason
+    if isinstance(outcome, OverloadedError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(outcome)
+    if isinstance(outcome, CommitUnknownError):
+        # The entry may still commit later; UNAVAILABLE tells the client the outcome is unknown.
+        return grpc.StatusCode.UNAVAILABLE, str(outcome)
+    return grpc.StatusCode.UNKNOWN, f"{type(outcome).__name__}: {outcome}"
+
+
+def read_failure(error: Exception) -> tuple[grpc.StatusCode, str]:
+    """The status a linearizable read's own call ends with when it could not be served."""
+    if isinstance(error, OverloadedError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
+    if isinstance(error, UnavailableError):
+        return grpc.StatusCode.UNAVAILABLE, str(error)
+    return grpc.StatusCode.UNKNOWN, f"{type(error).__name__}: {error}"

@@ -13,19 +13,21 @@ import grpc
 from backups import Backups
 from cluster_batch import BatchServicer
 from cluster_config import NodeAddress
-from cluster_leases import LeaseServiceNode, LeaseServicer, lease_problem
+from cluster_leases import LeaseServiceNode, LeaseServicer
 from cluster_ranges import RangeServicer
 from cluster_requests import (
     batch_problem,
     delete_reply,
     get_reply,
     key_problem,
-    lease_status,
+    lease_problem,
     put_reply,
+    read_failure,
     redirect,
     session_problem,
     value_problem,
     without_mapping_sessions,
+    write_failure,
 )
 from leases import LeaseRefused
 from membership import (
@@ -166,15 +168,10 @@ class ClusterServicer(LeaseServicer, RangeServicer, BatchServicer, raft_pb2_grpc
         """The command's result; raises NotLeaderError; aborts on an unknown outcome or session."""
         try:
             result = await self._node.propose(command)
-        except OverloadedError as e:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-        except CommitUnknownError as e:
-            # The entry may still commit later; UNAVAILABLE tells the client the outcome is unknown.
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-        if isinstance(result, SessionExpired):
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, result.reason)
-        if isinstance(result, LeaseRefused):
-            await context.abort(lease_status(result), result.reason)
+        except (OverloadedError, CommitUnknownError) as e:
+            await context.abort(*write_failure(e))
+        if isinstance(result, SessionExpired | LeaseRefused):
+            await context.abort(*write_failure(result))
         return result
 
     async def ProposeMapping(
@@ -209,10 +206,8 @@ class ClusterServicer(LeaseServicer, RangeServicer, BatchServicer, raft_pb2_grpc
                 revision = await self._node.propose_mapping(request.key, request.value)
         except NotLeaderError as e:
             return redirect(raft_pb2.ProposeMappingResponse(), e)
-        except OverloadedError as e:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-        except CommitUnknownError as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        except (OverloadedError, CommitUnknownError) as e:
+            await context.abort(*write_failure(e))
         except SessionExpiredError as e:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         return raft_pb2.ProposeMappingResponse(success=True, revision=revision)
@@ -303,10 +298,8 @@ class ClusterServicer(LeaseServicer, RangeServicer, BatchServicer, raft_pb2_grpc
             return query(self._node.state_machine)
         try:
             return await self._node.reads.linearizable(query, what)
-        except OverloadedError as e:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-        except UnavailableError as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        except (OverloadedError, UnavailableError) as e:
+            await context.abort(*read_failure(e))
         raise AssertionError("abort returned")  # pragma: no cover
 
     async def TransferLeadership(
